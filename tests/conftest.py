@@ -1,0 +1,51 @@
+"""Fixtures shared across the test tree: tiny offline models and a local S3 endpoint."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from wmtp.config import S3Settings
+from wmtp.storage import Storage
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """{"base", "ref", "rm"} → tiny Llama HF directories with a tokenizer; built once per session."""
+    from wmtp.models import build_tiny_models
+
+    return build_tiny_models(tmp_path_factory.mktemp("tiny-models"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """URL of a moto S3 server on 127.0.0.1 (a free port), up for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_storage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    """A Storage against the moto endpoint, with dummy credentials in the standard AWS environment."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return Storage(S3Settings(endpoint_url=s3_endpoint))
+
+
+@pytest.fixture
+def s3_bucket(s3_storage: Storage) -> str:
+    """A fresh, empty bucket, so tests sharing the session's server never see each other's objects."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3_storage.s3.create_bucket(Bucket=name)
+    return name

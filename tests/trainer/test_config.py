@@ -1,0 +1,189 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from wmtp.config import (
+    ConfigError,
+    checkpoint_root,
+    config_hash,
+    load,
+    load_config,
+    load_recipe,
+    substitute_env,
+)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+GOOD_CONFIG = {
+    "paths": {
+        "models": {"base": "/m/base", "ref": "/m/ref", "rm": "s3://bucket/rm"},
+        "datasets": {"humaneval": "/d/he.jsonl.gz"},
+        "checkpoints": {"base_path": "s3://bucket/ckpt", "save_interval": 10},
+    }
+}
+GOOD_RECIPE = {
+    "run": {"name": "r1"},
+    "train": {"algo": "rho1-wmtp", "max_steps": 5},
+    "data": {"sources": [{"name": "humaneval"}]},
+}
+
+
+def write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def with_change(data: dict, dotted: str, value: object) -> dict:
+    """A deep copy of `data` with one dotted field set (value None deletes it)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = out
+    for key in parents:
+        node = node.setdefault(key, {})
+    if value is None:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return out
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("recipe.*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted(CONFIGS.glob("config.*.yaml")), ids=lambda p: p.name)
+def test_every_example_config_and_recipe_loads(
+    config: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WMTP_HUMANEVAL", "/data/HumanEval.jsonl.gz")
+    cfg, rcp = load(config, recipe)
+    assert rcp.train.algo.value in recipe.name
+    assert cfg.paths.models.base
+
+
+@pytest.mark.parametrize(
+    ("config", "recipe", "expected"),
+    [
+        pytest.param(
+            GOOD_CONFIG,
+            with_change(GOOD_RECIPE, "train.foo", 1),
+            ["train.foo", "unknown key"],
+            id="unknown-key",
+        ),
+        pytest.param(
+            GOOD_CONFIG,
+            with_change(GOOD_RECIPE, "train.max_steps", "many"),
+            ["train.max_steps"],
+            id="wrong-type",
+        ),
+        pytest.param(
+            with_change(GOOD_CONFIG, "paths.models.ref", None),
+            GOOD_RECIPE,
+            ["paths.models.ref", "rho1-wmtp"],
+            id="rho1-no-ref",
+        ),
+        pytest.param(
+            with_change(GOOD_CONFIG, "paths.models.rm", None),
+            with_change(GOOD_RECIPE, "train.algo", "critic-wmtp"),
+            ["paths.models.rm", "critic-wmtp"],
+            id="critic-no-rm",
+        ),
+        pytest.param(
+            with_change(GOOD_CONFIG, "paths.models.base", "gs://b/m"),
+            GOOD_RECIPE,
+            ["paths.models.base", "unknown URI scheme 'gs'"],
+            id="unknown-scheme",
+        ),
+        pytest.param(
+            with_change(GOOD_CONFIG, "paths.checkpoints.save_interval", -5),
+            GOOD_RECIPE,
+            ["paths.checkpoints.save_interval", "greater than or equal to 1"],
+            id="negative-save-interval",
+        ),
+        pytest.param(
+            GOOD_CONFIG,
+            with_change(GOOD_RECIPE, "train.algo", "dpo"),
+            ["train.algo", "baseline-mtp"],
+            id="unknown-algo",
+        ),
+        pytest.param(
+            GOOD_CONFIG,
+            with_change(GOOD_RECIPE, "data.sources", [{"name": "mbpp"}]),
+            ["paths.datasets.mbpp", "humaneval"],
+            id="undefined-dataset",
+        ),
+        pytest.param(
+            GOOD_CONFIG,
+            with_change(GOOD_RECIPE, "run.name", "Bad Name"),
+            ["run.name", "pattern"],
+            id="bad-run-name",
+        ),
+    ],
+)
+def test_bad_input_names_the_file_and_field(
+    tmp_path: Path, config: dict, recipe: dict, expected: list[str]
+) -> None:
+    config_path, recipe_path = write(tmp_path, "config.yaml", config), write(tmp_path, "recipe.yaml", recipe)
+    with pytest.raises(ConfigError) as err:
+        load(config_path, recipe_path)
+    message = str(err.value)
+    assert str(tmp_path) in message
+    for fragment in expected:
+        assert fragment in message
+
+
+def test_missing_file_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope\.yaml: file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_all_problems_of_a_file_are_reported_together(tmp_path: Path) -> None:
+    recipe = with_change(with_change(GOOD_RECIPE, "train.max_steps", 0), "data.batch_size", "x")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, "recipe.yaml", recipe))
+    assert "2 problem(s)" in str(err.value)
+    assert "train.max_steps" in str(err.value) and "data.batch_size" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "expected"),
+    [
+        ("a: ${X}", {"X": "1"}, "a: 1"),
+        ("a: ${X:-d}", {}, "a: d"),
+        ("a: ${X:-d}", {"X": ""}, "a: d"),
+        ("a: ${X:-d}/b", {"X": "s3://x"}, "a: s3://x/b"),
+        ("a: ${X:-}", {}, "a: "),
+        ("a: $X", {"X": "1"}, "a: $X"),
+    ],
+)
+def test_env_substitution(text: str, env: dict, expected: str) -> None:
+    assert substitute_env(text, env) == expected
+
+
+def test_unset_variable_without_default_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("paths: {models: {base: ${WMTP_TEST_UNSET_VAR}}}")
+    with pytest.raises(ConfigError, match=r"config\.yaml: \$\{WMTP_TEST_UNSET_VAR\} is not set"):
+        load_config(path)
+
+
+def test_checkpoint_root_precedence(tmp_path: Path) -> None:
+    config_path, recipe_path = write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", GOOD_RECIPE)
+    cfg, rcp = load(config_path, recipe_path)
+    assert checkpoint_root(cfg, rcp) == "s3://bucket/ckpt/r1"
+    rcp.checkpointing.checkpoint_path = "/local/ck/"
+    assert checkpoint_root(cfg, rcp) == "/local/ck/r1"
+    rcp.checkpointing.checkpoint_path = None
+    cfg.paths.checkpoints.base_path = None
+    assert checkpoint_root(cfg, rcp) == "./checkpoints/r1"
+
+
+def test_config_hash_ignores_outputs_but_not_training(tmp_path: Path) -> None:
+    cfg, rcp = load(write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", GOOD_RECIPE))
+    before = config_hash(cfg, rcp)
+    cfg.paths.output_dir = "/elsewhere"
+    cfg.mlflow.experiment = "other"
+    assert config_hash(cfg, rcp) == before
+    rcp.optim.lr = 1.0
+    assert config_hash(cfg, rcp) != before

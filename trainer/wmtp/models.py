@@ -1,0 +1,264 @@
+"""Model loading: the multi-token model around an HF causal LM, and the frozen reference and reward models.
+
+The multi-token layout is Meta's (7B_1T_4): the trunk is the HF model's decoder stack minus its last layer;
+head 0 is that last layer + the final norm + lm_head, i.e. the unmodified HF model; every extra head is one
+more decoder layer run in parallel with the last one on the same input, through the same norm and lm_head.
+Nothing here names an architecture: the decoder stack and final norm are found on the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from wmtp.storage import Storage, parse_uri
+
+HEAD_TYPES = ("block", "linear")
+MTP_META = "mtp.json"
+MTP_HEADS = "mtp_heads.safetensors"
+_NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+# Training keeps fp32 master weights (autocast does the low-precision compute), whatever dtype was saved.
+_LOAD_DTYPE = torch.float32
+
+
+def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder stack: a ModuleList whose entries are all one block class, the shallowest then longest.
+
+    Shallowest first, because lists nested inside the layers (MoE experts, say) can be longer than the stack.
+    """
+    stacks = [
+        (name.count("."), -len(module), module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len({type(m) for m in module}) == 1
+    ]
+    if not stacks:
+        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of decoder layers found")
+    return min(stacks, key=lambda s: s[:2])[2]
+
+
+def find_final_norm(model: nn.Module) -> nn.Module:
+    for name in _NORM_NAMES:
+        norm = getattr(model, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    names = ", ".join(_NORM_NAMES)
+    raise ValueError(f"{type(model).__name__}: no final norm found; looked for the attributes {names}")
+
+
+def _build_extra_heads(base: PreTrainedModel, n_heads: int, head_type: str) -> nn.ModuleList:
+    if head_type not in HEAD_TYPES:
+        raise ValueError(f"head_type {head_type!r}: use one of {', '.join(HEAD_TYPES)}")
+    if n_heads < 1:
+        raise ValueError(f"n_heads must be at least 1, got {n_heads}")
+    if head_type == "block":
+        # Copies of the last layer make every extra head start out equal to head 0: a sound init, and the one
+        # under which a converted checkpoint can be checked against the plain model.
+        last = find_decoder_layers(base.base_model)[-1]
+        return nn.ModuleList(copy.deepcopy(last) for _ in range(n_heads - 1))
+    d = base.config.get_text_config().hidden_size
+    heads = nn.ModuleList(nn.Linear(d, d, bias=False) for _ in range(n_heads - 1))
+    with torch.no_grad():
+        for head in heads:
+            head.weight.copy_(torch.eye(d))
+    return heads
+
+
+class MTPModel(nn.Module):
+    """A causal-LM trunk with n output heads; head k at position t predicts token t+k+1."""
+
+    def __init__(self, base: PreTrainedModel, n_heads: int, head_type: str = "block") -> None:
+        super().__init__()
+        self.base = base
+        self.n_heads = n_heads
+        self.head_type = head_type
+        self.extra_heads = _build_extra_heads(base, n_heads, head_type)
+        # Resolved now so that a model without a recognisable layout fails at load time, not mid-training.
+        find_decoder_layers(base.base_model)
+        find_final_norm(base.base_model)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.base.config.get_text_config().hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.base.get_output_embeddings().weight.shape[0]
+
+    def forward(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
+        """Per-head final hidden states, each [B, T, D], already through the final norm, head 0 first.
+
+        Logits are not computed here: the loss unembeds one head at a time so that [B, T, n, V] never exists.
+        """
+        trunk = self.base.base_model
+        if self.head_type == "linear" or self.n_heads == 1:
+            hidden = trunk(input_ids=input_ids, use_cache=False).last_hidden_state
+            return [hidden, *(head(hidden) for head in self.extra_heads)]
+
+        captured: dict[str, Any] = {}
+
+        def capture(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            captured["args"], captured["kwargs"] = args, kwargs
+
+        # Registered per call rather than once so that deep copies of the layer (the extra heads, or a copied
+        # model) never inherit it, and activation-checkpoint recomputation in backward does not re-fire it.
+        last = find_decoder_layers(trunk)[-1]
+        handle = last.register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            hidden = trunk(input_ids=input_ids, use_cache=False).last_hidden_state
+        finally:
+            handle.remove()
+        norm = find_final_norm(trunk)
+        outputs = [hidden]
+        for block in self.extra_heads:
+            out = block(*captured["args"], **captured["kwargs"])
+            outputs.append(norm(out[0] if isinstance(out, tuple) else out))
+        return outputs
+
+    def unembed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Shared output embedding, [..., D] -> [..., V]."""
+        return self.base.get_output_embeddings()(hidden)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """An HF directory of the base model (loadable on its own) plus the extra heads and an mtp json."""
+        directory = Path(directory)
+        self.base.save_pretrained(directory)
+        heads = {k: v.detach().contiguous().cpu() for k, v in self.extra_heads.state_dict().items()}
+        save_file(heads, directory / MTP_HEADS)
+        meta = {"n_heads": self.n_heads, "head_type": self.head_type}
+        (directory / MTP_META).write_text(json.dumps(meta, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | Path, n_heads: int | None = None, head_type: str | None = None
+    ) -> MTPModel:
+        """A directory written by `save_pretrained` (heads restored), or a plain HF causal-LM directory (heads
+        freshly built, so then `n_heads` and `head_type` are required)."""
+        directory = Path(directory)
+        meta_path = directory / MTP_META
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            for name, wanted in (("n_heads", n_heads), ("head_type", head_type)):
+                if wanted is not None and wanted != meta[name]:
+                    raise ValueError(f"{directory}: saved with {name}={meta[name]!r}, not {wanted!r}")
+            n_heads, head_type = meta["n_heads"], meta["head_type"]
+        elif n_heads is None or head_type is None:
+            raise ValueError(f"{directory}: a plain HF directory; give n_heads and head_type to build heads")
+        base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=_LOAD_DTYPE)
+        model = cls(base, n_heads, head_type)
+        if meta_path.is_file() and n_heads > 1:
+            model.extra_heads.load_state_dict(load_file(directory / MTP_HEADS))
+        return model
+
+
+def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        # Batching needs a pad id; padded positions are masked out of every loss, so eos serves.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_mtp_model(
+    uri: str, storage: Storage, n_heads: int, head_type: str
+) -> tuple[MTPModel, PreTrainedTokenizerBase]:
+    """The model and tokenizer in the HF directory at `uri` (path, file:// or s3://)."""
+    with storage.local_copy(parse_uri(uri)) as directory:
+        return MTPModel.from_pretrained(directory, n_heads, head_type), load_tokenizer(directory)
+
+
+def _frozen(model: PreTrainedModel) -> PreTrainedModel:
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_reference_model(uri: str, storage: Storage) -> PreTrainedModel:
+    """The rho1 reference: a causal LM sharing the base model's tokenizer, in eval mode and frozen."""
+    with storage.local_copy(parse_uri(uri)) as directory:
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=_LOAD_DTYPE)
+    return _frozen(model)
+
+
+def load_reward_model(uri: str, storage: Storage) -> PreTrainedModel:
+    """The critic's reward model: a one-label sequence classifier, in eval mode and frozen."""
+    with storage.local_copy(parse_uri(uri)) as directory:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=1, local_files_only=True, dtype=_LOAD_DTYPE
+        )
+    return _frozen(model)
+
+
+# ----------------------------------------------------------------------------- tiny models (tests, demos)
+
+_EOT = "<|endoftext|>"
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on Python's own stdlib sources: offline, and code like the training data."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    stdlib = Path(os.path.dirname(os.__file__))
+    files = sorted(stdlib.glob("*.py"))[:40]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[_EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, pad_token=_EOT, unk_token=_EOT
+    )
+
+
+def build_tiny_models(dest: Path, seed: int = 0) -> dict[str, Path]:
+    """Random tiny Llamas in dest/{base,ref,rm}, each with the tokenizer; same seed, same weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    tokenizer = build_tiny_tokenizer()
+    eot = tokenizer.convert_tokens_to_ids(_EOT)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+    )
+    rm_config = copy.deepcopy(config)
+    rm_config.num_labels = 1
+    builders = {
+        "base": (LlamaForCausalLM, config, seed),
+        "ref": (LlamaForCausalLM, config, seed + 1),
+        "rm": (LlamaForSequenceClassification, rm_config, seed + 2),
+    }
+    paths = {}
+    for name, (model_cls, model_config, model_seed) in builders.items():
+        torch.manual_seed(model_seed)
+        path = Path(dest) / name
+        model_cls(model_config).save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = path
+    return paths
