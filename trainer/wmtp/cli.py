@@ -26,6 +26,9 @@ LogLevelOpt = typer.Option(
 
 
 def setup_logging(level: str | None) -> None:
+    # Third-party progress bars (weight loading, shard writing) would interleave with ours.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if level is None:
         level = "warning" if sys.stderr.isatty() else "info"
     logging.basicConfig(
@@ -43,18 +46,33 @@ def fail(message: str, code: int = 2) -> None:
 
 
 @app.command()
-def train(config: Path = ConfigOpt, recipe: Path = RecipeOpt, log_level: str | None = LogLevelOpt) -> None:
-    """Train a multi-token model with the recipe's algorithm."""
+def train(
+    config: Path = ConfigOpt,
+    recipe: Path = RecipeOpt,
+    resume: str | None = typer.Option(
+        None,
+        help="latest | step_N | a checkpoint URI | auto (latest if any) | never. Default: the recipe's "
+        "checkpointing.auto_resume_latest, else start fresh.",
+    ),
+    allow_config_change: bool = typer.Option(
+        False, help="Resume from a checkpoint written with a different config or recipe."
+    ),
+    log_level: str | None = LogLevelOpt,
+) -> None:
+    """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
     setup_logging(log_level)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from wmtp.checkpoint import CheckpointError
     from wmtp.config import load
-    from wmtp.train import Trainer
+    from wmtp.train import PREEMPTED_EXIT_CODE, Preempted, Trainer
 
     try:
         cfg, rcp = load(config, recipe)
-    except ConfigError as err:
+        Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change).train()
+    except (ConfigError, CheckpointError) as err:
         fail(str(err))
-    Trainer(cfg, rcp).train()
+    except Preempted as stop:
+        console.print(f"[yellow]{stop}[/yellow]")
+        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
 
 
 @app.command()
@@ -81,10 +99,91 @@ def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt) -> None:
 @app.command("tiny-models")
 def tiny_models(dest: Path = typer.Argument(..., help="Folder to write base/, ref/ and rm/ into.")) -> None:
     """Build small random models and a BPE tokenizer offline, for the quickstart and tests."""
+    setup_logging(None)
     from wmtp.models import build_tiny_models
 
     for role, path in build_tiny_models(dest).items():
         console.print(f"{role}: {path}")
+
+
+@app.command("convert-native")
+def convert_native(
+    src: str = typer.Argument(..., help="Meta's native checkpoint directory: path, file:// or s3://."),
+    dst: Path = typer.Argument(..., help="Folder to write the HF model, extra heads and tokenizer into."),
+) -> None:
+    """Convert Meta's native multi-token checkpoint (params.json, consolidated*.pth, tokenizer.model)."""
+    setup_logging(None)
+    from wmtp.native import convert_native as convert
+    from wmtp.storage import Storage
+
+    try:
+        convert(src, dst, Storage())
+    except (FileNotFoundError, ValueError) as err:
+        fail(str(err))
+    console.print(f"wrote {dst}")
+
+
+checkpoints_app = typer.Typer(no_args_is_help=True, help="Inspect and prune a run's checkpoint store.")
+app.add_typer(checkpoints_app, name="checkpoints")
+StoreArg = typer.Argument(..., help="The run's checkpoint folder: <base_path>/<run name> (path, file:// or s3://).")
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(uri: str = StoreArg) -> None:
+    """Checkpoints by step, committed or not, with their time and size."""
+    import datetime
+
+    from wmtp.checkpoint import CheckpointStore
+    from wmtp.storage import Storage
+
+    store = CheckpointStore(uri, Storage())
+    table = Table(title=f"Checkpoints in {store.root.uri}")
+    for column in ("step", "time", "size", "committed"):
+        table.add_column(column)
+    for info in store.list(include_uncommitted=True):
+        when = (
+            datetime.datetime.fromtimestamp(info.committed_at).isoformat(" ", "seconds") if info.committed_at else "-"
+        )
+        size = f"{store.storage.size(info.location) / 2**20:.1f} MiB"
+        table.add_row(str(info.step), when, size, "yes" if info.committed else "NO (ignored)")
+    Console().print(table)
+
+
+@checkpoints_app.command("prune")
+def checkpoints_prune(
+    uri: str = StoreArg, keep: int = typer.Option(..., min=1, help="Committed checkpoints to keep.")
+) -> None:
+    """Delete all but the newest KEEP committed checkpoints, and uncommitted leftovers older than them."""
+    from wmtp.checkpoint import CheckpointStore
+    from wmtp.storage import Storage
+
+    for location in CheckpointStore(uri, Storage()).prune(keep):
+        console.print(f"deleted {location.uri}")
+
+
+@app.command()
+def pull(
+    sources: list[str] = typer.Argument(None, metavar="SRC_URI...", help="s3:// prefixes (mirrored) or objects."),
+    dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
+    spec: Path | None = typer.Option(None, "--spec", help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
+    workers: int = typer.Option(16, min=1, max=32, help="Parallel range requests (the S3 client keeps 32 sockets)."),
+    part_size: int = typer.Option(16, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
+    verify: bool = typer.Option(False, "--verify", help="Also re-hash files already in place against the marker."),
+    endpoint_url: str | None = typer.Option(None, help="S3 endpoint. Default: AWS_ENDPOINT_URL, else AWS."),
+    region: str | None = typer.Option(None, help="S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION."),
+    log_level: str | None = LogLevelOpt,
+) -> None:
+    """Copy models and datasets from S3: parallel, resumable, verified, safe to run concurrently.
+
+    Prints one JSON summary line on stdout, or one error line on stderr. Exit codes: 0 done,
+    1 transfer or verification failed, 2 bad arguments or spec, 3 bucket/key/prefix missing,
+    4 access denied or no credentials, 5 endpoint unreachable.
+    """
+    setup_logging(log_level)
+    from wmtp.pull import main
+
+    options = {"workers": workers, "part_size_mb": part_size, "verify": verify}
+    raise typer.Exit(main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Periodic checkpoints never go here; they live in the checkpoint store. Only rank
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +37,10 @@ class Tracker:
             return
         import mlflow
 
-        for noisy in ("alembic", "mlflow.store.db.utils", "mlflow.pytorch"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        # It warns that pickled models run code when loaded; ours load only with the wmtp package, by design.
+        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.settings.registry_uri or self.tracking_uri)
@@ -89,6 +93,15 @@ class Tracker:
             registered_model_name=f"wmtp-{algorithm}",
         )
         return str(info.registered_model_version)
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator[None]:
+        """Mark the run KILLED (preempted, resumable) or FAILED if training stops on an exception."""
+        try:
+            yield
+        except BaseException as err:
+            self.end("KILLED" if type(err).__name__ == "Preempted" else "FAILED")
+            raise
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self.run_id:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +20,22 @@ from rich.table import Table
 
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
+from wmtp.checkpoint import Checkpointer, CheckpointError, CheckpointStore
 from wmtp.config import Algorithm as AlgorithmName
-from wmtp.config import Config, OptimSection, Recipe, flatten
+from wmtp.config import Config, OptimSection, Recipe, checkpoint_root, config_hash, flatten
 from wmtp.data import Batch, build_data
 from wmtp.models import load_mtp_model, load_reference_model, load_reward_model
 from wmtp.storage import Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
+
+# Exit code of a trainer that was asked to stop (SIGTERM, as on eviction), saved a checkpoint and stopped.
+PREEMPTED_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Training stopped on request after saving a checkpoint; resuming continues exactly where it stopped."""
 
 
 def seed_everything(seed: int) -> None:
@@ -74,14 +83,25 @@ def build_scheduler(
 class TrainState:
     step: int = 0
     tokens: int = 0
+    mlflow_run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "eval_loss": []})
 
 
 class Trainer:
     """Owns the model, data, algorithm, optimizer and tracker of one run."""
 
-    def __init__(self, config: Config, recipe: Recipe, storage: Storage | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        recipe: Recipe,
+        storage: Storage | None = None,
+        resume: str | None = None,
+        allow_config_change: bool = False,
+    ) -> None:
         self.config, self.recipe = config, recipe
+        # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
+        self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
+        self.allow_config_change = allow_config_change
         self.storage = storage or Storage(config.s3)
         seed_everything(config.seed)
         self.device = pick_device(config.devices.compute_backend)
@@ -100,21 +120,21 @@ class Trainer:
             reward_model=rm.to(self.device) if rm is not None else None,
             hidden_size=self.model.hidden_size,
         )
-        for module in self.algorithm.trainable_modules().values():
-            module.to(self.device)
+        # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
+        self.modules = torch.nn.ModuleDict({"model": self.model, **self.algorithm.trainable_modules()})
+        self.modules.to(self.device)
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
-        self.optimizer = build_optimizer(self.parameters(), recipe.optim)
+        self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         self.tracker = Tracker(config.mlflow, self.run_dir)
+        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
+        self.checkpointer = Checkpointer(self.store, config.paths.checkpoints.keep_last)
         self.state = TrainState()
         self.console = Console(stderr=True)
-
-    def parameters(self) -> list[torch.nn.Parameter]:
-        extra = [p for m in self.algorithm.trainable_modules().values() for p in m.parameters()]
-        return list(self.model.parameters()) + extra
+        self.stop_requested = False
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"
@@ -122,27 +142,28 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         recipe, state = self.recipe, self.state
-        params = flatten(
-            self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json")
-        )
-        self.tracker.start(recipe.run.name, params, {"algorithm": recipe.train.algo.value, **recipe.run.tags})
-        self.maybe_pretrain()
-        self.evaluate()
-        started = time.perf_counter()
-        with self.progress() as progress:
-            task = progress.add_task("train", total=self.total_steps, loss=float("nan"), tps=0.0)
+        resumed = self.maybe_resume()
+        params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
+        tags = {"algorithm": recipe.train.algo.value, **recipe.run.tags}
+        self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
+        state.mlflow_run_id = self.tracker.run_id
+        if not resumed:
+            self.maybe_pretrain()
+            self.evaluate()
+        started, first_tokens = time.perf_counter(), state.tokens
+        with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing():
+            task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
             while state.step < self.total_steps:
                 metrics = self.train_step()
                 state.step += 1
-                metrics["tokens_per_s"] = state.tokens / (time.perf_counter() - started)
+                metrics["tokens_per_s"] = (state.tokens - first_tokens) / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
                 if state.step % self.config.log_interval == 0 or state.step == self.total_steps:
                     self.log_metrics(metrics)
                 if state.step % recipe.train.eval_interval == 0 or state.step == self.total_steps:
                     self.evaluate()
-        version = self.tracker.register_model(self.model, recipe.train.algo.value)
-        self.tracker.end()
-        summary = self.summary(time.perf_counter() - started, version)
+                self.maybe_save(last=state.step == self.total_steps)
+        summary = self.finish(time.perf_counter() - started)
         self.print_summary(summary)
         return summary
 
@@ -160,7 +181,7 @@ class Trainer:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
         if self.recipe.optim.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.parameters(), self.recipe.optim.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(self.modules.parameters(), self.recipe.optim.grad_clip)
             totals["grad_norm"] = float(norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -181,6 +202,74 @@ class Trainer:
             steps,
             lambda step, m: self.tracker.log_metrics({f"pretrain/{k}": v for k, v in m.items()}, step),
         )
+
+    def maybe_resume(self) -> bool:
+        """Restore every stateful part from the checkpoint `self.resume` resolves to, if any."""
+        location = self.store.resolve(self.resume)
+        if location is None:
+            return False
+        saved = self.checkpointer.load(location, self.modules, self.optimizer)
+        expected = config_hash(self.config, self.recipe)
+        if saved["config_hash"] != expected and not self.allow_config_change:
+            raise CheckpointError(
+                f"{location.uri} was written with a different config or recipe (hash {saved['config_hash']}, "
+                f"now {expected}); pass --allow-config-change to resume from it anyway"
+            )
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.data.train.load_state_dict(saved["data"])
+        self.state.step, self.state.tokens = saved["step"], saved["tokens"]
+        self.state.mlflow_run_id = saved["mlflow_run_id"]
+        log.info("resumed step=%d from=%s", self.state.step, location.uri)
+        return True
+
+    def maybe_save(self, last: bool) -> None:
+        """Checkpoint every save_interval steps, at the last step, and when asked to stop."""
+        step = self.state.step
+        if not (last or self.stop_requested or step % self.config.paths.checkpoints.save_interval == 0):
+            return
+        state = {
+            "epoch": self.data.train.epoch,
+            "tokens": self.state.tokens,
+            "data": self.data.train.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "metrics": {k: v[-1] for k, v in self.state.history.items() if v},
+            "algorithm": self.recipe.train.algo.value,
+            "config_hash": config_hash(self.config, self.recipe),
+            "mlflow_run_id": self.state.mlflow_run_id,
+        }
+        self.checkpointer.save(step, self.modules, self.optimizer, state)
+        if self.stop_requested and not last:
+            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.store.step_location(step).uri}")
+
+    @contextlib.contextmanager
+    def stop_on_sigterm(self) -> Any:
+        """SIGTERM (what Kubernetes sends on eviction) stops at the next step boundary, after a checkpoint."""
+
+        def request_stop(signum: int, _frame: Any) -> None:
+            log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
+            self.stop_requested = True
+
+        previous = signal.signal(signal.SIGTERM, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """The final model to the store and to the MLflow registry, once."""
+        final = None
+        if self.config.paths.checkpoints.save_final:
+
+            def save(directory: Path) -> None:
+                self.model.save_pretrained(directory)
+                self.tokenizer.save_pretrained(directory)
+
+            final = self.checkpointer.save_final(save)
+            if final.is_s3:
+                self.tracker.log_param("final_checkpoint_uri", final.uri)
+        version = self.tracker.register_model(self.model, self.recipe.train.algo.value)
+        self.tracker.end()
+        return self.summary(seconds, version) | {"final_model": final.uri if final else None}
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -226,10 +315,11 @@ class Trainer:
             "steps": self.state.step,
             "seconds": round(seconds, 2),
             "tokens_per_s": round(self.state.tokens / max(seconds, 1e-9)),
+            # After a resume these cover this process's steps only; MLflow holds the whole curve.
             "train_loss_first": history["loss"][0] if history["loss"] else None,
             "train_loss_last": history["loss"][-1] if history["loss"] else None,
-            "eval_loss_first": history["eval_loss"][0],
-            "eval_loss_last": history["eval_loss"][-1],
+            "eval_loss_first": history["eval_loss"][0] if history["eval_loss"] else None,
+            "eval_loss_last": history["eval_loss"][-1] if history["eval_loss"] else None,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.tracking_uri,
             "registered_model": f"wmtp-{self.recipe.train.algo.value} v{version}" if version else None,

@@ -1,0 +1,243 @@
+"""Killing a run at any moment and resuming it ends with exactly the weights of a run that never stopped."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointStore, step_dir_name
+from wmtp.cli import app
+from wmtp.config import load
+from wmtp.storage import Storage
+from wmtp.train import PREEMPTED_EXIT_CODE, Trainer
+
+pytestmark = pytest.mark.slow
+STEPS, SAVE_INTERVAL = 60, 10
+
+
+def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model and optimizer), by its path in the state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, out)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, torch.Tensor):
+            flat[prefix] = node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}/{i}")
+
+    walk(torch.load(out, weights_only=False), "")
+    return flat
+
+
+def assert_identical(a: Path, b: Path) -> None:
+    ta, tb = tensors(a), tensors(b)
+    assert ta.keys() == tb.keys()
+    assert any(k.startswith("/optimizer/state") for k in ta)
+    differing = [k for k in ta if not torch.equal(ta[k], tb[k])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[:3]}"
+
+
+def files_for(run_files, tmp_path: Path, algo: str, name: str, **overrides: Any) -> tuple[Path, Path, Path]:
+    """A config/recipe pair whose checkpoints go to their own folder; returns them and that run's store root."""
+    root = tmp_path / name
+    settings = {
+        "paths.checkpoints.base_path": str(root),
+        "paths.checkpoints.save_interval": SAVE_INTERVAL,
+        "paths.checkpoints.keep_last": 10,
+        "paths.output_dir": str(tmp_path / f"{name}-runs"),
+    }
+    config, recipe = run_files(algo, steps=STEPS, **(settings | overrides))
+    named_config, named_recipe = tmp_path / f"{name}-config.yaml", tmp_path / f"{name}-recipe.yaml"
+    config.rename(named_config)
+    recipe.rename(named_recipe)
+    return named_config, named_recipe, root / f"test-{algo}"
+
+
+def train_cli(config: Path, recipe: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "wmtp", "train", "-c", str(config), "-r", str(recipe), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("algo", ["baseline-mtp", "rho1-wmtp", "critic-wmtp"])
+def test_resume_after_sigkill_matches_uninterrupted_run(algo: str, run_files, tmp_path: Path) -> None:
+    config, recipe, straight_root = files_for(run_files, tmp_path, algo, "straight")
+    Trainer(*load(config, recipe)).train()
+
+    config, recipe, killed_root = files_for(run_files, tmp_path, algo, "killed")
+    proc = train_cli(config, recipe)
+    wait_for(killed_root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    time.sleep(random.uniform(0.0, 0.3))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = CheckpointStore(str(killed_root), Storage()).latest().step
+    assert killed_at < STEPS
+
+    resumed = train_cli(config, recipe, "--resume", "latest")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert f"resumed step={killed_at}" in output
+
+    last = step_dir_name(STEPS)
+    assert_identical(straight_root / last, killed_root / last)
+
+
+def test_crash_before_commit_resumes_from_the_previous_checkpoint(
+    run_files, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config, recipe, straight_root = files_for(
+        run_files, tmp_path, "baseline-mtp", "straight", **{"train.max_steps": 30}
+    )
+    Trainer(*load(config, recipe)).train()
+
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "crashed", **{"train.max_steps": 30})
+    original_commit = CheckpointStore.commit
+
+    def crash_at_20(self: CheckpointStore, step: int, files: list[str]) -> Any:
+        if step == 20:
+            raise RuntimeError("killed between the shards and the marker")
+        return original_commit(self, step, files)
+
+    monkeypatch.setattr(CheckpointStore, "commit", crash_at_20)
+    with pytest.raises(RuntimeError, match="between the shards"):
+        Trainer(*load(config, recipe)).train()
+    monkeypatch.undo()
+
+    store = CheckpointStore(str(root), Storage())
+    assert (root / step_dir_name(20) / "trainer_state.json").exists()  # written, never committed
+    assert store.latest().step == 10
+    Trainer(*load(config, recipe), resume="latest").train()
+    assert_identical(straight_root / step_dir_name(30), root / step_dir_name(30))
+
+
+def test_resume_from_s3_store(run_files, tmp_path: Path, s3_endpoint: str, s3_storage: Storage, s3_bucket: str) -> None:
+    base = f"s3://{s3_bucket}/checkpoints"
+    config, recipe = run_files(
+        "baseline-mtp",
+        steps=20,
+        **{
+            "paths.checkpoints.base_path": base,
+            "paths.checkpoints.save_interval": 10,
+            "s3.endpoint_url": s3_endpoint,
+        },
+    )
+    summary = Trainer(*load(config, recipe), storage=s3_storage).train()
+    store = CheckpointStore(f"{base}/test-baseline-mtp", s3_storage)
+    assert [info.step for info in store.list()] == [10, 20]
+    assert summary["final_model"] == f"{base}/test-baseline-mtp/final"
+    assert s3_storage.is_file(store.final_location / COMMITTED)
+    assert s3_storage.is_file(store.final_location / "mtp_heads.safetensors")
+    assert s3_storage.is_file(store.final_location / "tokenizer.json")
+    run = mlflow.MlflowClient(summary["mlflow_tracking_uri"]).get_run(summary["mlflow_run_id"])
+    assert run.data.params["final_checkpoint_uri"] == summary["final_model"]
+
+    local = tmp_path / "from-s3"
+    s3_storage.download(store.step_location(20), local / "straight")
+    resumed = Trainer(*load(config, recipe), storage=s3_storage, resume="step_10")
+    resumed.train()
+    s3_storage.download(store.step_location(20), local / "resumed")
+    assert_identical(local / "straight", local / "resumed")
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_with_the_documented_code(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "evicted", **{"train.max_steps": 2000})
+    proc = train_cli(config, recipe)
+    wait_for(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    latest = CheckpointStore(str(root), Storage()).latest().step
+    assert SAVE_INTERVAL < latest < 2000  # a step boundary after the signal, long before the end
+    assert f"stopped at step {latest} on SIGTERM" in " ".join(output.split())
+
+
+def test_changed_config_is_refused_unless_allowed(run_files, tmp_path: Path) -> None:
+    config, recipe, _ = files_for(run_files, tmp_path, "baseline-mtp", "changed", **{"train.max_steps": 10})
+    Trainer(*load(config, recipe)).train()
+    data = yaml.safe_load(recipe.read_text())
+    data["optim"]["lr"] = 1e-4
+    recipe.write_text(yaml.safe_dump(data))
+    with pytest.raises(CheckpointError, match=r"different config or recipe.*--allow-config-change"):
+        Trainer(*load(config, recipe), resume="latest").train()
+    Trainer(*load(config, recipe), resume="latest", allow_config_change=True).train()
+
+
+def test_retention_and_mlflow_role_split(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(
+        run_files, tmp_path, "baseline-mtp", "kept", **{"train.max_steps": 30, "paths.checkpoints.keep_last": 2}
+    )
+    summary = Trainer(*load(config, recipe)).train()
+
+    assert sorted(p.name for p in root.iterdir()) == [step_dir_name(20), step_dir_name(30), "final"]
+    client = mlflow.MlflowClient(summary["mlflow_tracking_uri"])
+    assert client.list_artifacts(summary["mlflow_run_id"]) == []
+    assert len(client.search_model_versions("name='wmtp-baseline-mtp'")) == 1
+    assert "final_checkpoint_uri" not in client.get_run(summary["mlflow_run_id"]).data.params
+
+
+def test_resume_continues_the_mlflow_run_and_cli_reports_missing_step(run_files, tmp_path: Path) -> None:
+    config, recipe, _ = files_for(run_files, tmp_path, "baseline-mtp", "cont", **{"train.max_steps": 20})
+    first = Trainer(*load(config, recipe)).train()
+    second = Trainer(*load(config, recipe), resume="step_10").train()
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]
+
+    result = CliRunner().invoke(app, ["train", "-c", str(config), "-r", str(recipe), "--resume", "step_15"])
+    assert result.exit_code == 2
+    assert "committed steps: step_10, step_20" in " ".join(result.output.split())
+
+
+def test_auto_resume_latest_from_the_recipe(run_files, tmp_path: Path) -> None:
+    config, recipe, _ = files_for(
+        run_files, tmp_path, "baseline-mtp", "auto", **{"train.max_steps": 10, "checkpointing.auto_resume_latest": True}
+    )
+    Trainer(*load(config, recipe)).train()
+    again = Trainer(*load(config, recipe))
+    again.train()
+    assert again.state.step == 10 and again.state.history["loss"] == []  # nothing left to train
+    fresh = Trainer(*load(config, recipe), resume="never")
+    fresh.train()
+    assert len(fresh.state.history["loss"]) == 10
+
+
+def test_checkpoints_cli_lists_and_prunes(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "cli", **{"train.max_steps": 30})
+    Trainer(*load(config, recipe)).train()
+    (root / step_dir_name(35)).mkdir()
+    runner = CliRunner(env={"COLUMNS": "200"})
+    listed = runner.invoke(app, ["checkpoints", "list", str(root)])
+    assert listed.exit_code == 0
+    for step in ("10", "20", "30", "35"):
+        assert f"│ {step} " in listed.output
+    assert "NO (ignored)" in listed.output
+    pruned = runner.invoke(app, ["checkpoints", "prune", str(root), "--keep", "1"])
+    assert pruned.exit_code == 0
+    assert sorted(p.name for p in root.iterdir()) == [step_dir_name(30), step_dir_name(35), "final"]
+    assert os.path.exists(root / step_dir_name(30) / COMMITTED)
