@@ -25,6 +25,7 @@ from wmtp.config import Algorithm as AlgorithmName
 from wmtp.config import Config, OptimSection, Recipe, checkpoint_root, config_hash, flatten
 from wmtp.data import Batch, build_data
 from wmtp.models import load_mtp_model, load_reference_model, load_reward_model
+from wmtp.reporting import Reporter
 from wmtp.storage import Storage
 from wmtp.tracking import Tracker
 
@@ -135,6 +136,8 @@ class Trainer:
         self.state = TrainState()
         self.console = Console(stderr=True)
         self.stop_requested = False
+        # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
+        self.reporter = Reporter.from_env()
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"
@@ -237,7 +240,9 @@ class Trainer:
             "config_hash": config_hash(self.config, self.recipe),
             "mlflow_run_id": self.state.mlflow_run_id,
         }
-        self.checkpointer.save(step, self.modules, self.optimizer, state)
+        location = self.checkpointer.save(step, self.modules, self.optimizer, state)
+        if self.reporter:
+            self.reporter.report(step, self.state.history["loss"][-1], latest_checkpoint=location.uri)
         if self.stop_requested and not last:
             raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.store.step_location(step).uri}")
 
@@ -292,6 +297,8 @@ class Trainer:
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         self.tracker.log_metrics(metrics, self.state.step)
+        if self.reporter:
+            self.reporter.report(self.state.step, metrics["loss"])
         fields = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
         log.info("step=%d/%d %s", self.state.step, self.total_steps, fields)
 
