@@ -73,3 +73,22 @@ def test_warmup_then_schedule(scheduler: str, expected: list[float]) -> None:
         opt.step()
         sched.step()
     assert lrs == pytest.approx(expected)
+
+
+def test_progress_and_committed_checkpoints_are_reported(run_files, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, str | None]] = []
+
+    class Recorder:
+        def report(self, step: int, loss: float | None = None, latest_checkpoint: str | None = None) -> bool:
+            assert loss is not None and math.isfinite(loss)
+            calls.append((step, latest_checkpoint))
+            return True
+
+    monkeypatch.setattr("wmtp.train.Reporter.from_env", staticmethod(lambda: Recorder()))
+    config, recipe = load(*run_files("baseline-mtp", steps=10, **{"paths.checkpoints.save_interval": 5}))
+    Trainer(config, recipe).train()
+
+    checkpoints = [(step, uri) for step, uri in calls if uri]
+    assert [step for step, _ in checkpoints] == [5, 10]
+    assert all(uri.endswith(f"checkpoint_step_{step:08d}") for step, uri in checkpoints)
+    assert [step for step, uri in calls if uri is None] == [5, 10]
