@@ -176,8 +176,12 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 def load_mtp_model(
     uri: str, storage: Storage, n_heads: int, head_type: str
 ) -> tuple[MTPModel, PreTrainedTokenizerBase]:
-    """The model and tokenizer in the HF directory at `uri` (path, file:// or s3://)."""
+    """The model and tokenizer in the HF or Meta native directory at `uri` (path, file:// or s3://)."""
+    from wmtp import native  # native builds on MTPModel, so it imports this module
+
     with storage.local_copy(parse_uri(uri)) as directory:
+        if native.is_native_dir(directory):
+            return native.load_native(directory, n_heads, head_type)
         return MTPModel.from_pretrained(directory, n_heads, head_type), load_tokenizer(directory)
 
 
