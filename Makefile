@@ -40,3 +40,7 @@ quickstart: setup
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# A real cluster: needs Docker and kind; exits 77 (skipped) without them.
+e2e-kind: setup
+	bash tests/e2e/kind.sh
