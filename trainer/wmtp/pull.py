@@ -1,0 +1,232 @@
+"""`wmtp pull`: copy models and datasets from S3 into local folders — parallel, resumable, verified.
+
+    wmtp pull s3://models/7B_1T_4 --dest /models/base
+    wmtp pull --spec pulls.yaml
+
+A URI naming a prefix is mirrored into the destination with its relative layout (key `m/7B/a/b.bin` under
+`s3://bucket/m/7B` becomes `DEST/a/b.bin`); a URI naming one object lands as `DEST/<its name>`. Several URIs may
+share a destination as long as no two of them produce the same path.
+
+The spec file, which the operator renders into the init container, is a YAML (or JSON) list of {uri, dest}:
+
+    - {uri: s3://models/7B_1T_4, dest: /models/base}
+    - {uri: s3://models/Starling-RM-7B-alpha, dest: /models/rm}
+    - {uri: s3://datasets/mbpp/train.jsonl, dest: /models/data/mbpp}
+
+Speed: objects larger than the part size are fetched as parallel byte ranges written in place into a
+preallocated temporary file; all objects share one pool of `workers` threads and one (thread-safe) S3 client.
+
+Idempotence: each destination keeps a completion marker (layout in `wmtp.pull_state`) recording every object's
+key, size and ETag with the local file's mtime and digest. A rerun lists the sources and fetches only what is
+new, changed in S3, missing, or modified locally (size or mtime differ); `--verify` also re-hashes every local
+file against its recorded digest, which catches corruption that leaves size and mtime alone. A crash loses only
+the files in flight: data is written under temporary names and renamed into place once complete and verified.
+
+Concurrency: pullers on one destination take its lock in turn; the first downloads, the next find everything
+in place and exit. A rerun on a complete destination does not need the lock at all.
+
+Verification: sizes always; then the object's S3 additional checksum when it covers the whole object (SHA256,
+SHA1 or CRC32), else the MD5 of a single-part ETag. A mismatch downloads the file once more, then fails.
+
+Exit codes: 0 done; 1 transfer or verification failed; 2 bad arguments or spec; 3 bucket, key or prefix
+missing; 4 access denied or no credentials; 5 S3 endpoint unreachable. An error is one line on stderr; success
+prints one JSON line on stdout: {"files", "bytes", "seconds", "mb_per_s", "skipped", "skipped_bytes"}, where
+files and bytes count what was fetched and skipped what was already in place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from botocore.exceptions import BotoCoreError, ClientError
+
+from wmtp.pull_fetch import EXIT_DENIED, EXIT_FAILED, EXIT_USAGE, Fetcher, Meter, MiB, PullError, RemoteObject, explain
+from wmtp.pull_state import STATE_DIR, DestLock, DestState, digest
+from wmtp.storage import Location, Storage, parse_uri
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """Copy what `uri` names (a prefix or one object) into the folder `dest`."""
+
+    uri: str
+    dest: str
+
+
+def load_spec(path: Path) -> list[Job]:
+    """The `--spec` file: a YAML or JSON list of {uri, dest} mappings."""
+    try:
+        items = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise PullError(f"cannot read the spec {path}: {err}", EXIT_USAGE) from err
+    if not (isinstance(items, list) and items and all(_is_job(item) for item in items)):
+        raise PullError(f"{path}: expected a non-empty list of {{uri, dest}} mappings", EXIT_USAGE)
+    return [Job(item["uri"], item["dest"]) for item in items]
+
+
+def _is_job(item: object) -> bool:
+    return isinstance(item, dict) and set(item) == {"uri", "dest"} and all(isinstance(v, str) for v in item.values())
+
+
+def _list(client: Any, loc: Location) -> list[RemoteObject]:
+    """The objects a URI names: everything under it as a prefix, else the one object it names."""
+    prefix = f"{loc.path}/" if loc.path else ""
+    try:
+        found = [
+            RemoteObject(
+                Location("s3", o["Key"], loc.bucket), o["Size"], o["ETag"], _relative(o["Key"][len(prefix) :], loc)
+            )
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix)
+            for o in page.get("Contents", [])
+            if not o["Key"].endswith("/")  # zero-byte "folder" markers made by consoles
+        ]
+    except ClientError as err:
+        # A role with s3:GetObject but not s3:ListBucket may still pull a single object.
+        if not (loc.path and explain(err, loc.uri).code == EXIT_DENIED):
+            raise explain(err, loc.uri) from err
+        found = []
+    except BotoCoreError as err:
+        raise explain(err, loc.uri) from err
+    if found or not loc.path:
+        return found
+    try:
+        head = client.head_object(Bucket=loc.bucket, Key=loc.path)
+    except (BotoCoreError, ClientError) as err:
+        raise explain(err, loc.uri) from err
+    return [RemoteObject(loc, head["ContentLength"], head["ETag"], loc.name)]
+
+
+def _relative(rel: str, loc: Location) -> str:
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") for part in parts) or parts[0] == STATE_DIR:
+        raise PullError(f"{loc.uri}: key {rel!r} does not map to a path inside the destination")
+    return rel
+
+
+def _unchanged(entry: dict[str, Any] | None, obj: RemoteObject, dest: Path) -> bool:
+    listed = {"bucket": obj.loc.bucket, "key": obj.loc.path, "size": obj.size, "etag": obj.etag}
+    if entry is None or any(entry.get(k) != v for k, v in listed.items()):
+        return False
+    try:
+        stat = (dest / obj.rel).stat()
+    except OSError:
+        return False
+    return stat.st_size == obj.size and stat.st_mtime_ns == entry.get("mtime_ns")
+
+
+def _plan(
+    objs: dict[str, RemoteObject],
+    known: dict[str, dict[str, Any]],
+    dest: Path,
+    rehash: Callable[..., Any] | None = None,
+) -> tuple[dict[str, dict[str, Any]], list[RemoteObject]]:
+    """(entries of the files already in place, objects to fetch); `rehash` (a pool's map) re-hashes the former."""
+    keep = {rel: known[rel] for rel, obj in objs.items() if _unchanged(known.get(rel), obj, dest)}
+    if rehash is not None:
+        intact = list(rehash(lambda rel: digest(dest / rel, keep[rel]["digest"]["algo"]), list(keep)))
+        for (rel, entry), value in zip(list(keep.items()), intact, strict=True):
+            if value != entry["digest"]["value"]:
+                log.warning("%s does not match its recorded %s; fetching it again", dest / rel, entry["digest"]["algo"])
+                del keep[rel]
+    return keep, [obj for rel, obj in sorted(objs.items()) if rel not in keep]
+
+
+def _pull_dest(
+    client: Any, pool: ThreadPoolExecutor, meter: Meter, dest: Path, sources: list[Location], part_size: int,
+    verify: bool,
+) -> Counter[str]:  # fmt: skip
+    objs: dict[str, RemoteObject] = {}
+    for loc in sources:
+        for obj in _list(client, loc):
+            if objs.setdefault(obj.rel, obj) is not obj:
+                raise PullError(
+                    f"{dest / obj.rel} would come from {objs[obj.rel].loc.uri} and {obj.loc.uri}", EXIT_USAGE
+                )
+    state = DestState(dest)
+    marker = state.marker()
+    if marker["complete"] and not verify:
+        keep, fetch = _plan(objs, marker["files"], dest)
+        if not fetch:
+            return Counter(skipped=len(keep), skipped_bytes=sum(e["size"] for e in keep.values()))
+    state.dir.mkdir(parents=True, exist_ok=True)
+    uris = [loc.uri for loc in sources]
+    with DestLock(state.lock_path):
+        keep, fetch = _plan(objs, state.known(), dest, pool.map if verify else None)
+        size = sum(obj.size for obj in fetch)
+        log.info("%s: fetching %d files (%.2f GB), %d already in place", dest, len(fetch), size / 1e9, len(keep))
+        state.begin(uris, keep)
+        meter.start(str(dest), size)
+        entries = Fetcher(client, pool, state, part_size, meter).run(fetch)
+        state.commit(uris, {**keep, **entries})
+    skipped_bytes = sum(e["size"] for e in keep.values())
+    return Counter(files=len(fetch), bytes=size, skipped=len(keep), skipped_bytes=skipped_bytes)
+
+
+def pull(
+    jobs: list[Job], client: Any, *, workers: int = 16, part_size: int = 64 * MiB, verify: bool = False,
+    progress: bool = False,
+) -> dict[str, float]:  # fmt: skip
+    """Run every job (grouped by destination, one after another) and return the summary."""
+    started = time.monotonic()
+    groups: dict[Path, list[Location]] = {}
+    for job in jobs:
+        try:
+            src, dest = parse_uri(job.uri), parse_uri(job.dest)
+        except ValueError as err:
+            raise PullError(str(err), EXIT_USAGE) from err
+        if not src.is_s3 or dest.is_s3:
+            raise PullError(f"{job.uri} → {job.dest}: pull copies from s3:// into a local folder", EXIT_USAGE)
+        groups.setdefault(Path(dest.path), []).append(src)
+    totals: Counter[str] = Counter()
+    meter = Meter(progress)
+    with ThreadPoolExecutor(workers, thread_name_prefix="wmtp-pull") as pool, meter.bar:
+        for dest, sources in groups.items():
+            totals += _pull_dest(client, pool, meter, dest, sources, part_size, verify)
+    seconds = time.monotonic() - started
+    return {
+        "files": totals["files"],
+        "bytes": totals["bytes"],
+        "seconds": round(seconds, 3),
+        "mb_per_s": round(totals["bytes"] / 1e6 / seconds, 1),
+        "skipped": totals["skipped"],
+        "skipped_bytes": totals["skipped_bytes"],
+    }
+
+
+def main(
+    sources: list[str], dest: Path | None, spec: Path | None, *, workers: int, part_size_mb: int, verify: bool,
+    endpoint_url: str | None, region: str | None,
+) -> int:  # fmt: skip
+    """`wmtp pull`: the summary on stdout, or one error line on stderr; returns the exit code."""
+    from wmtp.config import S3Settings
+
+    try:
+        if spec is not None and not sources and dest is None:
+            jobs = load_spec(spec)
+        elif spec is None and sources and dest is not None:
+            jobs = [Job(uri, str(dest)) for uri in sources]
+        else:
+            raise PullError("give SRC_URI... with --dest DIR, or --spec FILE", EXIT_USAGE)
+        client = Storage(S3Settings(endpoint_url=endpoint_url, region=region)).s3
+        summary = pull(jobs, client, workers=workers, part_size=part_size_mb * MiB, verify=verify,
+                       progress=sys.stderr.isatty())  # fmt: skip
+    except PullError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.code
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(summary), flush=True)
+    return 0
