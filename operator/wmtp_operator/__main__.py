@@ -1,10 +1,53 @@
-"""Entry point `wmtp-operator` (and `python -m wmtp_operator`)."""
+"""Entry point `wmtp-operator` (and `python -m wmtp_operator`): the kopf operator for WMTPRun resources."""
 
-import sys
+from __future__ import annotations
+
+import argparse
+import os
+
+import kopf
 
 
-def main() -> None:
-    sys.exit("wmtp-operator: the operator is not implemented yet (see the operator issue)")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="wmtp-operator", description=__doc__)
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        action="append",
+        dest="namespaces",
+        help="Watch this namespace (repeat for more; globs allowed). Default: $WMTP_OPERATOR_NAMESPACES "
+        "(comma-separated), else every namespace.",
+    )
+    parser.add_argument(
+        "--liveness",
+        default=os.environ.get("WMTP_OPERATOR_LIVENESS", "http://0.0.0.0:8080/healthz"),
+        help="Liveness endpoint URL (default: $WMTP_OPERATOR_LIVENESS or http://0.0.0.0:8080/healthz).",
+    )
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=os.environ.get("WMTP_OPERATOR_STANDALONE", "") in ("1", "true"),
+        help="Skip kopf peering (one replica only; default: $WMTP_OPERATOR_STANDALONE).",
+    )
+    parser.add_argument("--verbose", action="store_true", help="Log every request and handler.")
+    args = parser.parse_args(argv)
+    if not args.namespaces:
+        env = os.environ.get("WMTP_OPERATOR_NAMESPACES", "")
+        args.namespaces = [ns.strip() for ns in env.split(",") if ns.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    import wmtp_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+
+    kopf.configure(verbose=args.verbose)
+    kopf.run(
+        clusterwide=not args.namespaces,
+        namespaces=args.namespaces,
+        liveness_endpoint=args.liveness,
+        standalone=args.standalone or None,
+    )
 
 
 if __name__ == "__main__":

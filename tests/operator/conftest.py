@@ -1,0 +1,148 @@
+"""Fixtures for the operator tests: WMTPRun bodies, the CRD and its rules, the emulated API server."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import celpy
+import jsonschema
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def tiny_run() -> dict[str, Any]:
+    """The tiny CPU example of configs/wmtprun.yaml as the API server would store it."""
+    documents = yaml.safe_load_all((ROOT / "configs" / "wmtprun.yaml").read_text())
+    body = next(doc for doc in documents if doc["kind"] == "WMTPRun")
+    body["metadata"].update(namespace="team-a", uid="0d2c1b7e-run-uid", generation=1)
+    return body
+
+
+@pytest.fixture
+def make_run(tiny_run: dict[str, Any]) -> Callable[..., dict[str, Any]]:
+    """The tiny run with dotted-path overrides, e.g. make_run(**{"spec.nodes": 4}); None deletes the key."""
+
+    def make(**overrides: Any) -> dict[str, Any]:
+        body = copy.deepcopy(tiny_run)
+        for dotted, value in overrides.items():
+            *parents, last = dotted.split(".")
+            node = body
+            for key in parents:
+                node = node.setdefault(key, {})
+            if value is None:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        return body
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def crd() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "crds" / "wmtpruns.yaml").read_text())
+
+
+@pytest.fixture(scope="session")
+def run_schema(crd: dict[str, Any]) -> dict[str, Any]:
+    return crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def _strict(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with unknown fields refused: the API server would prune them, silently losing the setting."""
+    out = {key: value for key, value in schema.items() if not key.startswith("x-kubernetes-")}
+    if schema.get("x-kubernetes-int-or-string"):
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if "properties" in schema:
+        out["properties"] = {name: _strict(sub) for name, sub in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = _strict(schema["additionalProperties"])
+    if "items" in schema:
+        out["items"] = _strict(schema["items"])
+    return out
+
+
+def _defaulted(schema: dict[str, Any], value: Any) -> Any:
+    """Apply the schema's defaults the way the API server does: only inside objects that exist."""
+    if isinstance(value, dict) and "properties" in schema:
+        value = dict(value)
+        for name, sub in schema["properties"].items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = _defaulted(sub, value[name])
+    elif isinstance(value, list) and "items" in schema:
+        value = [_defaulted(schema["items"], item) for item in value]
+    return value
+
+
+def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
+    messages = []
+    for rule in schema.get("x-kubernetes-validations", []):
+        program = env.program(env.compile(rule["rule"]))
+        try:
+            admitted = bool(program.evaluate({"self": celpy.json_to_cel(value)}))
+        except celpy.CELEvalError:
+            continue  # a value of the wrong type: the schema has refused it already, as the API server does
+        if not admitted:
+            messages.append(rule["message"])
+    if isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name in value:
+                messages += _cel_failures(sub, value[name], env)
+    if isinstance(value, list) and "items" in schema:
+        for item in value:
+            messages += _cel_failures(schema["items"], item, env)
+    return messages
+
+
+@pytest.fixture(scope="session")
+def admit(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], list[str]]:
+    """What the API server would say to a WMTPRun: defaults, then the schema, then the CEL rules.
+
+    Returns every problem (schema errors as 'path: message', then the failed rules' messages); [] is admitted.
+    """
+    strict, env = _strict(run_schema), celpy.Environment()
+
+    def check(body: dict[str, Any]) -> list[str]:
+        body = _defaulted(run_schema, body)
+        errors = [
+            f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
+            for e in jsonschema.Draft7Validator(strict).iter_errors(body)
+        ]
+        return errors + _cel_failures(run_schema, body, env)
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def crd_defaults(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A WMTPRun as the API server stores it: with the schema's defaults applied."""
+    return lambda body: _defaulted(run_schema, body)
+
+
+@pytest.fixture(scope="module")
+def emulator() -> Iterator[Any]:
+    from wmtp_operator.testing import Emulator
+
+    server = Emulator()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="module")
+def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The real `python -m wmtp_operator` against the emulator, for the whole test module."""
+    from wmtp_operator.testing import OperatorProcess
+
+    process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"))
+    yield process
+    process.stop()

@@ -1,0 +1,169 @@
+"""The WMTPRun CRD: generated from the spec models, self-documenting, and admitting exactly the valid runs."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from wmtp_operator import crd, render
+from wmtp_operator.spec import Run, Spec
+
+ROOT = Path(__file__).resolve().parents[2]
+CRD_FILE = ROOT / "crds" / "wmtpruns.yaml"
+
+
+def example_documents() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, document) for every Kubernetes object in configs/*.yaml."""
+    return [
+        (path.name, doc)
+        for path in sorted((ROOT / "configs").glob("*.yaml"))
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and "apiVersion" in doc and "kind" in doc
+    ]
+
+
+def test_crd_file_is_generated_from_the_spec_models() -> None:
+    # Regenerate with: .venv/bin/python -m wmtp_operator.crd > crds/wmtpruns.yaml (or WMTP_REGENERATE=1 pytest).
+    if os.environ.get("WMTP_REGENERATE"):
+        CRD_FILE.write_text(crd.render())
+    assert CRD_FILE.read_text() == crd.render(), "crds/wmtpruns.yaml is stale: regenerate it from spec.py"
+
+
+def test_crd_is_a_valid_custom_resource_definition(crd: dict[str, Any]) -> None:
+    kubernetes_validate.validate(crd, kubernetes_validate.latest_version(), strict=True)
+
+
+def _fields(schema: dict[str, Any], path: str) -> list[tuple[str, dict[str, Any]]]:
+    found = [(path, schema)]
+    for name, sub in schema.get("properties", {}).items():
+        found += _fields(sub, f"{path}.{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        found += _fields(schema["additionalProperties"], f"{path}.<key>")
+    if "items" in schema:
+        found += _fields(schema["items"], f"{path}[]")
+    return found
+
+
+def test_every_field_has_a_description_for_kubectl_explain(run_schema: dict[str, Any]) -> None:
+    fields = _fields(run_schema, "wmtprun")
+    # Map values (<key>) are explained by their map's description, as in the built-in kinds.
+    undocumented = [path for path, schema in fields if not schema.get("description") and "<key>" not in path]
+    assert len(fields) > 60
+    assert undocumented == []
+
+
+def test_schema_is_structural(run_schema: dict[str, Any]) -> None:
+    for path, schema in _fields(run_schema, "wmtprun"):
+        assert "type" in schema or schema.get("x-kubernetes-int-or-string"), f"{path} has no type"
+        assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & set(schema), path
+
+
+def test_printer_columns_show_phase_algorithm_step_restarts_age_and_checkpoint_when_wide(
+    crd: dict[str, Any],
+) -> None:
+    version = crd["spec"]["versions"][0]
+    columns = {c["name"]: (c["jsonPath"], c.get("priority", 0)) for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": (".status.phase", 0),
+        "Algorithm": (".spec.algorithm", 0),
+        "Step": (".status.step", 0),
+        "Restarts": (".status.restarts", 0),
+        "Age": (".metadata.creationTimestamp", 0),
+        "Checkpoint": (".status.latestCheckpoint", 1),
+    }
+    assert version["subresources"] == {"status": {}}
+    assert crd["spec"]["names"]["shortNames"] == ["wr"]
+
+
+EXAMPLES = example_documents()
+RUNS = [(name, doc) for name, doc in EXAMPLES if doc["kind"] == "WMTPRun"]
+
+
+@pytest.mark.parametrize(("source", "body"), RUNS, ids=[f"{n}:{d['metadata']['name']}" for n, d in RUNS])
+def test_example_runs_are_admitted_and_render(
+    source: str, body: dict[str, Any], admit: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    assert admit(body) == []
+    run = Run.from_body({**body, "metadata": {**body["metadata"], "namespace": "default", "uid": "u"}})
+    files = render.trainer_files(run)
+    assert files.recipe.train.algo == run.spec.algorithm
+
+
+OTHERS = [(name, doc) for name, doc in EXAMPLES if doc["kind"] != "WMTPRun"]
+
+
+@pytest.mark.parametrize(("source", "doc"), OTHERS, ids=[f"{n}:{d['kind']}" for n, d in OTHERS])
+def test_other_example_objects_pass_kubernetes_validate(source: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_trainer_role_may_only_patch_run_status() -> None:
+    roles = [doc for _, doc in EXAMPLES if doc["kind"] == "Role"]
+    assert roles, "configs/ should ship the trainer's Role"
+    for role in roles:
+        assert role["rules"] == [{"apiGroups": ["wmtp.io"], "resources": ["wmtpruns/status"], "verbs": ["patch"]}]
+
+
+def test_crd_defaults_match_the_operators_defaults(
+    crd_defaults: Callable[[dict[str, Any]], dict[str, Any]], make_run: Callable[..., Any]
+) -> None:
+    body = make_run(**{"spec.s3": None, "spec.mlflow": None, "spec.resume": None, "spec.backoffLimit": None})
+    server_side = Spec.model_validate(crd_defaults(body)["spec"])
+    assert server_side == Spec.model_validate(body["spec"])
+    assert server_side.resume == "auto" and server_side.backoff_limit == 3 and server_side.mlflow.experiment == "wmtp"
+
+
+# (overrides of the tiny example, the message the API server answers with)
+INVALID = [
+    ({"spec.models.ref": None}, "models.ref is required when algorithm is rho1-wmtp"),
+    (
+        {"spec.algorithm": "critic-wmtp", "spec.recipe.rho1": None},
+        "models.rm is required when algorithm is critic-wmtp",
+    ),
+    ({"spec.nodes": 0}, "nodes must be at least 1"),
+    ({"spec.resume": "yesterday"}, "resume must be auto, never, latest, step_N, or a checkpoint URI"),
+    ({"spec.resume": "step_x"}, "resume must be auto, never, latest, step_N, or a checkpoint URI"),
+    ({"spec.resumeFrom": "http://x/ckpt"}, "resumeFrom must be a checkpoint URI"),
+    ({"spec.recipeRef": {"name": "recipes"}}, "set exactly one of recipe (inline) and recipeRef (a ConfigMap)"),
+    ({"spec.recipe": None}, "set exactly one of recipe (inline) and recipeRef (a ConfigMap)"),
+    ({"spec.modelVolume": {"type": "persistentVolumeClaim"}}, "modelVolume.size is required"),
+    ({"spec.checkpoints.basePath": "checkpoints"}, "checkpoints.basePath must be s3://"),
+    ({"metadata.name": "r" * 49}, "metadata.name must be at most 48 characters"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), INVALID, ids=[m[:40] for _, m in INVALID])
+def test_invalid_runs_are_rejected_with_the_cel_message(
+    overrides: dict[str, Any], message: str, make_run: Callable[..., Any], admit: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    problems = admit(make_run(**overrides))
+    assert any(message in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"spec.algorithm": "gpt"}, "spec.algorithm: 'gpt' is not one of"),
+        ({"spec.nodes": "two"}, "spec.nodes: 'two' is not of type 'integer'"),
+        ({"spec.gpus": 8}, "Additional properties are not allowed ('gpus' was unexpected)"),
+        ({"spec.image": None}, "'image' is a required property"),
+    ],
+)
+def test_schema_rejects_wrong_types_enums_and_unknown_fields(
+    overrides: dict[str, Any], fragment: str, make_run: Callable[..., Any], admit: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    problems = admit(make_run(**overrides))
+    assert any(fragment in problem for problem in problems), problems
+
+
+def test_valid_resume_forms_are_admitted(
+    make_run: Callable[..., Any], admit: Callable[[dict[str, Any]], list[str]]
+) -> None:
+    for resume in ("auto", "never", "latest", "step_1000", "s3://b/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
+        assert admit(make_run(**{"spec.resume": resume})) == [], resume

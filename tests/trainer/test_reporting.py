@@ -1,0 +1,133 @@
+"""Rank 0's progress reports to its WMTPRun's status, against a small local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wmtp.reporting import Reporter, from_env
+
+STATUS_PATH = "/apis/wmtp.io/v1alpha1/namespaces/team-a/wmtpruns/tiny-rho1/status"
+
+
+class ApiServer(http.server.ThreadingHTTPServer):
+    """Records every request; answers with `status_code`."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.requests: list[dict[str, Any]] = []
+        self.status_code = 200
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{STATUS_PATH}"
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: ApiServer
+
+    def do_PATCH(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.requests.append({"path": self.path, "headers": dict(self.headers), "body": json.loads(body)})
+        self.send_response(self.server.status_code)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def api() -> Iterator[ApiServer]:
+    server = ApiServer()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_report_merge_patches_step_loss_and_checkpoint_with_the_service_account_token(
+    api: ApiServer, tmp_path: Path
+) -> None:
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    reporter = Reporter(api.url, token_file=token)
+    assert reporter.report(1000, 2.5, "s3://b/c/tiny-rho1/checkpoint_step_00001000")
+    token.write_text("rotated-token")  # projected tokens rotate; the next request must use the new one
+    assert reporter.report(1010, float("nan"))
+
+    first, second = api.requests
+    assert first["path"] == STATUS_PATH
+    assert first["headers"]["Content-Type"] == "application/merge-patch+json"
+    assert first["headers"]["Authorization"] == "Bearer first-token"
+    assert first["body"] == {
+        "status": {"step": 1000, "loss": 2.5, "latestCheckpoint": "s3://b/c/tiny-rho1/checkpoint_step_00001000"}
+    }
+    assert second["headers"]["Authorization"] == "Bearer rotated-token"
+    assert second["body"] == {"status": {"step": 1010}}  # a NaN loss is not JSON; it is left out
+
+
+def test_a_failed_report_warns_once_never_raises_and_pauses_step_reports_but_not_checkpoints(
+    api: ApiServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.status_code = 403
+    reporter = Reporter(api.url, backoff_s=60)
+    with caplog.at_level(logging.DEBUG, logger="wmtp.reporting"):
+        assert reporter.report(10, 1.0) is False
+        assert reporter.report(20, 1.0) is False  # paused: no request at all
+        assert reporter.report(30, 1.0, "s3://b/c/run/checkpoint_step_00000030") is False  # still tried
+    assert [r["body"]["status"]["step"] for r in api.requests] == [10, 30]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "403" in warnings[0].getMessage()
+
+    api.status_code = 200
+    assert reporter.report(40, 1.0, "s3://b/c/run/checkpoint_step_00000040") is True
+    assert reporter.report(50, 0.9) is True  # a success ends the pause
+
+
+def test_an_unreachable_api_server_costs_a_warning_not_the_training_run() -> None:
+    server = ApiServer()
+    url = server.url
+    server.server_close()  # nothing listens there any more
+    assert Reporter(url, timeout_s=1).report(1, 1.0, "s3://b/c") is False
+
+
+@pytest.mark.parametrize(
+    ("env", "url"),
+    [
+        ({}, None),  # not under the operator
+        ({"WMTP_RUN_NAME": "tiny-rho1"}, None),  # not in a pod
+        ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, None),  # a pod, but not a run's
+        (
+            {"WMTP_RUN_NAME": "tiny-rho1", "WMTP_RUN_NAMESPACE": "team-a", "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+            f"https://10.0.0.1:443{STATUS_PATH}",
+        ),
+        (
+            {"WMTP_RUN_NAME": "tiny-rho1", "KUBERNETES_SERVICE_HOST": "fd00::1", "KUBERNETES_SERVICE_PORT": "6443"},
+            f"https://[fd00::1]:6443{STATUS_PATH}",  # namespace from the service account
+        ),
+    ],
+)
+def test_from_env_finds_the_run_and_the_api_server_of_the_pod(
+    env: dict[str, str], url: str | None, tmp_path: Path
+) -> None:
+    (tmp_path / "namespace").write_text("team-a")
+    (tmp_path / "token").write_text("t")
+    reporter = Reporter.from_env(env, service_account=tmp_path)
+    assert (reporter.url if reporter else None) == url
+    if reporter:
+        assert reporter.token_file == tmp_path / "token"
+
+
+def test_module_level_from_env_is_none_outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WMTP_RUN_NAME", raising=False)
+    assert from_env() is None
