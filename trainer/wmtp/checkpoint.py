@@ -264,16 +264,13 @@ class Checkpointer:
         self.resumed_from = location
         return state
 
-    def save_final(self, save: Callable[[Path], None]) -> Location:
-        """Write the final model with `save(local_dir)` (HF save_pretrained layout), committed like a checkpoint."""
+    @contextlib.contextmanager
+    def save_final(self) -> Iterator[Path]:
+        """A local folder to write the final model into (HF save_pretrained layout); on exit it becomes
+        <root>/final, committed like a checkpoint. Rank 0's job alone: the others need not wait for it."""
         location = self.store.final_location
-        if self.rank == 0:
-            self.store.storage.delete(location)
-            with self._staging(location) as staging:
-                save(staging)
-            files = self.store.storage.list_dir(location)
-            self.store.storage.write_bytes(
-                location / COMMITTED, json.dumps({"time": time.time(), "files": files}).encode()
-            )
-        self.barrier()
-        return location
+        self.store.storage.delete(location)
+        with self._staging(location) as staging:
+            yield staging
+        files = self.store.storage.list_dir(location)
+        self.store.storage.write_bytes(location / COMMITTED, json.dumps({"time": time.time(), "files": files}).encode())

@@ -67,7 +67,9 @@ def train(
 
     try:
         cfg, rcp = load(config, recipe)
-        Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change).train()
+        trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
+        trainer.train()
+        trainer.dist.close()
     except (ConfigError, CheckpointError) as err:
         fail(str(err))
     except Preempted as stop:
@@ -167,7 +169,7 @@ def pull(
     dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
     spec: Path | None = typer.Option(None, "--spec", help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
     workers: int = typer.Option(16, min=1, max=32, help="Parallel range requests (the S3 client keeps 32 sockets)."),
-    part_size: int = typer.Option(16, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
+    part_size: int = typer.Option(64, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
     verify: bool = typer.Option(False, "--verify", help="Also re-hash files already in place against the marker."),
     endpoint_url: str | None = typer.Option(None, help="S3 endpoint. Default: AWS_ENDPOINT_URL, else AWS."),
     region: str | None = typer.Option(None, help="S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION."),

@@ -101,39 +101,27 @@ class S3Settings(Strict):
         None, description="S3 endpoint (MinIO, moto, ...). Unset: AWS or AWS_ENDPOINT_URL."
     )
     region: str | None = Field(None, description="S3 region. Unset: AWS_REGION / AWS_DEFAULT_REGION.")
-    access_key_id: SecretStr | None = Field(
-        None, description="Access key; prefer the standard AWS environment."
-    )
-    secret_access_key: SecretStr | None = Field(
-        None, description="Secret key; prefer the standard AWS environment."
-    )
+    access_key_id: SecretStr | None = Field(None, description="Access key; prefer the standard AWS environment.")
+    secret_access_key: SecretStr | None = Field(None, description="Secret key; prefer the standard AWS environment.")
 
 
 class DistributedSettings(Strict):
-    enabled: bool = Field(
-        False, description="Join a torch.distributed process group from the torchrun environment."
-    )
+    enabled: bool = Field(False, description="Join a torch.distributed process group from the torchrun environment.")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: int = Field(
-        600, ge=1, description="Collective timeout; a dead rank fails the others after this."
-    )
+    timeout_s: int = Field(600, ge=1, description="Collective timeout; a dead rank fails the others after this.")
 
 
 class FSDPSettings(Strict):
     enabled: bool = Field(False, description="Shard model and optimizer with FSDP2 when distributed.")
-    activation_checkpointing: bool = Field(
-        False, description="Recompute transformer-block activations in backward."
+    activation_checkpointing: bool = Field(False, description="Recompute transformer-block activations in backward.")
+    cpu_offload: bool = Field(
+        False, description="Keep sharded parameters and optimizer state in host memory (CUDA; no-op on CPU)."
     )
-    cpu_offload: bool = Field(False, description="Keep sharded parameters on CPU between uses.")
 
 
 class Devices(Strict):
-    compute_backend: Literal["auto", "cpu", "cuda", "mps"] = Field(
-        "auto", description="auto: cuda if available."
-    )
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="bf16: autocast compute on CUDA (CPU stays fp32)."
-    )
+    compute_backend: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: cuda if available.")
+    mixed_precision: Literal["no", "bf16"] = Field("no", description="bf16: autocast compute on CUDA (CPU stays fp32).")
     distributed: DistributedSettings = Field(default_factory=DistributedSettings)
     fsdp: FSDPSettings = Field(default_factory=FSDPSettings)
 
@@ -173,9 +161,7 @@ class OptimSection(Strict):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
-    grad_clip: float | None = Field(
-        1.0, gt=0, description="Max global gradient norm; null disables clipping."
-    )
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
     scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warmup.")
 
@@ -185,9 +171,7 @@ DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
 
 class DataSource(Strict):
     name: str = Field(description="A key of the config's paths.datasets.")
-    format: DatasetFormat | None = Field(
-        None, description="Record layout; unset: the name if it is a known format."
-    )
+    format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
 
     @property
@@ -219,32 +203,22 @@ class LossSection(Strict):
 
 
 class Rho1Section(Strict):
-    selection_mode: Literal["topk", "weighted"] = Field(
-        "topk", description="Hard top-k selection or soft weights."
-    )
-    k_percent: float = Field(
-        0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss."
-    )
+    selection_mode: Literal["topk", "weighted"] = Field("topk", description="Hard top-k selection or soft weights.")
+    k_percent: float = Field(0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss.")
 
 
 class CriticSection(Strict):
     gamma: float = Field(0.99, ge=0, le=1, description="GAE discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
-    discount_lambda: float = Field(
-        0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}."
-    )
+    discount_lambda: float = Field(0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}.")
     value_coef: float = Field(0.5, ge=0, description="Weight of the value-head MSE in the total loss.")
     pretrain_steps: int = Field(20, ge=0, description="Stage 1: value-head-only steps before MTP training.")
     pretrain_lr: float = Field(1e-3, gt=0, description="Stage 1 learning rate.")
 
 
 class CheckpointingSection(Strict):
-    checkpoint_path: Uri | None = Field(
-        None, description="Overrides the config's paths.checkpoints.base_path."
-    )
-    auto_resume_latest: bool = Field(
-        False, description="Resume from the latest checkpoint when --resume is unset."
-    )
+    checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
+    auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
 
     _uris = field_validator("checkpoint_path")(_check_uri)
 
@@ -336,9 +310,7 @@ def check_compatible(config: Config, recipe: Recipe, config_source: str = "confi
     for source in recipe.data.sources:
         if source.name not in config.paths.datasets:
             known = ", ".join(sorted(config.paths.datasets)) or "none"
-            problems.append(
-                f"paths.datasets.{source.name}: named by the recipe's data.sources; defined: {known}"
-            )
+            problems.append(f"paths.datasets.{source.name}: named by the recipe's data.sources; defined: {known}")
     if problems:
         raise ConfigError(f"{config_source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
 
@@ -360,10 +332,11 @@ def load(config_path: str | Path, recipe_path: str | Path) -> tuple[Config, Reci
 
 
 def config_hash(config: Config, recipe: Recipe) -> str:
-    """Fingerprint of what determines training; secrets and output locations are left out."""
+    """Fingerprint of what determines training; secrets, output locations and devices are left out (a run
+    may resume on other hardware or another number of ranks)."""
     payload = {
         "config": config.model_dump(
-            mode="json", exclude={"s3": True, "mlflow": True, "paths": {"output_dir"}}
+            mode="json", exclude={"s3": True, "mlflow": True, "devices": True, "paths": {"output_dir"}}
         ),
         "recipe": recipe.model_dump(mode="json", exclude={"checkpointing"}),
     }

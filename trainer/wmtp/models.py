@@ -133,11 +133,19 @@ class MTPModel(nn.Module):
         """Shared output embedding, [..., D] -> [..., V]."""
         return self.base.get_output_embeddings()(hidden)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """An HF directory of the base model (loadable on its own) plus the extra heads and an mtp json."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """An HF directory of the base model (loadable on its own) plus the extra heads and an mtp json.
+
+        `state_dict`: this model's full state dict, e.g. gathered from sharded parameters; default its own.
+        """
         directory = Path(directory)
-        self.base.save_pretrained(directory)
-        heads = {k: v.detach().contiguous().cpu() for k, v in self.extra_heads.state_dict().items()}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        parts: dict[str, dict[str, torch.Tensor]] = {"base.": {}, "extra_heads.": {}}
+        for key, value in state_dict.items():
+            prefix = key.split(".", 1)[0] + "."
+            parts[prefix][key.removeprefix(prefix)] = value
+        self.base.save_pretrained(directory, state_dict=parts["base."])
+        heads = {k: v.detach().contiguous().cpu() for k, v in parts["extra_heads."].items()}
         save_file(heads, directory / MTP_HEADS)
         meta = {"n_heads": self.n_heads, "head_type": self.head_type}
         (directory / MTP_META).write_text(json.dumps(meta, indent=2) + "\n")
@@ -228,9 +236,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     tok.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, pad_token=_EOT, unk_token=_EOT
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, pad_token=_EOT, unk_token=_EOT)
 
 
 def build_tiny_models(dest: Path, seed: int = 0) -> dict[str, Path]:

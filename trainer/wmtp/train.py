@@ -7,6 +7,7 @@ import logging
 import math
 import random
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,10 @@ from wmtp.checkpoint import Checkpointer, CheckpointError, CheckpointStore
 from wmtp.config import Algorithm as AlgorithmName
 from wmtp.config import Config, OptimSection, Recipe, checkpoint_root, config_hash, flatten
 from wmtp.data import Batch, build_data
-from wmtp.models import load_mtp_model, load_reference_model, load_reward_model
+from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
+from wmtp.models import MTPModel, load_mtp_model, load_reference_model, load_reward_model
 from wmtp.reporting import Reporter
-from wmtp.storage import Storage
+from wmtp.storage import Location, Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -104,14 +106,15 @@ class Trainer:
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
         self.allow_config_change = allow_config_change
         self.storage = storage or Storage(config.s3)
+        self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
+        self.device = self.dist.device
         seed_everything(config.seed)
-        self.device = pick_device(config.devices.compute_backend)
         models = config.paths.models
         self.model, self.tokenizer = load_mtp_model(
             models.base, self.storage, recipe.loss.n_heads, recipe.model.head_type
         )
         self.model.to(self.device)
-        self.data = build_data(config, recipe, self.storage, self.tokenizer)
+        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
         algo = recipe.train.algo
         ref = load_reference_model(models.ref, self.storage) if algo is AlgorithmName.rho1_wmtp else None
         rm = load_reward_model(models.rm, self.storage) if algo is AlgorithmName.critic_wmtp else None
@@ -122,22 +125,28 @@ class Trainer:
             hidden_size=self.model.hidden_size,
         )
         # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
-        self.modules = torch.nn.ModuleDict({"model": self.model, **self.algorithm.trainable_modules()})
+        trainable = self.algorithm.trainable_modules()
+        self.modules = torch.nn.ModuleDict({"model": self.model, **trainable})
         self.modules.to(self.device)
+        # Before the optimizer is built: sharding turns the parameters into DTensors.
+        parallelize(self.model, list(trainable.values()), [m for m in (ref, rm) if m], config.devices, self.dist)
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
         self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
-        self.tracker = Tracker(config.mlflow, self.run_dir)
+        # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
+        self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main)
         self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
-        self.checkpointer = Checkpointer(self.store, config.paths.checkpoints.keep_last)
+        self.checkpointer = Checkpointer(
+            self.store, config.paths.checkpoints.keep_last, self.dist.rank, self.dist.barrier
+        )
         self.state = TrainState()
         self.console = Console(stderr=True)
         self.stop_requested = False
         # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
-        self.reporter = Reporter.from_env()
+        self.reporter = Reporter.from_env() if self.dist.is_main else None
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"
@@ -167,7 +176,8 @@ class Trainer:
                     self.evaluate()
                 self.maybe_save(last=state.step == self.total_steps)
         summary = self.finish(time.perf_counter() - started)
-        self.print_summary(summary)
+        if self.dist.is_main:
+            self.print_summary(summary)
         return summary
 
     def train_step(self) -> dict[str, float]:
@@ -180,18 +190,27 @@ class Trainer:
             with self.autocast():
                 loss, metrics = compute_loss(self.model, self.algorithm, batch)
             (loss / accum).backward()
-            self.state.tokens += batch.input_ids.numel()
+            # Global tokens: every rank's micro-batch has the same shape.
+            self.state.tokens += batch.input_ids.numel() * self.dist.world_size
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
+        totals = self.dist.mean(totals)
         if self.recipe.optim.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.modules.parameters(), self.recipe.optim.grad_clip)
-            totals["grad_norm"] = float(norm)
+            totals["grad_norm"] = self.clip_gradients(self.recipe.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.state.history["loss"].append(totals["loss"])
         return totals
+
+    def clip_gradients(self, max_norm: float) -> float:
+        """Scale all gradients to a global norm of at most `max_norm`; returns the norm before clipping."""
+        params = [p for p in self.modules.parameters() if p.grad is not None]
+        # Sharded gradients give a partial norm per rank; full_tensor() reduces it to the global one.
+        norm = full_tensor(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return float(norm)
 
     def maybe_pretrain(self) -> None:
         """Stage 1 for algorithms that need it (critic-wmtp's value head); a no-op for the others."""
@@ -228,6 +247,8 @@ class Trainer:
     def maybe_save(self, last: bool) -> None:
         """Checkpoint every save_interval steps, at the last step, and when asked to stop."""
         step = self.state.step
+        # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
+        self.stop_requested = self.dist.any(self.stop_requested)
         if not (last or self.stop_requested or step % self.config.paths.checkpoints.save_interval == 0):
             return
         state = {
@@ -261,20 +282,26 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """The final model to the store and to the MLflow registry, once."""
-        final = None
-        if self.config.paths.checkpoints.save_final:
-
-            def save(directory: Path) -> None:
-                self.model.save_pretrained(directory)
-                self.tokenizer.save_pretrained(directory)
-
-            final = self.checkpointer.save_final(save)
-            if final.is_s3:
-                self.tracker.log_param("final_checkpoint_uri", final.uri)
-        version = self.tracker.register_model(self.model, self.recipe.train.algo.value)
+        """The final model, gathered to rank 0, to the store and to the MLflow registry, once."""
+        state_dict = gather_full_state_dict(self.model)  # a collective: every rank takes part
+        final, version = self.publish_final(state_dict) if self.dist.is_main else (None, None)
         self.tracker.end()
         return self.summary(seconds, version) | {"final_model": final.uri if final else None}
+
+    def publish_final(self, state_dict: dict[str, torch.Tensor]) -> tuple[Location | None, str | None]:
+        """Write the HF directory from the full state dict (to the store if save_final) and register a plain
+        MTPModel loaded back from it: what MLflow holds is exactly what the store holds, never a sharded module."""
+        save_final = self.config.paths.checkpoints.save_final
+        staging = self.checkpointer.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
+        with staging as directory:
+            self.model.save_pretrained(directory, state_dict=state_dict)
+            self.tokenizer.save_pretrained(directory)
+            state_dict.clear()  # the only reference to the gathered copy: free it before loading another
+            model = MTPModel.from_pretrained(directory)
+        final = self.store.final_location if save_final else None
+        if final is not None and final.is_s3:
+            self.tracker.log_param("final_checkpoint_uri", final.uri)
+        return final, self.tracker.register_model(model, self.recipe.train.algo.value)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -311,7 +338,7 @@ class Trainer:
             TextColumn("{task.fields[tps]:,.0f} tok/s"),
             TimeRemainingColumn(),
             console=self.console,
-            disable=not self.console.is_terminal,
+            disable=not (self.console.is_terminal and self.dist.is_main),
         )
 
     def summary(self, seconds: float, version: str | None) -> dict[str, Any]:

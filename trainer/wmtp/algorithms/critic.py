@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from wmtp.algorithms.base import Algorithm
@@ -43,9 +42,7 @@ def place_rewards(sequence_rewards: Tensor, positions: Tensor) -> Tensor:
     return rewards.scatter(1, last, sequence_rewards.float().view(-1, 1))
 
 
-def gae_returns(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae_returns(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """GAE over each row's valid prefix, with V = 0 after the last valid token: (advantages, returns) [B,T].
 
     A_t = Σ_{s≥t} (γλ)^{s−t} δ_s with δ_s = r_s + γ·V_{s+1} − V_s, written as one [T,T] matrix product instead
@@ -82,20 +79,10 @@ def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     return squared.sum() / mask.sum().clamp_min(1)
 
 
-def _maybe_average_gradients(module: nn.Module) -> None:
-    # Stage 1 runs the bare value head on every rank; averaging keeps the replicas identical.
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for param in module.parameters():
-            if param.grad is not None:
-                dist.all_reduce(param.grad, op=dist.ReduceOp.AVG)
-
-
 class CriticWMTP(Algorithm):
     name: ClassVar[str] = "critic-wmtp"
 
-    def __init__(
-        self, reward_model: nn.Module, hidden_size: int, critic: CriticSection, loss: LossSection
-    ) -> None:
+    def __init__(self, reward_model: nn.Module, hidden_size: int, critic: CriticSection, loss: LossSection) -> None:
         self.reward_model = reward_model
         self.value_head = nn.Linear(hidden_size, 1)
         self.critic = critic
@@ -119,9 +106,7 @@ class CriticWMTP(Algorithm):
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"value_head": self.value_head}
 
-    def _values_and_returns(
-        self, batch: Batch, trunk_hidden: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _values_and_returns(self, batch: Batch, trunk_hidden: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(V [B,T] with grad into the value head only, returns [B,T], valid positions, sequence rewards)."""
         positions = valid_positions(batch.labels)
         with torch.no_grad():
@@ -132,9 +117,7 @@ class CriticWMTP(Algorithm):
         hidden = trunk_hidden.detach().to(self.value_head.weight.dtype)
         values = self.value_head(hidden).squeeze(-1).float()
         rewards = place_rewards(sequence_rewards, positions)
-        _, returns = gae_returns(
-            rewards, values.detach(), positions, self.critic.gamma, self.critic.gae_lambda
-        )
+        _, returns = gae_returns(rewards, values.detach(), positions, self.critic.gamma, self.critic.gae_lambda)
         return values, returns, positions, sequence_rewards
 
     def pretrain(
@@ -151,8 +134,9 @@ class CriticWMTP(Algorithm):
             values, returns, positions, rewards = self._values_and_returns(batch, trunk_hidden)
             value_loss = masked_mse(values, returns, positions)
             optimizer.zero_grad(set_to_none=True)
+            # Distributed, the value head is an FSDP module (sharded or replicated) whose backward averages its
+            # gradients over the ranks; all ranks start from the same head (same seed, checked when sharding).
             value_loss.backward()
-            _maybe_average_gradients(self.value_head)
             optimizer.step()
             log(step, {"value_loss": float(value_loss.detach()), "reward_mean": float(rewards.mean())})
 

