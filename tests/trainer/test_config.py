@@ -128,9 +128,7 @@ def test_every_example_config_and_recipe_loads(recipe: Path, monkeypatch: pytest
         ),
     ],
 )
-def test_bad_input_names_the_file_and_field(
-    tmp_path: Path, config: dict, recipe: dict, expected: list[str]
-) -> None:
+def test_bad_input_names_the_file_and_field(tmp_path: Path, config: dict, recipe: dict, expected: list[str]) -> None:
     config_path, recipe_path = write(tmp_path, "config.yaml", config), write(tmp_path, "recipe.yaml", recipe)
     with pytest.raises(ConfigError) as err:
         load(config_path, recipe_path)

@@ -276,9 +276,7 @@ def make_run(tmp_path: Path, n: int, **data):
     uri = write_jsonl(
         tmp_path / "custom.jsonl", [{"prompt": f"# task {i}", "completion": f"\nx = {i}"} for i in range(n)]
     )
-    config = parse_config(
-        {"paths": {"models": {"base": str(tmp_path)}, "datasets": {"custom": uri}}, "seed": 11}
-    )
+    config = parse_config({"paths": {"models": {"base": str(tmp_path)}, "datasets": {"custom": uri}}, "seed": 11})
     recipe = parse_recipe(
         {
             "run": {"name": "t"},

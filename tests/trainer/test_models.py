@@ -162,9 +162,7 @@ def test_tiny_models_are_deterministic_given_the_seed(tiny_models: dict[str, Pat
         assert not all(torch.equal(first[k], third[k]) for k in first)
 
 
-def test_load_from_s3_matches_the_local_load(
-    tiny_models: dict[str, Path], s3_storage: Storage, s3_bucket: str
-) -> None:
+def test_load_from_s3_matches_the_local_load(tiny_models: dict[str, Path], s3_storage: Storage, s3_bucket: str) -> None:
     uri = f"s3://{s3_bucket}/models/base"
     s3_storage.upload(tiny_models["base"], parse_uri(uri))
 

@@ -211,9 +211,7 @@ class ResumableSampler:
     incomplete last batch of an epoch is dropped).
     """
 
-    def __init__(
-        self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1
-    ) -> None:
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size < 1 or batch_size % world_size:

@@ -130,9 +130,7 @@ class Storage:
             return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
         names: set[str] = set()
-        pages = self.s3.get_paginator("list_objects_v2").paginate(
-            Bucket=loc.bucket, Prefix=prefix, Delimiter="/"
-        )
+        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
         for page in pages:
             names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
             names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))

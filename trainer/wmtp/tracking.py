@@ -29,9 +29,7 @@ class Tracker:
         self.tracking_uri = settings.tracking_uri or default_tracking_uri(run_dir)
         self.run_id: str | None = None
 
-    def start(
-        self, run_name: str, params: dict[str, str], tags: dict[str, str], run_id: str | None = None
-    ) -> None:
+    def start(self, run_name: str, params: dict[str, str], tags: dict[str, str], run_id: str | None = None) -> None:
         """Open a new run, or continue `run_id` so that a resumed training keeps one continuous curve."""
         if not self.enabled:
             return

@@ -37,9 +37,7 @@ def head_cross_entropy(model: MTPModel, heads: list[Tensor], labels: Tensor) -> 
     Without it the saved log-softmax of all K heads, [B,T,K,V] in float32, dominates training memory.
     """
     if len(heads) != labels.shape[-1]:
-        raise ValueError(
-            f"model has {len(heads)} heads but labels have {labels.shape[-1]} targets per position"
-        )
+        raise ValueError(f"model has {len(heads)} heads but labels have {labels.shape[-1]} targets per position")
     ce = torch.stack(
         [
             checkpoint(_unembed_cross_entropy, model.unembed, hidden, labels[..., k], use_reentrant=False)

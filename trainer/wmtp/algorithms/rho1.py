@@ -30,9 +30,7 @@ def reference_ce(logits: Tensor, next_labels: Tensor) -> Tensor:
     flat_logits, flat_labels = logits.flatten(0, 1), next_labels.flatten()
     ce = [
         F.cross_entropy(chunk.float(), target, ignore_index=IGNORE_INDEX, reduction="none")
-        for chunk, target in zip(
-            flat_logits.split(_CHUNK_TOKENS), flat_labels.split(_CHUNK_TOKENS), strict=True
-        )
+        for chunk, target in zip(flat_logits.split(_CHUNK_TOKENS), flat_labels.split(_CHUNK_TOKENS), strict=True)
     ]
     return torch.cat(ce).view_as(next_labels)
 
