@@ -20,6 +20,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from trunk import add_trunk_arguments, build_trunk
+
 
 def start_moto() -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
@@ -40,35 +42,20 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    add_trunk_arguments(parser)
     parser.add_argument("--save-interval", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from wmtp.algorithms.loss import head_cross_entropy, weighted_mtp_loss
     from wmtp.checkpoint import Checkpointer, CheckpointStore
     from wmtp.config import S3Settings
     from wmtp.data import head_labels
-    from wmtp.models import MTPModel
     from wmtp.storage import Storage
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        tie_word_embeddings=False,
-    )
-    modules = torch.nn.ModuleDict({"model": MTPModel(LlamaForCausalLM(config), n_heads=4)})
+    modules = torch.nn.ModuleDict({"model": build_trunk(args, n_heads=4)})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq))
     labels = head_labels(ids, torch.full((args.batch,), args.seq), 4)

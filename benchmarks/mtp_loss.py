@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from trunk import add_trunk_arguments, build_trunk
+
 TARGETS = {"memory": 1.15, "time": 1.35}
 
 
@@ -36,28 +38,17 @@ def rss_kib(field: str) -> int:
 
 def run_variant(args: argparse.Namespace) -> dict[str, float]:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
+    import wmtp.models  # noqa: F401  (imported before the baseline RSS, so that import memory is not counted)
     from wmtp.algorithms.loss import head_cross_entropy, weighted_mtp_loss
     from wmtp.data import head_labels
-    from wmtp.models import MTPModel
 
     device = torch.device(args.device)
-    torch.manual_seed(0)
     cuda = device.type == "cuda"
     base_rss = rss_kib("VmRSS")
     base_cuda = torch.cuda.memory_allocated() if cuda else 0
-    config = LlamaConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        intermediate_size=int(args.hidden * 2.6875),
-        num_hidden_layers=args.layers,
-        num_attention_heads=max(1, args.hidden // 64),
-        max_position_embeddings=args.seq,
-        tie_word_embeddings=False,
-    )
     n_heads = 1 if args.variant == "n1" else 4
-    model = MTPModel(LlamaForCausalLM(config), n_heads=n_heads).to(device)
+    model = build_trunk(args, n_heads).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=device)
     labels = head_labels(ids, torch.full((args.batch,), args.seq, device=device), n_heads)
@@ -99,11 +90,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    add_trunk_arguments(parser)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="Timing rounds over all variants; best kept.")
