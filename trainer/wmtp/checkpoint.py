@@ -89,8 +89,11 @@ class CheckpointStore:
 
     def commit(self, step: int, files: list[str]) -> Location:
         """Make a fully written checkpoint visible; the marker records what it contains."""
-        location = self.step_location(step)
-        payload = {"step": step, "time": time.time(), "files": sorted(files)}
+        return self.mark_committed(self.step_location(step), files, step=step)
+
+    def mark_committed(self, location: Location, files: list[str], **fields: Any) -> Location:
+        """Write the COMMITTED marker (time, files and `fields`) last, once everything else is in place."""
+        payload = {**fields, "time": time.time(), "files": sorted(files)}
         self.storage.write_bytes(location / COMMITTED, json.dumps(payload).encode())
         return location
 
@@ -272,5 +275,4 @@ class Checkpointer:
         self.store.storage.delete(location)
         with self._staging(location) as staging:
             yield staging
-        files = self.store.storage.list_dir(location)
-        self.store.storage.write_bytes(location / COMMITTED, json.dumps({"time": time.time(), "files": files}).encode())
+        self.store.mark_committed(location, self.store.storage.list_dir(location))
