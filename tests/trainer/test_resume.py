@@ -141,6 +141,11 @@ def test_sigterm_saves_at_the_next_step_and_exits_with_the_documented_code(run_f
     latest = CheckpointStore(str(root), Storage()).latest().step
     assert SAVE_INTERVAL < latest < 2000  # a step boundary after the signal, long before the end
     assert f"stopped at step {latest} on SIGTERM" in " ".join(output.split())
+    # A preempted run is marked KILLED in MLflow (resumable), not FAILED.
+    db = tmp_path / "evicted-runs" / "test-baseline-mtp" / "mlflow.db"
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([client.get_experiment_by_name("wmtp").experiment_id])
+    assert [run.info.status for run in runs] == ["KILLED"]
 
 
 def test_changed_config_is_refused_unless_allowed(run_files, tmp_path: Path) -> None:

@@ -93,12 +93,12 @@ class Tracker:
         return str(info.registered_model_version)
 
     @contextlib.contextmanager
-    def closing(self) -> Iterator[None]:
-        """Mark the run KILLED (preempted, resumable) or FAILED if training stops on an exception."""
+    def closing(self, stopped: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
+        """Mark the run KILLED if training stops on one of `stopped` (on request, resumable), else FAILED."""
         try:
             yield
         except BaseException as err:
-            self.end("KILLED" if type(err).__name__ == "Preempted" else "FAILED")
+            self.end("KILLED" if isinstance(err, stopped) else "FAILED")
             raise
 
     def end(self, status: str = "FINISHED") -> None:

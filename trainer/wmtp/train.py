@@ -163,7 +163,7 @@ class Trainer:
             self.maybe_pretrain()
             self.evaluate()
         started, first_tokens = time.perf_counter(), state.tokens
-        with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing():
+        with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing(stopped=(Preempted,)):
             task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
             while state.step < self.total_steps:
                 metrics = self.train_step()
