@@ -29,7 +29,9 @@ from typing import Any
 
 import yaml
 
-from wmtp_operator.testing import Emulator, OperatorProcess, pod_status, pods_for, wait_for
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the emulator harness is test support
+from support.emulator import Emulator, OperatorProcess, pod_status, pods_for
+from support.waiting import wait_for
 
 NAMESPACE = "bench"
 TARGET_P95_S = 5.0

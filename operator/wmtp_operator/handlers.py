@@ -20,10 +20,11 @@ from typing import Any
 
 import kopf
 
+from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.kube import Kube
 from wmtp_operator.reconcile import Plan, reconcile
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
-from wmtp_operator.spec import GROUP, PLURAL, TERMINAL, VERSION, Defaults
+from wmtp_operator.spec import TERMINAL, Defaults
 
 RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within this
 

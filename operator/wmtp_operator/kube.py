@@ -13,9 +13,10 @@ from typing import Any
 import kubernetes
 from pydantic import ValidationError
 
+from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.reconcile import Create, Delete, Observed, PatchSpec, Plan
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
-from wmtp_operator.spec import GROUP, PLURAL, VERSION, RecipeRef
+from wmtp_operator.spec import RecipeRef
 
 # kind → collection path under a namespace
 PATHS = {

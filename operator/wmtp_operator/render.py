@@ -11,21 +11,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from wmtp.config import Config, ConfigError, Recipe, parse_config, parse_recipe
-from wmtp_operator.spec import GROUP, KIND, VERSION, Run, Spec
+from wmtp import contract
+from wmtp.config import (
+    CheckpointPaths,
+    Config,
+    ConfigError,
+    MLflowSettings,
+    Recipe,
+    S3Settings,
+    check_compatible,
+    parse_config,
+    parse_recipe,
+)
+from wmtp.contract import CONFIG_DIR, CONFIG_FILE, GROUP, KIND, MODEL_DIR, PULL_FILE, RECIPE_FILE, VERSION, WORK_DIR
+from wmtp_operator.spec import Run, Spec
 
 MANAGED_BY = "app.kubernetes.io/managed-by"
 OPERATOR = "wmtp-operator"
 RUN_LABEL = f"{GROUP}/run"
 ATTEMPT_LABEL = f"{GROUP}/attempt"
-CONFIG_DIR = "/etc/wmtp"
-MODEL_DIR = "/models"
-WORK_DIR = "/workspace"
 MASTER_PORT = 29500
-# The trainer reads these to find the WMTPRun whose status it reports progress to.
-RUN_NAME_ENV = "WMTP_RUN_NAME"
-RUN_NAMESPACE_ENV = "WMTP_RUN_NAMESPACE"
 # The Job controller writes each pod's completion index here; it is the torchrun node rank.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
@@ -53,17 +60,15 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
     """The trainer's config and recipe for this run; raises ConfigError naming what is wrong."""
     spec = run.spec
     recipe = parse_recipe(_recipe_data(run, recipe_text), source=_recipe_source(spec))
-    known = set(spec.datasets)
-    missing = [s.name for s in recipe.data.sources if s.name not in known]
-    if missing:
+    if recipe.checkpointing.checkpoint_path is not None:
         raise ConfigError(
-            f"recipe data.sources name {', '.join(missing)}, not in spec.datasets "
-            f"(defined: {', '.join(sorted(known)) or 'none'})"
+            f"{_recipe_source(spec)}: checkpointing.checkpoint_path conflicts with spec.checkpoints.basePath; "
+            "the WMTPRun owns where its checkpoints go: remove checkpointing.checkpoint_path from the recipe"
         )
     # S3 models and datasets are pulled into the model volume; other URIs are paths the pod can already read.
     pulls: list[dict[str, str]] = []
     models: dict[str, str] = {}
-    for role in ("base", "ref", "rm"):
+    for role in ("base", *contract.MODEL_ROLES):
         uri = getattr(spec.models, role)
         if uri is not None:
             models[role] = _pulled(uri, f"{MODEL_DIR}/{role}", pulls, single_object=False)
@@ -74,23 +79,25 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
         "paths": {
             "models": models,
             "datasets": datasets,
-            "checkpoints": {
-                "base_path": spec.checkpoints.base_path,
-                "save_interval": spec.checkpoints.save_interval,
-                "keep_last": spec.checkpoints.keep_last,
-                "save_final": spec.checkpoints.save_final,
-            },
+            "checkpoints": _trainer_section(spec.checkpoints, CheckpointPaths),
             "output_dir": f"{WORK_DIR}/runs",
         },
-        "mlflow": {"tracking_uri": spec.mlflow.tracking_uri, "experiment": spec.mlflow.experiment},
-        "s3": {"endpoint_url": spec.s3.endpoint, "region": spec.s3.region},
+        "mlflow": _trainer_section(spec.mlflow, MLflowSettings),
+        "s3": _trainer_section(spec.s3, S3Settings),
         "devices": {
             "mixed_precision": "bf16" if gpus else "no",
             "distributed": {"enabled": world > 1},
             "fsdp": {"enabled": world > 1},
         },
     }
-    return TrainerFiles(parse_config(config, source="WMTPRun spec"), recipe, pulls)
+    parsed = parse_config(config, source="WMTPRun spec")
+    check_compatible(parsed, recipe, "WMTPRun spec", datasets="spec.datasets", models="spec.models")
+    return TrainerFiles(parsed, recipe, pulls)
+
+
+def _trainer_section(section: BaseModel, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields of a spec section that the trainer's config model has too (the spec derives them from it)."""
+    return section.model_dump(include=set(model.model_fields))
 
 
 def _pulled(uri: str, dest: str, pulls: list[dict[str, str]], single_object: bool) -> str:
@@ -159,11 +166,11 @@ def _dump(data: Any) -> str:
 
 def config_map(run: Run, files: TrainerFiles) -> dict[str, Any]:
     data = {
-        "config.yaml": _dump(files.config.model_dump(mode="json")),
-        "recipe.yaml": _dump(files.recipe.model_dump(mode="json")),
+        CONFIG_FILE: _dump(files.config.model_dump(mode="json")),
+        RECIPE_FILE: _dump(files.recipe.model_dump(mode="json")),
     }
     if files.pulls:
-        data["pull.yaml"] = _dump(files.pulls)
+        data[PULL_FILE] = _dump(files.pulls)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -206,13 +213,13 @@ def model_claim(run: Run) -> dict[str, Any] | None:
 def _env(run: Run) -> list[dict[str, Any]]:
     spec = run.spec
     env: list[dict[str, Any]] = [
-        {"name": RUN_NAME_ENV, "value": run.name},
-        {"name": RUN_NAMESPACE_ENV, "value": run.namespace},
+        {"name": contract.ENV_RUN_NAME, "value": run.name},
+        {"name": contract.ENV_RUN_NAMESPACE, "value": run.namespace},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
-    if spec.s3.endpoint:
-        env += [{"name": "AWS_ENDPOINT_URL", "value": spec.s3.endpoint}]
-        env += [{"name": "MLFLOW_S3_ENDPOINT_URL", "value": spec.s3.endpoint}]
+    if spec.s3.endpoint_url:
+        env += [{"name": "AWS_ENDPOINT_URL", "value": spec.s3.endpoint_url}]
+        env += [{"name": "MLFLOW_S3_ENDPOINT_URL", "value": spec.s3.endpoint_url}]
     if spec.s3.region:
         env += [
             {"name": "AWS_REGION", "value": spec.s3.region},
@@ -262,7 +269,7 @@ def trainer_args(run: Run, attempt: int) -> list[str]:
     return [
         f"--nnodes={spec.nodes}",
         f"--nproc-per-node={spec.nproc_per_node}",
-        "--node-rank=$(NODE_RANK)",
+        f"--node-rank=$({contract.ENV_NODE_RANK})",
         # Indexed Job pods are named <job>-<index> under the headless Service's subdomain.
         f"--master-addr={job_name(run.name, attempt)}-0.{run.name}",
         f"--master-port={MASTER_PORT}",
@@ -270,9 +277,9 @@ def trainer_args(run: Run, attempt: int) -> list[str]:
         "wmtp",
         "train",
         "--config",
-        f"{CONFIG_DIR}/config.yaml",
+        f"{CONFIG_DIR}/{CONFIG_FILE}",
         "--recipe",
-        f"{CONFIG_DIR}/recipe.yaml",
+        f"{CONFIG_DIR}/{RECIPE_FILE}",
         "--resume",
         resume_of(spec),
     ]
@@ -282,7 +289,7 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
     """The attempt: all `nodes` pods start together and none is retried alone (backoffLimit 0)."""
     spec = run.spec
     node_rank = {
-        "name": "NODE_RANK",
+        "name": contract.ENV_NODE_RANK,
         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}},
     }
     trainer: dict[str, Any] = {
@@ -314,7 +321,7 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
                 "name": "pull",
                 "image": spec.image,
                 "imagePullPolicy": spec.image_pull_policy,
-                "command": ["wmtp", "pull", "--spec", f"{CONFIG_DIR}/pull.yaml"],
+                "command": ["wmtp", "pull", "--spec", f"{CONFIG_DIR}/{PULL_FILE}"],
                 "env": _env(run),
                 "volumeMounts": _shared_mounts(),
             }

@@ -2,22 +2,24 @@
 
 Field descriptions become `kubectl explain` text; `x-kubernetes-validations` hold the CEL rules the API server
 enforces. The operator parses every body it reads through these models too, so the two cannot drift apart
-(`crd.py` renders them; a test checks that `crds/wmtpruns.yaml` is up to date).
+(`crd.py` renders them; a test checks that `crds/wmtpruns.yaml` is up to date). The sections the trainer's
+config also has (checkpoints, MLflow, S3) are derived from the trainer's own models, and the algorithms and
+the models each one needs come from `wmtp.contract`: names, defaults, bounds and descriptions exist once.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 
-GROUP = "wmtp.io"
-VERSION = "v1alpha1"
-KIND = "WMTPRun"
-PLURAL = "wmtpruns"
+from wmtp import config, contract
 
 Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -40,6 +42,34 @@ class Camel(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
 
+def derived(
+    source: type[BaseModel],
+    name: str,
+    doc: str,
+    *,
+    exclude: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
+    override: Mapping[str, FieldInfo] | None = None,
+    extra: Mapping[str, tuple[Any, FieldInfo]] | None = None,
+) -> type[Camel]:
+    """A camelCase spec section with the fields of one of the trainer's config models: same names (camelCased),
+    types, defaults, bounds and descriptions. `required` fields lose their default and their None; `override`
+    adds constraints to a field (merged over the trainer's); `extra` adds operator-only fields."""
+    fields: dict[str, Any] = {}
+    for field_name, info in source.model_fields.items():
+        if field_name in exclude:
+            continue
+        info = copy.copy(info)
+        if field_name in required:
+            annotation = Union[tuple(a for a in get_args(info.annotation) if a is not type(None))]  # noqa: UP007
+            info = FieldInfo.merge_field_infos(info, default=PydanticUndefined, annotation=annotation)
+        if override and field_name in override:
+            info = FieldInfo.merge_field_infos(info, override[field_name])
+        fields[field_name] = (info.annotation, info)
+    fields.update(extra or {})
+    return create_model(name, __base__=Camel, __doc__=doc, **fields)
+
+
 class RecipeRef(Camel):
     """A recipe YAML stored in a ConfigMap of the run's namespace."""
 
@@ -47,49 +77,68 @@ class RecipeRef(Camel):
     key: str = Field("recipe.yaml", min_length=1, description="Key of the ConfigMap's data holding the recipe YAML.")
 
 
+def _needed_by(role: str) -> str:
+    return ", ".join(name for name in contract.BUILTIN_ALGORITHMS if role in contract.algorithm(name).frozen)
+
+
 class Models(Camel):
     """Model URIs (s3://, file:// or a path inside the image). s3:// models are pulled into the model volume."""
 
     base: str = Field(min_length=1, description="Base causal LM to train (an HF model directory).")
-    ref: str | None = Field(None, min_length=1, description="Reference model; required by rho1-wmtp.")
+    ref: str | None = Field(
+        None, min_length=1, description=f"URI of {contract.MODEL_ROLES['ref']}; required by {_needed_by('ref')}."
+    )
     rm: str | None = Field(
-        None, min_length=1, description="Reward model (sequence classifier); required by critic-wmtp."
+        None, min_length=1, description=f"URI of {contract.MODEL_ROLES['rm']}; required by {_needed_by('rm')}."
     )
 
 
-class Checkpoints(Camel):
-    """Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount."""
-
-    base_path: str = Field(
-        min_length=1,
-        max_length=1024,
-        description="Checkpoint store root; this run's checkpoints go to <basePath>/<run name>/.",
-        json_schema_extra=_cel(_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
-    )
-    save_interval: int = Field(500, ge=1, description="Save a checkpoint every this many optimizer steps.")
-    keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older ones are pruned.")
-    save_final: bool = Field(True, description="Write <basePath>/<run name>/final/ when training ends.")
+def _model_rules() -> list[dict[str, str]]:
+    """One CEL rule per algorithm and frozen model it needs, from the contract."""
+    return [
+        {
+            "rule": f"self.algorithm != '{name}' || has(self.models.{role})",
+            "message": f"models.{role} is required when algorithm is {name} ({contract.MODEL_ROLES[role]})",
+        }
+        for name in contract.BUILTIN_ALGORITHMS
+        for role in contract.algorithm(name).frozen
+    ]
 
 
-class S3(Camel):
-    """S3 endpoint and credentials for pulls, datasets and checkpoints."""
+Checkpoints = derived(
+    config.CheckpointPaths,
+    "Checkpoints",
+    "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
+    required=("base_path",),
+    override={
+        "base_path": Field(
+            max_length=1024,
+            description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
+            json_schema_extra=_cel(_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+        )
+    },
+)
 
-    endpoint: str | None = Field(None, description="S3 endpoint URL (MinIO, Ceph, ...). Unset: AWS.")
-    region: str | None = Field(None, description="S3 region. Unset: the SDK's default.")
-    credentials_secret: str | None = Field(
-        None,
-        description="Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-        "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, node role).",
-    )
+S3 = derived(
+    config.S3Settings,
+    "S3",
+    "S3 endpoint and credentials for pulls, datasets and checkpoints.",
+    # Keys never go into a spec: the pods read them from the Secret named here.
+    exclude=("access_key_id", "secret_access_key"),
+    extra={
+        "credentials_secret": (
+            str | None,
+            Field(
+                None,
+                description="Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, "
+                "node role).",
+            ),
+        )
+    },
+)
 
-
-class MLflow(Camel):
-    """MLflow tracking for metrics and the final model."""
-
-    tracking_uri: str | None = Field(
-        None, description="MLflow tracking URI. Unset: the operator's default, else a sqlite file in the pod."
-    )
-    experiment: str = Field("wmtp", min_length=1, description="MLflow experiment name.")
+MLflow = derived(config.MLflowSettings, "MLflow", "MLflow tracking for metrics and the final model.")
 
 
 class Resources(Camel):
@@ -138,14 +187,7 @@ class Spec(Camel):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {
-                    "rule": "self.algorithm != 'rho1-wmtp' || has(self.models.ref)",
-                    "message": "models.ref is required when algorithm is rho1-wmtp (the reference model's URI)",
-                },
-                {
-                    "rule": "self.algorithm != 'critic-wmtp' || has(self.models.rm)",
-                    "message": "models.rm is required when algorithm is critic-wmtp (the reward model's URI)",
-                },
+                *_model_rules(),
                 {
                     "rule": "has(self.recipe) != has(self.recipeRef)",
                     "message": "set exactly one of recipe (inline) and recipeRef (a ConfigMap)",
@@ -158,7 +200,7 @@ class Spec(Camel):
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the trainer image."
     )
-    algorithm: Literal["baseline-mtp", "critic-wmtp", "rho1-wmtp"] = Field(
+    algorithm: Literal[contract.BUILTIN_ALGORITHMS] = Field(  # type: ignore[valid-type]
         description="WMTP algorithm; the recipe's train.algo must match it or be left out."
     )
     recipe: dict[str, Any] | None = Field(

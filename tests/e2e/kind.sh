@@ -75,7 +75,7 @@ import sys, yaml
 docs = [d for d in yaml.safe_load_all(open("configs/wmtprun.yaml")) if d and d["kind"] == "WMTPRun"]
 run = docs[0]
 run["spec"].update(image="wmtp-trainer:e2e", imagePullPolicy="Never")
-run["spec"]["s3"]["endpoint"] = f"http://s3.{sys.argv[1]}.svc:9000"
+run["spec"]["s3"]["endpointUrl"] = f"http://s3.{sys.argv[1]}.svc:9000"
 print(yaml.safe_dump(run))
 PY
 

@@ -131,7 +131,7 @@ def crd_defaults(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], dict[
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[Any]:
-    from wmtp_operator.testing import Emulator
+    from support.emulator import Emulator
 
     server = Emulator()
     yield server
@@ -141,7 +141,7 @@ def emulator() -> Iterator[Any]:
 @pytest.fixture(scope="module")
 def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The real `python -m wmtp_operator` against the emulator, for the whole test module."""
-    from wmtp_operator.testing import OperatorProcess
+    from support.emulator import OperatorProcess
 
     process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"))
     yield process

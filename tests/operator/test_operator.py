@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
+from support.emulator import Emulator, OperatorProcess, pod_status, pods_for
+from support.waiting import wait_for
 from wmtp.checkpoint import step_dir_name
-from wmtp.reporting import RUNS_PATH, Reporter
-from wmtp_operator.testing import Emulator, OperatorProcess, pod_status, pods_for, wait_for
+from wmtp.contract import STATUS_PATH
+from wmtp.reporting import Reporter
 
 CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1000)}"
 
@@ -93,7 +95,7 @@ def test_run_resumes_from_the_latest_checkpoint_when_a_pod_fails_then_succeeds(
     cluster.until(lambda: cluster.phase_is("tiny-rho1", "Running"), "phase Running")
 
     # Rank 0 reports through the trainer's own reporter, as it would from the pod.
-    reporter = Reporter(api.url + RUNS_PATH.format(namespace=ns, name="tiny-rho1"))
+    reporter = Reporter(api.url + STATUS_PATH.format(namespace=ns, name="tiny-rho1"))
     assert reporter.report(1000, 2.5, CKPT) and reporter.report(1200, 2.25)
 
     cluster.set_pods(pods[1:], phase="Failed", exit_code=1)

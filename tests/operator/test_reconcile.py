@@ -234,6 +234,11 @@ def test_conditions_keep_their_transition_time_while_their_status_holds(make_run
     [
         ({"spec.recipe.optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
         ({"spec.nodes": "x"}, "spec.nodes: Input should be a valid integer"),
+        (
+            {"spec.recipe.checkpointing": {"checkpoint_path": "/var/tmp/ckpt"}},
+            "checkpointing.checkpoint_path conflicts with spec.checkpoints.basePath; the WMTPRun owns where its "
+            "checkpoints go: remove checkpointing.checkpoint_path from the recipe",
+        ),
     ],
 )
 def test_invalid_input_sets_valid_false_creates_nothing_and_warns_once(

@@ -12,10 +12,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from wmtp import reporting
 from wmtp.config import ConfigError, parse_config, parse_recipe
 from wmtp_operator import render
-from wmtp_operator.spec import GROUP, PLURAL, VERSION, Defaults, Run
+from wmtp_operator.spec import Defaults, Run
 
 GOLDEN = Path(__file__).parent / "golden"
 GPU_RECIPE = """\
@@ -172,12 +171,6 @@ def test_s3_credentials_come_from_the_named_secret_and_never_appear_in_the_spec(
     assert (env["WMTP_RUN_NAME"]["value"], env["WMTP_RUN_NAMESPACE"]["value"]) == ("tiny-rho1", "team-a")
 
 
-def test_the_pod_names_its_run_the_way_the_trainers_reporter_reads_it() -> None:
-    # The trainer may not import the operator, so the two sides share these names only by this test.
-    assert (render.RUN_NAME_ENV, render.RUN_NAMESPACE_ENV) == (reporting.RUN_NAME_ENV, reporting.RUN_NAMESPACE_ENV)
-    assert reporting.RUNS_PATH.startswith(f"/apis/{GROUP}/{VERSION}/") and f"/{PLURAL}/" in reporting.RUNS_PATH
-
-
 def test_operator_defaults_fill_only_what_the_run_leaves_unset(make_run: Callable[..., dict[str, Any]]) -> None:
     defaults = Defaults.from_env(
         {"WMTP_DEFAULT_S3_SECRET": "team-s3", "WMTP_DEFAULT_MLFLOW_URI": "http://mlflow:5000",
@@ -228,7 +221,9 @@ FROM_REF = {"spec.recipe": None, "spec.recipeRef": {"name": "r"}}
         ({"spec.recipe.optim": {"lr": -1}}, None, "optim.lr: Input should be greater than 0"),
         ({"spec.recipe.optim": {"lrr": 1}}, None, "optim.lrr: unknown key"),
         ({"spec.recipe.train": {"algo": "baseline-mtp"}}, None, "train.algo is baseline-mtp but spec.algorithm is"),
-        ({"spec.recipe.data": {"sources": [{"name": "mbpp"}]}}, None, "data.sources name mbpp, not in spec.datasets"),
+        ({"spec.recipe.data": {"sources": [{"name": "mbpp"}]}}, None, "spec.datasets.mbpp: named by the recipe's"),
+        ({"spec.recipe.checkpointing": {"checkpoint_path": "/tmp/x"}}, None,
+         "checkpointing.checkpoint_path conflicts with spec.checkpoints.basePath"),
         (FROM_REF, None, "recipeRef ConfigMap r key recipe.yaml: not found"),
         (FROM_REF, "[1, 2]", "expected a mapping at the top level"),
         (FROM_REF, "a: [", "not valid YAML"),

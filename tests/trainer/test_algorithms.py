@@ -24,7 +24,7 @@ from wmtp.algorithms import (
 from wmtp.algorithms.critic import gae_returns, head_softmax_weights, masked_mse, td_deltas, valid_positions
 from wmtp.algorithms.loss import align_to_heads
 from wmtp.algorithms.rho1 import excess_loss, reference_ce, softmax_weights, topk_weights
-from wmtp.config import ConfigError, Recipe, parse_recipe
+from wmtp.config import Recipe, parse_recipe
 
 VOCAB, HIDDEN, HEADS = 11, 8, 3
 
@@ -332,7 +332,7 @@ def test_valid_positions_end_one_past_the_last_label_and_cover_packed_rows() -> 
 
 def _critic(**critic: float) -> CriticWMTP:
     recipe = make_recipe("critic-wmtp", critic=critic)
-    return build_algorithm(recipe, reward_model=TokenSumReward(), hidden_size=HIDDEN)
+    return build_algorithm(recipe, {"rm": TokenSumReward()}, HIDDEN)
 
 
 def test_critic_weights_and_value_loss_train_only_the_value_head() -> None:
@@ -364,7 +364,7 @@ def test_critic_pretrain_lowers_the_value_mse_and_leaves_the_trunk_alone() -> No
     torch.manual_seed(0)
     model = FakeMTP()
     batches = [random_batch([7, 7, 5, 6], seed=seed) for seed in range(4)]
-    algorithm = _critic(pretrain_lr=0.05, gamma=1.0, gae_lambda=1.0)
+    algorithm = _critic(pretrain_lr=0.05, gamma=1.0, gae_lambda=1.0, pretrain_steps=60)
     trunk_before = [p.detach().clone() for p in model.parameters()]
 
     def value_mse() -> float:
@@ -374,7 +374,7 @@ def test_critic_pretrain_lowers_the_value_mse_and_leaves_the_trunk_alone() -> No
 
     before = value_mse()
     logged: list[int] = []
-    algorithm.pretrain(model, iter(batches * 20), steps=60, log=lambda step, metrics: logged.append(step))
+    algorithm.pretrain(model, iter(batches * 20), log=lambda step, metrics: logged.append(step))
     assert value_mse() < 0.5 * before
     assert logged == list(range(1, 61))
     for before_param, param in zip(trunk_before, model.parameters(), strict=True):
@@ -385,22 +385,17 @@ def test_critic_pretrain_lowers_the_value_mse_and_leaves_the_trunk_alone() -> No
 
 
 def test_build_algorithm_picks_the_class_named_by_the_recipe() -> None:
-    assert isinstance(build_algorithm(make_recipe("baseline-mtp")), BaselineMTP)
-    rho1 = build_algorithm(make_recipe("rho1-wmtp", rho1={"selection_mode": "weighted"}), ref_model=nn.Identity())
+    assert isinstance(build_algorithm(make_recipe("baseline-mtp"), {}, HIDDEN), BaselineMTP)
+    rho1 = build_algorithm(
+        make_recipe("rho1-wmtp", rho1={"selection_mode": "weighted"}), {"ref": nn.Identity()}, HIDDEN
+    )
     assert isinstance(rho1, Rho1WMTP) and rho1.selection_mode == "weighted"
     critic = _critic()
     assert set(critic.trainable_modules()) == {"value_head"}
     assert BaselineMTP().trainable_modules() == {}
 
 
-@pytest.mark.parametrize(
-    ("algo", "kwargs", "message"),
-    [
-        ("rho1-wmtp", {}, "paths.models.ref"),
-        ("critic-wmtp", {"hidden_size": HIDDEN}, "paths.models.rm"),
-        ("critic-wmtp", {"reward_model": nn.Identity()}, "hidden_size"),
-    ],
-)
-def test_build_algorithm_names_the_missing_model(algo: str, kwargs: dict, message: str) -> None:
-    with pytest.raises(ConfigError, match=message):
-        build_algorithm(make_recipe(algo), **kwargs)
+@pytest.mark.parametrize(("algo", "role"), [("rho1-wmtp", "ref"), ("critic-wmtp", "rm")])
+def test_build_algorithm_names_the_missing_frozen_model(algo: str, role: str) -> None:
+    with pytest.raises(ValueError, match=f"needs the frozen model\\(s\\) {role}"):
+        build_algorithm(make_recipe(algo), {}, HIDDEN)

@@ -6,15 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from wmtp.checkpoint import (
-    COMMITTED,
-    Checkpointer,
-    CheckpointError,
-    CheckpointStore,
-    rng_state,
-    set_rng_state,
-    step_dir_name,
-)
+from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointManager, CheckpointStore, step_dir_name
+from wmtp.checkpoint.manager import rng_state, set_rng_state
 from wmtp.storage import Storage
 
 
@@ -123,22 +116,42 @@ def test_rng_state_round_trips_through_json() -> None:
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_checkpointer_restores_model_optimizer_and_state(store: CheckpointStore) -> None:
-    def build() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        torch.manual_seed(0)
-        module = torch.nn.ModuleDict({"model": torch.nn.Linear(4, 4), "value_head": torch.nn.Linear(4, 1)})
-        return module, torch.optim.AdamW(module.parameters(), lr=0.1)
+class Counter:
+    """A stateful part that is neither a module nor an optimizer."""
 
-    module, optimizer = build()
+    def __init__(self, value: int = 0) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.value = state["value"]
+
+
+def _manager(store: CheckpointStore, fingerprint: str = "abc") -> CheckpointManager:
+    torch.manual_seed(0)
+    modules = torch.nn.ModuleDict({"model": torch.nn.Linear(4, 4), "value_head": torch.nn.Linear(4, 1)})
+    optimizer = torch.optim.AdamW(modules.parameters(), lr=0.1)
+    return CheckpointManager(
+        store, modules=modules, optimizer=optimizer, states={"counter": Counter()}, save_interval=10,
+        keep_last=2, fingerprint=fingerprint,
+    )  # fmt: skip
+
+
+def test_manager_restores_every_named_part(store: CheckpointStore) -> None:
+    saver = _manager(store)
+    module, optimizer = saver.modules, saver.optimizer
     for _ in range(3):
         module["value_head"](module["model"](torch.randn(2, 4))).sum().backward()
         optimizer.step()
-    location = Checkpointer(store, keep_last=2).save(3, module, optimizer, {"config_hash": "abc"})
+    saver.states["counter"].value = 7
+    location = saver.save(3)
 
-    restored, restored_opt = build()
-    state = Checkpointer(store, keep_last=2).load(location, restored, restored_opt)
-
-    assert state == {"config_hash": "abc", "step": 3}
+    loader = _manager(store)
+    assert loader.load(location) == 3
+    restored, restored_opt = loader.modules, loader.optimizer
+    assert loader.states["counter"].value == 7
     for a, b in zip(module.state_dict().values(), restored.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     saved_opt, loaded_opt = optimizer.state_dict()["state"], restored_opt.state_dict()["state"]
@@ -146,3 +159,10 @@ def test_checkpointer_restores_model_optimizer_and_state(store: CheckpointStore)
         for name in saved_opt[key]:
             assert torch.equal(saved_opt[key][name], loaded_opt[key][name])
     assert store.is_committed(location)
+
+
+def test_manager_refuses_a_checkpoint_of_another_fingerprint_unless_allowed(store: CheckpointStore) -> None:
+    location = _manager(store, fingerprint="abc").save(10)
+    with pytest.raises(CheckpointError, match=r"different config or recipe.*--allow-config-change"):
+        _manager(store, fingerprint="xyz").load(location)
+    assert _manager(store, fingerprint="xyz").load(location, allow_fingerprint_change=True) == 10

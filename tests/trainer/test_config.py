@@ -65,7 +65,7 @@ def test_every_example_config_has_recipes() -> None:
 def test_every_example_config_and_recipe_loads(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WMTP_HUMANEVAL", "/data/HumanEval.jsonl.gz")
     cfg, rcp = load(config_for(recipe), recipe)
-    assert rcp.train.algo.value in recipe.name
+    assert rcp.train.algo in recipe.name
     assert cfg.paths.models.base
 
 

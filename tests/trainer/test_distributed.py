@@ -23,8 +23,8 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from run_helpers import checkpoint_tensors, train_cli, wait_for, write_run_files
 
+from support.runs import checkpoint_tensors, train_cli, wait_for_file, write_run_files
 from wmtp.checkpoint import COMMITTED, CheckpointStore, step_dir_name
 from wmtp.config import load
 from wmtp.models import MTPModel
@@ -83,7 +83,7 @@ def logged(tracking_uri: str, run_id: str, key: str = "loss") -> dict[int, list[
 
 def mlflow_run(work: Path, root: Path, algo: str) -> tuple[str, str]:
     state = json.loads((root / step_dir_name(STEPS) / "trainer_state.json").read_text())
-    return f"sqlite:///{work / 'runs' / f'test-{algo}' / 'mlflow.db'}", state["mlflow_run_id"]
+    return f"sqlite:///{work / 'runs' / f'test-{algo}' / 'mlflow.db'}", state["train_state"]["mlflow_run_id"]
 
 
 def run_to_end(proc: subprocess.Popen) -> str:
@@ -223,7 +223,7 @@ def test_a_killed_rank_fails_the_job_fast_and_resume_latest_ends_close_to_an_uni
         work, tiny_models, "baseline-mtp", "killed", 2, **{"devices.fsdp.enabled": False}
     )
     proc = train_cli(config, recipe, nproc=2)
-    wait_for(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    wait_for_file(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(worker_pid(proc.pid, rank=1), signal.SIGKILL)
     killed_at = time.monotonic()
@@ -252,7 +252,7 @@ def test_a_hung_rank_fails_the_others_after_the_configured_timeout(work: Path, t
     # A stopped process keeps its sockets open, as a frozen node or a stuck GPU does: only the timeout helps.
     config, recipe, root = scenario_files(work, tiny_models, "baseline-mtp", "hung", 2, **{"train.max_steps": 400})
     proc = train_cli(config, recipe, nproc=2)
-    wait_for(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    wait_for_file(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
     rank0, rank1 = worker_pid(proc.pid, rank=0), worker_pid(proc.pid, rank=1)
     os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from wmtp.cli import app
 from wmtp.models import MTPModel, load_mtp_model
-from wmtp.native import is_native_dir, load_native
+from wmtp.models.native import is_native_dir, load_native
 from wmtp.storage import Storage, parse_uri
 
 # 2 shared trunk layers + head 0's layer in Meta's `layers`, 3 more heads in `extra_heads`. Grouped-query attention,

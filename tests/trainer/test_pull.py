@@ -13,7 +13,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import boto3
@@ -24,11 +23,11 @@ from botocore.exceptions import ResponseStreamingError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
-from wmtp import pull_state
 from wmtp.pull import Job, main, pull
-from wmtp.pull_fetch import MiB, PullError, expected_digest
-from wmtp.pull_state import STATE_DIR, DestLock
-from wmtp.storage import Storage
+from wmtp.pull import state as pull_state
+from wmtp.pull.fetch import MiB, expected_digest
+from wmtp.pull.state import STATE_DIR, DestLock
+from wmtp.storage import Storage, StorageError
 
 SECRET = "s3cr3t-never-printed"
 
@@ -123,7 +122,7 @@ def test_prefix_is_mirrored_with_nested_layout_and_large_objects_in_ranges(
         Job(f"s3://{s3_bucket}/data/train.jsonl", str(tmp_path)),
     ]
 
-    summary = pull(jobs, spy, workers=4, part_size=MiB)
+    summary = pull(jobs, Storage(client=spy), workers=4, part_size=MiB)
 
     assert files_under(tmp_path) == {**model, "train.jsonl": line}
     assert summary["files"] == 5 and summary["skipped"] == 0
@@ -137,10 +136,10 @@ def test_rerun_on_a_complete_destination_fetches_nothing_in_under_a_second(
     s3_storage: Storage, s3_bucket: str, model: dict[str, bytes], tmp_path: Path
 ) -> None:
     jobs = [Job(f"s3://{s3_bucket}/models/base", str(tmp_path))]
-    pull(jobs, s3_storage.s3, part_size=MiB)
+    pull(jobs, s3_storage, part_size=MiB)
     spy = Spy(s3_storage.s3)
 
-    summary = pull(jobs, spy, part_size=MiB)
+    summary = pull(jobs, Storage(client=spy), part_size=MiB)
 
     assert spy.gets == []
     assert summary["files"] == 0 and summary["skipped"] == len(model)
@@ -151,10 +150,10 @@ def test_an_object_changed_in_s3_is_the_only_one_fetched_again(
     s3_storage: Storage, s3_bucket: str, model: dict[str, bytes], tmp_path: Path
 ) -> None:
     jobs = [Job(f"s3://{s3_bucket}/models/base", str(tmp_path))]
-    pull(jobs, s3_storage.s3, part_size=MiB)
+    pull(jobs, s3_storage, part_size=MiB)
     put(s3_storage, s3_bucket, {"models/base/config.json": b'{"n_heads": 8}'})
 
-    summary = pull(jobs, s3_storage.s3, part_size=MiB)
+    summary = pull(jobs, s3_storage, part_size=MiB)
 
     assert (summary["files"], summary["skipped"]) == (1, len(model) - 1)
     assert (tmp_path / "config.json").read_bytes() == b'{"n_heads": 8}'
@@ -214,11 +213,11 @@ def test_a_locally_modified_file_is_replaced_on_rerun(
     s3_storage: Storage, s3_bucket: str, model: dict[str, bytes], tmp_path: Path
 ) -> None:
     jobs = [Job(f"s3://{s3_bucket}/models/base", str(tmp_path))]
-    pull(jobs, s3_storage.s3, part_size=MiB)
+    pull(jobs, s3_storage, part_size=MiB)
     target = tmp_path / "tokenizer" / "vocab.json"
     target.write_bytes(bytes(len(model["tokenizer/vocab.json"])))  # same size, other bytes, new mtime
 
-    summary = pull(jobs, s3_storage.s3, part_size=MiB)
+    summary = pull(jobs, s3_storage, part_size=MiB)
 
     assert summary["files"] == 1
     assert target.read_bytes() == model["tokenizer/vocab.json"]
@@ -229,7 +228,7 @@ def test_verify_rehashes_and_replaces_silent_corruption(
     s3_storage: Storage, s3_bucket: str, model: dict[str, bytes], tmp_path: Path, victim: str
 ) -> None:
     jobs = [Job(f"s3://{s3_bucket}/models/base", str(tmp_path))]
-    pull(jobs, s3_storage.s3, part_size=MiB)
+    pull(jobs, s3_storage, part_size=MiB)
     target = tmp_path / victim
     stat = target.stat()
     with open(target, "r+b") as f:  # bit rot: same size and mtime, so only re-hashing can notice
@@ -237,8 +236,8 @@ def test_verify_rehashes_and_replaces_silent_corruption(
         f.write(b"\xff\x00\xff")
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
-    assert pull(jobs, s3_storage.s3, part_size=MiB)["files"] == 0
-    summary = pull(jobs, s3_storage.s3, part_size=MiB, verify=True)
+    assert pull(jobs, s3_storage, part_size=MiB)["files"] == 0
+    summary = pull(jobs, s3_storage, part_size=MiB, verify=True)
 
     assert (summary["files"], summary["skipped"]) == (1, len(model) - 1)
     assert target.read_bytes() == model[victim]
@@ -262,7 +261,7 @@ def test_a_corrupted_download_is_fetched_again_then_fails_naming_the_file(
         return bytes([data[0] ^ 1]) + data[1:]
 
     once = Spy(s3_storage.s3, lambda n, args, body: flip(body) if n == 1 else body)
-    assert pull(jobs, once, part_size=MiB)["files"] == 1
+    assert pull(jobs, Storage(client=once), part_size=MiB)["files"] == 1
     assert (tmp_path / "w.bin").read_bytes() == data
     assert len(once.gets) == 2 * -(-size // MiB)
 
@@ -271,8 +270,8 @@ def test_a_corrupted_download_is_fetched_again_then_fails_naming_the_file(
         lambda n, args, body: flip(body) if args.get("Range", "bytes=0-").startswith("bytes=0-") else body,
     )
     dest = tmp_path / "again"
-    with pytest.raises(PullError) as err:
-        pull([Job(f"s3://{s3_bucket}/m", str(dest))], always, part_size=MiB)
+    with pytest.raises(StorageError) as err:
+        pull([Job(f"s3://{s3_bucket}/m", str(dest))], Storage(client=always), part_size=MiB)
     assert err.value.code == 1
     assert all(part in str(err.value) for part in (f"s3://{s3_bucket}/m/w.bin", checksum)), err.value
     assert files_under(dest) == {}
@@ -283,7 +282,7 @@ def test_a_stream_cut_mid_range_is_retried(s3_storage: Storage, s3_bucket: str, 
     put(s3_storage, s3_bucket, {"m/w.bin": data})
     spy = Spy(s3_storage.s3, lambda n, args, body: BrokenBody(body) if n == 1 else body)
 
-    summary = pull([Job(f"s3://{s3_bucket}/m", str(tmp_path))], spy, part_size=MiB)
+    summary = pull([Job(f"s3://{s3_bucket}/m", str(tmp_path))], Storage(client=spy), part_size=MiB)
 
     assert summary["files"] == 1 and len(spy.gets) == 4
     assert (tmp_path / "w.bin").read_bytes() == data
@@ -326,7 +325,7 @@ def denied(monkeypatch: pytest.MonkeyPatch) -> None:
     stubber.add_client_error("list_objects_v2", "AccessDenied", "Access Denied", http_status_code=403)
     stubber.add_client_error("head_object", "403", "Forbidden", http_status_code=403)  # the single-object try
     stubber.activate()
-    monkeypatch.setattr("wmtp.pull.Storage", lambda settings: SimpleNamespace(s3=client))
+    monkeypatch.setattr("wmtp.pull.Storage", lambda settings: Storage(client=client))
 
 
 @pytest.mark.parametrize(

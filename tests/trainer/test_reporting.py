@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from wmtp.reporting import Reporter, from_env
+from wmtp.reporting import Reporter
 
 STATUS_PATH = "/apis/wmtp.io/v1alpha1/namespaces/team-a/wmtpruns/tiny-rho1/status"
 
@@ -126,8 +126,3 @@ def test_from_env_finds_the_run_and_the_api_server_of_the_pod(
     assert (reporter.url if reporter else None) == url
     if reporter:
         assert reporter.token_file == tmp_path / "token"
-
-
-def test_module_level_from_env_is_none_outside_a_pod(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WMTP_RUN_NAME", raising=False)
-    assert from_env() is None

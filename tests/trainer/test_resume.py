@@ -13,14 +13,15 @@ import mlflow
 import pytest
 import torch
 import yaml
-from run_helpers import checkpoint_tensors, train_cli, wait_for
 from typer.testing import CliRunner
 
+from support.runs import checkpoint_tensors, train_cli, wait_for_file
 from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointStore, step_dir_name
 from wmtp.cli import app
 from wmtp.config import load
+from wmtp.contract import ExitCode
 from wmtp.storage import Storage
-from wmtp.train import PREEMPTED_EXIT_CODE, Trainer
+from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
 STEPS, SAVE_INTERVAL = 60, 10
@@ -57,7 +58,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(algo: str, run_files, tm
 
     config, recipe, killed_root = files_for(run_files, tmp_path, algo, "killed")
     proc = train_cli(config, recipe)
-    wait_for(killed_root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    wait_for_file(killed_root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
     time.sleep(random.uniform(0.0, 0.3))
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
@@ -134,10 +135,10 @@ def test_resume_from_s3_store(run_files, tmp_path: Path, s3_endpoint: str, s3_st
 def test_sigterm_saves_at_the_next_step_and_exits_with_the_documented_code(run_files, tmp_path: Path) -> None:
     config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "evicted", **{"train.max_steps": 2000})
     proc = train_cli(config, recipe)
-    wait_for(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
+    wait_for_file(root / step_dir_name(SAVE_INTERVAL) / COMMITTED, proc)
     proc.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == PREEMPTED_EXIT_CODE, output
+    assert proc.returncode == ExitCode.PREEMPTED, output
     latest = CheckpointStore(str(root), Storage()).latest().step
     assert SAVE_INTERVAL < latest < 2000  # a step boundary after the signal, long before the end
     assert f"stopped at step {latest} on SIGTERM" in " ".join(output.split())

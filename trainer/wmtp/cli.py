@@ -10,11 +10,13 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from wmtp.config import ConfigError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-console = Console(stderr=True)
+# Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 ConfigOpt = typer.Option(..., "--config", "-c", help="Environment config YAML (paths, mlflow, devices).")
 RecipeOpt = typer.Option(..., "--recipe", "-r", help="Experiment recipe YAML (algorithm, data, optim, loss).")
@@ -41,7 +43,8 @@ def setup_logging(level: str | None) -> None:
 
 
 def fail(message: str, code: int = 2) -> None:
-    console.print(f"[red]error:[/red] {message}", markup=True, highlight=False)
+    """One error line (never wrapped, never read as markup), then exit with `code`."""
+    console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True, highlight=False)
     raise typer.Exit(code)
 
 
@@ -63,7 +66,8 @@ def train(
     setup_logging(log_level)
     from wmtp.checkpoint import CheckpointError
     from wmtp.config import load
-    from wmtp.train import PREEMPTED_EXIT_CODE, Preempted, Trainer
+    from wmtp.contract import ExitCode
+    from wmtp.train import Preempted, Trainer
 
     try:
         cfg, rcp = load(config, recipe)
@@ -74,7 +78,7 @@ def train(
         fail(str(err))
     except Preempted as stop:
         console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(PREEMPTED_EXIT_CODE) from None
+        raise typer.Exit(ExitCode.PREEMPTED) from None
 
 
 @app.command()
@@ -93,7 +97,7 @@ def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt) -> None:
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s):[/red]")
         for problem in report.problems:
-            console.print(f"  - {problem}", highlight=False, markup=False)
+            console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(1)
     console.print("[green]valid[/green]")
 
@@ -115,7 +119,7 @@ def convert_native(
 ) -> None:
     """Convert Meta's native multi-token checkpoint (params.json, consolidated*.pth, tokenizer.model)."""
     setup_logging(None)
-    from wmtp.native import convert_native as convert
+    from wmtp.models.native import convert_native as convert
     from wmtp.storage import Storage
 
     try:

@@ -11,13 +11,13 @@ import hashlib
 import json
 import os
 import re
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from wmtp import contract
 from wmtp.storage import parse_uri
 
 
@@ -38,19 +38,13 @@ def _check_uri(value: str | None) -> str | None:
 Uri = Annotated[str, Field(min_length=1)]
 
 
-class Algorithm(StrEnum):
-    baseline_mtp = "baseline-mtp"
-    critic_wmtp = "critic-wmtp"
-    rho1_wmtp = "rho1-wmtp"
-
-
 # ----------------------------------------------------------------------------- config (environment)
 
 
 class ModelPaths(Strict):
     base: Uri = Field(description="Base causal LM to train: an HF model directory (path, file:// or s3://).")
-    ref: Uri | None = Field(None, description="Reference model for rho1-wmtp (same tokenizer as base).")
-    rm: Uri | None = Field(None, description="Reward model for critic-wmtp (sequence classifier, 1 label).")
+    ref: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['ref']}, for the algorithms needing one.")
+    rm: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['rm']}, for the algorithms needing one.")
 
     _uris = field_validator("base", "ref", "rm")(_check_uri)
 
@@ -62,7 +56,7 @@ class CheckpointPaths(Strict):
     )
     save_interval: int = Field(500, ge=1, description="Save a checkpoint every this many optimizer steps.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints to keep; older ones are pruned.")
-    save_final: bool = Field(True, description="Write <base_path>/<run name>/final/ when training ends.")
+    save_final: bool = Field(True, description="Write the final model to final/ beside the run's checkpoints.")
 
     _uris = field_validator("base_path")(_check_uri)
 
@@ -90,10 +84,11 @@ class Paths(Strict):
 class MLflowSettings(Strict):
     tracking_uri: str | None = Field(
         None,
-        description="MLflow tracking URI. Unset: a sqlite store in the run directory (no server needed).",
+        description="MLflow tracking URI. Unset: the operator's default on Kubernetes, else a sqlite store in the "
+        "run directory (no server needed).",
     )
     registry_uri: str | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
-    experiment: str = Field("wmtp", description="MLflow experiment name.")
+    experiment: str = Field("wmtp", min_length=1, description="MLflow experiment name.")
 
 
 class S3Settings(Strict):
@@ -149,11 +144,17 @@ class RunSection(Strict):
 
 
 class TrainSection(Strict):
-    algo: Algorithm = Field(description="baseline-mtp | critic-wmtp | rho1-wmtp.")
+    algo: str = Field(description="The algorithm: baseline-mtp, critic-wmtp, rho1-wmtp or a registered plugin.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; unset: run num_epochs epochs.")
     num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is unset.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     eval_interval: int = Field(50, ge=1, description="Evaluate held-out loss every this many steps.")
+
+    @field_validator("algo")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        contract.algorithm(value)
+        return value
 
 
 class OptimSection(Strict):
@@ -299,20 +300,27 @@ def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         raise ConfigError(format_validation_error(source, err)) from None
 
 
-def check_compatible(config: Config, recipe: Recipe, config_source: str = "config") -> None:
-    """Cross-document rules: the recipe's algorithm and data must exist in the config."""
+def check_compatible(
+    config: Config,
+    recipe: Recipe,
+    source: str = "config",
+    datasets: str = "paths.datasets",
+    models: str = "paths.models",
+) -> None:
+    """Cross-document rules: the models the recipe's algorithm needs and the datasets it names must be in the
+    config. `datasets` and `models` name those sections as the user wrote them (the operator's spec differs)."""
     problems = []
-    algo = recipe.train.algo
-    if algo is Algorithm.rho1_wmtp and config.paths.models.ref is None:
-        problems.append("paths.models.ref: required by train.algo=rho1-wmtp (the reference model's URI)")
-    if algo is Algorithm.critic_wmtp and config.paths.models.rm is None:
-        problems.append("paths.models.rm: required by train.algo=critic-wmtp (the reward model's URI)")
-    for source in recipe.data.sources:
-        if source.name not in config.paths.datasets:
+    for role in contract.algorithm(recipe.train.algo).frozen:
+        if getattr(config.paths.models, role) is None:
+            problems.append(
+                f"{models}.{role}: required by train.algo={recipe.train.algo} ({contract.MODEL_ROLES[role]})"
+            )
+    for data_source in recipe.data.sources:
+        if data_source.name not in config.paths.datasets:
             known = ", ".join(sorted(config.paths.datasets)) or "none"
-            problems.append(f"paths.datasets.{source.name}: named by the recipe's data.sources; defined: {known}")
+            problems.append(f"{datasets}.{data_source.name}: named by the recipe's data.sources; defined: {known}")
     if problems:
-        raise ConfigError(f"{config_source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
+        raise ConfigError(f"{source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
 
 
 def load_config(path: str | Path) -> Config:

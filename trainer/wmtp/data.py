@@ -333,10 +333,7 @@ def build_data(
     if section.batch_size % world_size:
         raise DataError(f"data.batch_size {section.batch_size} is not divisible by world_size {world_size}")
     examples: list[Example] = []
-    for source in section.sources:
-        if source.name not in config.paths.datasets:
-            known = ", ".join(sorted(config.paths.datasets)) or "none"
-            raise DataError(f"data.sources: {source.name!r} is not in paths.datasets (defined: {known})")
+    for source in section.sources:  # config.check_compatible has checked that each is defined
         uri = config.paths.datasets[source.name]
         examples += load_examples(uri, source.resolved_format, storage, source.max_samples)
     n = len(examples)

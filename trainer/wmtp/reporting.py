@@ -18,12 +18,11 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from wmtp.contract import ENV_RUN_NAME, ENV_RUN_NAMESPACE, STATUS_PATH
+
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-RUN_NAME_ENV = "WMTP_RUN_NAME"
-RUN_NAMESPACE_ENV = "WMTP_RUN_NAMESPACE"
-RUNS_PATH = "/apis/wmtp.io/v1alpha1/namespaces/{namespace}/wmtpruns/{name}/status"
 
 
 class Reporter:
@@ -49,13 +48,13 @@ class Reporter:
     def from_env(cls, env: Mapping[str, str] | None = None, service_account: Path = SERVICE_ACCOUNT) -> Reporter | None:
         """A reporter for the run the pod's environment names, or None outside such a pod."""
         env = os.environ if env is None else env
-        name, host = env.get(RUN_NAME_ENV), env.get("KUBERNETES_SERVICE_HOST")
-        namespace = env.get(RUN_NAMESPACE_ENV) or _read(service_account / "namespace")
+        name, host = env.get(ENV_RUN_NAME), env.get("KUBERNETES_SERVICE_HOST")
+        namespace = env.get(ENV_RUN_NAMESPACE) or _read(service_account / "namespace")
         if not (name and host and namespace):
             return None
         port = env.get("KUBERNETES_SERVICE_PORT", "443")
         host = f"[{host}]" if ":" in host else host  # an IPv6 service address
-        url = f"https://{host}:{port}" + RUNS_PATH.format(namespace=namespace, name=name)
+        url = f"https://{host}:{port}" + STATUS_PATH.format(namespace=namespace, name=name)
         token, ca = service_account / "token", service_account / "ca.crt"
         return cls(url, token if token.is_file() else None, ca if ca.is_file() else None)
 
@@ -100,8 +99,3 @@ def _read(path: Path) -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
-
-
-def from_env() -> Reporter | None:
-    """The reporter for this pod's WMTPRun, or None when not running under the operator."""
-    return Reporter.from_env()

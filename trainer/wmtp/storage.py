@@ -1,7 +1,8 @@
-"""One resolver for every URI the project reads or writes: plain paths, file:// and s3://.
+"""One resolver for every URI the project reads or writes (plain paths, file:// and s3://), and the one S3 layer.
 
 `parse_uri` is the only place a URI is taken apart; `Storage` reads, lists, writes (atomically) and deletes
-through it, so the model loader, the data loader and the checkpoint store behave the same on disk and on S3.
+through it, so the puller, the model and data loaders and the checkpoint store behave the same on disk and on
+S3. `describe_error` turns any S3 failure into one `StorageError` line with the exit code that classifies it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,16 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from wmtp.config import S3Settings
+from wmtp.contract import ExitCode
 
 SCHEMES = ("file", "s3")
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
+_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+           "ExpiredToken", "InvalidToken", "AccountProblem"}  # fmt: skip
+_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
+              "ServiceUnavailable", "500", "502", "503", "504"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,73 @@ def parse_uri(uri: str | os.PathLike[str]) -> Location:
     raise ValueError(f"{text!r}: unknown URI scheme {scheme!r}; use a path, file:// or s3://")
 
 
-def make_s3_client(settings: S3Settings | None = None) -> Any:
+class S3Options(Protocol):
+    """The config's s3 section as the storage layer reads it (`wmtp.config.S3Settings`)."""
+
+    endpoint_url: str | None
+    region: str | None
+    access_key_id: Any
+    secret_access_key: Any
+
+
+class StorageError(Exception):
+    """A storage failure to report as one line, with the exit code that classifies it."""
+
+    def __init__(self, message: str, code: int = ExitCode.ERROR) -> None:
+        super().__init__(" ".join(message.split()))
+        self.code = code
+
+
+def error_code(err: Exception) -> str:
+    """The S3 error code of a botocore ClientError ("" for anything else)."""
+    response = getattr(err, "response", None)
+    return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def is_transient(err: Exception) -> bool:
+    """Whether S3 answered with a throttling or server error that a later try may not meet."""
+    return error_code(err) in _TRANSIENT
+
+
+def describe_error(err: Exception, uri: str) -> StorageError:
+    """One line naming `uri` and what went wrong, classified: missing, denied, unreachable or failed."""
+    from botocore.exceptions import (
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+    )
+
+    code = error_code(err)
+    if code:
+        message = err.response.get("Error", {}).get("Message") or code  # type: ignore[attr-defined]
+        if code == "NoSuchBucket":
+            return StorageError(f"{uri}: the bucket does not exist", ExitCode.NOT_FOUND)
+        if code in _NOT_FOUND:
+            return StorageError(f"{uri}: no such object or prefix", ExitCode.NOT_FOUND)
+        if code in _DENIED:
+            return StorageError(f"{uri}: access denied ({code}: {message})", ExitCode.DENIED)
+        if code == "PreconditionFailed":
+            return StorageError(f"{uri}: the object changed in S3 while it was read; run it again")
+        return StorageError(f"{uri}: S3 error {code}: {message}")
+    if isinstance(err, NoCredentialsError | PartialCredentialsError):
+        return StorageError(f"{uri}: no usable AWS credentials in the environment or config files", ExitCode.DENIED)
+    if isinstance(err, EndpointConnectionError | ConnectTimeoutError):
+        return StorageError(f"{uri}: cannot reach the S3 endpoint ({err})", ExitCode.UNREACHABLE)
+    return StorageError(f"{uri}: {type(err).__name__}: {err}")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One S3 object: where it is, its size and ETag, and its key relative to the URI it was listed under."""
+
+    loc: Location
+    size: int
+    etag: str
+    rel: str
+
+
+def make_s3_client(settings: S3Options | None = None) -> Any:
     """A boto3 client from the config, falling back to the standard AWS chain for anything unset."""
     import boto3
     from botocore.config import Config as BotoConfig
@@ -88,9 +159,9 @@ def make_s3_client(settings: S3Settings | None = None) -> Any:
 class Storage:
     """File and S3 operations behind one interface; S3 clients are created lazily, once."""
 
-    def __init__(self, s3: S3Settings | None = None) -> None:
+    def __init__(self, s3: S3Options | None = None, client: Any = None) -> None:
         self._s3_settings = s3
-        self._client: Any = None
+        self._client: Any = client
 
     @property
     def s3(self) -> Any:
@@ -102,6 +173,35 @@ class Storage:
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix):
             yield from page.get("Contents", [])
+
+    def objects(self, loc: Location) -> list[ObjectInfo]:
+        """The objects an s3 URI names: everything under it as a prefix, else the one object it names; [] if
+        neither exists. Failures raise `StorageError`."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        prefix = f"{loc.path}/" if loc.path else ""
+        try:
+            found = [
+                ObjectInfo(Location("s3", o["Key"], loc.bucket), o["Size"], o["ETag"], o["Key"][len(prefix) :])
+                for o in self._keys(loc)
+                if not o["Key"].endswith("/")  # zero-byte "folder" markers made by consoles
+            ]
+        except ClientError as err:
+            # A role with s3:GetObject but not s3:ListBucket may still read a single object.
+            if not (loc.path and describe_error(err, loc.uri).code == ExitCode.DENIED):
+                raise describe_error(err, loc.uri) from err
+            found = []
+        except BotoCoreError as err:
+            raise describe_error(err, loc.uri) from err
+        if found or not loc.path:
+            return found
+        try:
+            head = self.s3.head_object(Bucket=loc.bucket, Key=loc.path)
+        except (BotoCoreError, ClientError) as err:
+            if describe_error(err, loc.uri).code == ExitCode.NOT_FOUND and error_code(err) != "NoSuchBucket":
+                return []
+            raise describe_error(err, loc.uri) from err
+        return [ObjectInfo(loc, head["ContentLength"], head["ETag"], loc.name)]
 
     def exists(self, loc: Location) -> bool:
         if not loc.is_s3:

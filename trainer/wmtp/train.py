@@ -19,22 +19,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
-from wmtp.checkpoint import Checkpointer, CheckpointError, CheckpointStore
-from wmtp.config import Algorithm as AlgorithmName
-from wmtp.config import Config, OptimSection, Recipe, checkpoint_root, config_hash, flatten
+from wmtp.checkpoint import CheckpointManager, CheckpointStore
+from wmtp.config import Config, OptimSection, Recipe, check_compatible, checkpoint_root, config_hash, flatten
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
-from wmtp.models import MTPModel, load_mtp_model, load_reference_model, load_reward_model
+from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
 from wmtp.reporting import Reporter
 from wmtp.storage import Location, Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-# Exit code of a trainer that was asked to stop (SIGTERM, as on eviction), saved a checkpoint and stopped.
-PREEMPTED_EXIT_CODE = 75
 
 
 class Preempted(Exception):
@@ -89,6 +86,13 @@ class TrainState:
     mlflow_run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "eval_loss": []})
 
+    def state_dict(self) -> dict[str, Any]:
+        metrics = {k: v[-1] for k, v in self.history.items() if v}
+        return {"step": self.step, "tokens": self.tokens, "mlflow_run_id": self.mlflow_run_id, "metrics": metrics}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens, self.mlflow_run_id = state["step"], state["tokens"], state["mlflow_run_id"]
+
 
 class Trainer:
     """Owns the model, data, algorithm, optimizer and tracker of one run."""
@@ -101,6 +105,7 @@ class Trainer:
         resume: str | None = None,
         allow_config_change: bool = False,
     ) -> None:
+        check_compatible(config, recipe)
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
@@ -115,21 +120,17 @@ class Trainer:
         )
         self.model.to(self.device)
         self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
-        algo = recipe.train.algo
-        ref = load_reference_model(models.ref, self.storage) if algo is AlgorithmName.rho1_wmtp else None
-        rm = load_reward_model(models.rm, self.storage) if algo is AlgorithmName.critic_wmtp else None
-        self.algorithm: Algorithm = build_algorithm(
-            recipe,
-            ref_model=ref.to(self.device) if ref is not None else None,
-            reward_model=rm.to(self.device) if rm is not None else None,
-            hidden_size=self.model.hidden_size,
-        )
+        frozen = {
+            role: FROZEN_LOADERS[role](getattr(models, role), self.storage).to(self.device)
+            for role in contract.algorithm(recipe.train.algo).frozen
+        }
+        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
         # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
         trainable = self.algorithm.trainable_modules()
         self.modules = torch.nn.ModuleDict({"model": self.model, **trainable})
         self.modules.to(self.device)
         # Before the optimizer is built: sharding turns the parameters into DTensors.
-        parallelize(self.model, list(trainable.values()), [m for m in (ref, rm) if m], config.devices, self.dist)
+        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
@@ -139,10 +140,18 @@ class Trainer:
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
         self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main)
         self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
-        self.checkpointer = Checkpointer(
-            self.store, config.paths.checkpoints.keep_last, self.dist.rank, self.dist.barrier
-        )
         self.state = TrainState()
+        self.checkpoints = CheckpointManager(
+            self.store,
+            modules=self.modules,
+            optimizer=self.optimizer,
+            states={"lr_scheduler": self.scheduler, "dataloader": self.data.train, "train_state": self.state},
+            save_interval=config.paths.checkpoints.save_interval,
+            keep_last=config.paths.checkpoints.keep_last,
+            fingerprint=config_hash(config, recipe),
+            rank=self.dist.rank,
+            barrier=self.dist.barrier,
+        )
         self.console = Console(stderr=True)
         self.stop_requested = False
         # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
@@ -156,11 +165,15 @@ class Trainer:
         recipe, state = self.recipe, self.state
         resumed = self.maybe_resume()
         params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
-        tags = {"algorithm": recipe.train.algo.value, **recipe.run.tags}
+        tags = {"algorithm": recipe.train.algo, **recipe.run.tags}
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
         state.mlflow_run_id = self.tracker.run_id
         if not resumed:
-            self.maybe_pretrain()
+            self.algorithm.pretrain(
+                self.model,
+                (b.to(self.device) for b in self.data.train),
+                lambda step, m: self.tracker.log_metrics({f"pretrain/{k}": v for k, v in m.items()}, step),
+            )
             self.evaluate()
         started, first_tokens = time.perf_counter(), state.tokens
         with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing(stopped=(Preempted,)):
@@ -212,35 +225,12 @@ class Trainer:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
 
-    def maybe_pretrain(self) -> None:
-        """Stage 1 for algorithms that need it (critic-wmtp's value head); a no-op for the others."""
-        steps = self.recipe.critic.pretrain_steps
-        if self.recipe.train.algo is not AlgorithmName.critic_wmtp or steps == 0:
-            return
-        batches = (b.to(self.device) for b in self.data.train)
-        self.algorithm.pretrain(
-            self.model,
-            batches,
-            steps,
-            lambda step, m: self.tracker.log_metrics({f"pretrain/{k}": v for k, v in m.items()}, step),
-        )
-
     def maybe_resume(self) -> bool:
         """Restore every stateful part from the checkpoint `self.resume` resolves to, if any."""
         location = self.store.resolve(self.resume)
         if location is None:
             return False
-        saved = self.checkpointer.load(location, self.modules, self.optimizer)
-        expected = config_hash(self.config, self.recipe)
-        if saved["config_hash"] != expected and not self.allow_config_change:
-            raise CheckpointError(
-                f"{location.uri} was written with a different config or recipe (hash {saved['config_hash']}, "
-                f"now {expected}); pass --allow-config-change to resume from it anyway"
-            )
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.data.train.load_state_dict(saved["data"])
-        self.state.step, self.state.tokens = saved["step"], saved["tokens"]
-        self.state.mlflow_run_id = saved["mlflow_run_id"]
+        self.checkpoints.load(location, allow_fingerprint_change=self.allow_config_change)
         log.info("resumed step=%d from=%s", self.state.step, location.uri)
         return True
 
@@ -249,23 +239,13 @@ class Trainer:
         step = self.state.step
         # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
         self.stop_requested = self.dist.any(self.stop_requested)
-        if not (last or self.stop_requested or step % self.config.paths.checkpoints.save_interval == 0):
+        if not (last or self.stop_requested or self.checkpoints.due(step)):
             return
-        state = {
-            "epoch": self.data.train.epoch,
-            "tokens": self.state.tokens,
-            "data": self.data.train.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "metrics": {k: v[-1] for k, v in self.state.history.items() if v},
-            "algorithm": self.recipe.train.algo.value,
-            "config_hash": config_hash(self.config, self.recipe),
-            "mlflow_run_id": self.state.mlflow_run_id,
-        }
-        location = self.checkpointer.save(step, self.modules, self.optimizer, state)
+        location = self.checkpoints.save(step)
         if self.reporter:
             self.reporter.report(step, self.state.history["loss"][-1], latest_checkpoint=location.uri)
         if self.stop_requested and not last:
-            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.store.step_location(step).uri}")
+            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {location.uri}")
 
     @contextlib.contextmanager
     def stop_on_sigterm(self) -> Any:
@@ -292,7 +272,7 @@ class Trainer:
         """Write the HF directory from the full state dict (to the store if save_final) and register a plain
         MTPModel loaded back from it: what MLflow holds is exactly what the store holds, never a sharded module."""
         save_final = self.config.paths.checkpoints.save_final
-        staging = self.checkpointer.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
+        staging = self.checkpoints.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
         with staging as directory:
             self.model.save_pretrained(directory, state_dict=state_dict)
             self.tokenizer.save_pretrained(directory)
@@ -301,7 +281,7 @@ class Trainer:
         final = self.store.final_location if save_final else None
         if final is not None and final.is_s3:
             self.tracker.log_param("final_checkpoint_uri", final.uri)
-        return final, self.tracker.register_model(model, self.recipe.train.algo.value)
+        return final, self.tracker.register_model(model, self.recipe.train.algo)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -345,7 +325,7 @@ class Trainer:
         history = self.state.history
         return {
             "run": self.recipe.run.name,
-            "algorithm": self.recipe.train.algo.value,
+            "algorithm": self.recipe.train.algo,
             "steps": self.state.step,
             "seconds": round(seconds, 2),
             "tokens_per_s": round(self.state.tokens / max(seconds, 1e-9)),
@@ -356,7 +336,7 @@ class Trainer:
             "eval_loss_last": history["eval_loss"][-1] if history["eval_loss"] else None,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.tracking_uri,
-            "registered_model": f"wmtp-{self.recipe.train.algo.value} v{version}" if version else None,
+            "registered_model": f"wmtp-{self.recipe.train.algo} v{version}" if version else None,
         }
 
     def print_summary(self, summary: dict[str, Any]) -> None:

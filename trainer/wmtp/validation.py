@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from wmtp import contract
 from wmtp.config import (
     Config,
     ConfigError,
@@ -56,10 +57,9 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
     storage = storage or Storage(config.s3)
     models = config.paths.models
     needed = {"base model": models.base}
-    if recipe.train.algo.value == "rho1-wmtp" and models.ref:
-        needed["reference model"] = models.ref
-    if recipe.train.algo.value == "critic-wmtp" and models.rm:
-        needed["reward model"] = models.rm
+    for role in contract.algorithm(recipe.train.algo).frozen:
+        if getattr(models, role):
+            needed[contract.MODEL_ROLES[role].name] = getattr(models, role)
     for what, uri in needed.items():
         _check_location(storage, what, uri, report)
     for source in recipe.data.sources:
@@ -72,7 +72,7 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
             )
     steps = str(recipe.train.max_steps) if recipe.train.max_steps else f"{recipe.train.num_epochs} epoch(s)"
     report.rows += [
-        ("algorithm", recipe.train.algo.value, f"{recipe.loss.n_heads} heads ({recipe.model.head_type})"),
+        ("algorithm", recipe.train.algo, f"{recipe.loss.n_heads} heads ({recipe.model.head_type})"),
         ("training", steps, f"batch {recipe.data.batch_size} × {recipe.data.max_length} tokens"),
         (
             "checkpoints",

@@ -1,15 +1,19 @@
 """Weighting algorithms for multi-token prediction, behind one interface and one registry.
 
-Adding an algorithm: subclass `Algorithm`, implement `weights`, add the class to `ALGORITHMS`.
+Adding an algorithm is one module and one line: subclass `Algorithm` with an `info` (its name, the frozen models
+it needs by role, whether it pretrains) and `weights`, then `register(MyAlgorithm)`. The trainer loads what
+`info` asks for and calls the interface; it never names an algorithm.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from wmtp import contract
 from wmtp.algorithms.base import Algorithm
 from wmtp.algorithms.baseline_mtp import BaselineMTP
 from wmtp.algorithms.critic import CriticWMTP
@@ -31,21 +35,32 @@ __all__ = [
     "compute_loss",
     "head_cross_entropy",
     "normalize_weights",
+    "register",
     "weighted_mtp_loss",
 ]
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (BaselineMTP, CriticWMTP, Rho1WMTP)}
+ALGORITHMS: dict[str, type[Algorithm]] = {}
 
 
-def build_algorithm(
-    recipe: Recipe,
-    ref_model: nn.Module | None = None,
-    reward_model: nn.Module | None = None,
-    hidden_size: int | None = None,
-) -> Algorithm:
-    """The algorithm named by `recipe.train.algo`; `ConfigError` if a model it needs was not given."""
-    cls = ALGORITHMS[recipe.train.algo.value]
-    return cls.build(recipe, ref_model=ref_model, reward_model=reward_model, hidden_size=hidden_size)
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Make `cls` the algorithm called `cls.info.name`, for the trainer and for config validation."""
+    contract.register_algorithm(cls.info)
+    ALGORITHMS[cls.info.name] = cls
+    return cls
+
+
+register(BaselineMTP)
+register(CriticWMTP)
+register(Rho1WMTP)
+
+
+def build_algorithm(recipe: Recipe, frozen: Mapping[str, nn.Module], hidden_size: int) -> Algorithm:
+    """The algorithm named by `recipe.train.algo`, given the frozen models its `info` asks for by role."""
+    cls = ALGORITHMS[recipe.train.algo]
+    missing = [role for role in cls.info.frozen if role not in frozen]
+    if missing:
+        raise ValueError(f"{cls.info.name} needs the frozen model(s) {', '.join(missing)}; got {', '.join(frozen)}")
+    return cls.build(recipe, frozen, hidden_size)
 
 
 def compute_loss(model: MTPModel, algorithm: Algorithm, batch: Batch) -> tuple[Tensor, dict[str, float]]:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
+
+from wmtp.contract import AlgorithmInfo
 
 if TYPE_CHECKING:
     from wmtp.config import Recipe
@@ -15,20 +17,17 @@ if TYPE_CHECKING:
 
 
 class Algorithm(ABC):
-    """A weighting scheme for the shared weighted MTP loss; registered by `name` in `wmtp.algorithms`."""
+    """A weighting scheme for the shared weighted MTP loss, registered in `wmtp.algorithms`.
 
-    name: ClassVar[str]
+    `info` declares what the trainer must provide: the frozen models it needs, by role, which arrive in `build`
+    already loaded, frozen and on the device, and whether `pretrain` has work to do before training.
+    """
+
+    info: ClassVar[AlgorithmInfo]
 
     @classmethod
-    def build(
-        cls,
-        recipe: Recipe,
-        *,
-        ref_model: nn.Module | None = None,
-        reward_model: nn.Module | None = None,
-        hidden_size: int | None = None,
-    ) -> Algorithm:
-        """Construct from a recipe; raise `ConfigError` naming whatever the algorithm needs but lacks."""
+    def build(cls, recipe: Recipe, frozen: Mapping[str, nn.Module], hidden_size: int) -> Algorithm:
+        """Construct from the recipe, the frozen models of `info.frozen` by role and the trunk's hidden size."""
         return cls()
 
     def trainable_modules(self) -> dict[str, nn.Module]:
@@ -36,13 +35,9 @@ class Algorithm(ABC):
         return {}
 
     def pretrain(  # noqa: B027 - a deliberate no-op default: only some algorithms have a first stage
-        self,
-        model: MTPModel,
-        batches: Iterator[Batch],
-        steps: int,
-        log: Callable[[int, dict[str, float]], None],
+        self, model: MTPModel, batches: Iterator[Batch], log: Callable[[int, dict[str, float]], None]
     ) -> None:
-        """Stage 1, run once before MTP training starts (not again on resume)."""
+        """The stage before multi-token training (`info.pretrain`), run once and not again on resume."""
 
     @abstractmethod
     def weights(

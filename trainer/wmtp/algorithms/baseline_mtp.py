@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor
 
+from wmtp import contract
 from wmtp.algorithms.base import Algorithm
 
 if TYPE_CHECKING:
@@ -13,7 +14,7 @@ if TYPE_CHECKING:
 
 
 class BaselineMTP(Algorithm):
-    name: ClassVar[str] = "baseline-mtp"
+    info: ClassVar[contract.AlgorithmInfo] = contract.BASELINE_MTP
 
     def weights(
         self, batch: Batch, ce: Tensor, mask: Tensor, heads: list[Tensor]

@@ -7,15 +7,16 @@ the TD delta of the token it predicts, δ_{t+k+1} = V_{t+k+1} − λ_d·V_{t+k},
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from wmtp import contract
 from wmtp.algorithms.base import Algorithm
 from wmtp.algorithms.loss import IGNORE_INDEX, align_to_heads, normalize_weights
-from wmtp.config import ConfigError, CriticSection, LossSection
+from wmtp.config import CriticSection, LossSection
 
 if TYPE_CHECKING:
     from wmtp.config import Recipe
@@ -80,7 +81,7 @@ def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
 
 
 class CriticWMTP(Algorithm):
-    name: ClassVar[str] = "critic-wmtp"
+    info: ClassVar[contract.AlgorithmInfo] = contract.CRITIC_WMTP
 
     def __init__(self, reward_model: nn.Module, hidden_size: int, critic: CriticSection, loss: LossSection) -> None:
         self.reward_model = reward_model
@@ -89,19 +90,8 @@ class CriticWMTP(Algorithm):
         self.loss = loss
 
     @classmethod
-    def build(
-        cls,
-        recipe: Recipe,
-        *,
-        ref_model: nn.Module | None = None,
-        reward_model: nn.Module | None = None,
-        hidden_size: int | None = None,
-    ) -> CriticWMTP:
-        if reward_model is None:
-            raise ConfigError("critic-wmtp needs a reward model: set paths.models.rm in the config")
-        if hidden_size is None:
-            raise ConfigError("critic-wmtp needs the model's hidden_size to build its value head")
-        return cls(reward_model, hidden_size, recipe.critic, recipe.loss)
+    def build(cls, recipe: Recipe, frozen: Mapping[str, nn.Module], hidden_size: int) -> CriticWMTP:
+        return cls(frozen["rm"], hidden_size, recipe.critic, recipe.loss)
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         return {"value_head": self.value_head}
@@ -120,13 +110,9 @@ class CriticWMTP(Algorithm):
         _, returns = gae_returns(rewards, values.detach(), positions, self.critic.gamma, self.critic.gae_lambda)
         return values, returns, positions, sequence_rewards
 
-    def pretrain(
-        self,
-        model: MTPModel,
-        batches: Iterator[Batch],
-        steps: int,
-        log: Callable[[int, dict[str, float]], None],
-    ) -> None:
+    def pretrain(self, model: MTPModel, batches: Iterator[Batch], log: Callable[[int, dict[str, float]], None]) -> None:
+        """Fit the value head alone to GAE returns for `critic.pretrain_steps` steps; the trunk stays frozen."""
+        steps = self.critic.pretrain_steps
         optimizer = torch.optim.AdamW(self.value_head.parameters(), lr=self.critic.pretrain_lr)
         for step, batch in zip(range(1, steps + 1), batches, strict=False):
             with torch.no_grad():

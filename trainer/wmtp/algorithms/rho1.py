@@ -7,15 +7,16 @@ CE of the same target token (token t+k+1, which the reference predicts at positi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from wmtp import contract
 from wmtp.algorithms.base import Algorithm
 from wmtp.algorithms.loss import IGNORE_INDEX, align_to_heads, normalize_weights
-from wmtp.config import ConfigError
 
 if TYPE_CHECKING:
     from wmtp.config import Recipe
@@ -65,7 +66,7 @@ def softmax_weights(delta: Tensor, mask: Tensor, temperature: float) -> Tensor:
 
 
 class Rho1WMTP(Algorithm):
-    name: ClassVar[str] = "rho1-wmtp"
+    info: ClassVar[contract.AlgorithmInfo] = contract.RHO1_WMTP
 
     def __init__(
         self,
@@ -84,18 +85,9 @@ class Rho1WMTP(Algorithm):
         self.max_weight = max_weight
 
     @classmethod
-    def build(
-        cls,
-        recipe: Recipe,
-        *,
-        ref_model: nn.Module | None = None,
-        reward_model: nn.Module | None = None,
-        hidden_size: int | None = None,
-    ) -> Rho1WMTP:
-        if ref_model is None:
-            raise ConfigError("rho1-wmtp needs a reference model: set paths.models.ref in the config")
+    def build(cls, recipe: Recipe, frozen: Mapping[str, nn.Module], hidden_size: int) -> Rho1WMTP:
         return cls(
-            ref_model,
+            frozen["ref"],
             selection_mode=recipe.rho1.selection_mode,
             k_percent=recipe.rho1.k_percent,
             temperature=recipe.loss.temperature,

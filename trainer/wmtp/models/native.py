@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast, PreTrainedTokenizerBase
 
-from wmtp.models import _LOAD_DTYPE, MTPModel
+from wmtp.models.mtp import LOAD_DTYPE, MTPModel
 from wmtp.storage import Storage, parse_uri
 
 PARAMS = "params.json"
@@ -277,7 +277,7 @@ def load_native(
         eos_token_id=tokenizer.eos_token_id,
     )
     base, info = LlamaForCausalLM.from_pretrained(
-        None, config=config, state_dict=hf_state, dtype=_LOAD_DTYPE, output_loading_info=True
+        None, config=config, state_dict=hf_state, dtype=LOAD_DTYPE, output_loading_info=True
     )
     # A key the mapping above got wrong would otherwise leave that weight at its random init.
     if info["missing_keys"] or info["unexpected_keys"]:

