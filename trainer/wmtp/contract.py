@@ -92,7 +92,9 @@ PLURAL = "wmtpruns"
 # Environment variables a trainer pod reads.
 ENV_RUN_NAME = "WMTP_RUN_NAME"  # the WMTPRun whose status rank 0 reports to
 ENV_RUN_NAMESPACE = "WMTP_RUN_NAMESPACE"
+ENV_ATTEMPT = "WMTP_ATTEMPT"  # the attempt this pod belongs to: its reports carry it, so stale ones are ignored
 ENV_NODE_RANK = "NODE_RANK"  # the pod's completion index: torchrun's node rank
+ENV_TERMINATION_LOG = "WMTP_TERMINATION_LOG"  # where to write the termination message (default TERMINATION_LOG)
 
 # Where the operator mounts things in a trainer pod.
 CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator
@@ -100,9 +102,32 @@ MODEL_DIR = "/models"  # the model volume `wmtp pull` fills
 WORK_DIR = "/workspace"  # scratch: run directory, temporary files
 CONFIG_FILE, RECIPE_FILE, PULL_FILE = "config.yaml", "recipe.yaml", "pull.yaml"
 
-# The status subresource rank 0 patches, and the fields it owns there.
+# The status subresource rank 0 patches. It writes only `status.<REPORT_FIELD>`: {attempt, step, loss,
+# latestCheckpoint}. The operator copies what it accepts from there into fields it owns, so nothing a trainer
+# writes can steer it: a report of another attempt, or a checkpoint outside the run's root, is ignored.
 STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
-REPORTED_FIELDS: tuple[str, ...] = ("step", "loss", "latestCheckpoint")
+REPORT_FIELD = "report"
+REPORTED_FIELDS: tuple[str, ...] = ("attempt", "step", "loss", "latestCheckpoint")
+
+# The trainer's last words, read by the operator from the container's terminated state (the kubelet copies the
+# file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes:
+#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str}
+TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps
+STOP_PREEMPTED = "Preempted"  # stopped on SIGTERM after a committed checkpoint: not a failure
+STOP_FAILED = "Failed"
+STOP_SUCCEEDED = "Succeeded"
+
+# The trainer container's entry point (PID 1): starts torchrun and passes SIGTERM to the training processes
+# themselves, waiting up to the grace period for their checkpoint, so neither torchrun's nor any other 30 s
+# timeout cuts a save short; it writes the termination message and exits with the workers' meaning (75 for a
+# preemption, where torchrun alone would exit 1). Usage: LAUNCH_COMMAND + [--grace-seconds N --] + torchrun args.
+LAUNCH_COMMAND: tuple[str, ...] = ("wmtp", "launch")
+
+# `wmtp train --resume <checkpoint> RESUME_FALLBACK_FLAG`: the resume was chosen by the operator, so when that
+# checkpoint is gone or damaged the trainer resumes from the newest intact one instead (and says which). A
+# resume a user named fails loudly instead (exit 2).
+RESUME_FALLBACK_FLAG = "--resume-fallback"
 
 
 class ExitCode(IntEnum):
