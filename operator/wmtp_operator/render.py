@@ -24,6 +24,7 @@ from wmtp.config import (
     check_compatible,
     parse_config,
     parse_recipe,
+    parse_yaml,
 )
 from wmtp.contract import CONFIG_DIR, CONFIG_FILE, GROUP, KIND, MODEL_DIR, PULL_FILE, RECIPE_FILE, VERSION, WORK_DIR
 from wmtp_operator.spec import Run, Spec
@@ -118,10 +119,7 @@ def _recipe_data(run: Run, recipe_text: str | None) -> dict[str, Any]:
     if spec.recipe_ref is not None:
         if recipe_text is None:
             raise ConfigError(f"{_recipe_source(spec)}: not found")
-        try:
-            data = yaml.safe_load(recipe_text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{_recipe_source(spec)}: not valid YAML: {err}") from None
+        data = parse_yaml(recipe_text, _recipe_source(spec))
         if not isinstance(data, dict):
             raise ConfigError(f"{_recipe_source(spec)}: expected a mapping at the top level")
     else:
@@ -161,7 +159,8 @@ def _metadata(run: Run, name: str, attempt: int | None = None) -> dict[str, Any]
 
 
 def _dump(data: Any) -> str:
-    return yaml.safe_dump(data, sort_keys=False, width=120)
+    """A file for the trainer: marked as rendered, so the trainer takes its values as data."""
+    return contract.RENDERED_MARKER + yaml.safe_dump(data, sort_keys=False, width=120)
 
 
 def config_map(run: Run, files: TrainerFiles) -> dict[str, Any]:

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -10,8 +11,11 @@ from wmtp.config import (
     load,
     load_config,
     load_recipe,
+    parse_yaml,
+    read_document,
     substitute_env,
 )
+from wmtp.contract import RENDERED_MARKER
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -192,3 +196,35 @@ def test_config_hash_ignores_outputs_but_not_training(tmp_path: Path) -> None:
     assert config_hash(cfg, rcp) == before
     rcp.optim.lr = 1.0
     assert config_hash(cfg, rcp) != before
+
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+    for i in range(8)
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (BOMB, "values once its aliases are expanded"),
+        ("a: &a [1, *a]", "a YAML alias refers to itself"),
+        (b"run: {name: caf\xe9}", "not UTF-8 text (byte 15)"),
+        ("x" * 2_000_000, "more than the 1048576 a document may have"),
+        ("a: [", "not valid YAML"),
+    ],
+)
+def test_yaml_is_bounded_and_every_failure_is_one_config_error(data: str | bytes, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)) as err:
+        parse_yaml(data, "recipe.yaml")
+    assert str(err.value).startswith("recipe.yaml: ") and len(str(err.value)) < 600
+
+
+def test_rendered_files_are_data_while_user_files_expand_variables(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WMTP_TEST_SECRET", "s3cr3t")
+    user, rendered = tmp_path / "user.yaml", tmp_path / "rendered.yaml"
+    user.write_text("tag: ${WMTP_TEST_SECRET}\n")
+    rendered.write_text(RENDERED_MARKER + "tag: ${WMTP_TEST_SECRET}\n")
+    assert read_document(user) == {"tag": "s3cr3t"}
+    assert read_document(rendered) == {"tag": "${WMTP_TEST_SECRET}"}

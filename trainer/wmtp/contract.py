@@ -101,6 +101,9 @@ CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by 
 MODEL_DIR = "/models"  # the model volume `wmtp pull` fills
 WORK_DIR = "/workspace"  # scratch: run directory, temporary files
 CONFIG_FILE, RECIPE_FILE, PULL_FILE = "config.yaml", "recipe.yaml", "pull.yaml"
+# The first line of every file the operator renders: its values are data, and `${VAR}` in them is never expanded
+# (a recipe tag "${AWS_SECRET_ACCESS_KEY}" must not become the secret).
+RENDERED_MARKER = "# Rendered by wmtp-operator: values are data; ${...} is not expanded.\n"
 
 # The status subresource rank 0 patches. It writes only `status.<REPORT_FIELD>`: {attempt, step, loss,
 # latestCheckpoint}. The operator copies what it accepts from there into fields it owns, so nothing a trainer

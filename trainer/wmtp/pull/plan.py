@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from wmtp.config.documents import ConfigError, parse_yaml
 from wmtp.contract import ExitCode
 from wmtp.pull.state import STATE_DIR, digest
 from wmtp.storage import Location, ObjectInfo, Storage, StorageError
@@ -28,9 +27,11 @@ class Job:
 def load_spec(path: Path) -> list[Job]:
     """The `--spec` file: a YAML or JSON list of {uri, dest} mappings."""
     try:
-        items = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as err:
-        raise StorageError(f"cannot read the spec {path}: {err}", ExitCode.BAD_INPUT) from err
+        items = parse_yaml(path.read_bytes(), str(path))
+    except OSError as err:
+        raise StorageError(f"cannot read the spec {path}: {err.strerror}", ExitCode.BAD_INPUT) from err
+    except ConfigError as err:
+        raise StorageError(str(err), ExitCode.BAD_INPUT) from err
     if not (isinstance(items, list) and items and all(_is_job(item) for item in items)):
         raise StorageError(f"{path}: expected a non-empty list of {{uri, dest}} mappings", ExitCode.BAD_INPUT)
     return [Job(item["uri"], item["dest"]) for item in items]

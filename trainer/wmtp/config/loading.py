@@ -1,0 +1,96 @@
+"""Loading a config and a recipe, the rules across the two, and what is derived from the pair."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from wmtp import contract
+from wmtp.config.documents import ConfigError, format_validation_error, read_document
+from wmtp.config.environment import Config
+from wmtp.config.recipe import Recipe
+
+
+def parse_config(data: dict[str, Any], source: str = "config") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+def parse_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, err)) from None
+
+
+def check_compatible(
+    config: Config,
+    recipe: Recipe,
+    source: str = "config",
+    datasets: str = "paths.datasets",
+    models: str = "paths.models",
+) -> None:
+    """Cross-document rules: the models the recipe's algorithm needs and the datasets it names must be in the
+    config. `datasets` and `models` name those sections as the user wrote them (the operator's spec differs)."""
+    problems = []
+    for role in contract.algorithm(recipe.train.algo).frozen:
+        if getattr(config.paths.models, role) is None:
+            problems.append(
+                f"{models}.{role}: required by train.algo={recipe.train.algo} ({contract.MODEL_ROLES[role]})"
+            )
+    for data_source in recipe.data.sources:
+        if data_source.name not in config.paths.datasets:
+            known = ", ".join(sorted(config.paths.datasets)) or "none"
+            problems.append(f"{datasets}.{data_source.name}: named by the recipe's data.sources; defined: {known}")
+    if problems:
+        raise ConfigError(f"{source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    return parse_config(read_document(path), str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    return parse_recipe(read_document(path), str(path))
+
+
+def load(config_path: str | Path, recipe_path: str | Path) -> tuple[Config, Recipe]:
+    config, recipe = load_config(config_path), load_recipe(recipe_path)
+    check_compatible(config, recipe, str(config_path))
+    return config, recipe
+
+
+def config_hash(config: Config, recipe: Recipe) -> str:
+    """Fingerprint of what determines training; secrets, output locations and devices are left out (a run
+    may resume on other hardware or another number of ranks)."""
+    payload = {
+        "config": config.model_dump(
+            mode="json", exclude={"s3": True, "mlflow": True, "devices": True, "paths": {"output_dir"}}
+        ),
+        "recipe": recipe.model_dump(mode="json", exclude={"checkpointing"}),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def checkpoint_root(config: Config, recipe: Recipe) -> str:
+    """Where this run's checkpoints go: recipe checkpoint_path > config base_path > ./checkpoints."""
+    base = recipe.checkpointing.checkpoint_path or config.paths.checkpoints.base_path or "./checkpoints"
+    return f"{base.rstrip('/')}/{recipe.run.name}"
+
+
+def flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    """Dotted key → string value, for MLflow params."""
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for key, value in data.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(data) if isinstance(data, list | tuple) else str(data)}

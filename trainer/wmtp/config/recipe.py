@@ -1,0 +1,113 @@
+"""`Recipe`: the experiment (algorithm, data mix, loss, optimiser); the same file runs on a laptop or a cluster."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from wmtp import contract
+from wmtp.config.base import Strict, Uri, check_uri
+
+
+class RunSection(Strict):
+    name: str = Field(
+        description="Run name: names the run directory, checkpoint folder and MLflow run.",
+        pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$",
+    )
+    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
+
+
+class TrainSection(Strict):
+    algo: str = Field(description="The algorithm: baseline-mtp, critic-wmtp, rho1-wmtp or a registered plugin.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; unset: run num_epochs epochs.")
+    num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is unset.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    eval_interval: int = Field(50, ge=1, description="Evaluate held-out loss every this many steps.")
+
+    @field_validator("algo")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        contract.algorithm(value)
+        return value
+
+
+class OptimSection(Strict):
+    name: Literal["adamw"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
+    scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+
+
+DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
+
+
+class DataSource(Strict):
+    name: str = Field(description="A key of the config's paths.datasets.")
+    format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
+
+    @property
+    def resolved_format(self) -> str:
+        if self.format:
+            return self.format
+        return self.name if self.name in ("mbpp", "codecontests", "humaneval") else "jsonl"
+
+
+class DataSection(Strict):
+    sources: list[DataSource] = Field(min_length=1, description="Datasets to mix, by name.")
+    max_length: int = Field(512, ge=8, description="Tokens per training sequence.")
+    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (global, across ranks).")
+    pack: bool = Field(True, description="Concatenate examples into full sequences instead of padding each.")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of examples held out for evaluation.")
+
+
+class ModelSection(Strict):
+    head_type: Literal["block", "linear"] = Field(
+        "block", description="Extra heads: one transformer block each (Meta's layout) or a linear map."
+    )
+
+
+class LossSection(Strict):
+    n_heads: int = Field(4, ge=1, le=16, description="Output heads; head k predicts token t+k+1.")
+    temperature: float = Field(1.0, gt=0, description="Softmax temperature for weights.")
+    epsilon: float = Field(0.05, ge=0, description="Lower clip of normalised weights.")
+    max_weight: float = Field(3.0, gt=0, description="Upper clip of normalised weights.")
+
+
+class Rho1Section(Strict):
+    selection_mode: Literal["topk", "weighted"] = Field("topk", description="Hard top-k selection or soft weights.")
+    k_percent: float = Field(0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss.")
+
+
+class CriticSection(Strict):
+    gamma: float = Field(0.99, ge=0, le=1, description="GAE discount.")
+    gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    discount_lambda: float = Field(0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}.")
+    value_coef: float = Field(0.5, ge=0, description="Weight of the value-head MSE in the total loss.")
+    pretrain_steps: int = Field(20, ge=0, description="Stage 1: value-head-only steps before MTP training.")
+    pretrain_lr: float = Field(1e-3, gt=0, description="Stage 1 learning rate.")
+
+
+class CheckpointingSection(Strict):
+    checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
+    auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
+
+    _uris = field_validator("checkpoint_path")(check_uri)
+
+
+class Recipe(Strict):
+    """What to train and how; the same file runs on a laptop or on a cluster."""
+
+    run: RunSection
+    train: TrainSection
+    data: DataSection
+    optim: OptimSection = Field(default_factory=OptimSection)
+    model: ModelSection = Field(default_factory=ModelSection)
+    loss: LossSection = Field(default_factory=LossSection)
+    rho1: Rho1Section = Field(default_factory=Rho1Section)
+    critic: CriticSection = Field(default_factory=CriticSection)
+    checkpointing: CheckpointingSection = Field(default_factory=CheckpointingSection)
