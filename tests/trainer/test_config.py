@@ -13,6 +13,7 @@ from wmtp.config import (
     load_recipe,
     parse_yaml,
     read_document,
+    redact_uri,
     substitute_env,
 )
 from wmtp.contract import RENDERED_MARKER
@@ -228,3 +229,16 @@ def test_rendered_files_are_data_while_user_files_expand_variables(tmp_path: Pat
     rendered.write_text(RENDERED_MARKER + "tag: ${WMTP_TEST_SECRET}\n")
     assert read_document(user) == {"tag": "s3cr3t"}
     assert read_document(rendered) == {"tag": "${WMTP_TEST_SECRET}"}
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://alice:s3cr3t@mlflow.example.com/x", "https://***@mlflow.example.com/x"),
+        ("http://token@host:5000", "http://***@host:5000"),
+        ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+    ],
+)
+def test_credentials_in_a_uri_are_redacted(uri: str, shown: str) -> None:
+    assert redact_uri(uri) == shown

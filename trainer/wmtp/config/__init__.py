@@ -15,6 +15,7 @@ from wmtp.config.documents import (
     format_validation_error,
     parse_yaml,
     read_document,
+    redact_uri,
     substitute_env,
 )
 from wmtp.config.environment import (
@@ -93,5 +94,6 @@ __all__ = [
     "parse_recipe",
     "parse_yaml",
     "read_document",
+    "redact_uri",
     "substitute_env",
 ]

@@ -30,6 +30,11 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
     return text if len(text) <= limit else f"{text[: limit - 30]}… ({len(text) - limit + 30} more characters)"
 
 
+def redact_uri(uri: str) -> str:
+    """`uri` with any user:password@ (or token@) part replaced, for logs, statuses and Events."""
+    return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
+
+
 def _expanded_size(root: yaml.Node) -> int:
     """Nodes in the document once every alias is expanded, computed without expanding anything."""
     sizes: dict[int, int] = {}
