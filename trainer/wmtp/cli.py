@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wmtp.config import ConfigError
+from wmtp.eval.command import eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -191,6 +192,8 @@ def pull(
     options = {"workers": workers, "part_size_mb": part_size, "verify": verify}
     raise typer.Exit(main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region))
 
+
+app.command("eval")(eval_command)
 
 if __name__ == "__main__":
     app()
