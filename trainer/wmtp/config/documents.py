@@ -88,6 +88,8 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
         raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     finally:
         loader.dispose()
 

@@ -3,6 +3,8 @@
 `parse_uri` is the only place a URI is taken apart; `Storage` reads, lists, writes (atomically) and deletes
 through it, so the puller, the model and data loaders and the checkpoint store behave the same on disk and on
 S3. `describe_error` turns any S3 failure into one `StorageError` line with the exit code that classifies it.
+`LocalTree` is the one way from a remote key to a local file: it refuses keys that would leave its root and
+never follows a symbolic link below it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,33 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from wmtp.contract import ExitCode
+from wmtp.storage.errors import StorageError, UnsafePath, describe_error, error_code, is_transient
+from wmtp.storage.local import LocalTree, safe_relative
+
+__all__ = [
+    "SCHEMES",
+    "LocalTree",
+    "Location",
+    "ObjectInfo",
+    "S3Options",
+    "Storage",
+    "StorageError",
+    "UnsafePath",
+    "describe_error",
+    "error_code",
+    "is_transient",
+    "make_s3_client",
+    "parse_uri",
+    "safe_relative",
+]
 
 SCHEMES = ("file", "s3")
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "ExpiredToken", "InvalidToken", "AccountProblem"}  # fmt: skip
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable", "500", "502", "503", "504"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -78,53 +94,6 @@ class S3Options(Protocol):
     region: str | None
     access_key_id: Any
     secret_access_key: Any
-
-
-class StorageError(Exception):
-    """A storage failure to report as one line, with the exit code that classifies it."""
-
-    def __init__(self, message: str, code: int = ExitCode.ERROR) -> None:
-        super().__init__(" ".join(message.split()))
-        self.code = code
-
-
-def error_code(err: Exception) -> str:
-    """The S3 error code of a botocore ClientError ("" for anything else)."""
-    response = getattr(err, "response", None)
-    return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-
-
-def is_transient(err: Exception) -> bool:
-    """Whether S3 answered with a throttling or server error that a later try may not meet."""
-    return error_code(err) in _TRANSIENT
-
-
-def describe_error(err: Exception, uri: str) -> StorageError:
-    """One line naming `uri` and what went wrong, classified: missing, denied, unreachable or failed."""
-    from botocore.exceptions import (
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-    )
-
-    code = error_code(err)
-    if code:
-        message = err.response.get("Error", {}).get("Message") or code  # type: ignore[attr-defined]
-        if code == "NoSuchBucket":
-            return StorageError(f"{uri}: the bucket does not exist", ExitCode.NOT_FOUND)
-        if code in _NOT_FOUND:
-            return StorageError(f"{uri}: no such object or prefix", ExitCode.NOT_FOUND)
-        if code in _DENIED:
-            return StorageError(f"{uri}: access denied ({code}: {message})", ExitCode.DENIED)
-        if code == "PreconditionFailed":
-            return StorageError(f"{uri}: the object changed in S3 while it was read; run it again")
-        return StorageError(f"{uri}: S3 error {code}: {message}")
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return StorageError(f"{uri}: no usable AWS credentials in the environment or config files", ExitCode.DENIED)
-    if isinstance(err, EndpointConnectionError | ConnectTimeoutError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({err})", ExitCode.UNREACHABLE)
-    return StorageError(f"{uri}: {type(err).__name__}: {err}")
 
 
 @dataclass(frozen=True)
@@ -213,6 +182,8 @@ class Storage:
     def is_file(self, loc: Location) -> bool:
         if not loc.is_s3:
             return Path(loc.path).is_file()
+        if not loc.path:  # a bucket
+            return False
         from botocore.exceptions import ClientError
 
         try:
@@ -282,7 +253,8 @@ class Storage:
             self.s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
 
     def download(self, loc: Location, dest: Path) -> Path:
-        """Copy a file or folder to the local path `dest` (a folder is mirrored with its layout)."""
+        """Copy a file or folder to the local path `dest` (a folder is mirrored with its layout). An S3 key that
+        would land outside `dest` is refused (`UnsafePath`), and no link below `dest` is ever followed."""
         if not loc.is_s3:
             src = Path(loc.path)
             if src.is_dir():
@@ -292,15 +264,19 @@ class Storage:
                 shutil.copy2(src, dest)
             return dest
         if self.is_file(loc):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download_file(loc.bucket, loc.path, str(dest))
+            fetch = self._fetcher(loc.bucket, loc.path)
+            LocalTree(dest.parent).write_atomic(safe_relative(dest.name, loc.uri), fetch)
             return dest
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
-        for obj in self._keys(loc):
-            target = dest / obj["Key"][len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download_file(loc.bucket, obj["Key"], str(target))
+        keys = [o["Key"] for o in self._keys(loc) if not o["Key"].endswith("/")]  # "folder" markers hold nothing
+        rels = [safe_relative(key[len(prefix) :], loc.uri) for key in keys]  # all checked before anything is written
+        tree = LocalTree(dest)
+        for key, rel in zip(keys, rels, strict=True):
+            tree.write_atomic(rel, self._fetcher(loc.bucket, key))
         return dest
+
+    def _fetcher(self, bucket: str, key: str) -> Callable[[Any], object]:
+        return lambda f: self.s3.download_fileobj(bucket, key, f)
 
     def upload(self, src: Path, loc: Location) -> None:
         """Copy a local file or folder to `loc`."""
@@ -320,4 +296,4 @@ class Storage:
             yield Path(loc.path)
             return
         with tempfile.TemporaryDirectory(prefix="wmtp-") as tmp:
-            yield self.download(loc, Path(tmp) / (loc.name or "root"))
+            yield self.download(loc, Path(tmp) / safe_relative(loc.name or "root", loc.uri))
