@@ -76,7 +76,10 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
             raise ConfigError(f"{source}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if len(data) > max_bytes:
         raise ConfigError(f"{source}: {len(data)} characters, more than the {max_bytes} a document may have")
-    loader = yaml.SafeLoader(data)
+    try:
+        loader = yaml.SafeLoader(data)  # refuses control characters already
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -137,14 +140,21 @@ def read_document(path: os.PathLike[str] | str, max_bytes: int = MAX_DOCUMENT_BY
     return data
 
 
+_MAX_PROBLEMS = 20  # listed per document; the rest are counted
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s)"]
-    for e in err.errors():
+    """One line per problem (at most _MAX_PROBLEMS, each clipped): the dotted field path and what is wrong."""
+    errors = err.errors()
+    lines = [f"{clip(source)}: {len(errors)} problem(s)"]
+    for e in errors[:_MAX_PROBLEMS]:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif e["type"] == "literal_error" or e["type"] == "enum":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}")
+            msg = f"{msg} (got {clip(repr(e.get('input')), 100)})"
+        lines.append(clip(f"  {where}: {msg}"))
+    if len(errors) > _MAX_PROBLEMS:
+        lines.append(f"  … and {len(errors) - _MAX_PROBLEMS} more")
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wmtp import contract
-from wmtp.config.documents import ConfigError, format_validation_error, read_document
+from wmtp.config.documents import ConfigError, clip, format_validation_error, read_document
 from wmtp.config.environment import Config
 from wmtp.config.recipe import Recipe
 
@@ -46,7 +46,7 @@ def check_compatible(
             )
     for data_source in recipe.data.sources:
         if data_source.name not in config.paths.datasets:
-            known = ", ".join(sorted(config.paths.datasets)) or "none"
+            known = clip(", ".join(sorted(config.paths.datasets)) or "none", 200)
             problems.append(f"{datasets}.{data_source.name}: named by the recipe's data.sources; defined: {known}")
     if problems:
         raise ConfigError(f"{source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
