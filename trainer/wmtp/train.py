@@ -28,7 +28,7 @@ from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
 from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
 from wmtp.reporting import Reporter
-from wmtp.storage import Location, Storage
+from wmtp.storage import Location, Storage, parse_uri
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ class Trainer:
         self.storage = storage or Storage(config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
+        if self.dist.is_main:  # a store that cannot be written fails now, not at the first save
+            self.storage.probe(parse_uri(checkpoint_root(config, recipe)))
         seed_everything(config.seed)
         models = config.paths.models
         self.model, self.tokenizer = load_mtp_model(
@@ -169,6 +171,7 @@ class Trainer:
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
         state.mlflow_run_id = self.tracker.run_id
         if not resumed:
+            self.tracker.log_metrics(self.data.metrics(), 0)  # per source: read, kept, skipped, tokens
             self.algorithm.pretrain(
                 self.model,
                 (b.to(self.device) for b in self.data.train),

@@ -41,7 +41,9 @@ from wmtp.config.loading import (
     parse_recipe,
 )
 from wmtp.config.recipe import (
+    DEFAULT_LANGUAGES,
     CheckpointingSection,
+    CodeLanguage,
     CriticSection,
     DataSection,
     DatasetFormat,
@@ -56,11 +58,13 @@ from wmtp.config.recipe import (
 )
 
 __all__ = [
+    "DEFAULT_LANGUAGES",
     "MAX_DOCUMENT_BYTES",
     "MAX_MESSAGE",
     "MAX_NODES",
     "CheckpointPaths",
     "CheckpointingSection",
+    "CodeLanguage",
     "Config",
     "ConfigError",
     "CriticSection",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator
 
@@ -49,18 +49,26 @@ class OptimSection(Strict):
 
 
 DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
+CodeLanguage = Literal["python3", "python2", "cpp", "java"]
+DEFAULT_LANGUAGES: tuple[CodeLanguage, ...] = ("python3", "python2")
 
 
 class DataSource(Strict):
     name: Name = Field(description="A key of the config's paths.datasets.")
     format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many examples.")
+    languages: list[CodeLanguage] = Field(
+        default_factory=lambda: list(DEFAULT_LANGUAGES),
+        min_length=1,
+        description="codecontests: accepted solution languages, most preferred first; a problem without a "
+        "solution in one of them is skipped (and counted).",
+    )
 
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        return self.name if self.name in ("mbpp", "codecontests", "humaneval") else "jsonl"
+        return self.name if self.name in get_args(DatasetFormat) else "jsonl"
 
 
 class DataSection(Strict):

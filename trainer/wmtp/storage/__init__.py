@@ -135,8 +135,22 @@ class Storage:
     @property
     def s3(self) -> Any:
         if self._client is None:
-            self._client = make_s3_client(self._s3_settings)
+            try:
+                self._client = make_s3_client(self._s3_settings)
+            except ValueError as err:  # botocore: "Invalid endpoint: ..."
+                raise StorageError(f"s3.endpoint_url: {err}", ExitCode.BAD_INPUT) from None
         return self._client
+
+    @contextlib.contextmanager
+    def _reported(self, loc: Location) -> Iterator[None]:
+        """Any S3 failure inside as one `StorageError` naming `loc`, classified by its exit code."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, Boto3Error) as err:
+            raise describe_error(err, loc.uri) from err
 
     def _keys(self, loc: Location) -> Iterator[dict[str, Any]]:
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
@@ -177,7 +191,8 @@ class Storage:
             return Path(loc.path).exists()
         if self.is_file(loc):
             return True
-        return next(self._keys(loc), None) is not None
+        with self._reported(loc):
+            return next(self._keys(loc), None) is not None
 
     def is_file(self, loc: Location) -> bool:
         if not loc.is_s3:
@@ -186,13 +201,14 @@ class Storage:
             return False
         from botocore.exceptions import ClientError
 
-        try:
-            self.s3.head_object(Bucket=loc.bucket, Key=loc.path)
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        with self._reported(loc):
+            try:
+                self.s3.head_object(Bucket=loc.bucket, Key=loc.path)
+                return True
+            except ClientError as err:
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
 
     def list_dir(self, loc: Location) -> list[str]:
         """Names of the immediate children (files and sub-folders), sorted; empty if nothing is there."""
@@ -201,10 +217,11 @@ class Storage:
             return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
         names: set[str] = set()
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
-        for page in pages:
-            names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-            names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+        with self._reported(loc):
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+                names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
         return sorted(n for n in names if n)
 
     def size(self, loc: Location) -> int:
@@ -214,19 +231,22 @@ class Storage:
             if path.is_file():
                 return path.stat().st_size
             return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if self.is_file(loc):
-            return self.s3.head_object(Bucket=loc.bucket, Key=loc.path)["ContentLength"]
-        return sum(o["Size"] for o in self._keys(loc))
+        with self._reported(loc):
+            if self.is_file(loc):
+                return self.s3.head_object(Bucket=loc.bucket, Key=loc.path)["ContentLength"]
+            return sum(o["Size"] for o in self._keys(loc))
 
     def read_bytes(self, loc: Location) -> bytes:
         if not loc.is_s3:
             return Path(loc.path).read_bytes()
-        return self.s3.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+        with self._reported(loc):
+            return self.s3.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
 
     def write_bytes(self, loc: Location, data: bytes) -> None:
         """Readers see the old content or the new, never a partial file (S3 PUTs are atomic already)."""
         if loc.is_s3:
-            self.s3.put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
+            with self._reported(loc):
+                self.s3.put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
             return
         path = Path(loc.path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -246,11 +266,12 @@ class Storage:
             elif path.exists():
                 path.unlink()
             return
-        keys = [{"Key": o["Key"]} for o in self._keys(loc)]
-        if self.is_file(loc):
-            keys.append({"Key": loc.path})
-        for i in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
+        with self._reported(loc):
+            keys = [{"Key": o["Key"]} for o in self._keys(loc)]
+            if self.is_file(loc):
+                keys.append({"Key": loc.path})
+            for i in range(0, len(keys), 1000):
+                self.s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
 
     def download(self, loc: Location, dest: Path) -> Path:
         """Copy a file or folder to the local path `dest` (a folder is mirrored with its layout). An S3 key that
@@ -263,16 +284,19 @@ class Storage:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest)
             return dest
-        if self.is_file(loc):
-            fetch = self._fetcher(loc.bucket, loc.path)
-            LocalTree(dest.parent).write_atomic(safe_relative(dest.name, loc.uri), fetch)
-            return dest
-        prefix = loc.path.rstrip("/") + "/" if loc.path else ""
-        keys = [o["Key"] for o in self._keys(loc) if not o["Key"].endswith("/")]  # "folder" markers hold nothing
-        rels = [safe_relative(key[len(prefix) :], loc.uri) for key in keys]  # all checked before anything is written
-        tree = LocalTree(dest)
-        for key, rel in zip(keys, rels, strict=True):
-            tree.write_atomic(rel, self._fetcher(loc.bucket, key))
+        with self._reported(loc):
+            if self.is_file(loc):
+                fetch = self._fetcher(loc.bucket, loc.path)
+                LocalTree(dest.parent).write_atomic(safe_relative(dest.name, loc.uri), fetch)
+                return dest
+            prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+            keys = [o["Key"] for o in self._keys(loc) if not o["Key"].endswith("/")]  # "folder" markers hold nothing
+            if not keys:
+                raise StorageError(f"{loc.uri}: no such object or prefix", ExitCode.NOT_FOUND)
+            rels = [safe_relative(key[len(prefix) :], loc.uri) for key in keys]  # all checked before any write
+            tree = LocalTree(dest)
+            for key, rel in zip(keys, rels, strict=True):
+                tree.write_atomic(rel, self._fetcher(loc.bucket, key))
         return dest
 
     def _fetcher(self, bucket: str, key: str) -> Callable[[Any], object]:
@@ -284,16 +308,27 @@ class Storage:
         for file in files:
             target = loc if src.is_file() else loc / file.relative_to(src).as_posix()
             if target.is_s3:
-                self.s3.upload_file(str(file), target.bucket, target.path)
+                with self._reported(target):
+                    self.s3.upload_file(str(file), target.bucket, target.path)
             else:
                 Path(target.path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, target.path)
 
     @contextlib.contextmanager
     def local_copy(self, loc: Location) -> Iterator[Path]:
-        """A local path for `loc`: the path itself on disk, or a temporary download removed afterwards."""
+        """A local path for `loc`: the path itself on disk, or a temporary download removed afterwards. Nothing
+        there is one `StorageError` naming `loc` (not a later failure of whatever reads the path)."""
         if not loc.is_s3:
+            if not Path(loc.path).exists():
+                raise StorageError(f"{loc.uri}: no such file or folder", ExitCode.BAD_INPUT)
             yield Path(loc.path)
             return
         with tempfile.TemporaryDirectory(prefix="wmtp-") as tmp:
             yield self.download(loc, Path(tmp) / safe_relative(loc.name or "root", loc.uri))
+
+    def probe(self, root: Location) -> None:
+        """Write and delete a small object under `root`: a `StorageError` (or OSError) now, where a checkpoint
+        could not be saved there later."""
+        probe = root / f".wmtp-probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"wmtp write probe\n")
+        self.delete(probe)
