@@ -18,6 +18,7 @@ from wmtp.contract import RENDERED_MARKER
 
 MAX_DOCUMENT_BYTES = 1 << 20  # a recipe is a few KB; a ConfigMap holds at most 1 MiB
 MAX_NODES = 100_000  # after alias expansion: far above any real config, far below a bomb
+MAX_DEPTH = 100  # nesting levels: a config has about five; deeper costs the parser time and recursion
 MAX_MESSAGE = 400  # characters of an error text that may reach a status, an Event or a log line
 
 
@@ -65,6 +66,22 @@ def _expanded_size(root: yaml.Node) -> int:
     return size(root)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses nesting deeper than MAX_DEPTH while composing, before reading further: the
+    scanner is lazy, so a 1 MiB `[[[[…` costs microseconds instead of a quadratic scan and a RecursionError."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
     """One YAML document, bounded in size and in alias expansion; ConfigError naming `source` otherwise."""
     if isinstance(data, bytes):
@@ -77,7 +94,7 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
     if len(data) > max_bytes:
         raise ConfigError(f"{source}: {len(data)} characters, more than the {max_bytes} a document may have")
     try:
-        loader = yaml.SafeLoader(data)  # refuses control characters already
+        loader = _BoundedLoader(data)  # refuses control characters already
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
     try:
@@ -92,7 +109,7 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+        raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
     finally:
         loader.dispose()
 

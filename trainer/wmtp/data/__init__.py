@@ -91,7 +91,8 @@ def build_data(
             log.info("data %s", stats)
     n = len(examples)
     if n == 0:
-        raise DataError("data.sources yielded no examples (see the skipped counts above)")
+        counts = "; ".join(f"{stats.name}: read {stats.read}, skipped {dict(stats.skipped)}" for stats in sources)
+        raise DataError(f"data.sources yielded no examples ({counts}); check data.sources[].format and languages")
 
     order = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed)).tolist()
     n_eval = round(section.eval_fraction * n)
