@@ -251,3 +251,14 @@ def test_validate_parses_a_folder_of_gzip_and_parquet_shards(tmp_path: Path, tin
     result = runner.invoke(app, ["validate", "-c", str(config_path), "-r", str(recipe_path)])
     assert result.exit_code == 0, result.output
     assert "2+ shard(s); first 164 records: 164 kept" in result.output
+
+
+def test_recipe_checkpoint_settings_apply_and_a_flag_beats_them(tmp_path: Path, tiny_models: dict[str, Path]) -> None:
+    checkpointing = {"save_interval": 2, "keep_last": 1, "save_final": False}
+    config, recipe = write_run_files(tmp_path, tiny_models, "baseline-mtp", steps=4, checkpointing=checkpointing)
+
+    result = runner.invoke(app, ["train", "-c", str(config), "-r", str(recipe), "--keep-last", "2"])
+
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "checkpoints" / "test-baseline-mtp"
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint_step_00000002", "checkpoint_step_00000004"]

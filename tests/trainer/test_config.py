@@ -12,9 +12,11 @@ from wmtp.config import (
     load,
     load_config,
     load_recipe,
+    override_checkpointing,
     parse_yaml,
     read_document,
     redact_uri,
+    resolve_checkpointing,
     substitute_env,
 )
 from wmtp.contract import RENDERED_MARKER
@@ -281,3 +283,42 @@ def test_numbers_and_names_out_of_range_are_refused_at_load_naming_the_field(
         (load_recipe if document == "recipe" else load_config)(path)
     assert fragment in str(err.value), err.value
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("recipe_section", "flags", "expected"),
+    [
+        ({}, {}, (10, 3, True, "s3://bucket/ckpt")),
+        ({"save_interval": 2, "keep_last": 1, "save_final": False}, {}, (2, 1, False, "s3://bucket/ckpt")),
+        ({"save_interval": 2, "checkpoint_path": "/local/ck"}, {"save_interval": 5}, (5, 3, True, "/local/ck")),
+        (
+            {"keep_last": 1, "save_final": False},
+            {"keep_last": 4, "save_final": True},
+            (10, 4, True, "s3://bucket/ckpt"),
+        ),
+        ({}, {"save_interval": None, "save_final": False}, (10, 3, False, "s3://bucket/ckpt")),
+    ],
+)
+def test_checkpoint_settings_resolve_cli_over_recipe_over_config(
+    tmp_path: Path, recipe_section: dict, flags: dict, expected: tuple
+) -> None:
+    recipe = with_change(GOOD_RECIPE, "checkpointing", recipe_section or None) if recipe_section else GOOD_RECIPE
+    cfg, rcp = load(write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", recipe))
+    resolved = resolve_checkpointing(cfg, override_checkpointing(rcp, **flags)).paths.checkpoints
+    assert (resolved.save_interval, resolved.keep_last, resolved.save_final, resolved.base_path) == expected
+    assert cfg.paths.checkpoints.save_interval == 10  # the loaded config itself is left alone
+
+
+def test_checkpoint_settings_never_change_the_resume_fingerprint(tmp_path: Path) -> None:
+    cfg, rcp = load(write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", GOOD_RECIPE))
+    before = config_hash(cfg, rcp)
+    other = override_checkpointing(rcp, save_interval=7, keep_last=9, save_final=False)
+    cfg.paths.checkpoints.keep_last, cfg.log_interval = 1, 99
+    assert config_hash(resolve_checkpointing(cfg, other), other) == before
+
+
+def test_recipe_checkpoint_settings_are_bounded(tmp_path: Path) -> None:
+    recipe = with_change(GOOD_RECIPE, "checkpointing", {"save_interval": 0, "keep_last": "many"})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, "r.yaml", recipe))
+    assert "checkpointing.save_interval" in str(err.value) and "checkpointing.keep_last" in str(err.value)

@@ -106,12 +106,15 @@ def train(
     allow_config_change: bool = typer.Option(
         False, help="Resume from a checkpoint written with a different config or recipe."
     ),
+    save_interval: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
+    keep_last: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
+    save_final: bool | None = typer.Option(None, "--save-final/--no-save-final", help="Overrides both files'."),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
     setup_logging(log_level)
     from wmtp.checkpoint import CheckpointError
-    from wmtp.config import load
+    from wmtp.config import load, override_checkpointing
     from wmtp.data import DataError
     from wmtp.models.loading import ModelError
     from wmtp.train import Preempted, Trainer
@@ -119,6 +122,7 @@ def train(
     with reported(log_level, CheckpointError, DataError, ModelError):
         try:
             cfg, rcp = load(config, recipe)
+            rcp = override_checkpointing(rcp, save_interval=save_interval, keep_last=keep_last, save_final=save_final)
             trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
             trainer.train()
             trainer.dist.close()

@@ -23,7 +23,16 @@ from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
 from wmtp.checkpoint import CheckpointManager, CheckpointStore
-from wmtp.config import Config, OptimSection, Recipe, check_compatible, checkpoint_root, config_hash, flatten
+from wmtp.config import (
+    Config,
+    OptimSection,
+    Recipe,
+    check_compatible,
+    checkpoint_root,
+    config_hash,
+    flatten,
+    resolve_checkpointing,
+)
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
 from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
@@ -106,6 +115,7 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         check_compatible(config, recipe)
+        config = resolve_checkpointing(config, recipe)  # recipe checkpoint settings over the config's
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)

@@ -28,6 +28,7 @@ from wmtp.config import (
     load_config,
     load_recipe,
     redact_uri,
+    resolve_checkpointing,
 )
 from wmtp.contract import ExitCode
 from wmtp.storage import Storage, StorageError, parse_uri
@@ -201,6 +202,9 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
         if source.name in config.paths.datasets:
             check_dataset(storage, source, config.paths.datasets[source.name], report)
     check_checkpoint_store(storage, checkpoint_root(config, recipe), report)
+    cadence = resolve_checkpointing(config, recipe).paths.checkpoints
+    final = "and the final model" if cadence.save_final else "no final model"
+    report.rows.append(("checkpointing", f"every {cadence.save_interval} steps", f"keep {cadence.keep_last}, {final}"))
     check_mlflow(config.mlflow.tracking_uri, config.mlflow.experiment, report)
     steps = str(recipe.train.max_steps) if recipe.train.max_steps else f"{recipe.train.num_epochs} epoch(s)"
     report.rows += [

@@ -37,8 +37,10 @@ from wmtp.config.loading import (
     load,
     load_config,
     load_recipe,
+    override_checkpointing,
     parse_config,
     parse_recipe,
+    resolve_checkpointing,
 )
 from wmtp.config.recipe import (
     DEFAULT_LANGUAGES,
@@ -94,10 +96,12 @@ __all__ = [
     "load",
     "load_config",
     "load_recipe",
+    "override_checkpointing",
     "parse_config",
     "parse_recipe",
     "parse_yaml",
     "read_document",
     "redact_uri",
+    "resolve_checkpointing",
     "substitute_env",
 ]

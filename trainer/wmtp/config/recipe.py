@@ -112,7 +112,13 @@ class CriticSection(Strict):
 
 
 class CheckpointingSection(Strict):
+    """Checkpoint settings of the experiment; each one set here overrides the config's paths.checkpoints (and a
+    `wmtp train` flag overrides it in turn: `wmtp.config.resolve_checkpointing`)."""
+
     checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
+    save_interval: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.save_interval.")
+    keep_last: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.keep_last.")
+    save_final: bool | None = Field(None, description="Overrides paths.checkpoints.save_final.")
     auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
 
     _uris = field_validator("checkpoint_path")(check_uri)
