@@ -262,3 +262,20 @@ def test_recipe_checkpoint_settings_apply_and_a_flag_beats_them(tmp_path: Path, 
     assert result.exit_code == 0, result.output
     run = tmp_path / "checkpoints" / "test-baseline-mtp"
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_step_00000002", "checkpoint_step_00000004"]
+
+
+def test_without_an_eval_split_no_eval_metric_is_logged_or_tracked(
+    tmp_path: Path, tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    import mlflow
+
+    config, recipe = write_run_files(tmp_path, tiny_models, "baseline-mtp", steps=4, **{"data.eval_fraction": 0})
+    with caplog.at_level("INFO", logger="wmtp"):
+        result = runner.invoke(app, ["train", "-c", str(config), "-r", str(recipe), "--log-level", "info"])
+
+    assert result.exit_code == 0, result.output
+    assert not [r for r in caplog.records if "eval" in r.getMessage() and "loss=" in r.getMessage()]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'test-baseline-mtp' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("wmtp").experiment_id])
+    assert not [key for key in run.data.metrics if key.startswith("eval/")], run.data.metrics
+    assert run.data.metrics["data/humaneval/kept"] == 164

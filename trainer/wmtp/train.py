@@ -297,8 +297,10 @@ class Trainer:
         return final, self.tracker.register_model(model, self.recipe.train.algo)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Unweighted mean CE over all heads on the held-out split: comparable across algorithms."""
+        if not self.data.eval_batches:  # data.eval_fraction 0: no held-out split, so no eval metric at all
+            return None
         self.model.eval()
         total, count = torch.zeros(self.recipe.loss.n_heads), torch.zeros(self.recipe.loss.n_heads)
         for batch in self.data.eval_batches:
