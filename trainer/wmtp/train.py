@@ -33,6 +33,7 @@ from wmtp.config import (
     flatten,
     resolve_checkpointing,
 )
+from wmtp.conversion import Conversion
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
 from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
@@ -61,14 +62,17 @@ def pick_device(backend: str) -> torch.device:
     return torch.device(backend)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], optim: OptimSection, conversion: Conversion | None = None
+) -> torch.optim.Optimizer:
     # Decay matrices only: decaying norms and biases pulls them towards zero for no regularisation benefit.
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    scale = conversion.lr_scale_of if conversion else (lambda _: 1.0)
+    scales = sorted({scale(p) for p in params}, reverse=True) or [1.0]
     groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        {"params": [p for p in params if p.requires_grad and (p.ndim >= 2) == decays and scale(p) == s],
+         "weight_decay": optim.weight_decay if decays else 0.0, "lr": optim.lr * s}
+        for s in scales for decays in (True, False)
+    ]  # fmt: skip
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
 
 
@@ -146,7 +150,8 @@ class Trainer:
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
-        self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim)
+        self.conversion = Conversion.build(self.model, recipe)  # new heads first, pretrained parameters slower
+        self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim, self.conversion)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
@@ -221,6 +226,7 @@ class Trainer:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
         totals = self.dist.mean(totals)
+        self.conversion.hold(self.state.step)
         if self.recipe.optim.grad_clip is not None:
             totals["grad_norm"] = self.clip_gradients(self.recipe.optim.grad_clip)
         self.optimizer.step()

@@ -30,6 +30,12 @@ class TrainSection(Strict):
     num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is unset.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     eval_interval: int = Field(50, ge=1, description="Evaluate held-out loss every this many steps.")
+    head_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Converting a next-token model: the first this many optimizer steps train only the new heads "
+        "(and the algorithm's own modules); the trunk and the shared unembedding get no update.",
+    )
 
     @field_validator("algo")
     @classmethod
@@ -46,6 +52,13 @@ class OptimSection(Strict):
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
     scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    pretrained_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Learning-rate multiplier of the base model's own parameters (embeddings, trunk, head 0, "
+        "unembedding); the new heads and the algorithm's modules take optim.lr.",
+    )
 
 
 DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
