@@ -279,3 +279,27 @@ def test_without_an_eval_split_no_eval_metric_is_logged_or_tracked(
     (run,) = client.search_runs([client.get_experiment_by_name("wmtp").experiment_id])
     assert not [key for key in run.data.metrics if key.startswith("eval/")], run.data.metrics
     assert run.data.metrics["data/humaneval/kept"] == 164
+
+
+@pytest.mark.usefixtures("fast_failing_s3")
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["convert-native", "{tmp}/no-such-native", "{tmp}/out"], 2, "{tmp}/no-such-native: no such file or folder"),
+        (["convert-native", "{tmp}", "{tmp}/out"], 2, "params.json"),
+        (["checkpoints", "list", "s3://no-such-bucket-here/run"], 3, "the bucket does not exist"),
+        (["checkpoints", "prune", "s3://no-such-bucket-here/run", "--keep", "1"], 3, "the bucket does not exist"),
+        (["pull", "s3://no-such-bucket-here/m", "--dest", "{tmp}/d"], 3, "the bucket does not exist"),
+    ],
+    ids=["convert missing", "convert not native", "list missing bucket", "prune missing bucket", "pull missing bucket"],
+)
+def test_the_other_commands_fail_in_one_line_too(
+    tmp_path: Path, s3_endpoint: str, s3_storage: Storage, monkeypatch: pytest.MonkeyPatch, args: list[str],
+    code: int, says: str,
+) -> None:  # fmt: skip
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    result = runner.invoke(app, [arg.format(tmp=tmp_path) for arg in args])
+    assert result.exit_code == code, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and says.format(tmp=tmp_path) in last, result.stderr
+    assert "Traceback" not in result.output
