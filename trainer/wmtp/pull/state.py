@@ -164,6 +164,13 @@ DIGESTS = ("md5", "sha1", "sha256", "crc32")
 _ENTRY = {"bucket": str, "key": str, "size": int, "etag": str, "mtime_ns": int, "digest": dict, "verified": bool}
 
 
+def _marker_problem(doc: object) -> str | None:
+    """Why a parsed marker cannot be trusted, or None."""
+    if not (isinstance(doc, dict) and isinstance(doc.get("complete"), bool) and isinstance(doc.get("files"), dict)):
+        return "not a pull marker"
+    return next(filter(None, (_entry_problem(rel, entry) for rel, entry in doc["files"].items())), None)
+
+
 def _entry_problem(rel: object, entry: object) -> str | None:
     """Why a recorded file entry cannot be trusted, or None if it is well-formed."""
     if not isinstance(rel, str) or not isinstance(entry, dict):
@@ -193,7 +200,6 @@ class DestState:
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.tree = LocalTree(dest)
-        self.dir = dest / STATE_DIR
         self.lock_rel = f"{STATE_DIR}/lock"
         self.tmp_rel = f"{STATE_DIR}/tmp"
         self._marker = f"{STATE_DIR}/marker.json"
@@ -201,15 +207,17 @@ class DestState:
         self._journal_lock = threading.Lock()
 
     def prepare(self) -> None:
-        """Make the state folder, discarding anything but a folder in its place and anything but a file in the
-        lock's (a puller never makes links: one there was planted to redirect a write)."""
-        for rel, kind in ((STATE_DIR, stat.S_ISDIR), (self.lock_rel, stat.S_ISREG)):
-            found = self.tree.lstat(rel)
-            if found is not None and not kind(found.st_mode):
-                log.warning("%s: not a %s; removing it", self.dest / rel, "folder" if rel == STATE_DIR else "file")
-                self.tree.remove(rel)
-            if rel == STATE_DIR:
-                self.tree.mkdir(STATE_DIR)
+        """Make the state folder, removing anything but a folder in its place and anything but a file in the
+        lock's (a puller never makes links: one there was planted to redirect a write or a truncation)."""
+        self._remove_unless(STATE_DIR, stat.S_ISDIR, "a folder")
+        self.tree.mkdir(STATE_DIR)
+        self._remove_unless(self.lock_rel, stat.S_ISREG, "a file")
+
+    def _remove_unless(self, rel: str, kind: Any, what: str) -> None:
+        found = self.tree.lstat(rel)
+        if found is not None and not kind(found.st_mode):
+            log.warning("%s: not %s; removing it", self.dest / rel, what)
+            self.tree.remove(rel)
 
     def _read(self, rel: str) -> bytes | None:
         """A state file's bytes; None when absent or untrustworthy (it is replaced when the pull begins)."""
@@ -218,9 +226,11 @@ class DestState:
         except FileNotFoundError:
             return None
         except (UnsafePath, OSError) as err:  # a link where a state file should be, say
-            return self._distrust(rel, f"cannot read it ({err})")
+            self._distrust(rel, f"cannot read it ({err})")
+            return None
         if len(data) > _MAX_STATE_BYTES:
-            return self._distrust(rel, f"larger than {_MAX_STATE_BYTES >> 20} MiB")
+            self._distrust(rel, f"larger than {_MAX_STATE_BYTES >> 20} MiB")
+            return None
         return data
 
     def _distrust(self, rel: str, why: str) -> None:
@@ -228,20 +238,18 @@ class DestState:
 
     def marker(self) -> dict[str, Any]:
         """The completion marker, {"complete": False, "files": {}} when absent or untrustworthy."""
-        empty: dict[str, Any] = {"complete": False, "files": {}}
         data = self._read(self._marker)
         if data is None:
-            return empty
+            return {"complete": False, "files": {}}
         try:
             doc = json.loads(data)
         except (ValueError, RecursionError) as err:
-            return self._distrust(self._marker, f"not JSON ({err})") or empty
-        if not (isinstance(doc, dict) and isinstance(doc.get("complete"), bool) and isinstance(doc.get("files"), dict)):
-            return self._distrust(self._marker, "not a pull marker") or empty
-        for rel, entry in doc["files"].items():
-            problem = _entry_problem(rel, entry)
-            if problem:
-                return self._distrust(self._marker, problem) or empty
+            doc, problem = None, f"not JSON ({err})"
+        else:
+            problem = _marker_problem(doc)
+        if problem:
+            self._distrust(self._marker, problem)
+            return {"complete": False, "files": {}}
         return doc
 
     def known(self) -> dict[str, dict[str, Any]]:
