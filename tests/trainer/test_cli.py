@@ -303,3 +303,13 @@ def test_the_other_commands_fail_in_one_line_too(
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and says.format(tmp=tmp_path) in last, result.stderr
     assert "Traceback" not in result.output
+
+
+def test_a_deliberate_exit_inside_a_reported_block_keeps_its_code() -> None:
+    import typer
+
+    from wmtp.cli import reported
+
+    with pytest.raises(typer.Exit) as stop, reported(None):
+        raise typer.Exit(ExitCode.PREEMPTED)
+    assert stop.value.exit_code == ExitCode.PREEMPTED
