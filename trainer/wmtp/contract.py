@@ -138,10 +138,10 @@ class ExitCode(IntEnum):
 
     OK = 0
     ERROR = 1  # an unexpected error; `wmtp pull`: a transfer or verification failed after retries
-    BAD_INPUT = 2  # config, recipe, arguments, spec file or --resume: the message names the field
-    NOT_FOUND = 3  # `wmtp pull`: bucket, key or prefix missing
-    DENIED = 4  # `wmtp pull`: access denied or no credentials
-    UNREACHABLE = 5  # `wmtp pull`: S3 endpoint unreachable
+    BAD_INPUT = 2  # config, recipe, arguments, spec, dataset, model or --resume: the message names the field or file
+    NOT_FOUND = 3  # an s3:// bucket, key or prefix missing
+    DENIED = 4  # access denied or no credentials (S3, MLflow, a local file's permissions)
+    UNREACHABLE = 5  # the S3 endpoint or the MLflow server cannot be reached
     PREEMPTED = 75  # stopped on SIGTERM after saving a checkpoint; resuming continues where it stopped
 
 

@@ -52,10 +52,9 @@ def eval_command(
 
     Prints a table on stderr and one JSON line on stdout: the per-task scores and the decoding speed.
     """
-    from wmtp.cli import console, fail, setup_logging
-    from wmtp.config import ConfigError
+    from wmtp.cli import console, reported, setup_logging
     from wmtp.eval.runner import EvalOptions, evaluate, log_to_mlflow
-    from wmtp.storage import Storage, StorageError
+    from wmtp.storage import Storage
 
     setup_logging(log_level)
     options = EvalOptions(
@@ -66,10 +65,8 @@ def eval_command(
     columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
         task = bar.add_task("eval", total=None)
-        try:
+        with reported(log_level, ValueError):
             report = evaluate(options, Storage(), progress=lambda: bar.advance(task))
-        except (ConfigError, StorageError, ValueError, OSError) as err:
-            fail(str(err))
     if output is not None:
         output.write_text(json.dumps(report, indent=1))
     tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")

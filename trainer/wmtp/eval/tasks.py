@@ -5,15 +5,14 @@ form it learnt.
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wmtp.config import ConfigError
-from wmtp.data import _PARSERS
-from wmtp.storage import Storage, parse_uri
+from wmtp.data.records import BadRecord, DataError, Example, parser
+from wmtp.data.sources import records, shards
+from wmtp.storage import Storage
 
 # Where a completion ends when the model does not end it itself (HumanEval's customary stops: the next
 # top-level statement).
@@ -44,25 +43,32 @@ def humaneval_path() -> Path:
 
 
 def _records(uri: str, storage: Storage) -> list[dict[str, Any]]:
-    loc = parse_uri(uri)
-    if not storage.is_file(loc):
-        raise ConfigError(f"{uri}: no such dataset file")
-    raw = storage.read_bytes(loc)
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+    """Every record of a dataset (a file, a folder or a prefix of shards), as the training data reads them."""
+    out = []
+    for shard in shards(uri, storage):
+        for where, record in records(shard, storage):
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            out.append(record)
+    return out
+
+
+def _example(fmt: str, record: dict[str, Any], n: int) -> Example:
     try:
-        return [json.loads(line) for line in raw.decode("utf-8").split("\n") if line.strip()]
-    except (UnicodeDecodeError, ValueError) as err:
-        raise ConfigError(f"{uri}: not a JSON-lines file: {err}") from None
+        parsed = parser(fmt)(record)
+    except BadRecord as err:
+        raise DataError(f"{fmt} record {n + 1}: {err}") from None
+    if isinstance(parsed, str):
+        raise DataError(f"{fmt} record {n + 1}: not usable ({parsed})")
+    return parsed
 
 
 def humaneval(uri: str, storage: Storage) -> list[Problem]:
     problems = []
-    for record in _records(uri, storage):
+    for n, record in enumerate(_records(uri, storage)):
+        example = _example("humaneval", record, n)
         test = f"{record['test']}\n\ncheck({record['entry_point']})"
-        problems.append(
-            Problem(record["task_id"], record["prompt"], test, record["canonical_solution"], HUMANEVAL_STOP)
-        )
+        problems.append(Problem(record["task_id"], example.prompt, test, example.solution, HUMANEVAL_STOP))
     return problems
 
 
@@ -70,7 +76,7 @@ def mbpp(uri: str, storage: Storage) -> list[Problem]:
     """MBPP, full (`text`) or sanitized (`prompt`) records; the completion is the whole solution."""
     problems = []
     for n, record in enumerate(_records(uri, storage)):
-        example = _PARSERS["mbpp"](record)
+        example = _example("mbpp", record, n)
         preamble = "".join(f"{line}\n" for line in record.get("test_imports") or [])
         test = "\n".join([*record.get("test_setup_code", "").splitlines(), *record["test_list"]])
         task_id = f"MBPP/{record.get('task_id', n)}"
