@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -12,12 +13,12 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from wmtp.config import ConfigError, clip
 from wmtp.contract import ExitCode
-from wmtp.eval.command import eval_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -257,7 +258,51 @@ def pull(
     raise typer.Exit(code)
 
 
-app.command("eval")(eval_command)
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="The final model: <checkpoints>/<run>/final (path or URI)."),
+    tasks: str = typer.Option("humaneval", help="Comma-separated tasks: humaneval, mbpp."),
+    k: str = typer.Option("1", "--k", help="Comma-separated k of pass@k, each at most --samples."),
+    samples: int = typer.Option(1, min=1, help="Completions per problem: 1 is greedy, more are sampled."),
+    temperature: float = typer.Option(0.8, min=0.01, help="Sampling temperature when --samples > 1."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Longest completion, in tokens."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many problems per task."),
+    dataset: list[str] = typer.Option([], help="NAME=URI of a task's data (mbpp needs one; humaneval is bundled)."),
+    timeout: float = typer.Option(10.0, min=0.1, help="Seconds a program may run against its tests."),
+    speed_prompts: int = typer.Option(8, min=0, help="Prompts decoded greedily and self-speculatively; 0 skips."),
+    seed: int = typer.Option(0, help="Seed of the sampling."),
+    output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
+    mlflow_run_id: str | None = typer.Option(None, help="Log the metrics to this (training) run; else a new run."),
+    experiment: str = typer.Option("wmtp", help="MLflow experiment of a new eval run."),
+    log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning."),
+) -> None:
+    """pass@k on HumanEval and MBPP in a sandbox, and the speed-up of self-speculative decoding.
+
+    Prints a table on stderr and one JSON line on stdout: the per-task scores and the decoding speed.
+    """
+    setup_logging(log_level)
+    from wmtp.eval.command import datasets, ints, show
+    from wmtp.eval.runner import EvalOptions, log_to_mlflow
+    from wmtp.eval.runner import evaluate as run_eval
+    from wmtp.storage import Storage
+
+    options = EvalOptions(
+        model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], ks=ints(k, "--k"), samples=samples,
+        temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
+        timeout_s=timeout, speed_prompts=speed_prompts, seed=seed,
+    )  # fmt: skip
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("eval", total=None)
+        with reported(log_level, ValueError):
+            report = run_eval(options, Storage(), progress=lambda: bar.advance(task))
+    if output is not None:
+        output.write_text(json.dumps(report, indent=1))
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_run_id or tracking_uri:
+        report["mlflow_run_id"] = log_to_mlflow(report, tracking_uri, mlflow_run_id, experiment)
+    show(report, options.ks, console)
+
 
 if __name__ == "__main__":
     app()
