@@ -1,0 +1,124 @@
+"""What a reconcile pass decides, as data: the actions to apply in order, the status fields that change, the
+Events to post, when to look again; and the plan after the API server refused one of the actions.
+
+Kept apart from the state machine (`reconcile`) so that the API adapter (`kube`) depends on these shapes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from wmtp.config import clip, redact_uri
+from wmtp_operator.state import Refusal, State
+from wmtp_operator.status import get_condition, set_condition
+
+Obj = Mapping[str, Any]
+FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create `obj`; if it exists and this run controls it, merge-patch it with `obj` when `update`."""
+
+    obj: dict[str, Any]
+    update: bool = False
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete a child this run controls (uid precondition: never a namesake); already gone is fine."""
+
+    kind: str
+    name: str
+    uid: str
+
+
+@dataclass(frozen=True)
+class PatchRun:
+    """Merge-patch the WMTPRun itself (its uid as precondition); `state` is the record it writes, if any."""
+
+    patch: dict[str, Any]
+    state: State | None = None
+
+
+Action = Create | Delete | PatchRun
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Observed:
+    jobs: Sequence[Obj] = ()  # Jobs labelled with the run's name (of this run or a namesake)
+    pods: Sequence[Obj] = ()  # pods labelled with the run's name, of any attempt
+    recipe_text: str | None = None  # the recipeRef ConfigMap's value, None if it does not exist
+    account_missing: str | None = None  # the ServiceAccount the spec names, when it does not exist
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    status: dict[str, Any] = field(default_factory=dict)  # the fields that change (None removes one)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None  # reconcile again after this many seconds even if nothing happens
+    final: bool = False  # the run is over: no further passes are needed
+
+
+def say(text: str) -> str:
+    """Any text bound for a status, an Event or a log: credentials redacted, length clipped."""
+    return clip(redact_uri(" ".join(str(text).split())))
+
+
+def backoff_seconds(count: int) -> float:
+    """Delay before retrying a refused child: 30 s, doubling, at most 15 min."""
+    return float(min(30 * 2 ** (count - 1), 900))
+
+
+@dataclass(frozen=True)
+class Refused:
+    """What the API server said when it refused to create a child (or a namesake holds its name)."""
+
+    kind: str
+    name: str
+    code: int
+    reason: str
+    message: str
+
+
+def refused(body: Obj, refusal: Refused, state: State, now: str) -> Plan:
+    """The plan after a refusal stopped a plan part-way: the refusal recorded (the retry waits longer each time
+    until the spec changes), the API server's words in the status and a Warning Event."""
+    generation = body["metadata"].get("generation", 0)
+    previous = state.refused
+    count = previous.count + 1 if previous and previous.generation == generation else 1
+    conflict = refusal.code == 409
+    text = say(
+        f"the API server refused {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason}): {refusal.message}"
+    )
+    record = Refusal(generation=generation, count=count, at=now, reason=refusal.reason[:64], message=text)
+    state = state.model_copy(update={"refused": None if conflict else record})
+    old = dict(body.get("status") or {})
+    reason = "Conflict" if conflict else "Refused"
+    conditions = set_condition(conditions_of(old), "Applied", "False", reason, text, now, generation)
+    status = {"phase": old.get("phase") or "Pending", "message": text, "conditions": conditions}
+    before = get_condition(old.get("conditions"), "Applied")
+    events = [Event("Warning", reason, text)] if (before.get("reason"), before.get("message")) != (reason, text) else []
+    actions: list[Action] = [] if conflict else [PatchRun(state.patch(), state)]
+    wait = FOREIGN_RETRY_SECONDS if conflict else backoff_seconds(count)
+    return Plan(actions, {k: v for k, v in status.items() if old.get(k) != v}, events, wait)
+
+
+def conditions_of(status: Obj) -> list[Mapping[str, Any]]:
+    """The status's conditions, leaving out anything a trainer wrote that is not one."""
+    found = status.get("conditions")
+    return (
+        [c for c in found if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
+        if isinstance(found, list)
+        else []
+    )
