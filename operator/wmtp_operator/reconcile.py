@@ -102,9 +102,6 @@ class _Pass:
             )
         except ConfigError as err:
             self.problems.append(str(err))
-        except RecursionError:  # a document nested thousands deep: refused like any other bad recipe
-            source = render.recipe_source(self.run.spec) if self.run else "spec.recipe"
-            self.problems.append(f"{source}: nested too deeply to read (a recipe has a few levels)")
         self.jobs = [j for j in observed.jobs if _controller_uid(j) == self.uid]
         self.foreign = [j for j in observed.jobs if _controller_uid(j) != self.uid]
         self.foreign += [

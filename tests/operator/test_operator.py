@@ -353,7 +353,8 @@ BOMBS = {
     ),
     "recursive": "a: &a [*a]\n",
     "deep nesting": "a: " + "[" * 5000 + "]" * 5000 + "\n",
-    "long line, broken at its end": "a: [" + "x, " * 200_000 + "\n",
+    "long line, broken at its end": "a: [" + "x, " * 10_000 + "\n",
+    "larger than a recipe may be": "a: '" + "x" * 40_000 + "'\n",
 }  # fmt: skip
 
 

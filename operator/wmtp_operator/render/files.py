@@ -7,6 +7,7 @@ A recipe the trainer would refuse is refused here, before anything is created. T
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ from wmtp.config import (
 )
 from wmtp.contract import MODEL_DIR, WORK_DIR
 from wmtp_operator.spec import Run, Spec
+
+# A recipe is a few KB; the YAML parser spends about 15 µs of CPU, shared by every run the operator serves, per byte
+# of a hostile document.
+MAX_RECIPE_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -117,9 +122,7 @@ def _recipe_data(run: Run, recipe_text: str | None) -> dict[str, Any]:
     if spec.recipe_ref is not None:
         if recipe_text is None:
             raise ConfigError(f"{recipe_source(spec)}: not found")
-        data = parse_yaml(recipe_text, recipe_source(spec))
-        if not isinstance(data, dict):
-            raise ConfigError(f"{recipe_source(spec)}: expected a mapping at the top level")
+        data = _parsed(recipe_text, recipe_source(spec))
     else:
         data = copy.deepcopy(spec.recipe or {})
     # Checkpoint folders and MLflow runs are named after run.name; the WMTPRun's name keeps them apart.
@@ -131,6 +134,30 @@ def _recipe_data(run: Run, recipe_text: str | None) -> dict[str, Any]:
         if algo != spec.algorithm:
             raise ConfigError(f"{recipe_source(spec)}: train.algo is {algo} but spec.algorithm is {spec.algorithm}")
     return data
+
+
+def _parsed(text: str, source: str) -> dict[str, Any]:
+    """A recipe ConfigMap's YAML, parsed once per content: every pass of the run reads it again, and a hostile
+    one costs seconds of the CPU that all runs share."""
+    if len(text) > MAX_RECIPE_BYTES:
+        raise ConfigError(f"{source}: {len(text)} characters, more than the {MAX_RECIPE_BYTES} a recipe may have")
+    ok, result = _parse_cached(text, source)
+    if not ok:
+        raise ConfigError(result)
+    return copy.deepcopy(result)
+
+
+@functools.lru_cache(maxsize=64)  # at most 64 × MAX_RECIPE_BYTES of keys
+def _parse_cached(text: str, source: str) -> tuple[bool, Any]:
+    try:
+        data = parse_yaml(text, source, MAX_RECIPE_BYTES)
+    except ConfigError as err:
+        return False, str(err)
+    except RecursionError:  # nested thousands deep
+        return False, f"{source}: nested too deeply to read (a recipe has a few levels)"
+    if not isinstance(data, dict):
+        return False, f"{source}: expected a mapping at the top level"
+    return True, data
 
 
 def dump(data: Any) -> str:

@@ -25,8 +25,6 @@ AWS_CREDENTIALS = (("AWS_ACCESS_KEY_ID", False), ("AWS_SECRET_ACCESS_KEY", False
 TOKEN_VOLUME = "kube-api-access"
 # Deliberate exceptions to the scanner's rules (checkov reads them from the Job), each with its reason.
 SCANNER_EXCEPTIONS = {
-    "CKV_K8S_8": "a training pod has no endpoint to probe; the operator watches its containers' states",
-    "CKV_K8S_9": "a training pod serves no traffic, so it has no readiness to report",
     "CKV_K8S_15": "the trainer image is pinned by the spec; re-pulling gigabytes on every attempt helps nothing",
     "CKV_K8S_35": "the AWS SDK and MLflow read their credentials from these standard environment variables",
     "CKV_K8S_40": "the trainer image runs as uid 1000 (Dockerfile.trainer), which owns its home directory",
