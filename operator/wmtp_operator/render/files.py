@@ -160,6 +160,10 @@ def _parse_cached(text: str, source: str) -> tuple[bool, Any]:
     return True, data
 
 
+# libyaml's emitter when PyYAML has it (its wheels do): three times faster, the same text.
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
 def dump(data: Any) -> str:
     """A file for the trainer: marked as rendered, so the trainer takes its values as data."""
-    return contract.RENDERED_MARKER + yaml.safe_dump(data, sort_keys=False, width=120)
+    return contract.RENDERED_MARKER + yaml.dump(data, Dumper=_DUMPER, sort_keys=False, width=120)
