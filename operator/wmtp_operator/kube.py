@@ -20,9 +20,10 @@ import kubernetes
 from pydantic import ValidationError
 
 from wmtp.contract import GROUP, KIND, PLURAL, VERSION
+from wmtp_operator.formats import NAME
 from wmtp_operator.plan import Create, Delete, Event, Observed, PatchRun, Plan, Refused, say
-from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
-from wmtp_operator.spec import NAME, RecipeRef
+from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL, controller_uid
+from wmtp_operator.spec import RecipeRef
 from wmtp_operator.state import State
 
 
@@ -85,11 +86,6 @@ class NotControlled(RuntimeError):
         self.kind, self.name = kind, name
         whose = f"controlled by uid {owner}" if owner else "not controlled by this run"
         super().__init__(f"{kind} {name} already exists, {whose}: waiting for it to be deleted (or delete it)")
-
-
-def controller_uid(obj: Mapping[str, Any]) -> str | None:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
 
 
 class Kube:

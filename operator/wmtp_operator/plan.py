@@ -12,10 +12,14 @@ from typing import Any
 
 from wmtp.config import clip, redact_uri
 from wmtp_operator.state import Refusal, State
-from wmtp_operator.status import get_condition, set_condition
+from wmtp_operator.status import TERMINAL, get_condition, set_condition
 
 Obj = Mapping[str, Any]
 FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
+PROGRESSING = ("Pending", "Pulling", "Running", "Restarting")
+WARNING_PHASES = ("Restarting", "Failed")
+# A condition turning False for one of these is progress, not a problem: no Warning Event.
+QUIET_REASONS = ("Starting", "NextAttempt")
 
 
 @dataclass(frozen=True)
@@ -122,3 +126,69 @@ def conditions_of(status: Obj) -> list[Mapping[str, Any]]:
         if isinstance(found, list)
         else []
     )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a pass concluded, before it becomes the status and Events."""
+
+    phase: str
+    message: str
+    problems: list[str]  # why the spec or recipe cannot be used (Valid=False)
+    conditions: dict[str, tuple[str, str, str]]  # type → (status, reason, message) decided this pass
+    max_steps: Any
+    reported: Mapping[str, Any]  # step and loss of the accepted report, if any
+
+
+def status_of(old: Obj, outcome: Outcome, state: State, now: str, generation: int) -> dict[str, Any]:
+    """The whole status the operator owns, rewritten from its state and this pass (whatever a trainer wrote)."""
+    problem = "; ".join(outcome.problems)
+    message = outcome.message
+    if problem and problem not in message:
+        message = f"{message}; {problem}" if message else problem
+    step = outcome.reported.get("step", old.get("step"))
+    loss = outcome.reported.get("loss", old.get("loss"))
+    new: dict[str, Any] = {
+        "phase": outcome.phase,
+        "message": say(message),
+        "attempt": state.attempt,
+        "restarts": state.restarts,
+        "preemptions": state.preemptions,
+        "latestCheckpoint": state.checkpoint,
+        "resumeFrom": state.resume_from,
+        "startTime": state.start_time,
+        "completionTime": state.completion_time,
+        "observedGeneration": generation,
+        "maxSteps": outcome.max_steps if isinstance(outcome.max_steps, int) else None,
+        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
+        "loss": loss if isinstance(loss, float | int) and not isinstance(loss, bool) else None,
+    }
+    new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
+    conditions = dict(outcome.conditions)
+    valid = ("False", "InvalidSpec", say(problem)) if problem else ("True", "Valid", "spec and recipe are valid")
+    conditions["Valid"] = valid
+    conditions["Progressing"] = ("True" if outcome.phase in PROGRESSING else "False", outcome.phase, new["message"])
+    if outcome.phase in TERMINAL:
+        conditions[outcome.phase] = ("True", outcome.phase, new["message"])
+    merged = conditions_of(old)
+    for type_, (status, reason, text) in conditions.items():
+        merged = set_condition(merged, type_, status, reason, text, now, generation)
+    new["conditions"] = merged
+    return new
+
+
+def events_of(old: Obj, new: Mapping[str, Any], outcome: Outcome, decided: Sequence[Event]) -> list[Event]:
+    """The pass's Events: a transition (a new phase or attempt), what it decided, and a Warning when a condition
+    turns False for a new reason or the spec becomes invalid in a new way — once, not on every pass."""
+    events = list(decided)
+    if new.get("phase") != old.get("phase") or new.get("attempt") != old.get("attempt"):
+        kind = "Warning" if new["phase"] in WARNING_PHASES else "Normal"
+        events.insert(0, Event(kind, str(new["phase"]), say(new["message"])))
+    before = old.get("conditions")
+    for type_, (status, reason, text) in outcome.conditions.items():
+        if status == "False" and reason not in QUIET_REASONS and get_condition(before, type_).get("reason") != reason:
+            events.append(Event("Warning", reason, text))
+    problem = say("; ".join(outcome.problems))
+    if problem and get_condition(before, "Valid").get("message") != problem:
+        events.append(Event("Warning", "InvalidSpec", problem))
+    return events

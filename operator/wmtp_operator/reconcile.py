@@ -12,7 +12,6 @@ operator restart, changes nothing more. Callers apply the actions in order and p
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -30,35 +29,25 @@ from wmtp_operator.plan import (
     Delete,
     Event,
     Observed,
+    Outcome,
     PatchRun,
     Plan,
     backoff_seconds,
-    conditions_of,
+    events_of,
     say,
+    status_of,
 )
 from wmtp_operator.spec import Defaults, Run
 from wmtp_operator.state import Ending, State, changed, definition_of, operational_of, seconds_since
-from wmtp_operator.status import TERMINAL, get_condition, read_report, set_condition
+from wmtp_operator.status import in_checkpoint_root, read_report
 
 Obj = Mapping[str, Any]
-PROGRESSING = ("Pending", "Pulling", "Running", "Restarting")
-WARNING_PHASES = ("Restarting", "Failed")
 
 
 def reconcile(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaults()) -> Plan:
     machine = _Pass(body, observed, now, defaults)
     machine.step()
     return machine.plan()
-
-
-def _controller_uid(obj: Obj) -> str | None:
-    refs = obj.get("metadata", {}).get("ownerReferences") or []
-    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
-
-
-def _attempt_of(obj: Obj) -> int:
-    value = (obj.get("metadata", {}).get("labels") or {}).get(render.ATTEMPT_LABEL, "")
-    return int(value) if value.isdigit() else 0
 
 
 def _terminated(pod: Obj) -> bool:
@@ -68,17 +57,6 @@ def _terminated(pod: Obj) -> bool:
 def _raw_int(body: Obj, key: str, default: int) -> int:
     value = (body.get("spec") or {}).get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else default
-
-
-def in_checkpoint_root(uri: str, base_path: str, run_name: str) -> bool:
-    """`uri` is one of this run's step checkpoints: <basePath>/<run>/checkpoint_step_N (a plain path and its
-    file:// form are the same place)."""
-
-    def norm(text: str) -> str:
-        return f"file://{text}" if text.startswith("/") else text
-
-    root = f"{norm(base_path).rstrip('/')}/{run_name}/{contract.CHECKPOINT_PREFIX}"
-    return re.fullmatch(re.escape(root) + r"[0-9]+/?", norm(uri)) is not None
 
 
 class _Pass:
@@ -102,8 +80,8 @@ class _Pass:
             )
         except ConfigError as err:
             self.problems.append(str(err))
-        self.jobs = [j for j in observed.jobs if _controller_uid(j) == self.uid]
-        self.foreign = [j for j in observed.jobs if _controller_uid(j) != self.uid]
+        self.jobs = [j for j in observed.jobs if render.controller_uid(j) == self.uid]
+        self.foreign = [j for j in observed.jobs if render.controller_uid(j) != self.uid]
         self.foreign += [
             p for p in observed.pods if (p["metadata"].get("labels") or {}).get(render.RUN_UID_LABEL) != self.uid
         ]
@@ -133,7 +111,7 @@ class _Pass:
 
     def _recover_attempt(self) -> None:
         """An operator killed after creating an attempt's Job but before recording it: the Job says."""
-        highest = max(map(_attempt_of, self.jobs), default=0)
+        highest = max(map(render.attempt_of, self.jobs), default=0)
         if highest > self.state.attempt:
             spec = self.run.spec if self.run else None
             self.state = self.state.model_copy(
@@ -193,7 +171,7 @@ class _Pass:
         n = self.state.attempt
         name = render.job_name(self.name, n)
         job = next((j for j in self.jobs if j["metadata"]["name"] == name), None)
-        pods = [p for p in self.pods if _attempt_of(p) == n]
+        pods = [p for p in self.pods if render.attempt_of(p) == n]
         nodes = int((job or {}).get("spec", {}).get("completions") or (self.run.spec.nodes if self.run else 1))
         if self.run is not None and self.run.spec.suspend:
             self._end(Ending(attempt=n, cause="suspend", reason="Suspended", message="suspended"))
@@ -275,7 +253,7 @@ class _Pass:
             ending = self.state.ending
             self._delete_jobs(ending.attempt)
             # The fence: attempt N+1 starts once no pod of attempt N runs any more (their SIGTERM saves done).
-            alive = [p for p in self.pods if _attempt_of(p) <= ending.attempt and not _terminated(p)]
+            alive = [p for p in self.pods if render.attempt_of(p) <= ending.attempt and not _terminated(p)]
             if alive:
                 self._hold(ending, f"waiting for {len(alive)} pod(s) of attempt {ending.attempt} to stop")
                 return
@@ -310,7 +288,7 @@ class _Pass:
         SIGTERM saves change nothing here."""
         if ending.cause != "failure" or self.state.restarts == 0:
             return
-        if any(podstat.disrupted(p) for p in self.pods if _attempt_of(p) == ending.attempt):
+        if any(podstat.disrupted(p) for p in self.pods if render.attempt_of(p) == ending.attempt):
             update = {
                 "ending": ending.model_copy(update={"cause": "preemption"}),
                 "restarts": self.state.restarts - 1,
@@ -397,7 +375,7 @@ class _Pass:
     def _delete_jobs(self, up_to: int) -> None:
         for job in self.jobs:
             name = job["metadata"]["name"]
-            if _attempt_of(job) <= up_to and name not in self.deleting:
+            if render.attempt_of(job) <= up_to and name not in self.deleting:
                 self.actions.append(Delete("Job", name, job["metadata"].get("uid", "")))
                 self.deleting.add(name)
 
@@ -406,63 +384,9 @@ class _Pass:
             isinstance(a, PatchRun) and a.state == self.state for a in self.actions
         ):
             self._write_state()
-        new = self._status()
-        changes = {key: value for key, value in new.items() if self.old.get(key) != value}
-        events = list(self.events)
-        if new.get("phase") != self.old.get("phase") or new.get("attempt") != self.old.get("attempt"):
-            kind = "Warning" if new["phase"] in WARNING_PHASES else "Normal"
-            events.insert(0, Event(kind, str(new["phase"]), say(new["message"])))
-        events += self._condition_events()
-        return Plan(self.actions, changes, events, self.requeue, final=self.state.final is not None)
-
-    def _status(self) -> dict[str, Any]:
-        state = self.state
         max_steps = self.files.recipe.train.max_steps if self.files else self.old.get("maxSteps")
-        step = self.step_reported.get("step", self.old.get("step"))
-        problem = "; ".join(self.problems)
-        message = f"{self.message}; {problem}" if problem and problem not in self.message else self.message or problem
-        new: dict[str, Any] = {
-            "phase": self.phase,
-            "message": say(message),
-            "attempt": state.attempt,
-            "restarts": state.restarts,
-            "preemptions": state.preemptions,
-            "latestCheckpoint": state.checkpoint,
-            "resumeFrom": state.resume_from,
-            "startTime": state.start_time,
-            "completionTime": state.completion_time,
-            "observedGeneration": self.generation,
-            "maxSteps": max_steps if isinstance(max_steps, int) else None,
-            "step": step if isinstance(step, int) else None,
-            "loss": self.step_reported.get("loss", self.old.get("loss")),
-        }
-        if not isinstance(new["loss"], float | int) or isinstance(new["loss"], bool):
-            new["loss"] = None
-        new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
-        conditions = dict(self.conditions)
-        conditions["Valid"] = (
-            ("False", "InvalidSpec", say(problem)) if problem else ("True", "Valid", "spec and recipe are valid")
-        )
-        progressing = "True" if self.phase in PROGRESSING else "False"
-        conditions["Progressing"] = (progressing, self.phase, new["message"])
-        if self.phase in TERMINAL:
-            conditions[self.phase] = ("True", self.phase, new["message"])
-        merged = conditions_of(self.old)
-        for type_, (status, reason, text) in conditions.items():
-            merged = set_condition(merged, type_, status, reason, text, self.now, self.generation)
-        new["conditions"] = merged
-        return new
-
-    def _condition_events(self) -> list[Event]:
-        """A Warning when a condition turns False for a new reason (or Valid for a new message): once, not on
-        every pass."""
-        events = []
-        old = self.old.get("conditions")
-        for type_, (status, reason, text) in self.conditions.items():
-            before = get_condition(old, type_)
-            if status == "False" and reason not in ("Starting", "NextAttempt") and before.get("reason") != reason:
-                events.append(Event("Warning", reason, text))
-        problem = say("; ".join(self.problems))
-        if problem and get_condition(old, "Valid").get("message") != problem:
-            events.append(Event("Warning", "InvalidSpec", problem))
-        return events
+        outcome = Outcome(self.phase, self.message, self.problems, self.conditions, max_steps, self.step_reported)
+        new = status_of(self.old, outcome, self.state, self.now, self.generation)
+        changes = {key: value for key, value in new.items() if self.old.get(key) != value}
+        events = events_of(self.old, new, outcome, self.events)
+        return Plan(self.actions, changes, events, self.requeue, final=self.state.final is not None)

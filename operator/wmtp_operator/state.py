@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wmtp import contract
 from wmtp.config import MAX_MESSAGE
-from wmtp_operator.spec import MAX_URI, Camel, Spec
+from wmtp_operator.formats import MAX_URI
+from wmtp_operator.spec import Camel, Spec
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a

@@ -8,6 +8,7 @@ in an annotation on the run, see `state.py`); it rewrites these fields on every 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -15,7 +16,8 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field
 
 from wmtp import contract
-from wmtp_operator.spec import MAX_URI, Camel
+from wmtp_operator.formats import MAX_URI
+from wmtp_operator.spec import Camel
 
 Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
@@ -106,6 +108,17 @@ def read_report(status: Mapping[str, Any]) -> Reported | None:
         float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss) else None,
         checkpoint if isinstance(checkpoint, str) and 0 < len(checkpoint) <= MAX_URI else None,
     )
+
+
+def in_checkpoint_root(uri: str, base_path: str, run_name: str) -> bool:
+    """`uri` is one of this run's step checkpoints: <basePath>/<run>/checkpoint_step_N (a plain path and its
+    file:// form are the same place)."""
+
+    def norm(text: str) -> str:
+        return f"file://{text}" if text.startswith("/") else text
+
+    root = f"{norm(base_path).rstrip('/')}/{run_name}/{contract.CHECKPOINT_PREFIX}"
+    return re.fullmatch(re.escape(root) + r"[0-9]+/?", norm(uri)) is not None
 
 
 def _integer(value: Any) -> bool:

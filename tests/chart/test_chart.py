@@ -9,8 +9,8 @@ import kubernetes_validate
 import pytest
 
 from support.chart import CHART, NAMESPACED, ROOT, helm, render, rules_of
+from wmtp_operator.formats import DATASET
 from wmtp_operator.kube import ACCESS
-from wmtp_operator.spec import DATASET
 
 K8S_VERSION = "1.33.0"
 VALUE_SETS = {

@@ -121,6 +121,8 @@ class Controllers:
             obj.delete()
         await self._emit(key[0], "DELETED", raw)
         await self.collect(raw["metadata"].get("uid"))
+        if key[0] == PODS and raw.get("status", {}).get("phase") != "Succeeded":
+            await self.pod_changed({**raw, "status": {**raw.get("status", {}), "phase": "Failed"}})
 
     def _find(self, key: tuple[Any, str, str]) -> Any:
         return self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get on kmock's store)
@@ -225,7 +227,8 @@ class Controllers:
             await self._add(PODS, pod)
 
     async def pod_changed(self, pod: Mapping[str, Any]) -> None:
-        """backoffLimit 0: one failed pod fails the Job and stops the others; all succeeded completes it."""
+        """backoffLimit 0: one failed pod (a pod deleted before it succeeded counts) fails the Job and stops the
+        others; all succeeded completes it."""
         job_uid = next(
             (ref["uid"] for ref in pod["metadata"].get("ownerReferences") or [] if ref["kind"] == "Job"), None
         )
@@ -237,6 +240,8 @@ class Controllers:
             return
         siblings = [(key, raw) for key, raw in self._live(PODS) if job_uid in _owners(raw)]
         phases = [raw.get("status", {}).get("phase") for _, raw in siblings]
+        if all(raw["metadata"]["uid"] != pod["metadata"]["uid"] for _, raw in siblings):
+            phases.append(pod.get("status", {}).get("phase"))  # a pod that is gone
         if "Failed" in phases:
             failed = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
                       "message": "Job has reached the specified backoff limit"}  # fmt: skip

@@ -3,6 +3,7 @@ ConfigMap, the rendezvous Service, the NetworkPolicy, the model PVC and the per-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from wmtp.contract import CONFIG_FILE, GROUP, KIND, PLURAL, PULL_FILE, RECIPE_FILE, VERSION
@@ -43,6 +44,18 @@ def service_account(run: Run) -> str:
 def labels(run: Run, attempt: int | None = None) -> dict[str, str]:
     out = {MANAGED_BY: OPERATOR, RUN_LABEL: run.name, RUN_UID_LABEL: run.uid}
     return out if attempt is None else {**out, ATTEMPT_LABEL: str(attempt)}
+
+
+def controller_uid(obj: Mapping[str, Any]) -> str | None:
+    """The uid of the object's controller (its ownerReference with controller: true), if any."""
+    refs = obj.get("metadata", {}).get("ownerReferences") or []
+    return next((ref.get("uid") for ref in refs if ref.get("controller")), None)
+
+
+def attempt_of(obj: Mapping[str, Any]) -> int:
+    """The attempt a Job or pod belongs to (its label), 0 when it has none."""
+    value = (obj.get("metadata", {}).get("labels") or {}).get(ATTEMPT_LABEL, "")
+    return int(value) if value.isdigit() else 0
 
 
 def owner_reference(run: Run) -> dict[str, Any]:
