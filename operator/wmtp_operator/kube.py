@@ -9,6 +9,7 @@ of the same name is updated only when its controller is the run.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
@@ -91,6 +92,9 @@ class NotControlled(RuntimeError):
 class Kube:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
+        # The resourceVersions this operator's own last writes gave each run: the watch events they cause carry
+        # nothing new, so they need not cost a pass.
+        self.written: dict[tuple[str, str], collections.deque[str]] = {}
 
     @classmethod
     def from_environment(cls, pool_size: int = 32) -> Kube:
@@ -169,7 +173,10 @@ class Kube:
     def patch_run(self, namespace: str, name: str, uid: str, patch: Mapping[str, Any], status: bool = False) -> None:
         """Merge-patch the run (or its status) only if it is still the run of that uid."""
         body = {**patch, "metadata": {**patch.get("metadata", {}), "uid": uid}}
-        self._call("patch", "WMTPRun/status" if status else "WMTPRun", namespace, name, body=body)
+        updated = self._call("patch", "WMTPRun/status" if status else "WMTPRun", namespace, name, body=body)
+        version = updated.get("metadata", {}).get("resourceVersion")
+        if version:
+            self.written.setdefault((namespace, name), collections.deque(maxlen=4)).append(version)
 
     def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
         # Background: the Job goes at once and the garbage collector takes its pods (each gets its grace period).

@@ -88,7 +88,7 @@ class _Pass:
         self.pods = [p for p in observed.pods if p not in self.foreign]
         self.actions: list[Action] = []
         self.events: list[Event] = []
-        self.phase: str = self.old.get("phase") or "Pending"
+        self.phase = "Pending"  # every path below decides it
         self.message: str = ""
         self.requeue: float | None = None
         self.conditions: dict[str, tuple[str, str, str]] = {}  # type → (status, reason, message) set this pass
@@ -194,6 +194,9 @@ class _Pass:
             if not pods and previous is not None and previous.cause != "suspend":
                 self.phase = "Restarting"
                 self.message = f"attempt {n} created after attempt {previous.attempt} {self._ended(previous)}"
+            started, reason, why = self.conditions.get("Started", ("True", "", ""))
+            if started == "False" and reason != "Starting":
+                self.message = f"{self.message}; {why}"  # the kubelet's or the scheduler's words
             self._spec_applied()
 
     def _startup(self, job: Obj, pods: list[Obj], nodes: int) -> podstat.Stop | None:
@@ -315,9 +318,10 @@ class _Pass:
             spec = spec.model_copy(update={"resume_from": checkpoint})
             self.run = replace(self.run, spec=spec)
         n = self.state.attempt + 1
-        self.actions += [
-            Create(obj, update=obj["kind"] == "ConfigMap") for obj in render.attempt_objects(self.run, self.files, n)
-        ]
+        objects = render.attempt_objects(self.run, self.files, n)
+        if n > 1:  # what the run owns across attempts was created, and checked to be its own, with attempt 1
+            objects = [obj for obj in objects if obj["kind"] in ("ConfigMap", "Job")]
+        self.actions += [Create(obj, update=obj["kind"] == "ConfigMap") for obj in objects]
         resume = render.resume_of(spec)[0]
         definition = self.state.definition
         if not definition and self.files is not None:

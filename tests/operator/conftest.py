@@ -156,6 +156,8 @@ def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) ->
     """The real `python -m wmtp_operator` against the emulator, for the whole test module."""
     from support.emulator import OperatorProcess
 
-    process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"))
+    # As the chart starts it: runs that name no tracking server report to the chart's.
+    env = {"WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000"}
+    process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"), env=env)
     yield process
     process.stop()

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from support.emulator import Emulator, OperatorProcess
+from support.kubelet import argv
 from support.waiting import wait_for
 from wmtp import contract
 from wmtp.checkpoint import step_dir_name
@@ -118,6 +119,8 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     assert (run["status"]["attempt"], run["status"]["restarts"], run["status"]["preemptions"]) == (2, 1, 0)
     trainer = api.get("Job", ns, f"{RUN}-a2")["spec"]["template"]["spec"]["containers"][0]
     assert trainer["args"][-3:] == ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]
+    default = cluster.operator.env["WMTP_DEFAULT_MLFLOW_URI"]  # the chart's MLflow server
+    assert {"name": "MLFLOW_TRACKING_URI", "value": default} in trainer["env"]
     assert cluster.jobs() == [f"{RUN}-a2"]
 
     cluster.report(2, 1200)
@@ -229,7 +232,7 @@ FAULTS = [
           {"ServiceAccountNotFound", "Failed"}, message="'irsa-s3' not found",
           spec={"serviceAccountName": "irsa-s3", "startupTimeout": "2s"}),
     Fault("unschedulable: the scheduler's message", lambda c: time.sleep(0.5), "Pending", 0, 0, A1, {"Unschedulable"},
-          {"Started": "False Unschedulable"},
+          {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
           conditions={"Progressing": "True Running"}),
@@ -426,3 +429,17 @@ def test_a_succeeded_run_says_what_the_trainer_warned_about(cluster: Cluster, ti
     cluster.until(
         lambda: any(e["reason"] == "TrainerWarning" and warning in e["message"] for e in cluster.events()), ""
     )
+
+
+def test_expansion_attempts_in_a_spec_reach_the_pod_as_text(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    tags = {"leak": "${AWS_SECRET_ACCESS_KEY}", "cmd": "$(AWS_SECRET_ACCESS_KEY)"}
+    cluster.create(make_run(**{"spec.resume": "/$(AWS_SECRET_ACCESS_KEY)", "spec.recipe.run": {"tags": tags}}))
+    cluster.running()
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    trainer = job["spec"]["template"]["spec"]["containers"][0]
+    command = argv(trainer, {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "NODE_RANK": "0"})
+    assert command[-2:] == ["--resume", "/$(AWS_SECRET_ACCESS_KEY)"] and "s3cr3t" not in " ".join(command)
+    recipe = cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")["data"]["recipe.yaml"]
+    assert recipe.startswith(contract.RENDERED_MARKER) and "$(AWS_SECRET_ACCESS_KEY)" in recipe

@@ -44,7 +44,6 @@ BOUNDARIES = {
     "the status saying Restarting": lambda c: c.kind == "WMTPRun" and c.subresource == "status",
     "spec.resumeFrom written": lambda c: c.kind == "WMTPRun" and "resumeFrom" in ((c.data or {}).get("spec") or {}),
     "the ConfigMap updated": lambda c: c.verb == "update" and c.kind == "ConfigMap",
-    "the RoleBinding (re)created": lambda c: c.verb == "create" and c.kind == "RoleBinding",
     "attempt 2's Job created": lambda c: c.verb == "create" and c.kind == "Job",
     "attempt 2 recorded": _nth(2, _writes_state),
 }

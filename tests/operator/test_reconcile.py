@@ -112,7 +112,7 @@ class Case:
 CHILDREN = ["create Service tiny-rho1", "create NetworkPolicy tiny-rho1", "create ServiceAccount tiny-rho1-trainer",
             "create Role tiny-rho1-trainer", "create RoleBinding tiny-rho1-trainer"]  # fmt: skip
 CREATE_A1 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a1", "patch state"]
-CREATE_A2 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a2", "patch state"]
+CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Job tiny-rho1-a2", "patch state"]
 RESUME = f"patch resumeFrom={CKPT}"
 AT_1200 = {"checkpoint": CKPT}
 RUNNING = [pod(1, 0), pod(1, 1)]
@@ -205,7 +205,8 @@ CASES = [
     Case("image pull back-off: reason in the message, a condition and a Warning Event", state(), [job(1)],
          [pod(1, 0, "Pending", **waiting("ImagePullBackOff", 'Back-off pulling image "x"')), pod(1, 1, "Pending")],
          status={"phase": "Pending"}, phase="Pending", events=["Warning ImagePullBackOff"],
-         conditions={"Started": "False ImagePullBackOff"}),
+         conditions={"Started": "False ImagePullBackOff"},
+         message='0/2 pods running; pod tiny-rho1-a1-0-x: ImagePullBackOff: container trainer: Back-off pulling'),
     Case("pods not started within startupTimeout: the attempt fails with the last reason", state(),
          [job(1, created=BEFORE)],
          [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off")), pod(1, 1, "Pending")], phase="Restarting",
@@ -233,7 +234,8 @@ CASES = [
          message="'irsa' not found"),
     Case("unschedulable: the scheduler's message", state(), [job(1, created=JUST_NOW)],
          [pod(1, 0, "Pending", **UNSCHEDULABLE), pod(1, 1, "Pending", **UNSCHEDULABLE)], status={"phase": "Pending"},
-         phase="Pending", events=["Warning Unschedulable"], conditions={"Started": "False Unschedulable"}),
+         phase="Pending", events=["Warning Unschedulable"], conditions={"Started": "False Unschedulable"},
+         message="pod tiny-rho1-a1-0-x: Unschedulable: 0/3 nodes: Insufficient gpu"),
     # -------------------------------------------------------------- suspend
     Case("suspend ends the attempt without counting it", state(), [job(1)], RUNNING, spec={"suspend": True},
          phase="Suspended", restarts=0, actions=["patch state", "delete Job tiny-rho1-a1"],

@@ -40,7 +40,7 @@ class Kubelet:
     start: str = "run"  # run: Running at once; pull: the init container runs; hold: Pending, the test moves them
     waiting: tuple[str, str] | None = None  # (reason, message) every container waits with, e.g. ImagePullBackOff
     unschedulable: str | None = None  # the scheduler's message
-    grace: float = 0.05  # seconds a deleted pod takes to stop
+    grace: float = 0.5  # seconds a deleted pod takes to stop (its SIGTERM save), long enough to be seen stopping
     hold_terminating: bool = False  # deleted pods keep running (saving) until the test releases them
     sigterm_exit: int = int(contract.ExitCode.PREEMPTED)  # the trainer's exit after SIGTERM (its save)
 
@@ -83,11 +83,26 @@ class Controllers:
     kubelets: dict[str, Kubelet]
     gc_paused: bool
     _gc_pending: list[str]
+    # Indexes over kmock's store, which can only be scanned: live keys by resource, and by owner uid.
+    _by_resource: dict[tuple[str, str, str], set[tuple[Any, str, str]]]
+    _dependents: dict[str, set[tuple[Any, str, str]]]
 
     # The store (kmock's): `_objects`, `_lock`, `_buses`; `_stamp` fills in what an API server sets.
 
     async def _emit(self, resource: Any, kind: str, raw: Mapping[str, Any]) -> None:
         await self._buses[resource].put({"type": kind, "object": dict(raw)})
+
+    def _track(self, key: tuple[Any, str, str], raw: Mapping[str, Any]) -> None:
+        resource = key[0]
+        self._by_resource.setdefault((resource.group, resource.version, resource.plural), set()).add(key)
+        for uid in _owners(raw):
+            self._dependents.setdefault(uid, set()).add(key)
+
+    def _untrack(self, key: tuple[Any, str, str], raw: Mapping[str, Any]) -> None:
+        resource = key[0]
+        self._by_resource.get((resource.group, resource.version, resource.plural), set()).discard(key)
+        for uid in _owners(raw):
+            self._dependents.get(uid, set()).discard(key)
 
     async def _add(self, resource: Any, data: dict[str, Any]) -> None:
         meta = data["metadata"]
@@ -99,6 +114,7 @@ class Controllers:
             else:
                 self._objects[key] = data
             raw = self._objects[key].raw
+        self._track(key, raw)
         await self._emit(resource, "ADDED", raw)
 
     async def _patch(self, key: tuple[Any, str, str], patch: dict[str, Any]) -> dict[str, Any] | None:
@@ -119,6 +135,7 @@ class Controllers:
                 return
             raw = obj.raw
             obj.delete()
+        self._untrack(key, raw)
         await self._emit(key[0], "DELETED", raw)
         await self.collect(raw["metadata"].get("uid"))
         if key[0] == PODS and raw.get("status", {}).get("phase") != "Succeeded":
@@ -127,12 +144,10 @@ class Controllers:
     def _find(self, key: tuple[Any, str, str]) -> Any:
         return self._objects[key] if key in self._objects else None  # noqa: SIM401 (no .get on kmock's store)
 
-    def _live(self, resource: Any | None = None) -> list[tuple[tuple[Any, str, str], dict[str, Any]]]:
-        return [
-            (key, obj.raw)
-            for key, obj in list(self._objects.items())
-            if not obj.deleted and (resource is None or key[0] == resource)
-        ]
+    def _live(self, resource: Any, namespace: str | None = None) -> list[tuple[tuple[Any, str, str], dict[str, Any]]]:
+        keys = self._by_resource.get((resource.group, resource.version, resource.plural), set())
+        found = [(key, self._find(key)) for key in list(keys) if namespace in (None, key[1])]
+        return [(key, obj.raw) for key, obj in found if obj is not None and not obj.deleted]
 
     # ------------------------------------------------------------------ the garbage collector
 
@@ -143,9 +158,8 @@ class Controllers:
         if self.gc_paused:
             self._gc_pending.append(uid)
             return
-        for key, raw in self._live():
-            if uid in _owners(raw):
-                await (self.stop_pod(key) if key[0] == PODS else self._remove(key))
+        for key in list(self._dependents.pop(uid, ())):
+            await (self.stop_pod(key) if key[0] == PODS else self._remove(key))
 
     async def resume_gc(self) -> None:
         self.gc_paused = False
@@ -183,8 +197,8 @@ class Controllers:
     async def release(self, namespace: str) -> None:
         """The held terminating pods of `namespace` finish their saves and go."""
         self.kubelet(namespace).hold_terminating = False
-        for key, raw in self._live(PODS):
-            if key[1] == namespace and raw["metadata"].get("deletionTimestamp"):
+        for key, raw in self._live(PODS, namespace):
+            if raw["metadata"].get("deletionTimestamp"):
                 await self._stopped(key)
 
     # ------------------------------------------------------------------ the Job controller
@@ -192,9 +206,7 @@ class Controllers:
     async def job_created(self, job: Mapping[str, Any]) -> None:
         template, meta = job["spec"]["template"], job["metadata"]
         account = template["spec"].get("serviceAccountName", "default")
-        if account != "default" and not any(
-            key[1] == meta["namespace"] and key[2] == account for key, _ in self._live(ACCOUNTS)
-        ):
+        if account != "default" and not any(key[2] == account for key, _ in self._live(ACCOUNTS, meta["namespace"])):
             return  # the real controller retries and records FailedCreate events; the pods never come
         kubelet = self.kubelet(meta["namespace"])
         for index in range(job["spec"]["completions"]):
@@ -232,13 +244,16 @@ class Controllers:
         job_uid = next(
             (ref["uid"] for ref in pod["metadata"].get("ownerReferences") or [] if ref["kind"] == "Job"), None
         )
-        job_key = next((key for key, raw in self._live(JOBS) if raw["metadata"]["uid"] == job_uid), None)
+        namespace = pod["metadata"]["namespace"]
+        job_key = next((key for key, raw in self._live(JOBS, namespace) if raw["metadata"]["uid"] == job_uid), None)
         if job_key is None:
             return
         job = self._objects[job_key].raw
         if any(c.get("status") == "True" for c in job.get("status", {}).get("conditions") or []):
             return
-        siblings = [(key, raw) for key, raw in self._live(PODS) if job_uid in _owners(raw)]
+        siblings = [
+            (key, self._find(key).raw) for key in self._dependents.get(job_uid, ()) if not self._find(key).deleted
+        ]
         phases = [raw.get("status", {}).get("phase") for _, raw in siblings]
         if all(raw["metadata"]["uid"] != pod["metadata"]["uid"] for _, raw in siblings):
             phases.append(pod.get("status", {}).get("phase"))  # a pod that is gone
@@ -256,8 +271,8 @@ class Controllers:
     async def account_created(self, account: Mapping[str, Any]) -> None:
         """Jobs whose pods waited for this ServiceAccount get them now."""
         namespace, account_name = account["metadata"]["namespace"], account["metadata"]["name"]
-        for _, job in self._live(JOBS):
+        for _, job in self._live(JOBS, namespace):
             spec = job["spec"]["template"]["spec"]
             waiting = job["metadata"]["namespace"] == namespace and spec.get("serviceAccountName") == account_name
-            if waiting and not any(job["metadata"]["uid"] in _owners(raw) for _, raw in self._live(PODS)):
+            if waiting and not self._dependents.get(job["metadata"]["uid"]):
                 await self.job_created(job)
