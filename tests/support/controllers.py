@@ -81,6 +81,7 @@ class Controllers:
     """Mixed into the emulated API server: reacts to what was just created, changed or deleted."""
 
     kubelets: dict[str, Kubelet]
+    job_controller: bool
     gc_paused: bool
     _gc_pending: list[str]
     # Indexes over kmock's store, which can only be scanned: live keys by resource, and by owner uid.
@@ -204,6 +205,8 @@ class Controllers:
     # ------------------------------------------------------------------ the Job controller
 
     async def job_created(self, job: Mapping[str, Any]) -> None:
+        if not self.job_controller:
+            return  # the caller plays the Job controller
         template, meta = job["spec"]["template"], job["metadata"]
         account = template["spec"].get("serviceAccountName", "default")
         if account != "default" and not any(key[2] == account for key, _ in self._live(ACCOUNTS, meta["namespace"])):

@@ -115,6 +115,7 @@ class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers):
         self._versions = itertools.count(1)
         self._by_resource = {}
         self._dependents = {}
+        self.job_controller = True
 
     def _next_version(self) -> str:
         return str(next(self._versions))
@@ -231,7 +232,10 @@ class Emulator:
     """kmock on 127.0.0.1 in a background thread, with a small synchronous JSON client and the controls a test
     needs to play the cluster (the kubelet per namespace, refusals, the garbage collector, hooks)."""
 
-    def __init__(self) -> None:
+    def __init__(self, job_controller: bool = True) -> None:
+        """`job_controller=False`: Jobs get no pods unless the caller plays the Job controller itself (e.g. a
+        harness that runs each rendered pod in a container)."""
+        self._job_controller = job_controller
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._thread.start()
@@ -242,6 +246,7 @@ class Emulator:
 
     async def _start(self) -> str:
         self.server = _ApiServer()
+        self.server.job_controller = self._job_controller
         await self.server.__aenter__()
         for key, (kind, namespaced, subresources) in RESOURCES.items():
             self.server.resources[key] = kmock.ResourceInfo(
