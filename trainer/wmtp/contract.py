@@ -95,6 +95,9 @@ ENV_RUN_NAMESPACE = "WMTP_RUN_NAMESPACE"
 ENV_ATTEMPT = "WMTP_ATTEMPT"  # the attempt this pod belongs to: its reports carry it, so stale ones are ignored
 ENV_NODE_RANK = "NODE_RANK"  # the pod's completion index: torchrun's node rank
 ENV_TERMINATION_LOG = "WMTP_TERMINATION_LOG"  # where to write the termination message (default TERMINATION_LOG)
+# Where a pod finds its API credentials (token, ca.crt, namespace): rank 0 reports with them. The operator mounts
+# them (a projected token) into the trainer container alone.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # Where the operator mounts things in a trainer pod.
 CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator
@@ -114,9 +117,14 @@ REPORTED_FIELDS: tuple[str, ...] = ("attempt", "step", "loss", "latestCheckpoint
 
 # The trainer's last words, read by the operator from the container's terminated state (the kubelet copies the
 # file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes:
-#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str}
+#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str,
+#    "warnings": [str, ...]}
+# `warnings` lists what went wrong without failing the run (e.g. the final model's MLflow registration): the
+# operator posts each as a Warning Event and shows them in a Succeeded run's status message.
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps
+TERMINATION_REASON, TERMINATION_STEP, TERMINATION_CHECKPOINT = "reason", "step", "checkpoint"
+TERMINATION_MESSAGE, TERMINATION_WARNINGS = "message", "warnings"
 STOP_PREEMPTED = "Preempted"  # stopped on SIGTERM after a committed checkpoint: not a failure
 STOP_FAILED = "Failed"
 STOP_SUCCEEDED = "Succeeded"
