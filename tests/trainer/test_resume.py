@@ -211,3 +211,26 @@ def test_checkpoints_cli_lists_and_prunes(run_files, tmp_path: Path) -> None:
     assert pruned.exit_code == 0
     assert sorted(p.name for p in root.iterdir()) == [step_dir_name(30), step_dir_name(35), "final"]
     assert os.path.exists(root / step_dir_name(30) / COMMITTED)
+
+
+def test_an_operator_chosen_resume_falls_back_to_the_newest_intact_checkpoint(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(
+        run_files, tmp_path, "baseline-mtp", "fallback", **{"train.max_steps": 30, "paths.checkpoints.keep_last": 2}
+    )
+    Trainer(*load(config, recipe)).train()
+    pruned = root / step_dir_name(10)  # reported once, pruned since: the operator still names it
+    assert not pruned.exists()
+    (root / step_dir_name(30) / "__0_0.distcp").write_bytes(b"")  # and the newest one is damaged
+    args = ["train", "-c", str(config), "-r", str(recipe), "--resume", pruned.as_uri()]
+
+    named = CliRunner().invoke(app, args)
+    assert named.exit_code == 2
+    assert named.output.count("error:") == 1 and named.output.strip().splitlines()[-1].startswith("error: --resume")
+    assert "not a committed checkpoint" in named.output
+
+    chosen = Trainer(*load(config, recipe), resume=pruned.as_uri(), resume_fallback=True)
+    assert chosen.resume_from.path == str(root / step_dir_name(20))
+    assert len(chosen.warnings) == 1
+    assert "not a committed checkpoint" in chosen.warnings[0]
+    assert chosen.warnings[0].endswith(f"resuming from {(root / step_dir_name(20)).as_uri()} instead")
+    assert chosen.train()["steps"] == 30

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from wmtp.config import ConfigError
+from wmtp.contract import RESUME_FALLBACK_FLAG
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -60,6 +61,12 @@ def train(
     allow_config_change: bool = typer.Option(
         False, help="Resume from a checkpoint written with a different config or recipe."
     ),
+    resume_fallback: bool = typer.Option(
+        False,
+        RESUME_FALLBACK_FLAG,
+        help="When the --resume checkpoint is gone or damaged, resume from the newest intact one instead (the "
+        "operator's choice; a resume you name yourself should fail loudly, so leave this off).",
+    ),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
@@ -71,7 +78,9 @@ def train(
 
     try:
         cfg, rcp = load(config, recipe)
-        trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
+        trainer = Trainer(
+            cfg, rcp, resume=resume, allow_config_change=allow_config_change, resume_fallback=resume_fallback
+        )
         trainer.train()
         trainer.dist.close()
     except (ConfigError, CheckpointError) as err:
@@ -139,7 +148,7 @@ def checkpoints_list(uri: str = StoreArg) -> None:
     """Checkpoints by step, committed or not, with their time and size."""
     import datetime
 
-    from wmtp.checkpoint import CheckpointStore
+    from wmtp.checkpoint import CheckpointError, CheckpointStore
     from wmtp.storage import Storage
 
     store = CheckpointStore(uri, Storage())
@@ -151,7 +160,13 @@ def checkpoints_list(uri: str = StoreArg) -> None:
             datetime.datetime.fromtimestamp(info.committed_at).isoformat(" ", "seconds") if info.committed_at else "-"
         )
         size = f"{store.storage.size(info.location) / 2**20:.1f} MiB"
-        table.add_row(str(info.step), when, size, "yes" if info.committed else "NO (ignored)")
+        status = "yes" if info.committed else "NO (ignored)"
+        if info.committed:
+            try:
+                store.verify(info.location)
+            except CheckpointError as err:
+                status = f"DAMAGED: {str(err).split(': damaged checkpoint: ')[-1]}"
+        table.add_row(str(info.step), when, size, status)
     Console().print(table)
 
 

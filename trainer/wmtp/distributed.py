@@ -69,6 +69,10 @@ class Dist:
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return dict(zip(keys, (stacked / self.world_size).tolist(), strict=True))
 
+    def new_group(self) -> Any:
+        """A gloo group of every rank, for collectives off the training thread (checkpoint saves), or None."""
+        return dist.new_group(backend="gloo") if self.enabled else None
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()

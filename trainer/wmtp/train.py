@@ -22,8 +22,17 @@ from rich.table import Table
 from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
-from wmtp.checkpoint import CheckpointManager, CheckpointStore
-from wmtp.config import Config, OptimSection, Recipe, check_compatible, checkpoint_root, config_hash, flatten
+from wmtp.checkpoint import CheckpointError, CheckpointManager, CheckpointStore
+from wmtp.config import (
+    Config,
+    OptimSection,
+    Recipe,
+    check_compatible,
+    checkpoint_root,
+    clip,
+    config_hash,
+    flatten,
+)
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
 from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
@@ -104,15 +113,19 @@ class Trainer:
         storage: Storage | None = None,
         resume: str | None = None,
         allow_config_change: bool = False,
+        resume_fallback: bool = False,
     ) -> None:
         check_compatible(config, recipe)
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
-        self.allow_config_change = allow_config_change
+        self.allow_config_change, self.resume_fallback = allow_config_change, resume_fallback
+        self.warnings: list[str] = []  # what went wrong without stopping training: for the termination message
         self.storage = storage or Storage(config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
+        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
+        self.resume_from = self.resume_point()  # before loading anything: a bad --resume fails at once
         seed_everything(config.seed)
         models = config.paths.models
         self.model, self.tokenizer = load_mtp_model(
@@ -139,7 +152,6 @@ class Trainer:
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
         self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main)
-        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
             self.store,
@@ -150,7 +162,7 @@ class Trainer:
             keep_last=config.paths.checkpoints.keep_last,
             fingerprint=config_hash(config, recipe),
             rank=self.dist.rank,
-            barrier=self.dist.barrier,
+            group=self.dist.new_group(),
         )
         self.console = Console(stderr=True)
         self.stop_requested = False
@@ -227,25 +239,55 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         """Restore every stateful part from the checkpoint `self.resume` resolves to, if any."""
-        location = self.store.resolve(self.resume)
+        location = self.resume_from
         if location is None:
             return False
         self.checkpoints.load(location, allow_fingerprint_change=self.allow_config_change)
         log.info("resumed step=%d from=%s", self.state.step, location.uri)
+        self.after_commit(location)
         return True
 
+    def resume_point(self) -> Location | None:
+        """Where `self.resume` points. A resume the operator chose (`resume_fallback`) falls back to the newest
+        intact checkpoint when that one is gone or damaged, and says so; any other must be usable as named."""
+        try:
+            return self.store.resolve(self.resume)
+        except CheckpointError as err:
+            if not self.resume_fallback:
+                raise
+            location = self.store.newest_intact()
+            self.warn(f"{err}; " + (f"resuming from {location.uri} instead" if location else "starting fresh"))
+            return location
+
     def maybe_save(self, last: bool) -> None:
-        """Checkpoint every save_interval steps, at the last step, and when asked to stop."""
+        """Checkpoint every save_interval steps, at the last step, and when asked to stop; report and prune each
+        checkpoint once it has committed."""
         step = self.state.step
         # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
         self.stop_requested = self.dist.any(self.stop_requested)
-        if not (last or self.stop_requested or self.checkpoints.due(step)):
-            return
-        location = self.checkpoints.save(step)
-        if self.reporter:
-            self.reporter.report(step, self.state.history["loss"][-1], latest_checkpoint=location.uri)
+        due = last or self.stop_requested or self.checkpoints.due(step)
+        self.after_commit(self.checkpoints.wait() if due else self.checkpoints.poll())
+        if due:
+            self.checkpoints.save(step)
+        if last or self.stop_requested:
+            self.after_commit(self.checkpoints.wait())
         if self.stop_requested and not last:
-            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {location.uri}")
+            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.checkpoints.latest.uri}")
+
+    def after_commit(self, location: Location | None) -> None:
+        """Report a committed checkpoint (the operator resumes from what was reported), then prune: retention
+        never deletes the newest reported checkpoint."""
+        if location is None:
+            return
+        losses = self.state.history["loss"]
+        loss = losses[-1] if losses else None
+        if self.reporter is None or self.reporter.report(self.state.step, loss, latest_checkpoint=location.uri):
+            self.checkpoints.reported = location
+        self.checkpoints.prune()
+
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(clip(message, 1000))
 
     @contextlib.contextmanager
     def stop_on_sigterm(self) -> Any:
@@ -263,6 +305,7 @@ class Trainer:
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """The final model, gathered to rank 0, to the store and to the MLflow registry, once."""
+        self.after_commit(self.checkpoints.wait())
         state_dict = gather_full_state_dict(self.model)  # a collective: every rank takes part
         final, version = self.publish_final(state_dict) if self.dist.is_main else (None, None)
         self.tracker.end()

@@ -1,5 +1,6 @@
-"""Checkpoints: the store (layout, commit marker, listing, retention, resume resolution) and the manager (a
-run's named stateful parts, when to save them, sharded save and load)."""
+"""Checkpoints: the store (layout, commit marker, listing, retention, resume resolution), the shard files (DCP
+straight to and from the store) and the manager (a run's named stateful parts, when to save them, asynchronous
+sharded save and sharded load)."""
 
 from wmtp.checkpoint.manager import CheckpointManager, Stateful
 from wmtp.checkpoint.store import (
@@ -8,6 +9,7 @@ from wmtp.checkpoint.store import (
     CheckpointError,
     CheckpointInfo,
     CheckpointStore,
+    FileRecord,
     step_dir_name,
 )
 
@@ -18,6 +20,7 @@ __all__ = [
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointStore",
+    "FileRecord",
     "Stateful",
     "step_dir_name",
 ]
