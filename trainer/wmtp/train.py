@@ -18,11 +18,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors.torch import save_file
 
 from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
-from wmtp.checkpoint import CheckpointError, CheckpointManager, CheckpointStore
+from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointError, CheckpointManager, CheckpointStore
 from wmtp.config import (
     Config,
     OptimSection,
@@ -32,6 +33,7 @@ from wmtp.config import (
     clip,
     config_hash,
     flatten,
+    redact_uri,
 )
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
@@ -92,15 +94,19 @@ def build_scheduler(
 class TrainState:
     step: int = 0
     tokens: int = 0
+    seconds: float = 0.0  # training wall time, summed over every attempt
     mlflow_run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "eval_loss": []})
+    last: dict[str, float] = field(default_factory=dict)  # the newest loss and eval_loss, kept across attempts
 
     def state_dict(self) -> dict[str, Any]:
-        metrics = {k: v[-1] for k, v in self.history.items() if v}
-        return {"step": self.step, "tokens": self.tokens, "mlflow_run_id": self.mlflow_run_id, "metrics": metrics}
+        metrics = self.last | {k: v[-1] for k, v in self.history.items() if v}
+        return {"step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+                "mlflow_run_id": self.mlflow_run_id, "metrics": metrics}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.mlflow_run_id = state["step"], state["tokens"], state["mlflow_run_id"]
+        self.seconds, self.last = state.get("seconds", 0.0), state.get("metrics", {})
 
 
 class Trainer:
@@ -151,7 +157,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
-        self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main)
+        self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main, warnings=self.warnings)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
             self.store,
@@ -179,7 +185,8 @@ class Trainer:
         params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
         tags = {"algorithm": recipe.train.algo, **recipe.run.tags}
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
-        state.mlflow_run_id = self.tracker.run_id
+        # Without MLflow this attempt, the next one may still continue the run the checkpoint names.
+        state.mlflow_run_id = self.tracker.run_id or state.mlflow_run_id
         if not resumed:
             self.algorithm.pretrain(
                 self.model,
@@ -207,6 +214,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches."""
+        started = time.perf_counter()
         self.model.train()
         accum = self.recipe.train.grad_accum
         totals: dict[str, float] = {}
@@ -227,6 +235,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.state.history["loss"].append(totals["loss"])
+        self.state.seconds += time.perf_counter() - started
         return totals
 
     def clip_gradients(self, max_norm: float) -> float:
@@ -304,27 +313,42 @@ class Trainer:
             signal.signal(signal.SIGTERM, previous)
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """The final model, gathered to rank 0, to the store and to the MLflow registry, once."""
+        """The final model and the algorithm's trained modules, gathered to rank 0, to the store; the model to
+        the MLflow registry, once; the final metrics to MLflow."""
         self.after_commit(self.checkpoints.wait())
-        state_dict = gather_full_state_dict(self.model)  # a collective: every rank takes part
+        state_dict = gather_full_state_dict(self.modules)  # a collective: every rank takes part
         final, version = self.publish_final(state_dict) if self.dist.is_main else (None, None)
+        self.log_final_metrics()
         self.tracker.end()
         return self.summary(seconds, version) | {"final_model": final.uri if final else None}
 
     def publish_final(self, state_dict: dict[str, torch.Tensor]) -> tuple[Location | None, str | None]:
-        """Write the HF directory from the full state dict (to the store if save_final) and register a plain
-        MTPModel loaded back from it: what MLflow holds is exactly what the store holds, never a sharded module."""
+        """Write the HF directory from the full state dict (to the store if save_final), the algorithm's modules
+        beside it, and register a plain MTPModel loaded back from it: what MLflow holds is exactly what the store
+        holds, never a sharded module."""
         save_final = self.config.paths.checkpoints.save_final
         staging = self.checkpoints.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
         with staging as directory:
-            self.model.save_pretrained(directory, state_dict=state_dict)
+            model_sd = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(directory, state_dict=model_sd)
             self.tokenizer.save_pretrained(directory)
+            algorithm_sd = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("model.")}
+            if algorithm_sd:
+                save_file(algorithm_sd, Path(directory) / FINAL_ALGORITHM)
             state_dict.clear()  # the only reference to the gathered copy: free it before loading another
+            model_sd.clear()
             model = MTPModel.from_pretrained(directory)
         final = self.store.final_location if save_final else None
         if final is not None and final.is_s3:
             self.tracker.log_param("final_checkpoint_uri", final.uri)
-        return final, self.tracker.register_model(model, self.recipe.train.algo)
+        return final, self.tracker.register_model(model, self.recipe.train.algo, final.uri if final else None)
+
+    def log_final_metrics(self) -> None:
+        state = self.state
+        last = state.last | {k: v[-1] for k, v in state.history.items() if v}
+        metrics = {"final/step": state.step, "final/tokens": state.tokens, "final/wall_seconds": state.seconds}
+        metrics |= {f"final/train_{k}" if k == "loss" else f"final/{k}": v for k, v in last.items()}
+        self.tracker.log_metrics(metrics, state.step)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -379,11 +403,13 @@ class Trainer:
             "eval_loss_last": history["eval_loss"][-1] if history["eval_loss"] else None,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.tracking_uri,
+            "warnings": len(self.warnings),
             "registered_model": f"wmtp-{self.recipe.train.algo} v{version}" if version else None,
         }
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         table = Table(title=f"WMTP run {summary['run']}", show_header=False)
         for key, value in summary.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(key, redact_uri(text) if key == "mlflow_tracking_uri" else text)
         self.console.print(table)

@@ -5,6 +5,7 @@ sharded save and sharded load)."""
 from wmtp.checkpoint.manager import CheckpointManager, Stateful
 from wmtp.checkpoint.store import (
     COMMITTED,
+    FINAL_ALGORITHM,
     STATE_FILE,
     CheckpointError,
     CheckpointInfo,
@@ -15,6 +16,7 @@ from wmtp.checkpoint.store import (
 
 __all__ = [
     "COMMITTED",
+    "FINAL_ALGORITHM",
     "STATE_FILE",
     "CheckpointError",
     "CheckpointInfo",

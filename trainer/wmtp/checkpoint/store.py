@@ -2,7 +2,8 @@
 
     <root>/checkpoint_step_00001000/   model + optimizer (torch.distributed.checkpoint shards and .metadata),
                                        trainer_state.json, rng_rank<r>.json, COMMITTED (written last)
-    <root>/final/                      the final model: HF save_pretrained layout + MTP heads + tokenizer
+    <root>/final/                      the final model: HF save_pretrained layout + MTP heads + tokenizer, and
+                                       algorithm.safetensors: the algorithm's trained modules (a value head)
 
 A checkpoint exists only once COMMITTED is present. The marker lists every file with its size and the SHA-256
 computed while it was written, so a checkpoint whose files are missing or cut short is found before anything is
@@ -29,11 +30,13 @@ from wmtp.storage import Location, Storage, StorageError, parse_uri
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
+FINAL_ALGORITHM = "algorithm.safetensors"  # in final/: the algorithm's trainable modules, by their module keys
 MAX_MARKER_BYTES = 16 * 2**20  # a marker lists files; anything larger is not one
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 __all__ = [
     "COMMITTED",
+    "FINAL_ALGORITHM",
     "STATE_FILE",
     "CheckpointError",
     "CheckpointInfo",
