@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,11 +16,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from support.runs import checkpoint_tensors, train_cli, wait_for_file
-from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointStore, step_dir_name
+from support.runs import checkpoint_tensors, slow_commit_env, train_cli, wait_for_file
+from wmtp.checkpoint import COMMITTED, STATE_FILE, CheckpointError, CheckpointStore, step_dir_name
 from wmtp.cli import app
 from wmtp.config import load
-from wmtp.contract import ExitCode
+from wmtp.contract import ENV_TERMINATION_LOG, STOP_PREEMPTED, ExitCode
 from wmtp.storage import Storage
 from wmtp.train import Trainer
 
@@ -234,3 +235,37 @@ def test_an_operator_chosen_resume_falls_back_to_the_newest_intact_checkpoint(ru
     assert "not a committed checkpoint" in chosen.warnings[0]
     assert chosen.warnings[0].endswith(f"resuming from {(root / step_dir_name(20)).as_uri()} instead")
     assert chosen.train()["steps"] == 30
+
+
+def test_an_async_save_killed_before_its_commit_is_never_resumed(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "in-flight", **{"train.max_steps": 40})
+    proc = train_cli(config, recipe, env=slow_commit_env(120, 20))  # the save of step 20 stays in flight
+    wait_for_file(root / step_dir_name(20) / STATE_FILE, proc)  # every file written, COMMITTED not yet
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / step_dir_name(20) / COMMITTED).exists()
+
+    resumed = train_cli(config, recipe, "--resume", "latest")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resumed step=10" in output
+    assert (root / step_dir_name(20) / COMMITTED).exists()  # saved again, from a resumed run
+
+
+def test_sigterm_during_an_in_flight_save_waits_for_it_then_saves_and_stops(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "stopped", **{"train.max_steps": 2000})
+    message = tmp_path / "termination-log"
+    proc = train_cli(config, recipe, env=slow_commit_env(5, 10, **{ENV_TERMINATION_LOG: str(message)}))
+    wait_for_file(root / step_dir_name(10) / STATE_FILE, proc)  # the save of step 10 is in flight
+    assert not (root / step_dir_name(10) / COMMITTED).exists()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode == ExitCode.PREEMPTED, output
+    store = CheckpointStore(str(root), Storage())
+    steps = [info.step for info in store.list()]
+    assert steps[0] == 10 and steps[-1] > 10  # the one in flight, then the one taken on the way out
+    ended = json.loads(message.read_bytes())
+    assert ended["reason"] == STOP_PREEMPTED and ended["checkpoint"] == store.step_location(steps[-1]).uri
+    assert ended["step"] == steps[-1]

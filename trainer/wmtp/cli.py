@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from wmtp.config import ConfigError
-from wmtp.contract import RESUME_FALLBACK_FLAG
+from wmtp.contract import LAUNCH_GRACE_FLAG, RESUME_FALLBACK_FLAG
+from wmtp.launcher import DEFAULT_GRACE_SECONDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -71,23 +71,37 @@ def train(
 ) -> None:
     """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
     setup_logging(log_level)
-    from wmtp.checkpoint import CheckpointError
-    from wmtp.config import load
-    from wmtp.contract import ExitCode
-    from wmtp.train import Preempted, Trainer
+    from wmtp.attempt import run
+    from wmtp.contract import STOP_FAILED, STOP_PREEMPTED
 
-    try:
-        cfg, rcp = load(config, recipe)
-        trainer = Trainer(
-            cfg, rcp, resume=resume, allow_config_change=allow_config_change, resume_fallback=resume_fallback
-        )
-        trainer.train()
-        trainer.dist.close()
-    except (ConfigError, CheckpointError) as err:
-        fail(str(err))
-    except Preempted as stop:
-        console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(ExitCode.PREEMPTED) from None
+    ended = run(config, recipe, resume, allow_config_change, resume_fallback)
+    if ended.reason == STOP_FAILED:
+        fail(ended.message, ended.exit_code)
+    if ended.reason == STOP_PREEMPTED:
+        console.print(f"[yellow]{ended.message}[/yellow]")
+        raise typer.Exit(ended.exit_code)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def launch(
+    torchrun_args: list[str] = typer.Argument(..., metavar="-- TORCHRUN_ARGS...", help="Everything torchrun takes."),
+    grace_seconds: float = typer.Option(
+        DEFAULT_GRACE_SECONDS,
+        LAUNCH_GRACE_FLAG,
+        min=0,
+        help="How long a SIGTERM save may take before the workers are killed.",
+    ),
+    log_level: str | None = LogLevelOpt,
+) -> None:
+    """Run torchrun as a container's PID 1: SIGTERM reaches the training workers, who save and stop; exits 75
+    after a clean stop-and-save (torchrun alone exits 1), and leaves the termination message.
+
+    Example: wmtp launch -- --standalone --nproc-per-node 2 -m wmtp train -c config.yaml -r recipe.yaml
+    """
+    setup_logging(log_level or "info")
+    from wmtp.launcher import launch as run_torchrun
+
+    raise typer.Exit(run_torchrun(torchrun_args, grace_seconds))
 
 
 @app.command()

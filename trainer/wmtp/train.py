@@ -9,6 +9,7 @@ import random
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,31 @@ log = logging.getLogger(__name__)
 
 class Preempted(Exception):
     """Training stopped on request after saving a checkpoint; resuming continues exactly where it stopped."""
+
+
+class StopRequest:
+    """SIGTERM (what Kubernetes sends on eviction, and `wmtp launch` passes on to each worker) asks training to
+    stop at the next step boundary, after a checkpoint. Installed for as long as `installed` lasts, in the main
+    thread; nested installs are one."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._depth = 0
+
+    def _request(self, signum: int, _frame: Any) -> None:
+        log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        previous = signal.signal(signal.SIGTERM, self._request) if self._depth == 0 else None
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0:
+                signal.signal(signal.SIGTERM, previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -120,8 +146,10 @@ class Trainer:
         resume: str | None = None,
         allow_config_change: bool = False,
         resume_fallback: bool = False,
+        stop: StopRequest | None = None,
     ) -> None:
         check_compatible(config, recipe)
+        self.stop = stop or StopRequest()
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
@@ -171,7 +199,6 @@ class Trainer:
             group=self.dist.new_group(),
         )
         self.console = Console(stderr=True)
-        self.stop_requested = False
         # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
         self.reporter = Reporter.from_env() if self.dist.is_main else None
 
@@ -195,7 +222,7 @@ class Trainer:
             )
             self.evaluate()
         started, first_tokens = time.perf_counter(), state.tokens
-        with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing(stopped=(Preempted,)):
+        with self.progress() as progress, self.stop.installed(), self.tracker.closing(stopped=(Preempted,)):
             task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
             while state.step < self.total_steps:
                 metrics = self.train_step()
@@ -273,14 +300,14 @@ class Trainer:
         checkpoint once it has committed."""
         step = self.state.step
         # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
-        self.stop_requested = self.dist.any(self.stop_requested)
-        due = last or self.stop_requested or self.checkpoints.due(step)
+        stop = self.dist.any(self.stop.requested)
+        due = last or stop or self.checkpoints.due(step)
         self.after_commit(self.checkpoints.wait() if due else self.checkpoints.poll())
         if due:
             self.checkpoints.save(step)
-        if last or self.stop_requested:
+        if last or stop:
             self.after_commit(self.checkpoints.wait())
-        if self.stop_requested and not last:
+        if stop and not last:
             raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.checkpoints.latest.uri}")
 
     def after_commit(self, location: Location | None) -> None:
@@ -297,20 +324,6 @@ class Trainer:
     def warn(self, message: str) -> None:
         log.warning("%s", message)
         self.warnings.append(clip(message, 1000))
-
-    @contextlib.contextmanager
-    def stop_on_sigterm(self) -> Any:
-        """SIGTERM (what Kubernetes sends on eviction) stops at the next step boundary, after a checkpoint."""
-
-        def request_stop(signum: int, _frame: Any) -> None:
-            log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
-            self.stop_requested = True
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """The final model and the algorithm's trained modules, gathered to rank 0, to the store; the model to

@@ -183,6 +183,9 @@ class CheckpointManager:
                 )  # fmt: skip
             else:
                 self._gather(written.records())
+            # Every rank's save ends with the commit: a rank that stops after `wait` never leaves rank 0 mid-commit
+            # (torchrun's agent kills the other workers 30 s after the first one exits).
+            self._barrier()
             future.set_result(location)
         except BaseException as err:  # surfaced in the training thread by poll() or wait()
             future.set_exception(err)
