@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from support.runs import checkpoint_tensors, slow_commit_env, train_cli, wait_for_file
 from wmtp.checkpoint import COMMITTED, STATE_FILE, CheckpointError, CheckpointStore, step_dir_name
 from wmtp.cli import app
-from wmtp.config import load
+from wmtp.config import config_hash, load
 from wmtp.contract import ENV_TERMINATION_LOG, STOP_PREEMPTED, ExitCode
 from wmtp.storage import Storage
 from wmtp.train import Trainer
@@ -269,3 +269,44 @@ def test_sigterm_during_an_in_flight_save_waits_for_it_then_saves_and_stops(run_
     ended = json.loads(message.read_bytes())
     assert ended["reason"] == STOP_PREEMPTED and ended["checkpoint"] == store.step_location(steps[-1]).uri
     assert ended["step"] == steps[-1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "blocks"),
+    [
+        # What changes the trajectory blocks a resume...
+        ("paths.models.base", "/models/other", True),
+        ("paths.datasets.humaneval", "/data/other.jsonl", True),
+        ("seed", 8, True),
+        ("train.algo", "rho1-wmtp", True),
+        ("train.grad_accum", 2, True),
+        ("data.batch_size", 16, True),
+        ("data.max_length", 128, True),
+        ("optim.lr", 1e-4, True),
+        ("loss.n_heads", 2, True),
+        ("model.head_type", "linear", True),
+        ("critic.value_coef", 0.1, True),
+        # ...what only runs it never does.
+        ("paths.checkpoints.save_interval", 7, False),
+        ("paths.checkpoints.keep_last", 9, False),
+        ("paths.checkpoints.base_path", "s3://elsewhere/ck", False),
+        ("paths.output_dir", "/elsewhere", False),
+        ("log_interval", 1, False),
+        ("train.eval_interval", 3, False),
+        ("train.max_steps", 999, False),
+        ("train.num_epochs", 4, False),
+        ("devices.distributed", {"enabled": True, "timeout_s": 60}, False),
+        ("devices.fsdp.enabled", True, False),
+        ("devices.mixed_precision", "bf16", False),
+        ("mlflow.experiment", "other", False),
+        ("s3.endpoint_url", "http://127.0.0.1:9000", False),
+        ("run.tags", {"team": "a"}, False),
+        ("checkpointing.auto_resume_latest", True, False),
+    ],
+)
+def test_the_resume_guard_compares_only_what_changes_the_trajectory(
+    run_files, field: str, value: object, blocks: bool
+) -> None:
+    before = config_hash(*load(*run_files("baseline-mtp")))
+    after = config_hash(*load(*run_files("baseline-mtp", **{field: value})))
+    assert (after != before) == blocks
