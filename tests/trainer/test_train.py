@@ -14,8 +14,9 @@ from support.runs import checkpoint_tensors, train_cli
 from support.waiting import free_port
 from wmtp.checkpoint import FINAL_ALGORITHM
 from wmtp.config import load
+from wmtp.optim import build_scheduler
 from wmtp.tracking import CONTINUES_TAG, default_tracking_uri
-from wmtp.train import Trainer, build_scheduler
+from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,8 @@ from wmtp.checkpoint import CheckpointError
 from wmtp.config import ConfigError, clip, load
 from wmtp.contract import STOP_FAILED, STOP_PREEMPTED, STOP_SUCCEEDED, ExitCode
 from wmtp.reporting import Termination, write_termination
-from wmtp.train import Preempted, StopRequest, Trainer
+from wmtp.stopping import Preempted, StopRequest
+from wmtp.train import Trainer
 
 
 def run(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import random
-import signal
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ from wmtp.algorithms.loss import head_cross_entropy
 from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointError, CheckpointManager, CheckpointStore
 from wmtp.config import (
     Config,
-    OptimSection,
     Recipe,
     check_compatible,
     checkpoint_root,
@@ -37,42 +34,15 @@ from wmtp.config import (
     redact_uri,
 )
 from wmtp.data import Batch, build_data
-from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
-from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
+from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, load_weights, parallelize
+from wmtp.models import FROZEN_LOADERS, MTPModel, check_vocabularies, load_mtp_model
+from wmtp.optim import build_optimizer, build_scheduler
 from wmtp.reporting import Reporter
+from wmtp.stopping import Preempted, StopRequest
 from wmtp.storage import Location, Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(Exception):
-    """Training stopped on request after saving a checkpoint; resuming continues exactly where it stopped."""
-
-
-class StopRequest:
-    """SIGTERM (what Kubernetes sends on eviction, and `wmtp launch` passes on to each worker) asks training to
-    stop at the next step boundary, after a checkpoint. Installed for as long as `installed` lasts, in the main
-    thread; nested installs are one."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._depth = 0
-
-    def _request(self, signum: int, _frame: Any) -> None:
-        log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
-        self.requested = True
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[StopRequest]:
-        previous = signal.signal(signal.SIGTERM, self._request) if self._depth == 0 else None
-        self._depth += 1
-        try:
-            yield self
-        finally:
-            self._depth -= 1
-            if self._depth == 0:
-                signal.signal(signal.SIGTERM, previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -87,33 +57,6 @@ def pick_device(backend: str) -> torch.device:
     if backend == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("devices.compute_backend=cuda but no CUDA device is visible; use cpu or auto")
     return torch.device(backend)
-
-
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.Optimizer:
-    # Decay matrices only: decaying norms and biases pulls them towards zero for no regularisation benefit.
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(optim.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 @dataclass
@@ -160,24 +103,10 @@ class Trainer:
         self.device = self.dist.device
         self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
         self.resume_from = self.resume_point()  # before loading anything: a bad --resume fails at once
-        seed_everything(config.seed)
-        models = config.paths.models
-        self.model, self.tokenizer = load_mtp_model(
-            models.base, self.storage, recipe.loss.n_heads, recipe.model.head_type
-        )
-        self.model.to(self.device)
-        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
-        frozen = {
-            role: FROZEN_LOADERS[role](getattr(models, role), self.storage).to(self.device)
-            for role in contract.algorithm(recipe.train.algo).frozen
-        }
-        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
+        trainable = self.build_models()
         # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
-        trainable = self.algorithm.trainable_modules()
         self.modules = torch.nn.ModuleDict({"model": self.model, **trainable})
-        self.modules.to(self.device)
-        # Before the optimizer is built: sharding turns the parameters into DTensors.
-        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
+        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
@@ -201,6 +130,34 @@ class Trainer:
         self.console = Console(stderr=True)
         # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
         self.reporter = Reporter.from_env() if self.dist.is_main else None
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        """The model, the frozen models the algorithm asks for and the algorithm, on the device and parallelized;
+        returns the algorithm's trainable modules. Distributed, every rank builds each model empty (on the meta
+        device) and rank 0 alone reads its weights, which `load_weights` scatters into the shards: no rank but 0
+        ever holds a whole model, and rank 0 one at a time."""
+        config, recipe, storage, empty = self.config, self.recipe, self.storage, self.dist.enabled
+        models, heads = config.paths.models, (recipe.loss.n_heads, recipe.model.head_type)
+        check_vocabularies(models, contract.algorithm(recipe.train.algo).frozen, storage)
+        seed_everything(config.seed)
+        self.model, self.tokenizer = load_mtp_model(models.base, storage, *heads, empty=empty)
+        readers = {self.model: lambda: load_mtp_model(models.base, storage, *heads)[0].state_dict()}
+        frozen = {}
+        for role in contract.algorithm(recipe.train.algo).frozen:
+            load = functools.partial(FROZEN_LOADERS[role], getattr(models, role), storage)
+            frozen[role] = load(empty=empty)
+            readers[frozen[role]] = lambda load=load: load().state_dict()
+        # The algorithm's own modules start from the same numbers on every rank, however the models were built.
+        seed_everything(config.seed)
+        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
+        trainable = self.algorithm.trainable_modules()
+        for module in [*trainable.values(), *([] if empty else readers)]:
+            module.to(self.device)
+        # Before the optimizer is built: sharding turns the parameters into DTensors.
+        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
+        for module, read in readers.items() if empty else ():
+            load_weights(module, read, self.dist)
+        return trainable
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"

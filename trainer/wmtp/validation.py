@@ -40,6 +40,18 @@ def _check_location(storage: Storage, what: str, uri: str, report: Report) -> No
         report.problems.append(f"{what}: {uri} — {status.lower() if status == 'MISSING' else status}")
 
 
+def _check_vocabularies(storage: Storage, config: Config, recipe: Recipe, report: Report) -> None:
+    """The models' vocabularies and tokenizers must match: read from config and tokenizer files, never weights."""
+    from wmtp.models import vocabulary_problems
+
+    try:
+        problems = vocabulary_problems(config.paths.models, contract.algorithm(recipe.train.algo).frozen, storage)
+    except ConfigError as err:
+        problems = [str(err)]
+    report.rows.append(("vocabularies", "MISMATCH" if problems else "match", "from config and tokenizer files"))
+    report.problems += problems
+
+
 def validate_run(config_path: str, recipe_path: str, storage: Storage | None = None) -> Report:
     report = Report()
     for loader, path, attr in ((load_config, config_path, "config"), (load_recipe, recipe_path, "recipe")):
@@ -62,6 +74,8 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
             needed[contract.MODEL_ROLES[role].name] = getattr(models, role)
     for what, uri in needed.items():
         _check_location(storage, what, uri, report)
+    if all(row[2] == "found" for row in report.rows):
+        _check_vocabularies(storage, config, recipe, report)
     for source in recipe.data.sources:
         if source.name in config.paths.datasets:
             _check_location(
