@@ -127,10 +127,7 @@ class CheckpointManager:
         self.latest: Location | None = None  # the newest committed checkpoint of this process (or resumed from)
         self.bytes_read = 0  # by the last load, from the store, on this rank
         self._in_flight: Future[Location] | None = None
-        from torch.distributed.checkpoint.staging import BlockingAsyncStager
-
-        # Reusing one pinned host copy needs CUDA; on CPU each save stages into a fresh copy.
-        self._stager = BlockingAsyncStager(cache_staged_state_dict=torch.cuda.is_available())
+        self._host_copy: Any = None  # this rank's state in host memory, allocated once and refilled per save
 
     def due(self, step: int) -> bool:
         return step % self.save_interval == 0
@@ -142,7 +139,7 @@ class CheckpointManager:
         self.wait()
         started = time.perf_counter()
         modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
-        staged = self._stager.stage({**_split(modules_sd), "optimizer": optim_sd})
+        staged = self._stage({**_split(modules_sd), "optimizer": optim_sd})
         trainer_state = {"step": step, "fingerprint": self.fingerprint}
         trainer_state |= {name: part.state_dict() for name, part in self.states.items()}
         files = {f"rng_rank{self.rank}.json": json.dumps(rng_state()).encode()}
@@ -155,6 +152,16 @@ class CheckpointManager:
             target=self._write, args=(future, step, staged, files, stall), name=f"checkpoint-{step}", daemon=True
         )
         thread.start()
+
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Copy `state` into the host copy, allocated on the first save (pinned with CUDA) and refilled in place
+        after: fresh memory would cost a page fault per page on every save. Safe because the previous save has
+        finished writing by the time the next one stages (one in flight)."""
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        if self._host_copy is None:
+            self._host_copy = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state, self._host_copy)
 
     def _write(self, future: Future[Location], step: int, staged: Any, files: dict[str, bytes], stall: float) -> None:
         """The background half of a save: every rank's files, then (rank 0) the marker listing them all."""
