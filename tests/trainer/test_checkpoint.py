@@ -257,6 +257,16 @@ def test_a_trainer_state_that_does_not_match_its_digest_is_refused(store: Checkp
         _manager(store).load(location)
 
 
+def test_a_shard_corrupted_in_place_is_one_checkpoint_error_not_a_torch_exception(store: CheckpointStore) -> None:
+    location = save(_manager(store), 3)
+    shard = location / "__0_0.distcp"
+    data = store.storage.read_bytes(shard)
+    store.storage.write_bytes(shard, bytes(len(data)))  # the same size, every byte zero: only loading can tell
+    with pytest.raises(CheckpointError, match=r"cannot be loaded: ") as caught:
+        _manager(store).load(location)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
 def test_training_goes_on_while_a_save_is_written_and_commits_only_when_every_file_is(
     store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,3 +312,21 @@ def test_manager_refuses_a_checkpoint_of_another_fingerprint_unless_allowed(stor
     with pytest.raises(CheckpointError, match=r"different config or recipe.*--allow-config-change"):
         _manager(store, fingerprint="xyz").load(location)
     assert _manager(store, fingerprint="xyz").load(location, allow_fingerprint_change=True) == 10
+
+
+def test_checkpoints_list_shows_a_damaged_checkpoint_and_the_others(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wmtp.cli import app
+
+    store = CheckpointStore(str(tmp_path / "run"), Storage())
+    for step in (10, 20, 30):
+        fake_checkpoint(store, step)
+    damage(store, 20, "missing shard")
+    damage(store, 30, "empty marker")
+    listed = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["checkpoints", "list", str(store.root.path)])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split("│")[1].strip(): line for line in listed.output.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["10"]
+    assert "DAMAGED: __1_0.distcp is missing" in rows["20"]
+    assert "DAMAGED" in rows["30"] and "unreadable (empty)" in rows["30"]

@@ -87,7 +87,8 @@ def _first_failure(err: BaseException) -> str:
     """One line for DCP's CheckpointException, which carries every rank's exception and traceback."""
     failures = getattr(err, "failures", None) or {}
     inner = next(iter(failures.values()))[0] if failures else err
-    return str(inner) if isinstance(inner, CheckpointError) else f"{type(inner).__name__}: {inner}"
+    text = str(inner) if isinstance(inner, CheckpointError) else f"{type(inner).__name__}: {inner}"
+    return " ".join(text.split())
 
 
 def _dcp() -> Any:
