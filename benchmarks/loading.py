@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace, ranks: int, mode: str, model: Path) -> list[in
            f"--mode={mode}", f"--model={model}"]  # fmt: skip
     env = {**os.environ, **TIGHT_MALLOC, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    # The ranks share one stdout: their lines may run into each other.
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^}]*\})", proc.stdout)]
     if proc.returncode != 0 or len(results) != ranks:
         sys.exit(f"{mode} on {ranks} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return [r["peak"] for r in sorted(results, key=lambda r: r["rank"])]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -66,7 +67,8 @@ def run(args: argparse.Namespace, ranks: int, endpoint: str) -> list[dict[str, f
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", __file__,
            *sizes, f"--endpoint={endpoint}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    # The ranks share one stdout: their lines may run into each other.
+    results = [json.loads(found) for found in re.findall(r"RESULT (\{[^}]*\})", proc.stdout)]
     if proc.returncode != 0 or len(results) != ranks:
         sys.exit(f"{ranks} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return sorted(results, key=lambda r: r["rank"])
