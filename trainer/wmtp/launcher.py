@@ -104,14 +104,24 @@ def _kill(pid: int, signum: int) -> None:
         os.kill(pid, signum)
 
 
+def _writable(path: Path | None) -> Path | None:
+    """`path`, emptied of anything an earlier run left, or None if it cannot be written."""
+    if path is None:
+        return None
+    try:
+        path.write_bytes(b"")
+    except OSError as err:
+        log.warning("cannot write the termination message to %s: %s", path, err)
+        return None
+    return path
+
+
 def launch(torchrun_args: list[str], grace_seconds: float = DEFAULT_GRACE_SECONDS) -> int:
     """Run `torchrun <torchrun_args>` to the end; returns the exit code the container should have."""
-    final = termination_log()
     with tempfile.TemporaryDirectory(prefix="wmtp-launch-") as tmp:
         # The workers write their message where the kubelet reads it (a kill after the grace period then still
         # leaves their word), or, where there is no such file, somewhere the launcher can read it.
-        message_file = final or Path(tmp) / "termination-log"
-        message_file.write_bytes(b"")  # nothing stale from an earlier run
+        message_file = _writable(termination_log()) or Path(tmp) / "termination-log"
         env = {**os.environ, ENV_TERMINATION_LOG: str(message_file)}
         command = [sys.executable, "-m", "torch.distributed.run", *torchrun_args]
         # A session of its own: a terminal's Ctrl-C reaches the launcher alone, which passes it on as SIGTERM.

@@ -180,17 +180,13 @@ class CheckpointManager:
                     stream.write(data)
             writer = ShardWriter(location, self.store.storage, written)
             _dcp().save(staged, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            everyone = self._gather(written.records())
             if self.rank == 0:
-                records: dict[str, FileRecord] = {}
-                for part in self._gather(written.records()):
-                    records |= part
-                self.store.commit(step, records)
+                self.store.commit(step, {name: record for part in everyone for name, record in part.items()})
                 log.info(
                     "checkpoint saved step=%d uri=%s stall_seconds=%.3f write_seconds=%.2f",
                     step, location.uri, stall, time.perf_counter() - started,
                 )  # fmt: skip
-            else:
-                self._gather(written.records())
             # Every rank's save ends with the commit: a rank that stops after `wait` never leaves rank 0 mid-commit
             # (torchrun's agent kills the other workers 30 s after the first one exits).
             self._barrier()
