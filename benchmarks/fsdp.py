@@ -70,7 +70,7 @@ def worker(args: argparse.Namespace) -> None:
     from wmtp.data import Batch, head_labels
     from wmtp.distributed import full_tensor, init_distributed, parallelize
     from wmtp.models import MTPModel
-    from wmtp.train import build_optimizer
+    from wmtp.optim import build_optimizer
 
     dist = init_distributed(DistributedSettings(enabled=True), torch.device(args.device))
     bf16 = args.device == "cuda" and not args.no_bf16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,11 +51,30 @@ def write_run_files(
     return config_path, recipe_path
 
 
-def train_cli(config: Path, recipe: Path, *extra: str, nproc: int | None = None) -> subprocess.Popen:
-    """`wmtp train` in a subprocess, under `torchrun --standalone --nproc_per_node nproc` when nproc is given."""
+SLOW_COMMIT = Path(__file__).parent / "slow_commit"  # a sitecustomize.py: see its docstring
+
+
+def train_cli(
+    config: Path,
+    recipe: Path,
+    *extra: str,
+    nproc: int | None = None,
+    launch: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """`wmtp train` in a subprocess, under `torchrun --standalone --nproc_per_node nproc` when nproc is given, and
+    that under `wmtp launch <launch> --` when `launch` is given (a list of its options, maybe empty)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    if launch is not None:
+        launcher = ["-m", "wmtp", "launch", *launch, "--", "--standalone", f"--nproc_per_node={nproc or 1}"]
     cmd = [sys.executable, *launcher, "-m", "wmtp", "train", "-c", str(config), "-r", str(recipe), *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def slow_commit_env(seconds: float, from_step: int, **extra: str) -> dict[str, str]:
+    """The environment for a subprocess whose commits of checkpoints from `from_step` on take `seconds` longer."""
+    path = os.pathsep.join(p for p in (str(SLOW_COMMIT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "WMTP_TEST_COMMIT_DELAY": f"{seconds}:{from_step}", **extra}
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

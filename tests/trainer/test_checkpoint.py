@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointManager, CheckpointStore, step_dir_name
+from wmtp.checkpoint import (
+    COMMITTED,
+    STATE_FILE,
+    CheckpointError,
+    CheckpointManager,
+    CheckpointStore,
+    FileRecord,
+    step_dir_name,
+)
 from wmtp.checkpoint.manager import rng_state, set_rng_state
-from wmtp.storage import Storage
+from wmtp.storage import Location, Storage
 
 
 @pytest.fixture(params=["file", "s3"])
@@ -21,9 +31,10 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> CheckpointStore:
 
 
 def fake_checkpoint(store: CheckpointStore, step: int, committed: bool = True) -> None:
-    store.storage.write_bytes(store.step_location(step) / "__0_0.distcp", b"shard")
+    for name in ("__0_0.distcp", "__1_0.distcp"):
+        store.storage.write_bytes(store.step_location(step) / name, b"shard")
     if committed:
-        store.commit(step, ["__0_0.distcp"])
+        store.commit(step, {"__0_0.distcp": FileRecord(5), "__1_0.distcp": FileRecord(5)})
 
 
 def steps(store: CheckpointStore, **kwargs: bool) -> list[int]:
@@ -73,7 +84,7 @@ def test_missing_step_lists_the_steps_that_exist(store: CheckpointStore) -> None
 
 def test_auto_starts_fresh_but_latest_fails_on_an_empty_store(store: CheckpointStore) -> None:
     assert store.resolve("auto") is None
-    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+    with pytest.raises(CheckpointError, match="no intact committed checkpoint"):
         store.resolve("latest")
 
 
@@ -87,22 +98,77 @@ def test_prune_keeps_the_newest_and_removes_older_leftovers(store: CheckpointSto
     assert not store.storage.exists(store.step_location(10))
 
 
-def test_prune_protects_the_resumed_checkpoint_until_a_newer_one_commits(store: CheckpointStore) -> None:
-    fake_checkpoint(store, 10)
-    fake_checkpoint(store, 20)
-    store.prune(keep_last=1, protect=store.step_location(20))
-    assert steps(store) == [20]
-    store.prune(keep_last=1, protect=store.step_location(30))
-    assert steps(store) == [20]
-    fake_checkpoint(store, 30)
-    store.prune(keep_last=1, protect=store.step_location(20))
-    assert steps(store) == [30]
-
-
-def test_commit_marker_records_time_and_files(store: CheckpointStore) -> None:
+def test_commit_marker_records_time_and_every_file_with_its_size(store: CheckpointStore) -> None:
     fake_checkpoint(store, 10)
     marker = json.loads(store.storage.read_bytes(store.step_location(10) / COMMITTED))
-    assert marker["step"] == 10 and marker["files"] == ["__0_0.distcp"] and marker["time"] > 0
+    assert marker["step"] == 10 and marker["time"] > 0
+    assert marker["files"] == {"__0_0.distcp": {"size": 5}, "__1_0.distcp": {"size": 5}}
+
+
+def damage(store: CheckpointStore, step: int, how: str) -> str:
+    """Break checkpoint `step` as a real store can; returns what the error must say."""
+    location = store.step_location(step)
+    if how == "missing shard":
+        store.storage.delete(location / "__1_0.distcp")
+        return "__1_0.distcp is missing"
+    if how == "truncated shard":
+        store.storage.write_bytes(location / "__1_0.distcp", b"sh")
+        return "__1_0.distcp has 2 bytes, the marker says 5"
+    store.storage.write_bytes(location / COMMITTED, b"")
+    return f"its {COMMITTED} marker is unreadable (empty)"
+
+
+DAMAGE = ["missing shard", "truncated shard", "empty marker"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_a_damaged_checkpoint_is_one_clear_error_when_named(store: CheckpointStore, how: str) -> None:
+    fake_checkpoint(store, 10)
+    fake_checkpoint(store, 20)
+    expected = damage(store, 20, how)
+    for spec in ("step_20", store.step_location(20).uri):
+        with pytest.raises(CheckpointError) as caught:
+            store.resolve(spec)
+        message = str(caught.value)
+        assert message.startswith(f"--resume {spec}: ") and "damaged checkpoint" in message and expected in message
+        assert "\n" not in message
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_auto_and_latest_skip_a_damaged_checkpoint_and_list_shows_the_others(store: CheckpointStore, how: str) -> None:
+    for step in (10, 20, 30):
+        fake_checkpoint(store, step)
+    damage(store, 30, how)
+    assert store.resolve("auto") == store.step_location(20)
+    assert store.resolve("latest") == store.step_location(20)
+    assert store.latest().step == 20
+    listed = store.list()
+    assert [info.step for info in listed] == [10, 20, 30]
+    assert [info.problem is not None for info in listed] == [False, False, how == "empty marker"]
+
+
+def test_an_empty_marker_never_hides_the_other_checkpoints_from_prune(store: CheckpointStore) -> None:
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(store, step)
+    damage(store, 20, "empty marker")
+    store.prune(keep_last=1)
+    assert steps(store, include_uncommitted=True) == [40]
+
+
+def test_prune_never_deletes_the_reported_or_the_resumed_checkpoint(store: CheckpointStore) -> None:
+    for step in (10, 20, 30, 40):
+        fake_checkpoint(store, step)
+    store.prune(keep_last=1, protect=(store.step_location(10), store.step_location(30), None))
+    assert steps(store) == [10, 30, 40]
+
+
+def test_newest_intact_says_which_newer_ones_it_skipped(store: CheckpointStore) -> None:
+    fake_checkpoint(store, 10)
+    fake_checkpoint(store, 20)
+    damage(store, 20, "missing shard")
+    skipped: list[str] = []
+    assert store.newest_intact(skipped) == store.step_location(10)
+    assert len(skipped) == 1 and "__1_0.distcp is missing" in skipped[0]
 
 
 def test_rng_state_round_trips_through_json() -> None:
@@ -139,14 +205,26 @@ def _manager(store: CheckpointStore, fingerprint: str = "abc") -> CheckpointMana
     )  # fmt: skip
 
 
-def test_manager_restores_every_named_part(store: CheckpointStore) -> None:
-    saver = _manager(store)
-    module, optimizer = saver.modules, saver.optimizer
+def train_a_little(manager: CheckpointManager) -> None:
+    module, optimizer = manager.modules, manager.optimizer
     for _ in range(3):
         module["value_head"](module["model"](torch.randn(2, 4))).sum().backward()
         optimizer.step()
+
+
+def save(manager: CheckpointManager, step: int) -> Location:
+    manager.save(step)
+    location = manager.wait()
+    assert location is not None
+    return location
+
+
+def test_manager_restores_every_named_part(store: CheckpointStore) -> None:
+    saver = _manager(store)
+    train_a_little(saver)
+    module, optimizer = saver.modules, saver.optimizer
     saver.states["counter"].value = 7
-    location = saver.save(3)
+    location = save(saver, 3)
 
     loader = _manager(store)
     assert loader.load(location) == 3
@@ -158,11 +236,97 @@ def test_manager_restores_every_named_part(store: CheckpointStore) -> None:
     for key in saved_opt:
         for name in saved_opt[key]:
             assert torch.equal(saved_opt[key][name], loaded_opt[key][name])
-    assert store.is_committed(location)
+    assert loader.resumed_from == location and loader.bytes_read > 0
+
+
+def test_the_marker_lists_every_file_written_with_its_size_and_digest(store: CheckpointStore) -> None:
+    location = save(_manager(store), 3)
+    marker = store.verify(location)
+    names = set(store.storage.list_dir(location)) - {COMMITTED}
+    assert set(marker.files) == names and {".metadata", STATE_FILE, "rng_rank0.json", "__0_0.distcp"} <= names
+    for name, record in marker.files.items():
+        assert record.size == store.storage.size(location / name)
+        assert record.sha256 == hashlib.sha256(store.storage.read_bytes(location / name)).hexdigest()
+
+
+def test_a_trainer_state_that_does_not_match_its_digest_is_refused(store: CheckpointStore) -> None:
+    location = save(_manager(store), 3)
+    state = store.storage.read_bytes(location / STATE_FILE)
+    store.storage.write_bytes(location / STATE_FILE, state.replace(b'"value": 0', b'"value": 9'))
+    with pytest.raises(CheckpointError, match="does not match the marker's SHA-256"):
+        _manager(store).load(location)
+
+
+def test_a_shard_corrupted_in_place_is_one_checkpoint_error_not_a_torch_exception(store: CheckpointStore) -> None:
+    location = save(_manager(store), 3)
+    shard = location / "__0_0.distcp"
+    data = store.storage.read_bytes(shard)
+    store.storage.write_bytes(shard, bytes(len(data)))  # the same size, every byte zero: only loading can tell
+    with pytest.raises(CheckpointError, match=r"cannot be loaded: ") as caught:
+        _manager(store).load(location)
+    assert "\n" not in str(caught.value) and "Traceback" not in str(caught.value)
+
+
+def test_training_goes_on_while_a_save_is_written_and_commits_only_when_every_file_is(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release = threading.Event()
+    original = CheckpointStore.commit
+
+    def slow_commit(self: CheckpointStore, step: int, files: dict[str, FileRecord]) -> Location:
+        assert release.wait(30)
+        return original(self, step, files)
+
+    monkeypatch.setattr(CheckpointStore, "commit", slow_commit)
+    manager = _manager(store)
+    manager.save(10)
+    train_a_little(manager)  # the staged copy is what gets written, not these newer weights
+    assert manager.poll() is None and not store.is_committed(store.step_location(10))
+    release.set()
+    assert manager.wait() == store.step_location(10)
+    assert manager.poll() is None  # reported once
+
+    loader = _manager(store)
+    loader.load(store.step_location(10))
+    fresh = _manager(store)
+    for a, b in zip(fresh.modules.state_dict().values(), loader.modules.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_save_that_fails_in_the_background_surfaces_and_commits_nothing(
+    store: CheckpointStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr("wmtp.checkpoint.manager.ShardWriter.write_data", broken)
+    manager = _manager(store)
+    manager.save(10)
+    with pytest.raises(CheckpointError, match=r"saving a checkpoint failed: .*disk full"):
+        manager.wait()
+    assert not store.is_committed(store.step_location(10))
 
 
 def test_manager_refuses_a_checkpoint_of_another_fingerprint_unless_allowed(store: CheckpointStore) -> None:
-    location = _manager(store, fingerprint="abc").save(10)
+    location = save(_manager(store, fingerprint="abc"), 10)
     with pytest.raises(CheckpointError, match=r"different config or recipe.*--allow-config-change"):
         _manager(store, fingerprint="xyz").load(location)
     assert _manager(store, fingerprint="xyz").load(location, allow_fingerprint_change=True) == 10
+
+
+def test_checkpoints_list_shows_a_damaged_checkpoint_and_the_others(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from wmtp.cli import app
+
+    store = CheckpointStore(str(tmp_path / "run"), Storage())
+    for step in (10, 20, 30):
+        fake_checkpoint(store, step)
+    damage(store, 20, "missing shard")
+    damage(store, 30, "empty marker")
+    listed = CliRunner(env={"COLUMNS": "300"}).invoke(app, ["checkpoints", "list", str(store.root.path)])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split("│")[1].strip(): line for line in listed.output.splitlines() if line.count("│") > 3}
+    assert "yes" in rows["10"]
+    assert "DAMAGED: __1_0.distcp is missing" in rows["20"]
+    assert "DAMAGED" in rows["30"] and "unreadable (empty)" in rows["30"]

@@ -25,10 +25,11 @@ import pytest
 import torch
 
 from support.runs import checkpoint_tensors, train_cli, wait_for_file, write_run_files
+from support.s3 import CountingS3Server
 from wmtp.checkpoint import COMMITTED, CheckpointStore, step_dir_name
-from wmtp.config import load
+from wmtp.config import S3Settings, load
 from wmtp.models import MTPModel
-from wmtp.storage import Storage
+from wmtp.storage import Storage, parse_uri
 from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
@@ -265,3 +266,46 @@ def test_a_hung_rank_fails_the_others_after_the_configured_timeout(work: Path, t
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0, output
     assert TIMEOUT_S - 1 < waited < TIMEOUT_S + 10, output
+
+
+@pytest.fixture(scope="module")
+def counting_s3() -> Iterator[CountingS3Server]:
+    server = CountingS3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_two_rank_resume_from_s3_reads_only_its_own_shards_and_ends_bit_identical(
+    work: Path, tiny_models: dict[str, Path], counting_s3: CountingS3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    storage = Storage(S3Settings(endpoint_url=counting_s3.url))
+    storage.s3.create_bucket(Bucket="resume")
+    roots = {name: f"s3://resume/{name}" for name in ("straight", "resumed")}
+    runs = {
+        name: scenario_files(work, tiny_models, "baseline-mtp", f"s3-{name}", 2, **{
+            "s3.endpoint_url": counting_s3.url, "checkpointing.checkpoint_path": root})[:2]
+        for name, root in roots.items()
+    }  # fmt: skip
+    run_to_end(train_cli(*runs["straight"], nproc=2))
+    start = f"{roots['straight']}/test-baseline-mtp/{step_dir_name(RESUME_AT)}"
+    counting_s3.served.clear()
+    run_to_end(train_cli(*runs["resumed"], "--resume", start, nproc=2))
+
+    shards = {o.rel: o.size for o in storage.objects(parse_uri(start)) if o.rel.endswith(".distcp")}
+    read = [s for s in counting_s3.gets(".distcp") if s.path.startswith("/resume/straight/")]
+    assert len(shards) == 2 and {s.path.rsplit("/", 1)[1] for s in read} == set(shards)
+    assert all(s.range for s in read)  # byte ranges of tensors, never a whole file
+    # Each rank reads its own half: both ranks together read each shard once (a download per rank reads it twice).
+    assert sum(s.bytes for s in read) <= 1.1 * sum(shards.values())
+
+    finals = {}
+    for name, root in roots.items():
+        local = work / f"s3-{name}-final"
+        storage.download(parse_uri(f"{root}/test-baseline-mtp/{step_dir_name(STEPS)}"), local)
+        finals[name] = checkpoint_tensors(local)
+    assert finals["straight"].keys() == finals["resumed"].keys()
+    assert all(torch.equal(finals["straight"][k], finals["resumed"][k]) for k in finals["straight"])

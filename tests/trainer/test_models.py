@@ -1,22 +1,29 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from typer.testing import CliRunner
 
+from support import sharded_load as sharded
+from wmtp.cli import app
+from wmtp.config import ModelPaths
 from wmtp.models import (
     MTPModel,
     build_tiny_models,
+    build_tiny_tokenizer,
     load_mtp_model,
     load_reference_model,
     load_reward_model,
     load_tokenizer,
+    vocabulary_problems,
 )
-from wmtp.storage import Storage, parse_uri
+from wmtp.storage import Location, Storage, parse_uri
 
 VOCAB = 96
 
@@ -172,3 +179,122 @@ def test_load_from_s3_matches_the_local_load(tiny_models: dict[str, Path], s3_st
     assert remote_tok(text)["input_ids"] == local_tok(text)["input_ids"]
     ids = torch.tensor([local_tok(text)["input_ids"]])
     assert_same(outputs(remote, ids), outputs(local, ids))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_loading_gives_the_same_models_as_a_full_load(
+    world: int, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    models = {role: str(path) for role, path in tiny_models.items()}
+    loaded = sharded.sharded_load(models, world, tmp_path / "outputs.pt")
+    storage = Storage()
+    full = {
+        "base": load_mtp_model(models["base"], storage, sharded.N_HEADS, sharded.HEAD_TYPE)[0],
+        "ref": load_reference_model(models["ref"], storage),
+        "rm": load_reward_model(models["rm"], storage),
+    }
+    ids = sharded.batch(full["base"].vocab_size)
+    for role, model in full.items():
+        assert torch.equal(loaded[role], sharded.outputs(role, model, ids)), role
+
+
+def recorded_downloads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the files Storage downloads from now on."""
+    fetched: list[str] = []
+    download = Storage.download
+
+    def recording(self: Storage, loc: Location, dest: Path) -> Path:
+        fetched.append(loc.name)
+        return download(self, loc, dest)
+
+    monkeypatch.setattr(Storage, "download", recording)
+    return fetched
+
+
+def test_an_empty_model_has_the_structure_and_no_weights(tiny_models: dict[str, Path]) -> None:
+    empty, _ = load_mtp_model(str(tiny_models["base"]), Storage(), n_heads=3, head_type="linear", empty=True)
+    full, _ = load_mtp_model(str(tiny_models["base"]), Storage(), n_heads=3, head_type="linear")
+    assert {k: v.shape for k, v in empty.state_dict().items()} == {k: v.shape for k, v in full.state_dict().items()}
+    assert all(p.is_meta for p in empty.parameters())
+    for (name, buffer), (_, expected) in zip(empty.named_buffers(), full.named_buffers(), strict=True):
+        assert torch.equal(buffer, expected), name  # computed, not loaded: real values already
+
+
+def test_an_empty_model_from_s3_downloads_no_weights(
+    tiny_models: dict[str, Path], s3_storage: Storage, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s3_storage.upload(tiny_models["base"], parse_uri(f"s3://{s3_bucket}/base"))
+    fetched: list[str] = []
+    download = Storage.download
+    monkeypatch.setattr(
+        Storage, "download", lambda self, loc, dest: fetched.append(loc.name) or download(self, loc, dest)
+    )
+    model, tokenizer = load_mtp_model(f"s3://{s3_bucket}/base", s3_storage, 2, "block", empty=True)
+    assert all(p.is_meta for p in model.parameters()) and len(tokenizer) > 0
+    assert "config.json" in fetched and not [name for name in fetched if name.endswith(".safetensors")]
+
+
+@pytest.fixture
+def mismatched(tiny_models: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
+    """Reference models that cannot train with the tiny base: another vocabulary size, another tokenizer."""
+    other_size = tmp_path / "other-size"
+    shutil.copytree(tiny_models["ref"], other_size)
+    config = json.loads((other_size / "config.json").read_text())
+    (other_size / "config.json").write_text(json.dumps({**config, "vocab_size": 600}))
+    build_tiny_tokenizer(vocab_size=600).save_pretrained(other_size)
+
+    other_tokenizer = tmp_path / "other-tokenizer"
+    shutil.copytree(tiny_models["ref"], other_tokenizer)
+    spec = json.loads((other_tokenizer / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # same size, two tokens swapped
+    (other_tokenizer / "tokenizer.json").write_text(json.dumps(spec))
+    return {"size": other_size, "tokenizer": other_tokenizer}
+
+
+def base_vocabulary(tiny_models: dict[str, Path]) -> int:
+    return json.loads((tiny_models["base"] / "config.json").read_text())["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("size", "paths.models.ref ({ref}) (a vocabulary of 600, a tokenizer of 600 tokens) does not match "
+                 "paths.models.base ({base}) (a vocabulary of {size}, a tokenizer of {size} tokens): the reference "
+                 "model must share the base model's vocabulary"),
+        ("tokenizer", "the tokenizers differ; the reference model must share the base model's tokenizer"),
+    ],
+)  # fmt: skip
+def test_models_that_cannot_train_together_are_refused_by_validate_and_by_train(
+    kind: str, expected: str, mismatched: dict[str, Path], tiny_models: dict[str, Path], run_files
+) -> None:
+    ref, base = mismatched[kind], tiny_models["base"]
+    message = expected.format(ref=ref, base=base, size=base_vocabulary(tiny_models))
+    config, recipe = run_files("rho1-wmtp", **{"paths.models.ref": str(ref)})
+    runner = CliRunner(env={"COLUMNS": "400"})
+
+    validated = runner.invoke(app, ["validate", "-c", str(config), "-r", str(recipe)])
+    assert validated.exit_code == 1
+    assert message in " ".join(validated.output.split())
+    assert "MISMATCH" in validated.output
+
+    trained = runner.invoke(app, ["train", "-c", str(config), "-r", str(recipe)])
+    assert trained.exit_code == 2
+    assert message in " ".join(trained.output.split())
+
+
+def test_models_that_fit_pass_and_the_check_reads_no_weights(
+    tiny_models: dict[str, Path], s3_storage: Storage, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for role in ("base", "ref", "rm"):
+        s3_storage.upload(tiny_models[role], parse_uri(f"s3://{s3_bucket}/{role}"))
+    fetched: list[str] = []
+    download = Storage.download
+    monkeypatch.setattr(
+        Storage, "download", lambda self, loc, dest: fetched.append(loc.name) or download(self, loc, dest)
+    )
+    models = ModelPaths(**{role: f"s3://{s3_bucket}/{role}" for role in ("base", "ref", "rm")})
+    assert vocabulary_problems(models, ["ref", "rm"], s3_storage) == []
+    assert fetched and not [name for name in fetched if name.endswith(".safetensors")]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
+from support.sharded_load import batch, outputs, sharded_load
 from wmtp.cli import app
 from wmtp.models import MTPModel, load_mtp_model
 from wmtp.models.native import is_native_dir, load_native
@@ -248,6 +249,13 @@ def test_convert_then_load_gives_identical_logits_and_tokens(native: dict, tmp_p
     assert tokenizer.pad_token_id == native_tok.pad_token_id
     ids = torch.tensor([native_tok(TEXT)["input_ids"]])
     assert_same(logits(model, ids), logits(native_model, ids))
+
+
+@pytest.mark.slow
+def test_native_shards_loaded_sharded_over_two_ranks_give_the_same_model(native: dict, tmp_path: Path) -> None:
+    sharded = sharded_load({"base": str(native["two"])}, 2, tmp_path / "outputs.pt")
+    whole, _ = load_native(native["one"])
+    assert torch.equal(sharded["base"], outputs("base", whole, batch(whole.vocab_size)))
 
 
 def test_native_checkpoint_loads_from_s3(native: dict, s3_storage: Storage, s3_bucket: str) -> None:

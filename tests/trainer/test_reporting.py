@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from wmtp.reporting import Reporter
+from wmtp.contract import REPORTED_FIELDS, STOP_FAILED, STOP_PREEMPTED, TERMINATION_FIELDS, TERMINATION_MESSAGE_MAX
+from wmtp.reporting import Reporter, Termination, read_termination, termination_log, write_termination
 
 STATUS_PATH = "/apis/wmtp.io/v1alpha1/namespaces/team-a/wmtpruns/tiny-rho1/status"
 
@@ -60,8 +62,9 @@ def test_report_merge_patches_step_loss_and_checkpoint_with_the_service_account_
 ) -> None:
     token = tmp_path / "token"
     token.write_text("first-token\n")
-    reporter = Reporter(api.url, token_file=token)
-    assert reporter.report(1000, 2.5, "s3://b/c/tiny-rho1/checkpoint_step_00001000")
+    reporter = Reporter(api.url, attempt=3, token_file=token)
+    checkpoint = "s3://b/c/tiny-rho1/checkpoint_step_00001000"
+    assert reporter.report(1000, 2.5, checkpoint)
     token.write_text("rotated-token")  # projected tokens rotate; the next request must use the new one
     assert reporter.report(1010, float("nan"))
 
@@ -69,11 +72,16 @@ def test_report_merge_patches_step_loss_and_checkpoint_with_the_service_account_
     assert first["path"] == STATUS_PATH
     assert first["headers"]["Content-Type"] == "application/merge-patch+json"
     assert first["headers"]["Authorization"] == "Bearer first-token"
+    # Only status.report, with every field, so that nothing of an older attempt's report survives the merge.
     assert first["body"] == {
-        "status": {"step": 1000, "loss": 2.5, "latestCheckpoint": "s3://b/c/tiny-rho1/checkpoint_step_00001000"}
+        "status": {"report": {"attempt": 3, "step": 1000, "loss": 2.5, "latestCheckpoint": checkpoint}}
     }
+    assert set(first["body"]["status"]["report"]) == set(REPORTED_FIELDS)
     assert second["headers"]["Authorization"] == "Bearer rotated-token"
-    assert second["body"] == {"status": {"step": 1010}}  # a NaN loss is not JSON; it is left out
+    # A NaN loss is not JSON: null. The newest checkpoint is repeated in every report.
+    assert second["body"] == {
+        "status": {"report": {"attempt": 3, "step": 1010, "loss": None, "latestCheckpoint": checkpoint}}
+    }
 
 
 def test_a_failed_report_warns_once_never_raises_and_pauses_step_reports_but_not_checkpoints(
@@ -85,7 +93,7 @@ def test_a_failed_report_warns_once_never_raises_and_pauses_step_reports_but_not
         assert reporter.report(10, 1.0) is False
         assert reporter.report(20, 1.0) is False  # paused: no request at all
         assert reporter.report(30, 1.0, "s3://b/c/run/checkpoint_step_00000030") is False  # still tried
-    assert [r["body"]["status"]["step"] for r in api.requests] == [10, 30]
+    assert [r["body"]["status"]["report"]["step"] for r in api.requests] == [10, 30]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "403" in warnings[0].getMessage()
 
@@ -108,7 +116,12 @@ def test_an_unreachable_api_server_costs_a_warning_not_the_training_run() -> Non
         ({"WMTP_RUN_NAME": "tiny-rho1"}, None),  # not in a pod
         ({"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, None),  # a pod, but not a run's
         (
-            {"WMTP_RUN_NAME": "tiny-rho1", "WMTP_RUN_NAMESPACE": "team-a", "KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+            {
+                "WMTP_RUN_NAME": "tiny-rho1",
+                "WMTP_RUN_NAMESPACE": "team-a",
+                "KUBERNETES_SERVICE_HOST": "10.0.0.1",
+                "WMTP_ATTEMPT": "2",
+            },
             f"https://10.0.0.1:443{STATUS_PATH}",
         ),
         (
@@ -126,3 +139,30 @@ def test_from_env_finds_the_run_and_the_api_server_of_the_pod(
     assert (reporter.url if reporter else None) == url
     if reporter:
         assert reporter.token_file == tmp_path / "token"
+        assert reporter.attempt == (2 if "WMTP_ATTEMPT" in env else None)
+
+
+def test_the_termination_message_round_trips_with_the_contract_fields(tmp_path: Path) -> None:
+    ended = Termination(STOP_PREEMPTED, 75, "stopped at step 12", 12, "s3://b/run/checkpoint_step_00000012", ["w"])
+    path = write_termination(ended, tmp_path / "termination-log")
+    assert set(json.loads(path.read_bytes())) == set(TERMINATION_FIELDS)
+    assert read_termination(path) == ended
+    assert read_termination(tmp_path / "absent") is None
+    (tmp_path / "garbage").write_bytes(b"{not json")
+    assert read_termination(tmp_path / "garbage") is None
+
+
+def test_the_termination_message_never_exceeds_what_the_kubelet_keeps() -> None:
+    warnings = [f"warning {i}: " + "x" * 400 for i in range(30)]
+    ended = Termination(STOP_FAILED, 1, "boom " * 2000, 5, "file:///c/" + "d" * 3000, warnings)
+    data = ended.to_json()
+    assert len(data) <= TERMINATION_MESSAGE_MAX
+    parsed = json.loads(data)
+    assert parsed["reason"] == STOP_FAILED and parsed["step"] == 5 and parsed["message"].startswith("boom")
+    assert parsed["warnings"][-1].endswith("more warnings)") and parsed["warnings"][0].startswith("warning 0")
+
+
+def test_the_termination_log_is_the_variable_else_the_kubernetes_file_when_writable(tmp_path: Path) -> None:
+    assert termination_log({"WMTP_TERMINATION_LOG": str(tmp_path / "t")}) == tmp_path / "t"
+    expected = Path("/dev/termination-log")
+    assert termination_log({}) == (expected if expected.is_file() and os.access(expected, os.W_OK) else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -15,11 +16,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from support.runs import checkpoint_tensors, train_cli, wait_for_file
-from wmtp.checkpoint import COMMITTED, CheckpointError, CheckpointStore, step_dir_name
+from support.runs import checkpoint_tensors, slow_commit_env, train_cli, wait_for_file
+from wmtp.checkpoint import COMMITTED, STATE_FILE, CheckpointError, CheckpointStore, step_dir_name
 from wmtp.cli import app
-from wmtp.config import load
-from wmtp.contract import ExitCode
+from wmtp.config import config_hash, load
+from wmtp.contract import ENV_TERMINATION_LOG, STOP_PREEMPTED, ExitCode
 from wmtp.storage import Storage
 from wmtp.train import Trainer
 
@@ -211,3 +212,101 @@ def test_checkpoints_cli_lists_and_prunes(run_files, tmp_path: Path) -> None:
     assert pruned.exit_code == 0
     assert sorted(p.name for p in root.iterdir()) == [step_dir_name(30), step_dir_name(35), "final"]
     assert os.path.exists(root / step_dir_name(30) / COMMITTED)
+
+
+def test_an_operator_chosen_resume_falls_back_to_the_newest_intact_checkpoint(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(
+        run_files, tmp_path, "baseline-mtp", "fallback", **{"train.max_steps": 30, "paths.checkpoints.keep_last": 2}
+    )
+    Trainer(*load(config, recipe)).train()
+    pruned = root / step_dir_name(10)  # reported once, pruned since: the operator still names it
+    assert not pruned.exists()
+    (root / step_dir_name(30) / "__0_0.distcp").write_bytes(b"")  # and the newest one is damaged
+    args = ["train", "-c", str(config), "-r", str(recipe), "--resume", pruned.as_uri()]
+
+    named = CliRunner().invoke(app, args)
+    assert named.exit_code == 2
+    assert named.output.count("error:") == 1 and named.output.strip().splitlines()[-1].startswith("error: --resume")
+    assert "not a committed checkpoint" in named.output
+
+    chosen = Trainer(*load(config, recipe), resume=pruned.as_uri(), resume_fallback=True)
+    assert chosen.resume_from.path == str(root / step_dir_name(20))
+    assert len(chosen.warnings) == 1
+    assert "not a committed checkpoint" in chosen.warnings[0]
+    assert chosen.warnings[0].endswith(f"resuming from {(root / step_dir_name(20)).as_uri()} instead")
+    assert chosen.train()["steps"] == 30
+
+
+def test_an_async_save_killed_before_its_commit_is_never_resumed(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "in-flight", **{"train.max_steps": 40})
+    proc = train_cli(config, recipe, env=slow_commit_env(120, 20))  # the save of step 20 stays in flight
+    wait_for_file(root / step_dir_name(20) / STATE_FILE, proc)  # every file written, COMMITTED not yet
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (root / step_dir_name(20) / COMMITTED).exists()
+
+    resumed = train_cli(config, recipe, "--resume", "latest")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, output
+    assert "resumed step=10" in output
+    assert (root / step_dir_name(20) / COMMITTED).exists()  # saved again, from a resumed run
+
+
+def test_sigterm_during_an_in_flight_save_waits_for_it_then_saves_and_stops(run_files, tmp_path: Path) -> None:
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "stopped", **{"train.max_steps": 2000})
+    message = tmp_path / "termination-log"
+    proc = train_cli(config, recipe, env=slow_commit_env(5, 10, **{ENV_TERMINATION_LOG: str(message)}))
+    wait_for_file(root / step_dir_name(10) / STATE_FILE, proc)  # the save of step 10 is in flight
+    assert not (root / step_dir_name(10) / COMMITTED).exists()
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+
+    assert proc.returncode == ExitCode.PREEMPTED, output
+    store = CheckpointStore(str(root), Storage())
+    steps = [info.step for info in store.list()]
+    assert steps[0] == 10 and steps[-1] > 10  # the one in flight, then the one taken on the way out
+    ended = json.loads(message.read_bytes())
+    assert ended["reason"] == STOP_PREEMPTED and ended["checkpoint"] == store.step_location(steps[-1]).uri
+    assert ended["step"] == steps[-1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "blocks"),
+    [
+        # What changes the trajectory blocks a resume...
+        ("paths.models.base", "/models/other", True),
+        ("paths.datasets.humaneval", "/data/other.jsonl", True),
+        ("seed", 8, True),
+        ("train.algo", "rho1-wmtp", True),
+        ("train.grad_accum", 2, True),
+        ("data.batch_size", 16, True),
+        ("data.max_length", 128, True),
+        ("optim.lr", 1e-4, True),
+        ("loss.n_heads", 2, True),
+        ("model.head_type", "linear", True),
+        ("critic.value_coef", 0.1, True),
+        # ...what only runs it never does.
+        ("paths.checkpoints.save_interval", 7, False),
+        ("paths.checkpoints.keep_last", 9, False),
+        ("paths.checkpoints.base_path", "s3://elsewhere/ck", False),
+        ("paths.output_dir", "/elsewhere", False),
+        ("log_interval", 1, False),
+        ("train.eval_interval", 3, False),
+        ("train.max_steps", 999, False),
+        ("train.num_epochs", 4, False),
+        ("devices.distributed", {"enabled": True, "timeout_s": 60}, False),
+        ("devices.fsdp.enabled", True, False),
+        ("devices.mixed_precision", "bf16", False),
+        ("mlflow.experiment", "other", False),
+        ("s3.endpoint_url", "http://127.0.0.1:9000", False),
+        ("run.tags", {"team": "a"}, False),
+        ("checkpointing.auto_resume_latest", True, False),
+    ],
+)
+def test_the_resume_guard_compares_only_what_changes_the_trajectory(
+    run_files, field: str, value: object, blocks: bool
+) -> None:
+    before = config_hash(*load(*run_files("baseline-mtp")))
+    after = config_hash(*load(*run_files("baseline-mtp", **{field: value})))
+    assert (after != before) == blocks

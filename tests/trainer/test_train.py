@@ -1,14 +1,22 @@
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import mlflow
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from support.runs import checkpoint_tensors, train_cli
+from support.waiting import free_port
+from wmtp.checkpoint import FINAL_ALGORITHM
 from wmtp.config import load
-from wmtp.train import Trainer, build_scheduler
+from wmtp.optim import build_scheduler
+from wmtp.tracking import CONTINUES_TAG, default_tracking_uri
+from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +48,18 @@ def test_each_algorithm_trains_and_heldout_loss_falls(algo: str, run_files) -> N
     versions = registered_versions(uri, f"wmtp-{algo}")
     assert len(versions) == 1
     assert client.list_artifacts(summary["mlflow_run_id"]) == []
+    final = {key: value for key, value in run.data.metrics.items() if key.startswith("final/")}
+    assert final["final/step"] == 40 and final["final/tokens"] > 0 and final["final/wall_seconds"] > 0
+    assert final["final/train_loss"] == summary["train_loss_last"]
+    assert final["final/eval_loss"] == summary["eval_loss_last"]
+    final_dir = Path(summary["final_model"].removeprefix("file://"))
+    if algo == "critic-wmtp":  # the value head as trained, under its module key, beside the model
+        saved = checkpoint_tensors(final_dir.parent / "checkpoint_step_00000040")
+        trained = load_file(final_dir / FINAL_ALGORITHM)
+        assert set(trained) == {"value_head.weight", "value_head.bias"}
+        assert all(torch.equal(value, saved[f"/algorithm/{key}"]) for key, value in trained.items())
+    else:
+        assert not (final_dir / FINAL_ALGORITHM).exists()
 
 
 def test_training_against_a_real_mlflow_server(run_files, mlflow_server: str) -> None:
@@ -88,7 +108,74 @@ def test_progress_and_committed_checkpoints_are_reported(run_files, monkeypatch:
     config, recipe = load(*run_files("baseline-mtp", steps=10, **{"paths.checkpoints.save_interval": 5}))
     Trainer(config, recipe).train()
 
+    # Each checkpoint is reported once committed: saves are written in the background, so that may be a step
+    # or two after it was taken, and at the latest when the next one is due or training ends.
     checkpoints = [(step, uri) for step, uri in calls if uri]
-    assert [step for step, _ in checkpoints] == [5, 10]
-    assert all(uri.endswith(f"checkpoint_step_{step:08d}") for step, uri in checkpoints)
+    assert [uri.rsplit("_", 1)[1] for _, uri in checkpoints] == ["00000005", "00000010"]
+    assert all(step >= int(uri.rsplit("_", 1)[1]) for step, uri in checkpoints)
     assert [step for step, uri in calls if uri is None] == [5, 10]
+
+
+def test_resume_with_the_mlflow_store_gone_continues_in_a_linked_run_with_the_same_steps(run_files) -> None:
+    paths = run_files("baseline-mtp", steps=20, **{"paths.checkpoints.save_interval": 10})
+    config, recipe = load(*paths)
+    root = Path(config.paths.checkpoints.base_path) / recipe.run.name
+
+    def mlflow_run_of(step: int) -> str:
+        state = json.loads((root / f"checkpoint_step_{step:08d}" / "trainer_state.json").read_text())
+        return state["train_state"]["mlflow_run_id"]
+
+    # Each attempt is a process of its own, as on a cluster (MLflow keeps sqlite stores open per process).
+    for resume in ("never", "step_10"):
+        attempt = train_cli(*paths, "--resume", resume)
+        output, _ = attempt.communicate(timeout=300)
+        assert attempt.returncode == 0, output
+        first = mlflow_run_of(10)
+        if resume == "never":
+            shutil.rmtree(Path(config.paths.output_dir) / recipe.run.name)  # the store lived in a pod that is gone
+
+    second = mlflow_run_of(20)
+    assert second != first
+    tracking_uri = default_tracking_uri(Path(config.paths.output_dir) / recipe.run.name)
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    assert client.get_run(second).data.tags[CONTINUES_TAG] == first
+    assert [m.step for m in client.get_metric_history(second, "loss")] == [15, 20]
+    assert len(registered_versions(tracking_uri, "wmtp-baseline-mtp")) == 1
+
+
+def test_resuming_a_finished_run_registers_no_second_version(run_files) -> None:
+    config, recipe = load(*run_files("baseline-mtp", steps=10))
+    first = Trainer(config, recipe).train()
+    again = Trainer(config, recipe, resume="latest").train()
+    assert again["mlflow_run_id"] == first["mlflow_run_id"]
+    assert again["registered_model"] == first["registered_model"] == "wmtp-baseline-mtp v1"
+    assert len(registered_versions(first["mlflow_tracking_uri"], "wmtp-baseline-mtp")) == 1
+
+
+def test_an_mlflow_server_that_is_down_costs_a_warning_not_the_run(run_files) -> None:
+    port = free_port()  # nothing listens there
+    config, recipe = load(
+        *run_files("baseline-mtp", steps=10, **{"mlflow.tracking_uri": f"http://u:secret@127.0.0.1:{port}"})
+    )
+    trainer = Trainer(config, recipe)
+    summary = trainer.train()
+    assert summary["steps"] == 10 and summary["mlflow_run_id"] is None
+    assert len(trainer.warnings) == 1 and "starting the run failed" in trainer.warnings[0]
+    assert "secret" not in trainer.warnings[0] and "***@127.0.0.1" in trainer.warnings[0]
+
+
+def test_a_failed_registration_is_a_warning_and_the_model_is_kept(run_files, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise mlflow.exceptions.MlflowException("registry unavailable")
+
+    # mlflow.pytorch is a lazy loader that copies the module's names when first used: load it, then patch it.
+    assert mlflow.pytorch.log_model is not None
+    monkeypatch.setattr(mlflow.pytorch, "log_model", refuse)
+    config, recipe = load(*run_files("baseline-mtp", steps=10))
+    trainer = Trainer(config, recipe)
+    summary = trainer.train()
+    assert summary["registered_model"] is None
+    assert Path(summary["final_model"].removeprefix("file://"), "COMMITTED").exists()
+    assert len(trainer.warnings) == 1
+    assert "registering the final model as wmtp-baseline-mtp" in trainer.warnings[0]
+    assert "registry unavailable" in trainer.warnings[0] and summary["final_model"] in trainer.warnings[0]

@@ -17,8 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from wmtp.config import ConfigError, clip
-from wmtp.contract import ExitCode
+from wmtp.config import clip
+from wmtp.contract import LAUNCH_GRACE_FLAG, RESUME_FALLBACK_FLAG, ExitCode
+from wmtp.errors import describe
+from wmtp.launcher import DEFAULT_GRACE_SECONDS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -66,21 +68,6 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
     raise typer.Exit(code)
 
 
-def failure(err: Exception, bad_input: tuple[type[BaseException], ...]) -> tuple[str, int]:
-    """(the line to print, the exit code) for a failure: ordinary ones by their kind, anything else as a bug."""
-    from wmtp.storage import StorageError
-
-    if isinstance(err, StorageError):
-        return str(err), err.code
-    if isinstance(err, (ConfigError, *bad_input)):
-        return str(err), ExitCode.BAD_INPUT
-    if isinstance(err, PermissionError):
-        return f"{err.filename or ''}: permission denied; check the file's owner and mode", ExitCode.DENIED
-    if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError) and err.filename:
-        return f"{err.filename}: {err.strerror}", ExitCode.BAD_INPUT
-    return f"{type(err).__name__}: {err} (an unexpected error: --log-level debug shows where)", ExitCode.ERROR
-
-
 @contextlib.contextmanager
 def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator[None]:
     """Every failure inside as one unwrapped line on stderr and its exit code (`ExitCode`; the README lists
@@ -93,7 +80,7 @@ def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator
     except Exception as err:
         if (log_level or "").lower() == "debug":
             log.debug("the traceback of the error below", exc_info=True)
-        fail(*failure(err, bad_input))
+        fail(*describe(err, bad_input))
 
 
 @app.command()
@@ -111,26 +98,48 @@ def train(
     save_interval: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
     keep_last: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
     save_final: bool | None = typer.Option(None, "--save-final/--no-save-final", help="Overrides both files'."),
+    resume_fallback: bool = typer.Option(
+        False,
+        RESUME_FALLBACK_FLAG,
+        help="When the --resume checkpoint is gone or damaged, resume from the newest intact one instead (the "
+        "operator's choice; a resume you name yourself should fail loudly, so leave this off).",
+    ),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
     setup_logging(log_level)
-    from wmtp.checkpoint import CheckpointError
-    from wmtp.config import load, override_checkpointing
-    from wmtp.data import DataError
-    from wmtp.models.loading import ModelError
-    from wmtp.train import Preempted, Trainer
+    from wmtp.attempt import run
+    from wmtp.contract import STOP_FAILED, STOP_PREEMPTED
 
-    with reported(log_level, CheckpointError, DataError, ModelError):
-        try:
-            cfg, rcp = load(config, recipe)
-            rcp = override_checkpointing(rcp, save_interval=save_interval, keep_last=keep_last, save_final=save_final)
-            trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
-            trainer.train()
-            trainer.dist.close()
-        except Preempted as stop:
-            console.print(f"[yellow]{stop}[/yellow]")
-            raise typer.Exit(ExitCode.PREEMPTED) from None
+    checkpointing = {"save_interval": save_interval, "keep_last": keep_last, "save_final": save_final}
+    ended = run(config, recipe, resume, allow_config_change, resume_fallback, checkpointing)
+    if ended.reason == STOP_FAILED:
+        fail(ended.message, ended.exit_code)
+    if ended.reason == STOP_PREEMPTED:
+        console.print(f"[yellow]{ended.message}[/yellow]")
+        raise typer.Exit(ended.exit_code)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def launch(
+    torchrun_args: list[str] = typer.Argument(..., metavar="-- TORCHRUN_ARGS...", help="Everything torchrun takes."),
+    grace_seconds: float = typer.Option(
+        DEFAULT_GRACE_SECONDS,
+        LAUNCH_GRACE_FLAG,
+        min=0,
+        help="How long a SIGTERM save may take before the workers are killed.",
+    ),
+    log_level: str | None = LogLevelOpt,
+) -> None:
+    """Run torchrun as a container's PID 1: SIGTERM reaches the training workers, who save and stop; exits 75
+    after a clean stop-and-save (torchrun alone exits 1), and leaves the termination message.
+
+    Example: wmtp launch -- --standalone --nproc-per-node 2 -m wmtp train -c config.yaml -r recipe.yaml
+    """
+    setup_logging(log_level or "info")
+    from wmtp.launcher import launch as run_torchrun
+
+    raise typer.Exit(run_torchrun(torchrun_args, grace_seconds))
 
 
 @app.command()
@@ -211,7 +220,13 @@ def checkpoints_list(uri: str = StoreArg, log_level: str | None = LogLevelOpt) -
             stamp = info.committed_at
             when = datetime.datetime.fromtimestamp(stamp).isoformat(" ", "seconds") if stamp else "-"
             size = f"{store.storage.size(info.location) / 2**20:.1f} MiB"
-            table.add_row(str(info.step), when, size, "yes" if info.committed else "NO (ignored)")
+            status = "yes" if info.committed else "NO (ignored)"
+            if info.committed:
+                try:
+                    store.verify(info.location)
+                except CheckpointError as err:
+                    status = f"DAMAGED: {str(err).split(': damaged checkpoint: ')[-1]}"
+            table.add_row(str(info.step), when, size, status)
     Console().print(table)
 
 

@@ -116,15 +116,21 @@ REPORT_FIELD = "report"
 REPORTED_FIELDS: tuple[str, ...] = ("attempt", "step", "loss", "latestCheckpoint")
 
 # The trainer's last words, read by the operator from the container's terminated state (the kubelet copies the
-# file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes:
-#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str,
-#    "warnings": [str, ...]}
-# `warnings` lists what went wrong without failing the run (e.g. the final model's MLflow registration): the
-# operator posts each as a Warning Event and shows them in a Succeeded run's status message.
+# file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes, with the keys
+# TERMINATION_FIELDS:
+#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int | null, "checkpoint": uri | null,
+#    "message": str, "warnings": [str, ...], "exitCode": int}
+# `checkpoint` is the newest committed checkpoint the process knows (or the one it resumed from); `warnings` are
+# what went wrong without failing the run (a failed MLflow registration, a fallback resume), one Event each;
+# `exitCode` is the trainer's own ExitCode (torchrun would turn any worker failure into 1).
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps
 TERMINATION_REASON, TERMINATION_STEP, TERMINATION_CHECKPOINT = "reason", "step", "checkpoint"
-TERMINATION_MESSAGE, TERMINATION_WARNINGS = "message", "warnings"
+TERMINATION_MESSAGE, TERMINATION_WARNINGS, TERMINATION_EXIT_CODE = "message", "warnings", "exitCode"
+TERMINATION_FIELDS: tuple[str, ...] = (
+    TERMINATION_REASON, TERMINATION_STEP, TERMINATION_CHECKPOINT, TERMINATION_MESSAGE, TERMINATION_WARNINGS,
+    TERMINATION_EXIT_CODE,
+)  # fmt: skip
 STOP_PREEMPTED = "Preempted"  # stopped on SIGTERM after a committed checkpoint: not a failure
 STOP_FAILED = "Failed"
 STOP_SUCCEEDED = "Succeeded"
@@ -134,6 +140,9 @@ STOP_SUCCEEDED = "Succeeded"
 # timeout cuts a save short; it writes the termination message and exits with the workers' meaning (75 for a
 # preemption, where torchrun alone would exit 1). Usage: LAUNCH_COMMAND + [--grace-seconds N --] + torchrun args.
 LAUNCH_COMMAND: tuple[str, ...] = ("wmtp", "launch")
+# Seconds the launcher gives the workers' SIGTERM save before it kills them (default 300); pass a little less than
+# the pod's terminationGracePeriodSeconds, so that the launcher still writes the termination message.
+LAUNCH_GRACE_FLAG = "--grace-seconds"
 
 # `wmtp train --resume <checkpoint> RESUME_FALLBACK_FLAG`: the resume was chosen by the operator, so when that
 # checkpoint is gone or damaged the trainer resumes from the newest intact one instead (and says which). A

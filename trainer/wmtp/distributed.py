@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,10 @@ class Dist:
         stacked = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
         dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
         return dict(zip(keys, (stacked / self.world_size).tolist(), strict=True))
+
+    def new_group(self) -> Any:
+        """A gloo group of every rank, for collectives off the training thread (checkpoint saves), or None."""
+        return dist.new_group(backend="gloo") if self.enabled else None
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
@@ -157,11 +162,37 @@ def apply_fsdp(
         fully_shard(module, reshard_after_forward=True, **shard)
 
 
+def is_empty(module: nn.Module) -> bool:
+    """Built by `wmtp.models.empty_weights`: parameters on the meta device, waiting for `load_weights`."""
+    return any(p.is_meta for p in module.parameters())
+
+
+def load_weights(module: nn.Module, read: Callable[[], dict[str, torch.Tensor]], dist_: Dist) -> None:
+    """Fill an empty (meta) module, sharded or not, with the weights `read` returns on rank 0 alone: every other
+    rank receives them tensor by tensor and keeps its own shard, so no rank but 0 ever holds the whole model.
+    Buffers keep the values the module computed when it was built (rotary tables are not in the files)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    buffers = {name: buffer.detach().clone() for name, buffer in module.named_buffers()}
+    module.to_empty(device=dist_.device)  # each rank allocates its shard; tied parameters stay one
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(buffers[name])
+    full = read() if dist_.is_main else {}
+    if not dist_.enabled:
+        module.load_state_dict(full)
+        return
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(module, full, options=options)
+
+
 def check_same_weights(modules: list[nn.Module], dist_: Dist) -> None:
     """Raise unless every rank holds the same initial weights. fully_shard keeps each rank's own copy of its
     shard (and, replicating, its own replica) without a broadcast, so ranks that built their models differently
     would train a silent mixture. Same files and seed give the same weights; this proves it, in one collective."""
     named = [(f"{type(m).__name__}.{name}", p) for m in modules for name, p in m.named_parameters()]
+    if not named:
+        return
     sums = torch.stack([p.detach().sum(dtype=torch.float64) for _, p in named]).to(dist_.device)
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
@@ -182,7 +213,8 @@ def parallelize(
         apply_ac(model)
     if not dist_.enabled:
         return
-    check_same_weights([model, *trainable], dist_)
+    # Models built empty get their weights from rank 0 later (load_weights): the same on every rank by design.
+    check_same_weights([m for m in (model, *trainable) if not is_empty(m)], dist_)
     bf16 = devices.mixed_precision == "bf16" and dist_.device.type == "cuda"
     # bf16 compute and all-gathers, fp32 gradient reduction; CPU keeps fp32 throughout.
     mixed_precision = (

@@ -1,19 +1,33 @@
 """MLflow: one run per training, params and metrics, and the final model registered once.
 
 Periodic checkpoints never go here; they live in the checkpoint store. Only rank 0 tracks (`enabled`).
+
+MLflow never stops training: a server that is down at the start, a failed metric upload or a failed registration
+is a warning (logged, and kept in `warnings` for the termination message), and training goes on. A resumed
+attempt continues the MLflow run its checkpoint names when the store still has it; when the store lost it (the
+default sqlite store lived in a pod that is gone) a new run starts, tagged with the one it continues, and metrics
+keep their step numbers. The final model is registered once per MLflow run, however many times it is resumed.
+Credentials come from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) alone, and the
+tracking URI reaches logs only through `redact_uri`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from wmtp.config import MLflowSettings
+from wmtp.config import MLflowSettings, clip, redact_uri
 
 log = logging.getLogger(__name__)
+
+CONTINUES_TAG = "wmtp.continues_run"  # on a run started because the store lost the one a checkpoint named
+# A server that is down must cost seconds, not MLflow's default of 7 retries with exponential backoff per call.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -21,18 +35,58 @@ def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
 
 
+def _missing(err: Exception) -> bool:
+    return getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 class Tracker:
-    def __init__(self, settings: MLflowSettings, run_dir: Path, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        settings: MLflowSettings,
+        run_dir: Path,
+        enabled: bool = True,
+        warnings: list[str] | None = None,
+        backoff_s: float = 60.0,
+    ) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.enabled = enabled
         self.tracking_uri = settings.tracking_uri or default_tracking_uri(run_dir)
         self.run_id: str | None = None
+        self.warnings = warnings if warnings is not None else []
+        self.backoff_s = backoff_s
+        self._quiet_until = 0.0
+        self._warned: set[str] = set()
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.run_id is not None
+
+    def _trouble(self, what: str, err: Exception) -> None:
+        """One warning per kind of trouble; logging pauses for `backoff_s` so that a dead server costs little."""
+        self._quiet_until = time.monotonic() + self.backoff_s
+        # The error text may quote the URI, credentials and all.
+        message = redact_uri(f"MLflow at {self.tracking_uri}: {what} failed ({type(err).__name__}: {err})")
+        if what in self._warned:
+            log.debug("%s", message)
+            return
+        self._warned.add(what)
+        log.warning("%s; training goes on", message)
+        self.warnings.append(clip(message))
 
     def start(self, run_name: str, params: dict[str, str], tags: dict[str, str], run_id: str | None = None) -> None:
         """Open a new run, or continue `run_id` so that a resumed training keeps one continuous curve."""
         if not self.enabled:
             return
+        for name, value in _HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
+        try:
+            self._start(run_name, params, tags, run_id)
+        except Exception as err:  # no MLflow for this attempt, but the training goes on
+            self._trouble("starting the run", err)
+            self.run_id = None
+
+    def _start(self, run_name: str, params: dict[str, str], tags: dict[str, str], run_id: str | None) -> None:
         import mlflow
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -42,15 +96,23 @@ class Tracker:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.settings.registry_uri or self.tracking_uri)
-        if run_id is None:
-            run = mlflow.start_run(
-                experiment_id=self._experiment_id(), run_name=run_name, tags=tags, log_system_metrics=False
-            )
-            mlflow.log_params(params)
-        else:
-            run = mlflow.start_run(run_id=run_id, log_system_metrics=False)
+        if run_id is not None:
+            try:
+                mlflow.MlflowClient().get_run(run_id)
+            except mlflow.exceptions.MlflowException as err:
+                if not _missing(err):
+                    raise
+                log.warning("mlflow run %s is not in the store any more: starting a new run that continues it", run_id)
+                tags = {**tags, CONTINUES_TAG: run_id}
+            else:
+                self.run_id = mlflow.start_run(run_id=run_id, log_system_metrics=False).info.run_id
+                log.info("mlflow run=%s continued tracking_uri=%s", self.run_id, redact_uri(self.tracking_uri))
+                return
+        experiment = self._experiment_id()
+        run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags, log_system_metrics=False)
         self.run_id = run.info.run_id
-        log.info("mlflow run=%s tracking_uri=%s", self.run_id, self.tracking_uri)
+        mlflow.log_params(params)
+        log.info("mlflow run=%s tracking_uri=%s", self.run_id, redact_uri(self.tracking_uri))
 
     def _experiment_id(self) -> str:
         import mlflow
@@ -64,33 +126,54 @@ class Tracker:
         return mlflow.create_experiment(name, artifact_location=location)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled and self.run_id:
-            import mlflow
+        if not self.active or time.monotonic() < self._quiet_until:
+            return
+        import mlflow
 
+        try:
             mlflow.log_metrics(metrics, step=step)
+        except Exception as err:
+            self._trouble("logging metrics", err)
 
     def log_param(self, key: str, value: Any) -> None:
-        if self.enabled and self.run_id:
-            import mlflow
+        if not self.active:
+            return
+        import mlflow
 
+        try:
             mlflow.log_param(key, value)
+        except Exception as err:
+            self._trouble("logging a parameter", err)
 
-    def register_model(self, model: Any, algorithm: str) -> str | None:
-        """Log the final model and register it as `wmtp-<algorithm>`; returns the new version."""
-        if not (self.enabled and self.run_id):
+    def register_model(self, model: Any, algorithm: str, where: str | None = None) -> str | None:
+        """Log the final model and register it as `wmtp-<algorithm>`, unless this run has registered it already
+        (a finished run resumed again); returns the version. `where`: the final model in the store, for the
+        warning when registration fails."""
+        if not self.active:
             return None
         import mlflow
         import torch
 
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            # HF models fail the default pt2 export; requirements are given to skip slow inference of them.
-            serialization_format="pickle",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers"],
-            registered_model_name=f"wmtp-{algorithm}",
-        )
-        return str(info.registered_model_version)
+        name = f"wmtp-{algorithm}"
+        try:
+            registry = mlflow.MlflowClient(registry_uri=self.settings.registry_uri or self.tracking_uri)
+            for version in registry.search_model_versions(f"name='{name}' and run_id='{self.run_id}'"):
+                log.info("the final model of mlflow run %s is registered already as %s v%s", self.run_id, name,
+                         version.version)  # fmt: skip
+                return str(version.version)
+            info = mlflow.pytorch.log_model(
+                model,
+                name="model",
+                # HF models fail the default pt2 export; requirements are given to skip slow inference of them.
+                serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers"],
+                registered_model_name=name,
+            )
+            return str(info.registered_model_version)
+        except Exception as err:
+            kept = f"; the model is kept at {where}" if where else ""
+            self._trouble(f"registering the final model as {name}{kept}", err)
+            return None
 
     @contextlib.contextmanager
     def closing(self, stopped: tuple[type[BaseException], ...] = ()) -> Iterator[None]:
@@ -102,7 +185,11 @@ class Tracker:
             raise
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self.run_id:
-            import mlflow
+        if not self.active:
+            return
+        import mlflow
 
+        try:
             mlflow.end_run(status=status)
+        except Exception as err:
+            self._trouble("ending the run", err)

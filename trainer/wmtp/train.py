@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-import math
 import random
-import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,34 +17,34 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors.torch import save_file
 
 from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
-from wmtp.checkpoint import CheckpointManager, CheckpointStore
+from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointError, CheckpointManager, CheckpointStore
 from wmtp.config import (
     Config,
-    OptimSection,
     Recipe,
     check_compatible,
     checkpoint_root,
+    clip,
     config_hash,
     flatten,
+    redact_uri,
     resolve_checkpointing,
 )
 from wmtp.conversion import Conversion
 from wmtp.data import Batch, build_data
-from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
-from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
+from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, load_weights, parallelize
+from wmtp.models import FROZEN_LOADERS, MTPModel, check_vocabularies, load_mtp_model
+from wmtp.optim import build_optimizer, build_scheduler
 from wmtp.reporting import Reporter
-from wmtp.storage import Location, Storage, parse_uri
+from wmtp.stopping import Preempted, StopRequest
+from wmtp.storage import Location, Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-class Preempted(Exception):
-    """Training stopped on request after saving a checkpoint; resuming continues exactly where it stopped."""
 
 
 def seed_everything(seed: int) -> None:
@@ -62,49 +61,23 @@ def pick_device(backend: str) -> torch.device:
     return torch.device(backend)
 
 
-def build_optimizer(
-    params: list[torch.nn.Parameter], optim: OptimSection, conversion: Conversion | None = None
-) -> torch.optim.Optimizer:
-    # Decay matrices only: decaying norms and biases pulls them towards zero for no regularisation benefit.
-    scale = conversion.lr_scale_of if conversion else (lambda _: 1.0)
-    scales = sorted({scale(p) for p in params}, reverse=True) or [1.0]
-    groups = [
-        {"params": [p for p in params if p.requires_grad and (p.ndim >= 2) == decays and scale(p) == s],
-         "weight_decay": optim.weight_decay if decays else 0.0, "lr": optim.lr * s}
-        for s in scales for decays in (True, False)
-    ]  # fmt: skip
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, optim: OptimSection, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = int(optim.warmup_ratio * total_steps)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if optim.scheduler == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 @dataclass
 class TrainState:
     step: int = 0
     tokens: int = 0
+    seconds: float = 0.0  # training wall time, summed over every attempt
     mlflow_run_id: str | None = None
     history: dict[str, list[float]] = field(default_factory=lambda: {"loss": [], "eval_loss": []})
+    last: dict[str, float] = field(default_factory=dict)  # the newest loss and eval_loss, kept across attempts
 
     def state_dict(self) -> dict[str, Any]:
-        metrics = {k: v[-1] for k, v in self.history.items() if v}
-        return {"step": self.step, "tokens": self.tokens, "mlflow_run_id": self.mlflow_run_id, "metrics": metrics}
+        metrics = self.last | {k: v[-1] for k, v in self.history.items() if v}
+        return {"step": self.step, "tokens": self.tokens, "seconds": self.seconds,
+                "mlflow_run_id": self.mlflow_run_id, "metrics": metrics}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.tokens, self.mlflow_run_id = state["step"], state["tokens"], state["mlflow_run_id"]
+        self.seconds, self.last = state.get("seconds", 0.0), state.get("metrics", {})
 
 
 class Trainer:
@@ -117,36 +90,28 @@ class Trainer:
         storage: Storage | None = None,
         resume: str | None = None,
         allow_config_change: bool = False,
+        resume_fallback: bool = False,
+        stop: StopRequest | None = None,
     ) -> None:
         check_compatible(config, recipe)
         config = resolve_checkpointing(config, recipe)  # recipe checkpoint settings over the config's
+        self.stop = stop or StopRequest()
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
-        self.allow_config_change = allow_config_change
+        self.allow_config_change, self.resume_fallback = allow_config_change, resume_fallback
+        self.warnings: list[str] = []  # what went wrong without stopping training: for the termination message
         self.storage = storage or Storage(config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
+        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
         if self.dist.is_main:  # a store that cannot be written fails now, not at the first save
-            self.storage.probe(parse_uri(checkpoint_root(config, recipe)))
-        seed_everything(config.seed)
-        models = config.paths.models
-        self.model, self.tokenizer = load_mtp_model(
-            models.base, self.storage, recipe.loss.n_heads, recipe.model.head_type
-        )
-        self.model.to(self.device)
-        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
-        frozen = {
-            role: FROZEN_LOADERS[role](getattr(models, role), self.storage).to(self.device)
-            for role in contract.algorithm(recipe.train.algo).frozen
-        }
-        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
+            self.storage.probe(self.store.root)
+        self.resume_from = self.resume_point()  # before loading anything: a bad --resume fails at once
+        trainable = self.build_models()
         # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
-        trainable = self.algorithm.trainable_modules()
         self.modules = torch.nn.ModuleDict({"model": self.model, **trainable})
-        self.modules.to(self.device)
-        # Before the optimizer is built: sharding turns the parameters into DTensors.
-        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
+        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
@@ -155,8 +120,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
-        self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main)
-        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
+        self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main, warnings=self.warnings)
         self.state = TrainState()
         self.checkpoints = CheckpointManager(
             self.store,
@@ -167,12 +131,39 @@ class Trainer:
             keep_last=config.paths.checkpoints.keep_last,
             fingerprint=config_hash(config, recipe),
             rank=self.dist.rank,
-            barrier=self.dist.barrier,
+            group=self.dist.new_group(),
         )
         self.console = Console(stderr=True)
-        self.stop_requested = False
         # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
         self.reporter = Reporter.from_env() if self.dist.is_main else None
+
+    def build_models(self) -> dict[str, torch.nn.Module]:
+        """The model, the frozen models the algorithm asks for and the algorithm, on the device and parallelized;
+        returns the algorithm's trainable modules. Distributed, every rank builds each model empty (on the meta
+        device) and rank 0 alone reads its weights, which `load_weights` scatters into the shards: no rank but 0
+        ever holds a whole model, and rank 0 one at a time."""
+        config, recipe, storage, empty = self.config, self.recipe, self.storage, self.dist.enabled
+        models, heads = config.paths.models, (recipe.loss.n_heads, recipe.model.head_type)
+        check_vocabularies(models, contract.algorithm(recipe.train.algo).frozen, storage)
+        seed_everything(config.seed)
+        self.model, self.tokenizer = load_mtp_model(models.base, storage, *heads, empty=empty)
+        readers = {self.model: lambda: load_mtp_model(models.base, storage, *heads)[0].state_dict()}
+        frozen = {}
+        for role in contract.algorithm(recipe.train.algo).frozen:
+            load = functools.partial(FROZEN_LOADERS[role], getattr(models, role), storage)
+            frozen[role] = load(empty=empty)
+            readers[frozen[role]] = lambda load=load: load().state_dict()
+        # The algorithm's own modules start from the same numbers on every rank, however the models were built.
+        seed_everything(config.seed)
+        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
+        trainable = self.algorithm.trainable_modules()
+        for module in [*trainable.values(), *([] if empty else readers)]:
+            module.to(self.device)
+        # Before the optimizer is built: sharding turns the parameters into DTensors.
+        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
+        for module, read in readers.items() if empty else ():
+            load_weights(module, read, self.dist)
+        return trainable
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"
@@ -184,7 +175,8 @@ class Trainer:
         params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
         tags = {"algorithm": recipe.train.algo, **recipe.run.tags}
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
-        state.mlflow_run_id = self.tracker.run_id
+        # Without MLflow this attempt, the next one may still continue the run the checkpoint names.
+        state.mlflow_run_id = self.tracker.run_id or state.mlflow_run_id
         if not resumed:
             self.tracker.log_metrics(self.data.metrics(), 0)  # per source: read, kept, skipped, tokens
             self.algorithm.pretrain(
@@ -194,7 +186,7 @@ class Trainer:
             )
             self.evaluate()
         started, first_tokens = time.perf_counter(), state.tokens
-        with self.progress() as progress, self.stop_on_sigterm(), self.tracker.closing(stopped=(Preempted,)):
+        with self.progress() as progress, self.stop.installed(), self.tracker.closing(stopped=(Preempted,)):
             task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
             while state.step < self.total_steps:
                 metrics = self.train_step()
@@ -213,6 +205,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches."""
+        started = time.perf_counter()
         self.model.train()
         accum = self.recipe.train.grad_accum
         totals: dict[str, float] = {}
@@ -234,6 +227,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.state.history["loss"].append(totals["loss"])
+        self.state.seconds += time.perf_counter() - started
         return totals
 
     def clip_gradients(self, max_norm: float) -> float:
@@ -246,61 +240,93 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         """Restore every stateful part from the checkpoint `self.resume` resolves to, if any."""
-        location = self.store.resolve(self.resume)
+        location = self.resume_from
         if location is None:
             return False
         self.checkpoints.load(location, allow_fingerprint_change=self.allow_config_change)
         log.info("resumed step=%d from=%s", self.state.step, location.uri)
+        self.after_commit(location)
         return True
 
+    def resume_point(self) -> Location | None:
+        """Where `self.resume` points. A resume the operator chose (`resume_fallback`) falls back to the newest
+        intact checkpoint when that one is gone or damaged, and says so; any other must be usable as named."""
+        try:
+            return self.store.resolve(self.resume)
+        except CheckpointError as err:
+            if not self.resume_fallback:
+                raise
+            location = self.store.newest_intact()
+            self.warn(f"{err}; " + (f"resuming from {location.uri} instead" if location else "starting fresh"))
+            return location
+
     def maybe_save(self, last: bool) -> None:
-        """Checkpoint every save_interval steps, at the last step, and when asked to stop."""
+        """Checkpoint every save_interval steps, at the last step, and when asked to stop; report and prune each
+        checkpoint once it has committed."""
         step = self.state.step
         # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
-        self.stop_requested = self.dist.any(self.stop_requested)
-        if not (last or self.stop_requested or self.checkpoints.due(step)):
+        stop = self.dist.any(self.stop.requested)
+        due = last or stop or self.checkpoints.due(step)
+        self.after_commit(self.checkpoints.wait() if due else self.checkpoints.poll())
+        if due:
+            self.checkpoints.save(step)
+        if last or stop:
+            self.after_commit(self.checkpoints.wait())
+        if stop and not last:
+            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.checkpoints.latest.uri}")
+
+    def after_commit(self, location: Location | None) -> None:
+        """Report a committed checkpoint (the operator resumes from what was reported), then prune: retention
+        never deletes the newest reported checkpoint."""
+        if location is None:
             return
-        location = self.checkpoints.save(step)
-        if self.reporter:
-            self.reporter.report(step, self.state.history["loss"][-1], latest_checkpoint=location.uri)
-        if self.stop_requested and not last:
-            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {location.uri}")
+        losses = self.state.history["loss"]
+        loss = losses[-1] if losses else None
+        if self.reporter is None or self.reporter.report(self.state.step, loss, latest_checkpoint=location.uri):
+            self.checkpoints.reported = location
+        self.checkpoints.prune()
 
-    @contextlib.contextmanager
-    def stop_on_sigterm(self) -> Any:
-        """SIGTERM (what Kubernetes sends on eviction) stops at the next step boundary, after a checkpoint."""
-
-        def request_stop(signum: int, _frame: Any) -> None:
-            log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
-            self.stop_requested = True
-
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGTERM, previous)
+    def warn(self, message: str) -> None:
+        log.warning("%s", message)
+        self.warnings.append(clip(message, 1000))
 
     def finish(self, seconds: float) -> dict[str, Any]:
-        """The final model, gathered to rank 0, to the store and to the MLflow registry, once."""
-        state_dict = gather_full_state_dict(self.model)  # a collective: every rank takes part
+        """The final model and the algorithm's trained modules, gathered to rank 0, to the store; the model to
+        the MLflow registry, once; the final metrics to MLflow."""
+        self.after_commit(self.checkpoints.wait())
+        state_dict = gather_full_state_dict(self.modules)  # a collective: every rank takes part
         final, version = self.publish_final(state_dict) if self.dist.is_main else (None, None)
+        self.log_final_metrics()
         self.tracker.end()
         return self.summary(seconds, version) | {"final_model": final.uri if final else None}
 
     def publish_final(self, state_dict: dict[str, torch.Tensor]) -> tuple[Location | None, str | None]:
-        """Write the HF directory from the full state dict (to the store if save_final) and register a plain
-        MTPModel loaded back from it: what MLflow holds is exactly what the store holds, never a sharded module."""
+        """Write the HF directory from the full state dict (to the store if save_final), the algorithm's modules
+        beside it, and register a plain MTPModel loaded back from it: what MLflow holds is exactly what the store
+        holds, never a sharded module."""
         save_final = self.config.paths.checkpoints.save_final
         staging = self.checkpoints.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
         with staging as directory:
-            self.model.save_pretrained(directory, state_dict=state_dict)
+            model_sd = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
+            self.model.save_pretrained(directory, state_dict=model_sd)
             self.tokenizer.save_pretrained(directory)
+            algorithm_sd = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("model.")}
+            if algorithm_sd:
+                save_file(algorithm_sd, Path(directory) / FINAL_ALGORITHM)
             state_dict.clear()  # the only reference to the gathered copy: free it before loading another
+            model_sd.clear()
             model = MTPModel.from_pretrained(directory)
         final = self.store.final_location if save_final else None
         if final is not None and final.is_s3:
             self.tracker.log_param("final_checkpoint_uri", final.uri)
-        return final, self.tracker.register_model(model, self.recipe.train.algo)
+        return final, self.tracker.register_model(model, self.recipe.train.algo, final.uri if final else None)
+
+    def log_final_metrics(self) -> None:
+        state = self.state
+        last = state.last | {k: v[-1] for k, v in state.history.items() if v}
+        metrics = {"final/step": state.step, "final/tokens": state.tokens, "final/wall_seconds": state.seconds}
+        metrics |= {f"final/train_{k}" if k == "loss" else f"final/{k}": v for k, v in last.items()}
+        self.tracker.log_metrics(metrics, state.step)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -357,11 +383,13 @@ class Trainer:
             "eval_loss_last": history["eval_loss"][-1] if history["eval_loss"] else None,
             "mlflow_run_id": self.tracker.run_id,
             "mlflow_tracking_uri": self.tracker.tracking_uri,
+            "warnings": len(self.warnings),
             "registered_model": f"wmtp-{self.recipe.train.algo} v{version}" if version else None,
         }
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         table = Table(title=f"WMTP run {summary['run']}", show_header=False)
         for key, value in summary.items():
-            table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+            text = f"{value:.4f}" if isinstance(value, float) else str(value)
+            table.add_row(key, redact_uri(text) if key == "mlflow_tracking_uri" else text)
         self.console.print(table)

@@ -178,6 +178,20 @@ def _mlflow_auth() -> dict[str, str]:
     return {}
 
 
+def _check_vocabularies(storage: Storage, config: Config, recipe: Recipe, report: Report) -> None:
+    """The models' vocabularies and tokenizers must match: read from config and tokenizer files, never weights."""
+    from wmtp.models import vocabulary_problems
+
+    try:
+        problems = vocabulary_problems(config.paths.models, contract.algorithm(recipe.train.algo).frozen, storage)
+    except ConfigError as err:
+        problems = [str(err)]
+    status = "MISMATCH" if problems else "match"
+    report.add(
+        "vocabularies", "base, reference and reward models", status, Problem("; ".join(problems)) if problems else None
+    )
+
+
 def validate_run(config_path: str, recipe_path: str, storage: Storage | None = None) -> Report:
     report = Report()
     for loader, path, attr in ((load_config, config_path, "config"), (load_recipe, recipe_path, "recipe")):
@@ -198,6 +212,8 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
     for role in contract.algorithm(recipe.train.algo).frozen:
         if getattr(models, role):
             check_model(storage, contract.MODEL_ROLES[role].name, getattr(models, role), report)
+    if not report.problems:
+        _check_vocabularies(storage, config, recipe, report)
     for source in recipe.data.sources:
         if source.name in config.paths.datasets:
             check_dataset(storage, source, config.paths.datasets[source.name], report)

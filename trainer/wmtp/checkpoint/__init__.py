@@ -1,23 +1,28 @@
-"""Checkpoints: the store (layout, commit marker, listing, retention, resume resolution) and the manager (a
-run's named stateful parts, when to save them, sharded save and load)."""
+"""Checkpoints: the store (layout, commit marker, listing, retention, resume resolution), the shard files (DCP
+straight to and from the store) and the manager (a run's named stateful parts, when to save them, asynchronous
+sharded save and sharded load)."""
 
 from wmtp.checkpoint.manager import CheckpointManager, Stateful
 from wmtp.checkpoint.store import (
     COMMITTED,
+    FINAL_ALGORITHM,
     STATE_FILE,
     CheckpointError,
     CheckpointInfo,
     CheckpointStore,
+    FileRecord,
     step_dir_name,
 )
 
 __all__ = [
     "COMMITTED",
+    "FINAL_ALGORITHM",
     "STATE_FILE",
     "CheckpointError",
     "CheckpointInfo",
     "CheckpointManager",
     "CheckpointStore",
+    "FileRecord",
     "Stateful",
     "step_dir_name",
 ]

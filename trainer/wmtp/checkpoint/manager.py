@@ -2,9 +2,15 @@
 
 Parts, under constant names: `model`, `algorithm` (the algorithm's trainable modules) and `optimizer` go through
 torch.distributed.checkpoint, so the same files hold sharded FSDP state and load on any number of ranks;
-`lr_scheduler`, `dataloader` and `train_state` are JSON in `trainer_state.json` (no pickle: loading a checkpoint
-never runs code), beside each rank's RNG state. Every rank writes its own shards and RNG state; rank 0 writes
-the trainer state and, after every rank is done, the COMMITTED marker.
+`lr_scheduler`, `dataloader` and `train_state` are JSON in `trainer_state.json` (no pickle: loading the trainer
+state never runs code), beside each rank's RNG state.
+
+Saves are asynchronous: `save` copies this rank's state into host memory (the only time training waits) and a
+background thread writes it straight to the store, every rank its own shards; rank 0 writes COMMITTED once every
+rank's files are written, listing them all with their sizes and digests. At most one save is in flight: the next
+`save` waits for the previous one, and `wait` (at a stop or at the end of training) waits for the last. A process
+that dies mid-save leaves no COMMITTED, so that checkpoint is never resumed. The background thread talks to the
+other ranks over its own process group, never the one training uses.
 """
 
 from __future__ import annotations
@@ -14,9 +20,11 @@ import json
 import logging
 import random
 import tempfile
+import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,10 +32,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmtp.checkpoint.store import COMMITTED, STATE_FILE, CheckpointError, CheckpointStore
+from wmtp.checkpoint.shards import FileLog, ShardReader, ShardWriter, StoreFileSystem, check_digest
+from wmtp.checkpoint.store import STATE_FILE, CheckpointError, CheckpointStore, FileRecord
+from wmtp.config import clip
 from wmtp.storage import Location
 
 log = logging.getLogger(__name__)
+# DCP warns on every call without a process group that it assumes one process, which is what we mean. A filter
+# installed once: `warnings.catch_warnings` is not thread-safe, and saves run in a background thread.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 MODEL = "model"  # the key of the trained model among the modules; every other key is the algorithm's
 
@@ -62,20 +75,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def _dcp() -> Any:
-    import torch.distributed.checkpoint as dcp
-
-    return dcp
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    # Without a process group DCP warns on every call that it assumes one process, which is what we mean.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
 def _split(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The modules' state dict as the `model` part and the `algorithm` part (every other module)."""
     parts: dict[str, dict[str, Any]] = {"model": {}, "algorithm": {}}
@@ -84,12 +83,27 @@ def _split(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return parts
 
 
+def _first_failure(err: BaseException) -> str:
+    """One line for DCP's CheckpointException, which carries every rank's exception and traceback."""
+    failures = getattr(err, "failures", None) or {}
+    inner = next(iter(failures.values()))[0] if failures else err
+    text = str(inner) if isinstance(inner, CheckpointError) else f"{type(inner).__name__}: {inner}"
+    return " ".join(text.split())
+
+
+def _dcp() -> Any:
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
+
 class CheckpointManager:
-    """Saves every `save_interval` steps (and when told to), restores every part, prunes after each commit.
+    """Saves every `save_interval` steps (and when told to), restores every part, prunes what is no longer needed.
 
     `modules` holds the model under `MODEL` and the algorithm's trainable modules under their own keys: one
     module tree for the optimizer and the checkpoint. `fingerprint` identifies what determines training; a
-    checkpoint with another one is refused unless the caller allows the change.
+    checkpoint with another one is refused unless the caller allows the change. `group` is the process group
+    for the checkpoint's own collectives (None: one process).
     """
 
     def __init__(
@@ -103,65 +117,135 @@ class CheckpointManager:
         keep_last: int,
         fingerprint: str,
         rank: int = 0,
-        barrier: Callable[[], None] = lambda: None,
+        group: Any = None,
     ) -> None:
         self.store = store
         self.modules, self.optimizer, self.states = modules, optimizer, states
         self.save_interval, self.keep_last, self.fingerprint = save_interval, keep_last, fingerprint
-        self.rank, self.barrier = rank, barrier
+        self.rank, self.group = rank, group
         self.resumed_from: Location | None = None
+        self.reported: Location | None = None  # the newest checkpoint the run's status has been told about
+        self.latest: Location | None = None  # the newest committed checkpoint of this process (or resumed from)
+        self.bytes_read = 0  # by the last load, from the store, on this rank
+        self._in_flight: Future[Location] | None = None
+        self._host_copy: Any = None  # this rank's state in host memory, allocated once and refilled per save
 
     def due(self, step: int) -> bool:
         return step % self.save_interval == 0
 
-    @contextlib.contextmanager
-    def _staging(self, location: Location) -> Iterator[Path]:
-        if not location.is_s3:
-            path = Path(location.path)
-            path.mkdir(parents=True, exist_ok=True)
-            yield path
-            return
-        with tempfile.TemporaryDirectory(prefix="wmtp-ckpt-") as tmp:
-            yield Path(tmp)
-            self.store.storage.upload(Path(tmp), location)
-
-    def save(self, step: int) -> Location:
-        """Write checkpoint `step` and commit it; older checkpoints are untouched until the commit."""
+    def save(self, step: int) -> None:
+        """Stage checkpoint `step` in host memory and write it in the background (after the previous save)."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        location = self.store.step_location(step)
-        if self.rank == 0:
-            # Leftovers of a save of this step that crashed before its commit.
-            self.store.storage.delete(location)
-        self.barrier()
+        self.wait()
         started = time.perf_counter()
         modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
-        states = {name: part.state_dict() for name, part in self.states.items()}
-        with self._staging(location) as staging, _quiet_single_process():
-            _dcp().save({**_split(modules_sd), "optimizer": optim_sd}, checkpoint_id=str(staging))
-            (staging / f"rng_rank{self.rank}.json").write_text(json.dumps(rng_state()))
-            if self.rank == 0:
-                saved = {"step": step, "fingerprint": self.fingerprint, **states}
-                (staging / STATE_FILE).write_text(json.dumps(saved, indent=1))
-        self.barrier()
+        staged = self._stage({**_split(modules_sd), "optimizer": optim_sd})
+        trainer_state = {"step": step, "fingerprint": self.fingerprint}
+        trainer_state |= {name: part.state_dict() for name, part in self.states.items()}
+        files = {f"rng_rank{self.rank}.json": json.dumps(rng_state()).encode()}
         if self.rank == 0:
-            self.store.commit(step, self.store.storage.list_dir(location))
-            pruned = self.store.prune(self.keep_last, protect=self.resumed_from)
-            log.info(
-                "checkpoint saved step=%d uri=%s seconds=%.2f pruned=%d",
-                step, location.uri, time.perf_counter() - started, len(pruned),
-            )  # fmt: skip
-        self.barrier()
+            files[STATE_FILE] = json.dumps(trainer_state, indent=1).encode()
+        stall = time.perf_counter() - started
+        future: Future[Location] = Future()
+        self._in_flight = future
+        thread = threading.Thread(
+            target=self._write, args=(future, step, staged, files, stall), name=f"checkpoint-{step}", daemon=True
+        )
+        thread.start()
+
+    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Copy `state` into the host copy, allocated on the first save (pinned with CUDA) and refilled in place
+        after: fresh memory would cost a page fault per page on every save. Safe because the previous save has
+        finished writing by the time the next one stages (one in flight)."""
+        from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+
+        if self._host_copy is None:
+            self._host_copy = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
+        return _copy_state_dict(state, self._host_copy)
+
+    def _write(self, future: Future[Location], step: int, staged: Any, files: dict[str, bytes], stall: float) -> None:
+        """The background half of a save: every rank's files, then (rank 0) the marker listing them all."""
+        try:
+            started = time.perf_counter()
+            location = self.store.step_location(step)
+            if self.rank == 0:
+                # Leftovers of a save of this step that crashed before its commit.
+                self.store.storage.delete(location)
+            self._barrier()
+            written = FileLog()
+            fs = StoreFileSystem(self.store.storage, written)
+            for name, data in files.items():
+                with fs.create_stream(location / name, "wb") as stream:
+                    stream.write(data)
+            writer = ShardWriter(location, self.store.storage, written)
+            _dcp().save(staged, storage_writer=writer, process_group=self.group, no_dist=self.group is None)
+            everyone = self._gather(written.records())
+            if self.rank == 0:
+                self.store.commit(step, {name: record for part in everyone for name, record in part.items()})
+                log.info(
+                    "checkpoint saved step=%d uri=%s stall_seconds=%.3f write_seconds=%.2f",
+                    step, location.uri, stall, time.perf_counter() - started,
+                )  # fmt: skip
+            # Every rank's save ends with the commit: a rank that stops after `wait` never leaves rank 0 mid-commit
+            # (torchrun's agent kills the other workers 30 s after the first one exits).
+            self._barrier()
+            future.set_result(location)
+        except BaseException as err:  # surfaced in the training thread by poll() or wait()
+            future.set_exception(err)
+
+    def _barrier(self) -> None:
+        if self.group is not None:
+            import torch.distributed as dist
+
+            dist.barrier(group=self.group)
+
+    def _gather(self, records: dict[str, FileRecord]) -> list[dict[str, FileRecord]]:
+        if self.group is None:
+            return [records]
+        import torch.distributed as dist
+
+        everyone: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(everyone, records, group=self.group)
+        return everyone
+
+    def poll(self) -> Location | None:
+        """The checkpoint the save in flight committed, once it has finished (then only once); its error if it
+        failed; None while it runs or when none is in flight."""
+        if self._in_flight is None or not self._in_flight.done():
+            return None
+        return self.wait()
+
+    def wait(self) -> Location | None:
+        """Block until the save in flight (if any) has committed; returns its location, raises its error."""
+        future, self._in_flight = self._in_flight, None
+        if future is None:
+            return None
+        try:
+            location = future.result()
+        except CheckpointError:
+            raise
+        except BaseException as err:
+            raise CheckpointError(f"saving a checkpoint failed: {clip(_first_failure(err), 500)}") from err
+        self.latest = location
         return location
 
+    def prune(self) -> list[Location]:
+        """Rank 0: apply `keep_last`, never deleting the newest reported checkpoint or the one resumed from."""
+        if self.rank != 0:
+            return []
+        pruned = self.store.prune(self.keep_last, protect=(self.resumed_from, self.reported))
+        if pruned:
+            log.info("pruned %s", ", ".join(location.name for location in pruned))
+        return pruned
+
     def load(self, location: Location, allow_fingerprint_change: bool = False) -> int:
-        """Restore every part and this rank's RNG from a committed checkpoint; returns its step."""
+        """Restore every part and this rank's RNG from an intact checkpoint; returns its step."""
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-        if not self.store.is_committed(location):
-            raise CheckpointError(f"{location.uri}: not a committed checkpoint (no {COMMITTED} marker)")
+        marker = self.store.verify(location)
         storage = self.store.storage
-        saved = json.loads(storage.read_bytes(location / STATE_FILE))
+        saved = json.loads(self._read_checked(location, STATE_FILE, marker.files))
         if saved["fingerprint"] != self.fingerprint and not allow_fingerprint_change:
             raise CheckpointError(
                 f"{location.uri} was written with a different config or recipe (fingerprint {saved['fingerprint']}, "
@@ -169,12 +253,14 @@ class CheckpointManager:
             )
         modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
         target = {**_split(modules_sd), "optimizer": optim_sd}
-        with storage.local_copy(location) as local, _quiet_single_process():
-            _dcp().load(target, checkpoint_id=str(local))
-            rng_file = local / f"rng_rank{self.rank}.json"
-            # A run resumed on more ranks than saved it: the new ranks reuse rank 0's generator state.
-            rng_file = rng_file if rng_file.exists() else local / "rng_rank0.json"
-            set_rng_state(json.loads(rng_file.read_text()))
+        reader = ShardReader(location, storage, marker.files)
+        try:
+            _dcp().load(target, storage_reader=reader, process_group=self.group, no_dist=self.group is None)
+        except (Exception, _dcp().api.CheckpointException) as err:
+            raise CheckpointError(f"{location.uri}: cannot be loaded: {clip(_first_failure(err), 500)}") from err
+        # A run resumed on more ranks than saved it: the new ranks reuse rank 0's generator state.
+        rng_file = f"rng_rank{self.rank}.json" if f"rng_rank{self.rank}.json" in marker.files else "rng_rank0.json"
+        set_rng_state(json.loads(self._read_checked(location, rng_file, marker.files)))
         set_state_dict(
             self.modules,
             self.optimizer,
@@ -183,8 +269,15 @@ class CheckpointManager:
         )
         for name, part in self.states.items():
             part.load_state_dict(saved[name])
-        self.resumed_from = location
+        self.bytes_read = reader.bytes_read
+        self.resumed_from = self.latest = location
         return saved["step"]
+
+    def _read_checked(self, location: Location, name: str, files: dict[str, FileRecord]) -> bytes:
+        data = self.store.storage.read_bytes(location / name)
+        check_digest(location / name, data, files.get(name))
+        self.bytes_read += len(data)
+        return data
 
     @contextlib.contextmanager
     def save_final(self) -> Iterator[Path]:
@@ -192,6 +285,20 @@ class CheckpointManager:
         <root>/final, committed like a checkpoint. Rank 0's job alone: the others need not wait for it."""
         location = self.store.final_location
         self.store.storage.delete(location)
-        with self._staging(location) as staging:
-            yield staging
-        self.store.mark_committed(location, self.store.storage.list_dir(location))
+        with self._local_folder(location) as folder:
+            yield folder
+            records = {
+                p.relative_to(folder).as_posix(): FileRecord(p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+            }
+        self.store.mark_committed(location, records)
+
+    @contextlib.contextmanager
+    def _local_folder(self, location: Location) -> Iterator[Path]:
+        if not location.is_s3:
+            path = Path(location.path)
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
+            return
+        with tempfile.TemporaryDirectory(prefix="wmtp-final-") as tmp:
+            yield Path(tmp)
+            self.store.storage.upload(Path(tmp), location)

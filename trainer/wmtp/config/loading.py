@@ -69,14 +69,19 @@ def load(config_path: str | Path, recipe_path: str | Path) -> tuple[Config, Reci
 
 
 def config_hash(config: Config, recipe: Recipe) -> str:
-    """Fingerprint of what determines training; secrets, output locations, devices, logging and checkpoint
-    settings are left out (a run may resume on other hardware, another number of ranks or another cadence)."""
-    left_out = {key: True for key in ("s3", "mlflow", "devices", "log_interval")} | {
-        "paths": {"output_dir", "checkpoints"}
-    }
+    """Fingerprint of what determines the training trajectory, the resume guard: the models, the data, the
+    algorithm and its loss, the optimizer, the seed and the batch (size and accumulation). Operational settings are
+    left out so that none of them blocks a resume: save interval, retention, logging, evaluation cadence,
+    max_steps and epochs, devices and world size, MLflow, S3, the run's name and tags and every output location."""
     payload = {
-        "config": config.model_dump(mode="json", exclude=left_out),
-        "recipe": recipe.model_dump(mode="json", exclude={"checkpointing"}),
+        "models": config.paths.models.model_dump(mode="json"),
+        "datasets": config.paths.datasets,
+        "seed": config.seed,
+        # Excluded by name, so that a section added to the recipe later counts until someone decides otherwise.
+        "recipe": recipe.model_dump(
+            mode="json",
+            exclude={"run": True, "checkpointing": True, "train": {"max_steps", "num_epochs", "eval_interval"}},
+        ),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

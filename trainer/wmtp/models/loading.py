@@ -1,13 +1,21 @@
-"""Loading models by URI: the multi-token model and its tokenizer, and the frozen models algorithms need by role."""
+"""Loading models by URI: the multi-token model and its tokenizer, and the frozen models algorithms need by role.
+
+Every loader takes `empty`: the model's structure alone, on the meta device, built from its config and tokenizer
+files (on S3 only those are downloaded). Distributed runs build every model so on every rank and let one rank
+read the weights, which `wmtp.distributed.load_weights` scatters into the shards.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -17,7 +25,7 @@ from transformers import (
 )
 
 from wmtp.models import native
-from wmtp.models.mtp import LOAD_DTYPE, MTPModel
+from wmtp.models.mtp import LOAD_DTYPE, MTPModel, empty_weights
 from wmtp.storage import Storage, parse_uri
 
 T = TypeVar("T")
@@ -41,6 +49,35 @@ def _names_its_uri(load: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+# Files that hold weights; everything else in a model directory is metadata (config, tokenizer, index).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+
+
+def is_weights(name: str) -> bool:
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
+@contextlib.contextmanager
+def model_directory(uri: str, storage: Storage, weights: bool = True) -> Iterator[tuple[Path, list[str]]]:
+    """A local directory for the model at `uri` and the names of every file it has. On disk it is the directory
+    itself; from S3 a temporary copy, without the weight files unless `weights`."""
+    location = parse_uri(uri)
+    if not location.is_s3:
+        path = Path(location.path)
+        yield path, sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        return
+    if weights:
+        with storage.local_copy(location) as directory:
+            yield directory, sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+        return
+    objects = storage.objects(location)
+    with tempfile.TemporaryDirectory(prefix="wmtp-meta-") as tmp:
+        for obj in objects:
+            if not is_weights(obj.rel):
+                storage.download(obj.loc, Path(tmp) / obj.rel)
+        yield Path(tmp), sorted(obj.rel for obj in objects)
+
+
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     if tokenizer.pad_token is None:
@@ -51,13 +88,13 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
 
 @_names_its_uri
 def load_mtp_model(
-    uri: str, storage: Storage, n_heads: int, head_type: str
+    uri: str, storage: Storage, n_heads: int, head_type: str, empty: bool = False
 ) -> tuple[MTPModel, PreTrainedTokenizerBase]:
     """The model and tokenizer in the HF or Meta native directory at `uri` (path, file:// or s3://)."""
-    with storage.local_copy(parse_uri(uri)) as directory:
-        if native.is_native_dir(directory):
-            return native.load_native(directory, n_heads, head_type)
-        return MTPModel.from_pretrained(directory, n_heads, head_type), load_tokenizer(directory)
+    with model_directory(uri, storage, weights=not empty) as (directory, names):
+        if native.is_native(names):
+            return native.load_native(directory, n_heads, head_type, empty=empty)
+        return MTPModel.from_pretrained(directory, n_heads, head_type, empty=empty), load_tokenizer(directory)
 
 
 def _frozen(model: PreTrainedModel) -> PreTrainedModel:
@@ -66,26 +103,29 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _load(cls: type, uri: str, storage: Storage, empty: bool, **config: object) -> PreTrainedModel:
+    with model_directory(uri, storage, weights=not empty) as (directory, _):
+        if not empty:
+            return _frozen(cls.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE, **config))
+        with empty_weights():
+            settings = AutoConfig.from_pretrained(directory, local_files_only=True, **config)
+            return _frozen(cls.from_config(settings, dtype=LOAD_DTYPE))
+
+
 @_names_its_uri
-def load_reference_model(uri: str, storage: Storage) -> PreTrainedModel:
+def load_reference_model(uri: str, storage: Storage, empty: bool = False) -> PreTrainedModel:
     """The rho1 reference: a causal LM sharing the base model's tokenizer, in eval mode and frozen."""
-    with storage.local_copy(parse_uri(uri)) as directory:
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE)
-    return _frozen(model)
+    return _load(AutoModelForCausalLM, uri, storage, empty)
 
 
 @_names_its_uri
-def load_reward_model(uri: str, storage: Storage) -> PreTrainedModel:
+def load_reward_model(uri: str, storage: Storage, empty: bool = False) -> PreTrainedModel:
     """The critic's reward model: a one-label sequence classifier, in eval mode and frozen."""
-    with storage.local_copy(parse_uri(uri)) as directory:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=1, local_files_only=True, dtype=LOAD_DTYPE
-        )
-    return _frozen(model)
+    return _load(AutoModelForSequenceClassification, uri, storage, empty, num_labels=1)
 
 
 # The loader of each frozen-model role in `wmtp.contract.MODEL_ROLES`.
-FROZEN_LOADERS: dict[str, Callable[[str, Storage], PreTrainedModel]] = {
+FROZEN_LOADERS: dict[str, Callable[..., PreTrainedModel]] = {
     "ref": load_reference_model,
     "rm": load_reward_model,
 }

@@ -8,15 +8,17 @@ Nothing here names an architecture: the decoder stack and final norm are found o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 HEAD_TYPES = ("block", "linear")
 MTP_META = "mtp.json"
@@ -24,6 +26,25 @@ MTP_HEADS = "mtp_heads.safetensors"
 _NORM_NAMES = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 # Training keeps fp32 master weights (autocast does the low-precision compute), whatever dtype was saved.
 LOAD_DTYPE = torch.float32
+
+
+@contextlib.contextmanager
+def empty_weights() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device: the structure without the memory. Buffers
+    stay real (rotary tables are computed, not loaded), and a parameter assigned twice stays one (tied weights).
+    The weights come later, from one reader, into whatever sharding the model has by then."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -142,10 +163,11 @@ class MTPModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, n_heads: int | None = None, head_type: str | None = None
+        cls, directory: str | Path, n_heads: int | None = None, head_type: str | None = None, empty: bool = False
     ) -> MTPModel:
         """A directory written by `save_pretrained` (heads restored), or a plain HF causal-LM directory (heads
-        freshly built, so then `n_heads` and `head_type` are required)."""
+        freshly built, so then `n_heads` and `head_type` are required). `empty`: the structure alone, on the meta
+        device, from config.json and mtp.json (the weights are not read)."""
         directory = Path(directory)
         meta_path = directory / MTP_META
         if meta_path.is_file():
@@ -156,6 +178,10 @@ class MTPModel(nn.Module):
             n_heads, head_type = meta["n_heads"], meta["head_type"]
         elif n_heads is None or head_type is None:
             raise ValueError(f"{directory}: a plain HF directory; give n_heads and head_type to build heads")
+        if empty:
+            with empty_weights():
+                config = AutoConfig.from_pretrained(directory, local_files_only=True)
+                return cls(AutoModelForCausalLM.from_config(config, dtype=LOAD_DTYPE), n_heads, head_type)
         base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE)
         model = cls(base, n_heads, head_type)
         if meta_path.is_file() and n_heads > 1:

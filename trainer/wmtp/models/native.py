@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast, PreTrainedTokenizerBase
 
-from wmtp.models.mtp import LOAD_DTYPE, MTPModel
+from wmtp.models.mtp import LOAD_DTYPE, MTPModel, empty_weights
 from wmtp.storage import Storage, parse_uri
 
 PARAMS = "params.json"
@@ -149,6 +149,11 @@ def is_native_dir(directory: str | Path) -> bool:
     return bool(shard_files(directory))
 
 
+def is_native(names: list[str]) -> bool:
+    """Whether a directory holding these files is a native checkpoint (whether or not they are all here)."""
+    return any(_SHARD.fullmatch(name) for name in names)
+
+
 def _check_shard_count(
     directory: Path, files: list[Path], shards: list[dict[str, torch.Tensor]], params: NativeParams
 ) -> None:
@@ -243,26 +248,9 @@ def load_native_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_native(
-    directory: str | Path, n_heads: int | None = None, head_type: str | None = None
-) -> tuple[MTPModel, PreTrainedTokenizerBase]:
-    """The multi-token model and tokenizer of a native directory; `n_heads`/`head_type`, when given, must agree."""
-    directory = Path(directory)
-    tokenizer = load_native_tokenizer(directory)
-    params = read_params(directory, len(tokenizer))
-    for name, wanted, actual in (("n_heads", n_heads, params.n_future_tokens), ("head_type", head_type, "block")):
-        if wanted is not None and wanted != actual:
-            raise ValueError(f"{directory}: Meta's checkpoint has {name}={actual!r}, not {wanted!r}")
-    state = merge_shards(directory, params)
-
-    hf_state = {
-        "model.embed_tokens.weight": state["tok_embeddings.weight"],
-        "model.norm.weight": state["norm.weight"],
-        "lm_head.weight": state["output.weight"],
-    }
-    for i in range(params.n_trunk_layers):
-        hf_state.update({f"model.layers.{i}.{k}": v for k, v in _block_to_hf(state, f"layers.{i}.", params).items()})
-    config = LlamaConfig(
+def native_config(params: NativeParams, tokenizer: PreTrainedTokenizerBase) -> LlamaConfig:
+    """The HF Llama equivalent of Meta's layout: the trunk plus head 0's layer; extra heads live in MTPModel."""
+    return LlamaConfig(
         vocab_size=params.vocab_size,
         hidden_size=params.dim,
         intermediate_size=params.hidden_dim,
@@ -276,6 +264,32 @@ def load_native(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
+
+
+def load_native(
+    directory: str | Path, n_heads: int | None = None, head_type: str | None = None, empty: bool = False
+) -> tuple[MTPModel, PreTrainedTokenizerBase]:
+    """The multi-token model and tokenizer of a native directory; `n_heads`/`head_type`, when given, must agree.
+    `empty`: the structure alone, on the meta device, from params.json and the tokenizer (no shard is read)."""
+    directory = Path(directory)
+    tokenizer = load_native_tokenizer(directory)
+    params = read_params(directory, len(tokenizer))
+    for name, wanted, actual in (("n_heads", n_heads, params.n_future_tokens), ("head_type", head_type, "block")):
+        if wanted is not None and wanted != actual:
+            raise ValueError(f"{directory}: Meta's checkpoint has {name}={actual!r}, not {wanted!r}")
+    config = native_config(params, tokenizer)
+    if empty:
+        with empty_weights():
+            return MTPModel(LlamaForCausalLM(config), params.n_future_tokens, "block"), tokenizer
+    state = merge_shards(directory, params)
+
+    hf_state = {
+        "model.embed_tokens.weight": state["tok_embeddings.weight"],
+        "model.norm.weight": state["norm.weight"],
+        "lm_head.weight": state["output.weight"],
+    }
+    for i in range(params.n_trunk_layers):
+        hf_state.update({f"model.layers.{i}.{k}": v for k, v in _block_to_hf(state, f"layers.{i}.", params).items()})
     base, info = LlamaForCausalLM.from_pretrained(
         None, config=config, state_dict=hf_state, dtype=LOAD_DTYPE, output_loading_info=True
     )
