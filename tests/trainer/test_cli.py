@@ -131,7 +131,7 @@ ROWS: list[Row] = [
     ("base model missing", ("train", "validate"), lambda c: c.set("paths.models.base", str(c.tmp / "no-model")), 2,
      "{tmp}/no-model"),
     ("base model not a model", ("train",), lambda c: (c.tmp / "m").mkdir() or c.set("paths.models.base",
-        str(c.tmp / "m")), 2, "{tmp}/m: cannot load a model from it"),
+        str(c.tmp / "m")), 2, "paths.models.base ({tmp}/m): cannot read its config or tokenizer"),
     ("dataset bucket missing", ("train", "validate"), lambda c: c.set("paths.datasets.humaneval",
         "s3://no-such-bucket-here/he.jsonl"), 3, "s3://no-such-bucket-here/he.jsonl: the bucket does not exist"),
     ("dataset key missing", ("train", "validate"), lambda c: c.set("paths.datasets.humaneval",

@@ -19,7 +19,7 @@ from wmtp.config import ConfigError, ModelPaths, clip
 from wmtp.contract import MODEL_ROLES
 from wmtp.models import native
 from wmtp.models.loading import load_tokenizer, model_directory
-from wmtp.storage import Storage
+from wmtp.storage import Storage, StorageError
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -51,7 +51,9 @@ def read_vocabulary(where: str, uri: str, storage: Storage) -> Vocabulary:
                 size = config.get_text_config().vocab_size
                 has_tokenizer = any(name in names for name in _TOKENIZER_FILES)
                 tokenizer = load_tokenizer(directory) if has_tokenizer else None
-    except Exception as err:  # a missing or malformed file, an unreachable store: one line, whatever it was
+    except StorageError:
+        raise  # unreachable, denied or missing in the store: its own line and exit code
+    except Exception as err:  # a missing or malformed file: one line, whatever it was
         raise ConfigError(clip(f"{label}: cannot read its config or tokenizer: {type(err).__name__}: {err}")) from None
     if tokenizer is None:
         return Vocabulary(label, size)
