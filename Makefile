@@ -13,7 +13,7 @@ K8S_TOOLS := .wmtp/k8s-tools
 # The one torch version: `make setup` and both images install it.
 TORCH_VERSION := 2.13.0
 
-.PHONY: setup quickstart test e2e-kind images
+.PHONY: setup quickstart test e2e-kind images e2e-local
 
 setup: $(STAMP) $(BIN)/helm
 
@@ -51,3 +51,8 @@ e2e-kind: setup
 # Debian base where no registry answers (images/build.sh). TAG, BASE_IMAGE, TORCH_INDEX_URL may be given.
 images:
 	TORCH_VERSION=$(TORCH_VERSION) bash images/build.sh
+
+# The Kubernetes story without a cluster: the images built, the operator from its image against the emulator,
+# each attempt's pods run by podman (tests/support/kubelet.py). Exits 77 (skipped) where podman cannot run.
+e2e-local: setup
+	TORCH_VERSION=$(TORCH_VERSION) bash tests/e2e/local.sh

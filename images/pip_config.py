@@ -15,7 +15,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 # The settings that decide what pip installs and from where; everything else stays pip's default.
-KEYS = ("index-url", "extra-index-url", "find-links", "constraint", "cert", "trusted-host", "default-timeout", "retries")
+KEYS = (
+    "index-url", "extra-index-url", "find-links", "constraint", "cert", "trusted-host", "default-timeout", "retries",
+)  # fmt: skip
 LOCATIONS = ("index-url", "extra-index-url", "find-links", "constraint", "cert")
 
 

@@ -39,13 +39,25 @@ RESOURCES = {
     "v1/services": ("Service", True, set()),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, set()),
     "v1/events": ("Event", True, set()),
+    # What a namespace's workloads use: their Secrets and identities (support.secure_api authorizes with them).
+    "v1/secrets": ("Secret", True, set()),
+    "v1/serviceaccounts": ("ServiceAccount", True, set()),
+    "rbac.authorization.k8s.io/v1/roles": ("Role", True, set()),
+    "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, set()),
     # kopf looks these up at start-up (namespace and CRD discovery).
     "v1/namespaces": ("Namespace", False, set()),
     "apiextensions.k8s.io/v1/customresourcedefinitions": ("CustomResourceDefinition", False, set()),
 }
 VERBS = {"get", "list", "watch", "create", "patch", "delete"}
-# The operator's kinds, and Events (which kopf posts) for tests to read.
-PATHS = {**OPERATOR_PATHS, "Event": "/api/v1/namespaces/{ns}/events"}
+# The operator's kinds, Events (which kopf posts) for tests to read, and what pods use.
+PATHS = {
+    **OPERATOR_PATHS,
+    "Event": "/api/v1/namespaces/{ns}/events",
+    "Secret": "/api/v1/namespaces/{ns}/secrets",
+    "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+    "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+    "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+}
 _KEEP_REQUESTS = 100  # more than are ever in flight at once
 
 
