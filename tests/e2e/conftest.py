@@ -27,3 +27,12 @@ def images() -> Images:
     if not (trainer and operator and shutil.which("podman")):
         pytest.skip(SKIP_REASON)
     return Images(trainer=trainer, operator=operator)
+
+
+@pytest.fixture(scope="session")
+def launcher(images: Images) -> bool:
+    """Whether the trainer image has the launcher (its entry point) yet: `wmtp launch --help` succeeds."""
+    from support.runtime import podman
+
+    probe = podman("run", "--rm", "--pull=never", "--network", "none", images.trainer, "--help", check=False)
+    return probe.returncode == 0
