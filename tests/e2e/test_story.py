@@ -26,7 +26,7 @@ import yaml
 
 from support.clusters import KindCluster, LocalCluster, StoryCluster
 from support.runs import HUMANEVAL
-from support.services import mlflow_server
+from support.tracking import mlflow_server
 from wmtp.checkpoint import CheckpointStore
 from wmtp.config import S3Settings
 from wmtp.contract import CHECKPOINT_PREFIX

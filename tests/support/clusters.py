@@ -1,10 +1,10 @@
 """Where the end-to-end story (tests/e2e/test_story.py) plays: one interface, two clusters.
 
 Test support. `LocalCluster` (`make e2e-local`): the emulator as API server, `support.kubelet` running the pods
-with podman, the operator from its image, S3 and MLflow on the host. `KindCluster` (`make e2e-kind`): a real
-cluster that tests/e2e/kind.sh has set up (images loaded, chart installed, S3 and MLflow inside it), reached
-with kubectl; containers are stopped and killed through the node's container runtime (crictl), as a kubelet
-would. The story asks both the same things and asserts the same.
+with podman, the operator from its image (`OperatorContainer`), S3 and MLflow on the host. `KindCluster`
+(`make e2e-kind`): a real cluster that tests/e2e/kind.sh has set up (images loaded, chart installed, S3 and MLflow
+inside it), reached with kubectl; containers are stopped and killed through the node's container runtime
+(crictl), as a kubelet would. The story asks both the same things and asserts the same.
 """
 
 from __future__ import annotations
@@ -13,14 +13,16 @@ import json
 import subprocess
 import threading
 import time
+import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
 from support.emulator import Emulator
 from support.kubelet import Kubelet, wait_until
-from support.runtime import PodmanRuntime
+from support.runtime import PodmanRuntime, podman
 from support.secure_api import SecureApi
-from support.services import OperatorContainer
+from support.waiting import free_port, wait_for
 
 
 class StoryCluster(Protocol):
@@ -57,6 +59,46 @@ class StoryCluster(Protocol):
     def diagnosis(self) -> str: ...
 
     def close(self) -> None: ...
+
+
+class OperatorContainer:
+    """The operator image run with podman against the emulator, as its Deployment runs it: non-root, read-only
+    root filesystem, no capabilities; on the host's network, with a kubeconfig naming the emulator."""
+
+    def __init__(self, emulator: Emulator, image: str, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        kubeconfig = emulator.kubeconfig(directory)
+        kubeconfig.chmod(0o644)
+        self.name = f"wmtp-e2e-operator-{uuid.uuid4().hex[:8]}"
+        self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        podman(
+            "run", "--detach", "--pull=never", "--name", self.name, "--network", "host",
+            "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--volume", f"{kubeconfig}:/etc/wmtp-e2e/kubeconfig:ro", "--env", "KUBECONFIG=/etc/wmtp-e2e/kubeconfig",
+            image, "--standalone", f"--liveness={self.liveness}",
+        )  # fmt: skip
+        wait_for(self.alive, timeout=60, interval=0.2, what=f"the operator's liveness endpoint ({self.name})")
+
+    def alive(self) -> bool:
+        state = podman("inspect", "--format", "{{.State.Status}}", self.name, check=False).stdout.strip()
+        if state not in ("running", "created", "configured"):
+            raise RuntimeError(f"the operator container is {state or 'gone'}:\n{self.output()}")
+        try:
+            with urllib.request.urlopen(self.liveness, timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def output(self) -> str:
+        result = podman("logs", self.name, check=False)
+        return result.stdout + result.stderr
+
+    def user(self) -> str:
+        return podman("exec", self.name, "id", "-u", check=False).stdout.strip()
+
+    def stop(self) -> None:
+        podman("stop", "--time", "10", self.name, check=False)
+        podman("rm", "--force", self.name, check=False)
 
 
 class LocalCluster:
