@@ -97,13 +97,13 @@ class Kubelet:
         self.runtime.signal(self._record(pod).runnable.manifest, container, signal.SIGKILL)
 
     def logs(self, pod: str, container: str = "trainer") -> str:
-        """The container's output so far ("" before the pod has started here)."""
+        """The container's output so far, kept once the pod is gone ("" before it has started here)."""
+        saved = self.workdir / pod / f"{container}.log"
+        if saved.exists():
+            return saved.read_text()
         with self._lock:
             record = self._pods.get(pod)
-        if record is None:
-            return ""
-        saved = record.directory / f"{container}.log"
-        return saved.read_text() if saved.exists() else self.runtime.logs(record.runnable.manifest, container)
+        return self.runtime.logs(record.runnable.manifest, container) if record is not None else ""
 
     def last_status(self, pod: str) -> dict[str, Any]:
         """The last status reported for the pod, even once it is gone ({} if none was)."""
@@ -123,7 +123,8 @@ class Kubelet:
         for name, record in pods:
             self._save_logs(record)
             self.runtime.remove(record.runnable.manifest)
-            del self._pods[name]
+            with self._lock:
+                self._pods.pop(name, None)
 
     def _record(self, pod: str) -> _Pod:
         with self._lock:
@@ -206,7 +207,7 @@ class Kubelet:
             self._patch_status(pod, {"phase": "Pending", "containerStatuses": statuses})
             return None
         self._map_ports(pod, runnable.manifest)
-        record = _Pod(runnable, directory)
+        record = _Pod(runnable, directory)  # directory is self.workdir / name: `logs` finds it after the pod goes
         with self._lock:
             self._pods[name] = record
         self.runtime.start(runnable.manifest, directory)
