@@ -35,7 +35,9 @@ build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 [ -n "${TORCH_VERSION:-}" ] && build_args+=(--build-arg "TORCH_VERSION=$TORCH_VERSION")
 [ -n "${TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 engine_args=(--secret "id=pip.conf,src=$workdir/pip.conf")
-if [ "$ENGINE" = podman ]; then
+if [ "$ENGINE" = docker ]; then
+  export DOCKER_BUILDKIT=1  # cache and secret mounts need BuildKit (the default from Docker 23)
+else
   # Local images only (--pull=never), the host's network (pip reaches what the host reaches), layer cache kept.
   engine_args+=(--pull=never --network host --layers "${mounts[@]}")
 fi
