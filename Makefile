@@ -13,6 +13,10 @@ K8S_TOOLS := .wmtp/k8s-tools
 # The one torch version: `make setup` and both images install it.
 TORCH_VERSION := 2.13.0
 
+# checkov lives in a venv of its own: its pins fight the project's.
+CHECKOV_VENV := .venv-checkov
+CHECKOV_VERSION := 3.3.30
+
 .PHONY: setup quickstart test e2e-kind images e2e-local
 
 setup: $(STAMP) $(BIN)/helm
@@ -39,7 +43,11 @@ quickstart: setup
 	WMTP_HUMANEVAL=$(HUMANEVAL) $(BIN)/wmtp train \
 		--config configs/config.local.yaml --recipe configs/recipe.rho1-wmtp.yaml
 
-test: setup
+$(CHECKOV_VENV)/bin/checkov:
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet 'checkov==$(CHECKOV_VERSION)'
+
+test: setup $(CHECKOV_VENV)/bin/checkov
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
 

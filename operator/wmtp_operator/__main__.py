@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import kopf
@@ -42,6 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     import wmtp_operator.handlers  # noqa: F401  (registers the handlers with kopf)
 
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:
+        # A line per handler call and per probe would drown what matters (refusals, failed passes).
+        for noisy in ("kopf.objects", "aiohttp.access"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     kopf.run(
         clusterwide=not args.namespaces,
         namespaces=args.namespaces,

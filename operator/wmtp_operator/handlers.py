@@ -1,8 +1,12 @@
 """kopf handlers: thin glue that triggers one reconcile pass of a run and posts its events.
 
-Every trigger — the run created, changed or found at start-up, an event on one of its Jobs or pods, a timer —
-does the same thing: read the run and its children, `reconcile`, apply, patch the status if it changed.
-Passes of one run never overlap, and a burst of triggers collapses into one pass that reads after all of them.
+Every trigger — any change of the run (its status included: that is where rank 0 reports), an event on one of
+its Jobs or pods, a requeue a pass asked for, the periodic resync — does the same thing: read the run and its
+children, `reconcile`, apply, patch the status if it changed. Passes of one run never overlap, and a burst of
+triggers collapses into one pass that reads after all of them.
+
+Only event handlers: kopf adds a finalizer for daemons, timers and deletion handlers, and a run must be deletable
+while the operator is down. The resync and the requeues are this module's own loop.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 import zlib
 from collections import defaultdict
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,25 +27,38 @@ import kopf
 
 from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.kube import Kube
-from wmtp_operator.reconcile import Plan, reconcile
+from wmtp_operator.plan import Plan, refused, say
+from wmtp_operator.reconcile import reconcile
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
-from wmtp_operator.spec import TERMINAL, Defaults
+from wmtp_operator.spec import Defaults
+from wmtp_operator.state import State
 
-RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within this
+RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within 1.5 × this
+ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx)
+TICK_SECONDS = 0.2
+PASSES_AT_ONCE = 32
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
-    """Runs reconcile passes: one at a time per run, with triggers that arrive while one waits folded into it."""
+    """Runs reconcile passes: one at a time per run, with triggers that arrive while one waits folded into it,
+    and a pass for each unfinished run when it is due (its requeue, else the resync)."""
 
     def __init__(self, kube: Kube, defaults: Defaults) -> None:
         self.kube, self.defaults = kube, defaults
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._waiting: set[tuple[str, str]] = set()
-        self._last_pass: dict[tuple[str, str], float] = {}
+        self._due: dict[tuple[str, str], float] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # held so that the event loop does not drop them
 
-    def idle_seconds(self, namespace: str, name: str) -> float:
-        """Seconds since the run's last reconcile pass in this process (infinite if none)."""
-        return time.monotonic() - self._last_pass.get((namespace, name), -math.inf)
+    def forget(self, namespace: str, name: str) -> None:
+        self._due.pop((namespace, name), None)
+        self._locks.pop((namespace, name), None)
+        self.kube.written.pop((namespace, name), None)
+
+    def own_echo(self, namespace: str, name: str, resource_version: str | None) -> bool:
+        """The run as this operator's last write left it: nothing a pass would not already know."""
+        return resource_version is not None and resource_version in self.kube.written.get((namespace, name), ())
 
     async def reconcile(self, namespace: str, name: str) -> None:
         key = (namespace, name)
@@ -49,63 +67,82 @@ class Supervisor:
         self._waiting.add(key)
         async with self._locks[key]:
             self._waiting.discard(key)
-            result = await asyncio.to_thread(self.reconcile_now, namespace, name)
-            self._last_pass[key] = time.monotonic()
+            try:
+                result = await asyncio.to_thread(self.reconcile_now, namespace, name)
+            except Exception as err:  # an API error or timeout: this pass is lost, a later one redoes it
+                log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, ERROR_RETRY_SECONDS,
+                            say(str(err)))  # fmt: skip
+                self._due[key] = time.monotonic() + ERROR_RETRY_SECONDS
+                return
         if result is None:
-            self._locks.pop(key, None)
-            self._last_pass.pop(key, None)
+            self.forget(namespace, name)
             return
-        body, plan = result
-        for event in plan.events:
-            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        _, plan = result
+        if plan.final:
+            self._due.pop(key, None)
+        else:
+            resync = _resync_seconds(namespace, name)
+            wait = resync if plan.requeue_after is None else min(max(plan.requeue_after, 0.0), resync)
+            self._due[key] = time.monotonic() + wait
 
     def reconcile_now(self, namespace: str, name: str) -> tuple[dict[str, Any], Plan] | None:
         body = self.kube.get("WMTPRun", namespace, name)
         if body is None:
             return None  # deleted: its children go with it through their ownerReferences
+        meta = body["metadata"]
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         plan = reconcile(body, self.kube.observe(body), now, self.defaults)
-        self.kube.apply(namespace, name, plan)
+        stopped = self.kube.apply(namespace, name, meta["uid"], plan)
+        if stopped is not None:
+            refusal, state = stopped
+            log.warning("%s/%s: %s %s refused: %s", namespace, name, refusal.kind, refusal.name, refusal.message)
+            plan = refused(body, refusal, state or State.load(meta)[0], now)
+            self.kube.apply(namespace, name, meta["uid"], plan)
+        self.kube.post_events(body, plan.events, now)
         return body, plan
+
+    async def resync(self) -> None:
+        """Forever: a pass for every run that is due."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            now = time.monotonic()
+            for (namespace, name), due in list(self._due.items()):
+                if due <= now:
+                    self._due[(namespace, name)] = math.inf  # until the pass reschedules it
+                    task = asyncio.create_task(self.reconcile(namespace, name))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+
+
+def _resync_seconds(namespace: str, name: str) -> float:
+    """RESYNC_SECONDS stretched by up to half, stable per run: runs that all started together (an operator
+    restart lists them at once) must not all resync in the same second ever after."""
+    return RESYNC_SECONDS * (1 + 0.5 * zlib.crc32(f"{namespace}/{name}".encode()) / 2**32)
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # Annotations, not status: the CRD's structural schema would prune kopf's bookkeeping from the status.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=GROUP, key="last-handled-configuration"
-    )
-    settings.persistence.finalizer = f"{GROUP}/finalizer"
-    # Transitions are posted as Events explicitly; kopf's own per-handler chatter is not.
-    settings.posting.level = logging.WARNING
-    memo.supervisor = Supervisor(Kube.from_environment(), Defaults.from_env(os.environ))
+async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # The operator posts its Events itself (kube.post_events); kopf's own per-handler chatter is not.
+    settings.posting.enabled = False
+    # A pass waits on the API server most of its time: as many at once as there are API connections.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(PASSES_AT_ONCE, "reconcile"))
+    memo.supervisor = Supervisor(Kube.from_environment(PASSES_AT_ONCE), Defaults.from_env(os.environ))
+    memo.resync = asyncio.create_task(memo.supervisor.resync())
 
 
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-@kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
-async def run_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    await memo.supervisor.reconcile(namespace, name)
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    memo.resync.cancel()
 
 
-def unfinished(status: Mapping[str, Any], **_: Any) -> bool:
-    return status.get("phase") not in TERMINAL
-
-
-def _resync_offset(uid: str) -> float:
-    """A stable offset in [0, RESYNC_SECONDS): runs created together must not all resync at the same moment."""
-    return RESYNC_SECONDS * zlib.crc32(uid.encode()) / 2**32
-
-
-@kopf.daemon(GROUP, VERSION, PLURAL, when=unfinished, cancellation_timeout=1.0)
-async def resync(namespace: str, name: str, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
-    """The safety net, a timer with a per-run phase: a pass for runs that nothing has triggered for a while."""
-    await stopped.wait(_resync_offset(uid))
-    while not stopped:
-        if memo.supervisor.idle_seconds(namespace, name) >= RESYNC_SECONDS:
-            await memo.supervisor.reconcile(namespace, name)
-        await stopped.wait(RESYNC_SECONDS)
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def run_event(
+    type: str | None, namespace: str, name: str, meta: Mapping[str, Any], memo: kopf.Memo, **_: Any
+) -> None:
+    if type == "DELETED":
+        memo.supervisor.forget(namespace, name)
+    elif not memo.supervisor.own_echo(namespace, name, meta.get("resourceVersion")):
+        await memo.supervisor.reconcile(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={MANAGED_BY: OPERATOR, RUN_LABEL: kopf.PRESENT})

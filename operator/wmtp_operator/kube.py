@@ -1,45 +1,100 @@
 """The one place that talks to the Kubernetes API: reads what `reconcile` needs, applies what it returns.
 
 Plain JSON over the official client's connection handling (in-cluster service account or kubeconfig), so the
-pure modules see the same dicts the API serves and nothing is converted through generated model classes.
+pure modules see the same dicts the API serves. `ACCESS` lists every verb the operator issues, per resource; the
+adapter refuses anything else, and the Helm chart's RBAC is tested against the same table. Nothing here patches
+or deletes an object this run does not control: deletes carry the uid as a precondition, and an existing object
+of the same name is updated only when its controller is the run.
 """
 
 from __future__ import annotations
 
+import collections
 import json
+import logging
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import kubernetes
 from pydantic import ValidationError
 
-from wmtp.contract import GROUP, PLURAL, VERSION
-from wmtp_operator.reconcile import Create, Delete, Observed, PatchSpec, Plan
-from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
+from wmtp.contract import GROUP, KIND, PLURAL, VERSION
+from wmtp_operator.formats import NAME
+from wmtp_operator.plan import Create, Delete, Event, Observed, PatchRun, Plan, Refused, say
+from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL, controller_uid
 from wmtp_operator.spec import RecipeRef
+from wmtp_operator.state import State
 
-# kind → collection path under a namespace
-PATHS = {
-    "WMTPRun": f"/apis/{GROUP}/{VERSION}/namespaces/{{ns}}/{PLURAL}",
-    "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
-    "Pod": "/api/v1/namespaces/{ns}/pods",
-    "ConfigMap": "/api/v1/namespaces/{ns}/configmaps",
-    "Service": "/api/v1/namespaces/{ns}/services",
-    "PersistentVolumeClaim": "/api/v1/namespaces/{ns}/persistentvolumeclaims",
+
+@dataclass(frozen=True)
+class Resource:
+    group: str
+    version: str
+    plural: str
+    verbs: frozenset[str]
+
+    def path(self, namespace: str) -> str:
+        prefix = f"/apis/{self.group}/{self.version}" if self.group else f"/api/{self.version}"
+        return f"{prefix}/namespaces/{namespace}/{self.plural}"
+
+
+def _resource(group: str, version: str, plural: str, *verbs: str) -> Resource:
+    return Resource(group, version, plural, frozenset(verbs))
+
+
+# Every verb the operator issues, per kind: the adapter's calls, plus `list`/`watch` for what kopf watches and
+# `create` for the Events it posts. The chart's RBAC grants exactly this (tests/chart).
+ACCESS: dict[str, Resource] = {
+    "WMTPRun": _resource(GROUP, VERSION, PLURAL, "get", "list", "watch", "patch"),
+    "WMTPRun/status": _resource(GROUP, VERSION, f"{PLURAL}/status", "patch"),
+    "Job": _resource("batch", "v1", "jobs", "get", "list", "watch", "create", "delete"),
+    "Pod": _resource("", "v1", "pods", "list", "watch"),
+    "ConfigMap": _resource("", "v1", "configmaps", "get", "create", "patch"),
+    "Service": _resource("", "v1", "services", "get", "create"),
+    "NetworkPolicy": _resource("networking.k8s.io", "v1", "networkpolicies", "get", "create"),
+    "PersistentVolumeClaim": _resource("", "v1", "persistentvolumeclaims", "get", "create"),
+    "ServiceAccount": _resource("", "v1", "serviceaccounts", "get", "create"),
+    "Role": _resource("rbac.authorization.k8s.io", "v1", "roles", "get", "create"),
+    "RoleBinding": _resource("rbac.authorization.k8s.io", "v1", "rolebindings", "get", "create"),
+    "Event": _resource("", "v1", "events", "create"),
 }
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 30)  # connect, read (seconds)
+# What a retry cannot fix until someone changes the spec or the cluster: the run's status says it.
+REFUSALS = {400, 403, 404, 409, 422}
+log = logging.getLogger(__name__)
 
 
 class ApiError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, body: bytes) -> None:
-        super().__init__(f"{method} {path}: HTTP {status}: {body[:300].decode(errors='replace')}")
         self.status = status
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = {}
+        parsed = parsed if isinstance(parsed, dict) else {}
+        self.reason = str(parsed.get("reason") or status)
+        self.api_message = say(str(parsed.get("message") or body[:400].decode(errors="replace")))
+        super().__init__(f"{method} {path}: HTTP {status} {self.reason}: {self.api_message}")
+
+
+class NotControlled(RuntimeError):
+    """An object of the name the run needs exists and is controlled by something else."""
+
+    def __init__(self, kind: str, name: str, owner: str | None) -> None:
+        self.kind, self.name = kind, name
+        whose = f"controlled by uid {owner}" if owner else "not controlled by this run"
+        super().__init__(f"{kind} {name} already exists, {whose}: waiting for it to be deleted (or delete it)")
 
 
 class Kube:
     def __init__(self, api: kubernetes.client.ApiClient) -> None:
         self.api = api
+        # The resourceVersions this operator's own last writes gave each run: the watch events they cause carry
+        # nothing new, so they need not cost a pass.
+        self.written: dict[tuple[str, str], collections.deque[str]] = {}
 
     @classmethod
     def from_environment(cls, pool_size: int = 32) -> Kube:
@@ -54,8 +109,21 @@ class Kube:
         return cls(kubernetes.client.ApiClient(configuration))
 
     def _call(
-        self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None
+        self,
+        verb: str,
+        kind: str,
+        namespace: str,
+        name: str = "",
+        body: Any = None,
+        query: list[tuple[str, str]] | None = None,
     ) -> dict[str, Any]:
+        resource = ACCESS[kind]
+        if verb not in resource.verbs:
+            raise PermissionError(f"the operator does not {verb} {kind} (kube.ACCESS)")
+        method = {"get": "GET", "list": "GET", "create": "POST", "patch": "PATCH", "delete": "DELETE"}[verb]
+        path = resource.path(namespace) + (f"/{name}" if name else "")
+        if kind == "WMTPRun/status":
+            path = ACCESS["WMTPRun"].path(namespace) + f"/{name}/status"
         headers = {
             "Accept": "application/json",
             "Content-Type": MERGE_PATCH if method == "PATCH" else "application/json",
@@ -71,7 +139,7 @@ class Kube:
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self._call("GET", f"{PATHS[kind].format(ns=namespace)}/{name}")
+            return self._call("get", kind, namespace, name)
         except ApiError as err:
             if err.status == 404:
                 return None
@@ -79,41 +147,61 @@ class Kube:
 
     def list(self, kind: str, namespace: str, labels: Mapping[str, str]) -> list[dict[str, Any]]:
         selector = ",".join(f"{key}={value}" for key, value in labels.items())
-        return self._call("GET", PATHS[kind].format(ns=namespace), query=[("labelSelector", selector)])["items"]
+        return self._call("list", kind, namespace, query=[("labelSelector", selector)])["items"]
 
     def create(self, obj: Mapping[str, Any], update: bool = False) -> None:
-        meta = obj["metadata"]
+        """Create `obj`. If its name is taken: by an object the same run controls, fine (merge-patched with `obj`
+        when `update`); by anything else, NotControlled, and nothing is changed."""
+        meta, kind = obj["metadata"], obj["kind"]
         try:
-            self._call("POST", PATHS[obj["kind"]].format(ns=meta["namespace"]), body=obj)
+            self._call("create", kind, meta["namespace"], body=obj)
+            return
         except ApiError as err:
             if err.status != 409:
                 raise
-            if update:
-                content = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind", "metadata")}
-                self.patch(obj["kind"], meta["namespace"], meta["name"], content)
+        existing = self.get(kind, meta["namespace"], meta["name"])
+        if existing is None:
+            return self.create(obj, update)  # deleted in between
+        owner = controller_uid(existing)
+        if owner != controller_uid(obj):
+            raise NotControlled(kind, meta["name"], owner)
+        if update:
+            content = {key: value for key, value in obj.items() if key not in ("apiVersion", "kind", "metadata")}
+            content["metadata"] = {"uid": existing["metadata"]["uid"]}  # the object checked above, not a successor
+            self._call("patch", kind, meta["namespace"], meta["name"], body=content)
 
-    def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], status: bool = False) -> None:
-        suffix = "/status" if status else ""
-        self._call("PATCH", f"{PATHS[kind].format(ns=namespace)}/{name}{suffix}", body=patch)
+    def patch_run(self, namespace: str, name: str, uid: str, patch: Mapping[str, Any], status: bool = False) -> None:
+        """Merge-patch the run (or its status) only if it is still the run of that uid."""
+        body = {**patch, "metadata": {**patch.get("metadata", {}), "uid": uid}}
+        updated = self._call("patch", "WMTPRun/status" if status else "WMTPRun", namespace, name, body=body)
+        version = updated.get("metadata", {}).get("resourceVersion")
+        if version:
+            self.written.setdefault((namespace, name), collections.deque(maxlen=4)).append(version)
 
-    def delete(self, kind: str, namespace: str, name: str) -> None:
-        # Background: the Job goes at once and the garbage collector takes its pods.
-        body = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+    def delete(self, kind: str, namespace: str, name: str, uid: str) -> None:
+        # Background: the Job goes at once and the garbage collector takes its pods (each gets its grace period).
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"}
+        options["preconditions"] = {"uid": uid}
         try:
-            self._call("DELETE", f"{PATHS[kind].format(ns=namespace)}/{name}", body=body)
+            self._call("delete", kind, namespace, name, body=options)
         except ApiError as err:
-            if err.status != 404:
+            if err.status not in (404, 409):  # gone, or a successor of the same name that is not this one
                 raise
 
     def observe(self, run: Mapping[str, Any]) -> Observed:
-        """The run's Jobs and pods (by label) and its recipeRef's text, if any."""
+        """The run's Jobs and pods (by label), its recipeRef's text, and whether the ServiceAccount it names is
+        missing."""
         meta = run["metadata"]
         namespace, selector = meta["namespace"], {MANAGED_BY: OPERATOR, RUN_LABEL: meta["name"]}
-        ref = (run.get("spec") or {}).get("recipeRef")
+        spec = run.get("spec") or {}
+        account = spec.get("serviceAccountName")
+        named = isinstance(account, str) and re.fullmatch(NAME, account) is not None
+        missing = account if named and self.get("ServiceAccount", namespace, account) is None else None
         return Observed(
             jobs=self.list("Job", namespace, selector),
             pods=self.list("Pod", namespace, selector),
-            recipe_text=self._recipe_text(namespace, ref) if ref else None,
+            recipe_text=self._recipe_text(namespace, spec.get("recipeRef")) if spec.get("recipeRef") else None,
+            account_missing=missing,
         )
 
     def _recipe_text(self, namespace: str, ref: Any) -> str | None:
@@ -122,16 +210,59 @@ class Kube:
         except ValidationError:
             return None  # reconcile reports the invalid spec
         config_map = self.get("ConfigMap", namespace, parsed.name) or {}
-        return (config_map.get("data") or {}).get(parsed.key)
+        text = (config_map.get("data") or {}).get(parsed.key)
+        return text if isinstance(text, str) else None
 
-    def apply(self, namespace: str, name: str, plan: Plan) -> None:
-        """Actions in order, then the status: a failure part-way leaves the old status and a later pass redoes it."""
+    def apply(self, namespace: str, name: str, uid: str, plan: Plan) -> tuple[Refused, State | None] | None:
+        """Actions in order, then the status. A refused child stops the plan: the refusal and the last state
+        written are returned, for `reconcile.refused`. Any other failure part-way raises and a later pass redoes
+        the rest."""
+        state: State | None = None
         for action in plan.actions:
-            if isinstance(action, Create):
-                self.create(action.obj, update=action.update)
-            elif isinstance(action, Delete):
-                self.delete(action.kind, namespace, action.name)
-            elif isinstance(action, PatchSpec):
-                self.patch("WMTPRun", namespace, name, action.patch)
+            try:
+                if isinstance(action, Create):
+                    self.create(action.obj, update=action.update)
+                elif isinstance(action, Delete):
+                    self.delete(action.kind, namespace, action.name, action.uid)
+                elif isinstance(action, PatchRun):
+                    self.patch_run(namespace, name, uid, action.patch)
+                    state = action.state or state
+            except NotControlled as err:
+                return Refused(err.kind, err.name, 409, "Conflict", str(err)), state
+            except ApiError as err:
+                if not isinstance(action, Create) or err.status not in REFUSALS:
+                    raise
+                refusal = Refused(
+                    action.obj["kind"], action.obj["metadata"]["name"], err.status, err.reason, err.api_message
+                )
+                return refusal, state
         if plan.status:
-            self.patch("WMTPRun", namespace, name, {"status": plan.status}, status=True)
+            self.patch_run(namespace, name, uid, {"status": plan.status}, status=True)
+        return None
+
+    def post_events(self, run: Mapping[str, Any], events: list[Event], now: str) -> None:
+        """Events about the run, as `kubectl describe` shows them; a failure to post one is logged, not raised."""
+        meta = run["metadata"]
+        involved = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": meta["name"],
+                    "namespace": meta["namespace"], "uid": meta["uid"]}  # fmt: skip
+        for event in events:
+            body = {
+                "apiVersion": "v1",
+                "kind": "Event",
+                "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+                "involvedObject": involved,
+                "type": event.type,
+                "reason": event.reason[:128],
+                "message": say(event.message),
+                "source": {"component": OPERATOR},
+                "reportingComponent": OPERATOR,
+                "firstTimestamp": now,
+                "lastTimestamp": now,
+                "count": 1,
+            }
+            try:
+                self._call("create", "Event", meta["namespace"], body=body)
+            except (ApiError, OSError) as err:
+                log.warning(
+                    "posting event %s about %s/%s failed: %s", event.reason, meta["namespace"], meta["name"], err
+                )

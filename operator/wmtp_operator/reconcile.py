@@ -1,296 +1,396 @@
-"""The run's state machine, pure: (WMTPRun body, observed Jobs and pods, now) → actions, status changes, events.
+"""The run's state machine, pure: (WMTPRun body, observed children, now) → actions, status, events.
 
-Pending → Pulling (init containers) → Running → Succeeded. Any pod of the attempt failing, being evicted or
-deleted, or its Job failing or vanishing → Restarting: restarts + 1, spec.resumeFrom := the latest checkpoint
-rank 0 reported, the old attempt deleted, the next one created; past backoffLimit → Failed. Everything is
-derived from what is observed now, so running it twice, or after an operator restart, changes nothing more.
-Callers apply the actions in order and patch the status last: an interrupted apply is simply redone.
+An attempt is one Indexed Job. Pending → Pulling → Running → Succeeded. When the attempt stops (a pod failed, was
+evicted or deleted, the Job failed or vanished, the pods never started), its ending is recorded in the run's
+state annotation (restarts + 1, or preemptions + 1 for an eviction, a disruption or a SIGTERM save), its Job is
+deleted, and once all its pods are gone (their SIGTERM saves included: the fence) the next attempt starts from
+the latest accepted checkpoint. Past backoffLimit, or for a reason no retry can fix, the run fails.
+
+Everything is derived from the state annotation and what is observed now, so running it twice, or after an
+operator restart, changes nothing more. Callers apply the actions in order and patch the status last.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from pydantic import ValidationError
 
+from wmtp import contract
 from wmtp.config import ConfigError
+from wmtp_operator import pods as podstat
 from wmtp_operator import render
-from wmtp_operator.spec import TERMINAL, Defaults, Run, Spec, Status
+from wmtp_operator.plan import (
+    FOREIGN_RETRY_SECONDS,
+    Action,
+    Create,
+    Delete,
+    Event,
+    Observed,
+    Outcome,
+    PatchRun,
+    Plan,
+    backoff_seconds,
+    events_of,
+    say,
+    status_of,
+)
+from wmtp_operator.spec import Defaults, Run
+from wmtp_operator.state import Ending, State, changed, definition_of, operational_of, seconds_since
+from wmtp_operator.status import in_checkpoint_root, read_report
 
 Obj = Mapping[str, Any]
-# Status fields the operator owns; step, loss and latestCheckpoint belong to trainer rank 0.
-OWNED = (
-    "phase", "conditions", "attempt", "restarts", "maxSteps", "resumeFrom", "startTime", "completionTime",
-    "observedGeneration", "message",
-)  # fmt: skip
-PROGRESSING = ("Pending", "Pulling", "Running", "Restarting")
-WARNING_PHASES = ("Restarting", "Failed")
-
-
-@dataclass(frozen=True)
-class Create:
-    """Create `obj`; if it exists, merge-patch it with `obj` when `update`, else leave it."""
-
-    obj: dict[str, Any]
-    update: bool = False
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Delete a child (its pods go with it); already gone is fine."""
-
-    kind: str
-    name: str
-
-
-@dataclass(frozen=True)
-class PatchSpec:
-    patch: dict[str, Any]
-
-
-Action = Create | Delete | PatchSpec
-
-
-@dataclass(frozen=True)
-class Event:
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Observed:
-    jobs: Sequence[Obj] = ()  # the run's Jobs (label wmtp.io/run)
-    pods: Sequence[Obj] = ()  # the run's pods, of any attempt
-    recipe_text: str | None = None  # the recipeRef ConfigMap's value, None if it does not exist
-
-
-@dataclass(frozen=True)
-class Plan:
-    actions: list[Action] = field(default_factory=list)
-    status: dict[str, Any] = field(default_factory=dict)  # only the fields that change
-    events: list[Event] = field(default_factory=list)
 
 
 def reconcile(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaults()) -> Plan:
-    old = dict(body.get("status") or {})
-    if old.get("phase") in TERMINAL:
-        return Plan()  # a finished run is history; its Job may even be gone (ttlSecondsAfterFinished)
-    try:
-        run = Run.from_body(body, defaults)
-        files = render.trainer_files(run, observed.recipe_text)
-    except (ValidationError, ConfigError) as err:
-        return _invalid(body, old, _message(err), now)
-    machine = _Machine(run, files, observed, now)
+    machine = _Pass(body, observed, now, defaults)
     machine.step()
-    new = {**old, **machine.status(old)}
-    changes = {key: new[key] for key in OWNED if key in new and new[key] != old.get(key)}
-    events: list[Event] = []
-    # A transition is a new phase or a new attempt (a restart can follow a restart).
-    if new.get("phase") != old.get("phase") or new.get("attempt") != old.get("attempt"):
-        kind = "Warning" if new["phase"] in WARNING_PHASES else "Normal"
-        events.append(Event(kind, new["phase"], new["message"]))
-    return Plan(machine.actions, changes, events)
+    return machine.plan()
 
 
-def _message(err: ValidationError | ConfigError) -> str:
-    if isinstance(err, ConfigError):
-        return str(err)
-    return "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+def _terminated(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
-def _invalid(body: Obj, old: dict[str, Any], message: str, now: str) -> Plan:
-    generation = body["metadata"].get("generation")
-    conditions = set_condition(old.get("conditions", []), "Valid", "False", "InvalidSpec", message, now)
-    new = {"phase": old.get("phase") or "Pending", "conditions": conditions, "message": message}
-    new["observedGeneration"] = generation
-    changes = {key: value for key, value in new.items() if old.get(key) != value}
-    # One event per distinct problem: repeats (timer, child events) must not flood the run's events.
-    events = [Event("Warning", "InvalidSpec", message)] if old.get("message") != message else []
-    return Plan([], changes, events)
+def _raw_int(body: Obj, key: str, default: int) -> int:
+    value = (body.get("spec") or {}).get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
 
 
-class _Machine:
-    """One reconcile pass: decides the transition and accumulates actions and the new status fields."""
+class _Pass:
+    """One reconcile pass: decides, and accumulates actions, events and the state and status to write."""
 
-    def __init__(self, run: Run, files: render.TrainerFiles, observed: Observed, now: str) -> None:
-        self.run, self.files, self.now = run, files, now
-        self.spec: Spec = run.spec
-        prev: Status = run.status
-        self.attempt = prev.attempt or 0
-        self.restarts = prev.restarts or 0
-        self.phase = prev.phase
-        self.start_time = prev.start_time
-        self.completion_time: str | None = None
-        self.resume_from = prev.resume_from
-        self.message = prev.message or ""
-        self.latest = prev.latest_checkpoint
-        self.jobs = list(observed.jobs)
-        self.pods = list(observed.pods)
+    def __init__(self, body: Obj, observed: Observed, now: str, defaults: Defaults) -> None:
+        meta = body["metadata"]
+        self.body, self.observed, self.now = body, observed, now
+        self.name, self.uid, self.generation = meta["name"], meta.get("uid", ""), meta.get("generation", 0)
+        self.old: dict[str, Any] = dict(body.get("status") or {})
+        self.state, problem = State.load(meta)
+        self.problems = [problem] if problem else []
+        self.run: Run | None = None
+        self.files: render.TrainerFiles | None = None
+        try:
+            self.run = Run.from_body(body, defaults)
+            self.files = render.trainer_files(self.run, observed.recipe_text)
+        except ValidationError as err:
+            self.problems.append(
+                "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_input=False))
+            )
+        except ConfigError as err:
+            self.problems.append(str(err))
+        self.jobs = [j for j in observed.jobs if render.controller_uid(j) == self.uid]
+        self.foreign = [j for j in observed.jobs if render.controller_uid(j) != self.uid]
+        self.foreign += [
+            p for p in observed.pods if (p["metadata"].get("labels") or {}).get(render.RUN_UID_LABEL) != self.uid
+        ]
+        self.pods = [p for p in observed.pods if p not in self.foreign]
         self.actions: list[Action] = []
+        self.events: list[Event] = []
+        self.phase = "Pending"  # every path below decides it
+        self.message: str = ""
+        self.requeue: float | None = None
+        self.conditions: dict[str, tuple[str, str, str]] = {}  # type → (status, reason, message) set this pass
+        self.step_reported: dict[str, Any] = {}
+        self.deleting: set[str] = {j["metadata"]["name"] for j in self.jobs if j["metadata"].get("deletionTimestamp")}
+        self.recorded = self.state
+
+    # ------------------------------------------------------------------ decisions
 
     def step(self) -> None:
-        if self.spec.suspend:
-            self._delete_jobs(keep=None)
-            self.phase, self.message = "Suspended", "suspended; set spec.suspend to false to resume"
-            return
-        if self.attempt == 0 or self.phase == "Suspended":
-            self._next_attempt(resume_from=self.latest if self.attempt else None)
-            self.phase = "Pending"
-            self.message = f"attempt {self.attempt} created; resume: {self.resume_from}"
-            return
-        job = _find(self.jobs, render.job_name(self.run.name, self.attempt))
-        pods = [p for p in self.pods if _labels(p).get(render.ATTEMPT_LABEL) == str(self.attempt)]
-        failure = attempt_failure(job, pods, render.job_name(self.run.name, self.attempt))
-        if failure is not None:
-            self._fail_attempt(failure)
-        elif attempt_succeeded(job, pods, self.spec.nodes):
-            self.phase, self.message = "Succeeded", f"attempt {self.attempt} succeeded"
-            self.completion_time = self.now
-        else:
-            self._delete_jobs(keep=render.job_name(self.run.name, self.attempt))
-            phase, message = progress(pods, self.spec.nodes, self.attempt)
-            # Restarting, and why, stays visible until the new attempt's pods show up.
-            if not (phase == "Pending" and self.phase == "Restarting"):
-                self.phase, self.message = phase, message
+        self._recover_attempt()
+        self._check_definition()
+        self._accept_report()
+        if self.state.final is None and self.state.attempt and self.state.ending is None:
+            self._watch_attempt()
+        if self.state.final is not None:
+            self.phase, self.message = self.state.final, self.state.message or ""
+        elif self.state.ending is not None or self.state.attempt == 0:
+            self._next_attempt()
 
-    def _fail_attempt(self, failure: str) -> None:
-        if self.restarts >= self.spec.backoff_limit:
-            self.phase = "Failed"
-            self.message = f"attempt {self.attempt} failed: {failure}; backoffLimit {self.spec.backoff_limit} reached"
-            self.completion_time = self.now
+    def _recover_attempt(self) -> None:
+        """An operator killed after creating an attempt's Job but before recording it: the Job says."""
+        highest = max(map(render.attempt_of, self.jobs), default=0)
+        if highest > self.state.attempt:
+            spec = self.run.spec if self.run else None
+            self.state = self.state.model_copy(
+                update={
+                    "attempt": highest,
+                    "ending": None,
+                    "previous": self.state.ending,
+                    "refused": None,
+                    "resume_from": render.resume_of(spec)[0] if spec else self.state.resume_from,
+                    "applied": operational_of(spec) if spec else self.state.applied,
+                    "start_time": self.state.start_time or self.now,
+                }
+            )
+
+    def _check_definition(self) -> None:
+        if self.run is None or self.files is None:
             return
-        failed = self.attempt
-        self.restarts += 1
-        self._next_attempt(resume_from=self.latest)
-        self.phase = "Restarting"
-        self.message = (
-            f"attempt {failed} failed: {failure}; restart {self.restarts}/{self.spec.backoff_limit} "
-            f"resumes from {render.resume_of(self.spec)}"
+        definition = definition_of(self.run.spec, self.files.recipe)
+        edited = changed(self.state.definition, definition)
+        if edited:
+            self.problems.append(
+                f"{', '.join(f'spec.{key}' for key in edited)} changed after the run started, but what defines the "
+                "training is immutable: restore it (attempts keep the recipe they started with) or create a new WMTPRun"
+            )
+            self.files = None  # the next attempt keeps the ConfigMap rendered before the change
+
+    def _accept_report(self) -> None:
+        """Copy what rank 0 of the current attempt reported; a report of another attempt changes nothing, and a
+        checkpoint outside this run's root is refused with a warning (once)."""
+        report = read_report(self.old)
+        if report is None or report.attempt != self.state.attempt or self.state.attempt == 0:
+            return
+        self.step_reported = {"step": report.step, "loss": report.loss}
+        if report.checkpoint:
+            self._offer_checkpoint(report.checkpoint)
+
+    def _offer_checkpoint(self, checkpoint: str) -> None:
+        if checkpoint == self.state.checkpoint or checkpoint == self.state.rejected:
+            return
+        base = self.run.spec.checkpoints.base_path if self.run else None
+        if base and in_checkpoint_root(checkpoint, base, self.name):
+            self.state = self.state.model_copy(update={"checkpoint": checkpoint})
+            return
+        self.state = self.state.model_copy(update={"rejected": checkpoint})
+        self.events.append(
+            Event(
+                "Warning",
+                "CheckpointRejected",
+                say(
+                    f"reported checkpoint {checkpoint} is not one of this run's (under {base}/{self.name}/"
+                    f"{contract.CHECKPOINT_PREFIX}N); it will not be resumed from"
+                ),
+            )
         )
 
-    def _next_attempt(self, resume_from: str | None) -> None:
-        """Patch resumeFrom (when a checkpoint is known), drop other attempts, create the next one."""
-        if resume_from and resume_from != self.spec.resume_from:
-            self.actions.append(PatchSpec({"spec": {"resumeFrom": resume_from}}))
-            self.spec = self.spec.model_copy(update={"resume_from": resume_from})
-            self.run = replace(self.run, spec=self.spec)
-        self.attempt += 1
-        self._delete_jobs(keep=render.job_name(self.run.name, self.attempt))
-        self.actions += [
-            Create(obj, update=obj["kind"] == "ConfigMap")
-            for obj in render.attempt_objects(self.run, self.files, self.attempt)
-        ]
-        self.resume_from = render.resume_of(self.spec)
-        self.start_time = self.start_time or self.now
+    def _watch_attempt(self) -> None:
+        n = self.state.attempt
+        name = render.job_name(self.name, n)
+        job = next((j for j in self.jobs if j["metadata"]["name"] == name), None)
+        pods = [p for p in self.pods if render.attempt_of(p) == n]
+        nodes = int((job or {}).get("spec", {}).get("completions") or (self.run.spec.nodes if self.run else 1))
+        if self.run is not None and self.run.spec.suspend:
+            self._end(Ending(attempt=n, cause="suspend", reason="Suspended", message="suspended"))
+            return
+        self._delete_jobs(n - 1)  # a leftover of an earlier attempt (its deletion failed part-way)
+        stop = podstat.attempt_stop(job, pods, name)
+        if stop is None and job is not None and not podstat.attempt_succeeded(job, pods, nodes):
+            stop = self._startup(job, pods, nodes)
+        if stop is not None:
+            self._stopped(n, stop, pods)
+        elif podstat.attempt_succeeded(job, pods, nodes):
+            warnings = podstat.warnings(pods)
+            for warning in warnings:
+                self.events.append(Event("Warning", "TrainerWarning", say(warning)))
+            note = f" with warnings: {'; '.join(warnings)}" if warnings else ""
+            self._finish("Succeeded", f"attempt {n} succeeded{note}")
+        else:
+            self.phase, self.message = podstat.progress(pods, nodes, n)
+            previous = self.state.previous
+            if not pods and previous is not None and previous.cause != "suspend":
+                self.phase = "Restarting"
+                self.message = f"attempt {n} created after attempt {previous.attempt} {self._ended(previous)}"
+            started, reason, why = self.conditions.get("Started", ("True", "", ""))
+            if started == "False" and reason != "Starting":
+                self.message = f"{self.message}; {why}"  # the kubelet's or the scheduler's words
+            self._spec_applied()
 
-    def _delete_jobs(self, keep: str | None) -> None:
+    def _startup(self, job: Obj, pods: list[Obj], nodes: int) -> podstat.Stop | None:
+        if len(pods) >= nodes and all(map(podstat.started, pods)):
+            self.conditions["Started"] = ("True", "Started", f"all {nodes} pods started")
+            return None
+        timeout = self.run.spec.startup_timeout_seconds if self.run else 1800
+        stop, waiting = podstat.startup_stop(job, pods, nodes, self.now, timeout, self.observed.account_missing)
+        if waiting is not None:
+            self.conditions["Started"] = ("False", waiting.reason, say(str(waiting)))
+        else:
+            self.conditions["Started"] = (
+                "False",
+                "Starting",
+                f"{sum(map(podstat.started, pods))}/{nodes} pods started",
+            )
+        age = seconds_since(job["metadata"].get("creationTimestamp"), self.now)
+        deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
+        self.requeue = min(deadlines, default=None)
+        return stop
+
+    def _stopped(self, n: int, stop: podstat.Stop, pods: list[Obj]) -> None:
+        checkpoint = podstat.last_checkpoint(pods)
+        if checkpoint:
+            self._offer_checkpoint(checkpoint)
+        limit = self.run.spec.backoff_limit if self.run else _raw_int(self.body, "backoffLimit", 3)
+        if stop.fatal:
+            self._finish("Failed", f"attempt {n} cannot start: {stop.message}; no retry fixes this")
+            self._delete_jobs(n)  # its pods never started: nothing to keep
+        elif not stop.preempted and self.state.restarts >= limit:
+            self._finish("Failed", f"attempt {n} failed: {stop.message}; backoffLimit {limit} reached")
+        else:
+            cause = "preemption" if stop.preempted else "failure"
+            self._end(Ending(attempt=n, cause=cause, reason=stop.reason[:64], message=say(stop.message)))
+
+    def _end(self, ending: Ending) -> None:
+        """Record the ending first (it carries the count), then delete the attempt's Job."""
+        counts = {"failure": ("restarts", 1), "preemption": ("preemptions", 1)}.get(ending.cause)
+        update: dict[str, Any] = {"ending": ending}
+        if counts:
+            update[counts[0]] = getattr(self.state, counts[0]) + counts[1]
+        self.state = self.state.model_copy(update=update)
+        self._write_state()
+        self._delete_jobs(ending.attempt)
+
+    def _finish(self, phase: str, message: str) -> None:
+        self.state = self.state.model_copy(
+            update={"final": phase, "message": say(message), "completion_time": self.now}
+        )
+        self._write_state()
+        self.phase, self.message = phase, self.state.message or ""
+
+    def _next_attempt(self) -> None:
+        ending = self.state.ending
+        if ending is not None:
+            self._reclassify(ending)
+            ending = self.state.ending
+            self._delete_jobs(ending.attempt)
+            # The fence: attempt N+1 starts once no pod of attempt N runs any more (their SIGTERM saves done).
+            alive = [p for p in self.pods if render.attempt_of(p) <= ending.attempt and not _terminated(p)]
+            if alive:
+                self._hold(ending, f"waiting for {len(alive)} pod(s) of attempt {ending.attempt} to stop")
+                return
+        if self.run is not None and self.run.spec.suspend:
+            self.phase, self.message = "Suspended", "suspended; set spec.suspend to false to resume"
+            return
+        if self.run is None or (self.state.attempt == 0 and self.files is None):
+            self._hold(ending, f"waiting for a valid spec: {'; '.join(self.problems)}")
+            return
+        if self.foreign:
+            names = ", ".join(sorted({o["metadata"]["name"] for o in self.foreign})[:5])
+            self.requeue = FOREIGN_RETRY_SECONDS
+            self.conditions["Applied"] = (
+                "False",
+                "Conflict",
+                say(f"objects of an earlier WMTPRun named {self.name} are still being deleted: {names}"),
+            )
+            self._hold(ending, self.conditions["Applied"][2])
+            return
+        refused = self.state.refused
+        if refused is not None and refused.generation == self.generation:
+            wait = backoff_seconds(refused.count) - seconds_since(refused.at, self.now)
+            if wait > 0:
+                self.requeue = wait
+                self._hold(ending, f"{refused.message}; retrying in {wait:.0f}s, or at once when the spec changes")
+                return
+        self._create_attempt(ending)
+
+    def _reclassify(self, ending: Ending) -> None:
+        """A failure whose attempt turns out to have been disrupted (a pod evicted a moment after another crashed)
+        is a preemption: the counts move. The operator's own teardown never disrupts (it deletes), so its
+        SIGTERM saves change nothing here."""
+        if ending.cause != "failure" or self.state.restarts == 0:
+            return
+        if any(podstat.disrupted(p) for p in self.pods if render.attempt_of(p) == ending.attempt):
+            update = {
+                "ending": ending.model_copy(update={"cause": "preemption"}),
+                "restarts": self.state.restarts - 1,
+                "preemptions": self.state.preemptions + 1,
+            }
+            self.state = self.state.model_copy(update=update)
+            self._write_state()
+
+    def _hold(self, ending: Ending | None, why: str) -> None:
+        if ending is not None and ending.cause == "suspend":
+            self.phase, self.message = "Suspended", f"suspended; {why}"
+        elif ending is not None:
+            self.phase = "Restarting"
+            self.message = f"attempt {ending.attempt} {self._ended(ending)}; {why}"
+        else:
+            self.phase, self.message = "Pending", why
+
+    def _create_attempt(self, ending: Ending | None) -> None:
+        assert self.run is not None
+        spec = self.run.spec
+        checkpoint = self.state.checkpoint
+        if checkpoint and checkpoint != spec.resume_from:
+            self.actions.append(PatchRun({"spec": {"resumeFrom": checkpoint}}))
+            spec = spec.model_copy(update={"resume_from": checkpoint})
+            self.run = replace(self.run, spec=spec)
+        n = self.state.attempt + 1
+        objects = render.attempt_objects(self.run, self.files, n)
+        if n > 1:  # what the run owns across attempts was created, and checked to be its own, with attempt 1
+            objects = [obj for obj in objects if obj["kind"] in ("ConfigMap", "Job")]
+        self.actions += [Create(obj, update=obj["kind"] == "ConfigMap") for obj in objects]
+        resume = render.resume_of(spec)[0]
+        definition = self.state.definition
+        if not definition and self.files is not None:
+            definition = definition_of(spec, self.files.recipe)
+        self.state = self.state.model_copy(
+            update={
+                "attempt": n,
+                "ending": None,
+                "previous": ending,
+                "resume_from": resume,
+                "start_time": self.state.start_time or self.now,
+                "applied": operational_of(spec),
+                "definition": definition,
+                "refused": None,
+            }
+        )
+        self._write_state()
+        self.conditions["Applied"] = ("True", "Created", f"attempt {n}'s objects exist")
+        self.conditions["SpecApplied"] = ("True", "Current", f"attempt {n} uses generation {self.generation}")
+        if ending is None or ending.cause == "suspend":
+            self.phase, self.message = "Pending", f"attempt {n} created; resume: {say(resume)}"
+        else:
+            self.phase = "Restarting"
+            self.message = f"attempt {ending.attempt} {self._ended(ending)}; attempt {n} resumes from {say(resume)}"
+
+    def _spec_applied(self) -> None:
+        if self.run is None:
+            return
+        edited = changed(self.state.applied, operational_of(self.run.spec))
+        if edited:
+            fields = ", ".join(f"spec.{name}" for name in edited)
+            self.conditions["SpecApplied"] = (
+                "False",
+                "NextAttempt",
+                f"{fields} changed: applies from the next attempt",
+            )
+        else:
+            self.conditions["SpecApplied"] = ("True", "Current", f"attempt {self.state.attempt} uses the current spec")
+
+    def _ended(self, ending: Ending) -> str:
+        if ending.cause == "failure":
+            return f"failed: {ending.message}; restart {self.state.restarts}/{self._limit()}"
+        if ending.cause == "preemption":
+            return f"was preempted: {ending.message}; preemption {self.state.preemptions} (not counted as a restart)"
+        return "was suspended"
+
+    def _limit(self) -> int:
+        return self.run.spec.backoff_limit if self.run else _raw_int(self.body, "backoffLimit", 3)
+
+    # ------------------------------------------------------------------ output
+
+    def _write_state(self) -> None:
+        self.actions.append(PatchRun(self.state.patch(), self.state))
+
+    def _delete_jobs(self, up_to: int) -> None:
         for job in self.jobs:
             name = job["metadata"]["name"]
-            if name != keep and not job["metadata"].get("deletionTimestamp"):
-                self.actions.append(Delete("Job", name))
+            if render.attempt_of(job) <= up_to and name not in self.deleting:
+                self.actions.append(Delete("Job", name, job["metadata"].get("uid", "")))
+                self.deleting.add(name)
 
-    def status(self, old: Mapping[str, Any]) -> dict[str, Any]:
-        new: dict[str, Any] = {
-            "phase": self.phase,
-            "attempt": self.attempt,
-            "restarts": self.restarts,
-            "maxSteps": self.files.recipe.train.max_steps,
-            "resumeFrom": self.resume_from,
-            "startTime": self.start_time,
-            "completionTime": self.completion_time,
-            "observedGeneration": self.run.generation,
-            "message": self.message,
-        }
-        conditions = old.get("conditions", [])
-        conditions = set_condition(conditions, "Valid", "True", "Valid", "spec and recipe are valid", self.now)
-        progressing = "True" if self.phase in PROGRESSING else "False"
-        conditions = set_condition(conditions, "Progressing", progressing, str(self.phase), self.message, self.now)
-        if self.phase in TERMINAL:
-            conditions = set_condition(conditions, str(self.phase), "True", str(self.phase), self.message, self.now)
-        new["conditions"] = conditions
-        return {key: value for key, value in new.items() if value is not None}
-
-
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]], type_: str, status: str, reason: str, message: str, now: str
-) -> list[dict[str, Any]]:
-    """Conditions with `type_` set; its lastTransitionTime moves only when its status changes."""
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    since = previous["lastTransitionTime"] if previous and previous.get("status") == status else now
-    updated = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
-    return [updated if c is previous else dict(c) for c in conditions] if previous else [*conditions, updated]
-
-
-def _labels(obj: Obj) -> Mapping[str, str]:
-    return obj.get("metadata", {}).get("labels") or {}
-
-
-def _find(objs: Sequence[Obj], name: str) -> Obj | None:
-    return next((o for o in objs if o["metadata"]["name"] == name), None)
-
-
-def _condition(obj: Obj, type_: str) -> Mapping[str, Any] | None:
-    conditions = (obj.get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c.get("type") == type_ and c.get("status") == "True"), None)
-
-
-def pod_failure(pod: Obj) -> str | None:
-    """Why this pod broke its attempt, or None while it is healthy."""
-    name, status = pod["metadata"]["name"], pod.get("status") or {}
-    phase = status.get("phase")
-    if phase == "Failed":
-        if status.get("reason"):  # Evicted, DeadlineExceeded, ...
-            return f"pod {name} {status['reason']}: {status.get('message', '')}".rstrip(": ")
-        for container in [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]:
-            ended = (container.get("state") or {}).get("terminated") or {}
-            if ended and ended.get("exitCode", 0) != 0:
-                reason = ended.get("reason") or "Error"
-                return f"pod {name} container {container['name']} {reason} (exit code {ended['exitCode']})"
-        return f"pod {name} failed"
-    if phase != "Succeeded" and pod["metadata"].get("deletionTimestamp"):
-        return f"pod {name} was deleted"
-    disruption = _condition(pod, "DisruptionTarget")
-    if phase != "Succeeded" and disruption:
-        return f"pod {name} {disruption.get('reason', 'disrupted')}: {disruption.get('message', '')}".rstrip(": ")
-    return None
-
-
-def attempt_failure(job: Obj | None, pods: Sequence[Obj], name: str) -> str | None:
-    """The first reason the attempt cannot go on, or None. Pods go first: their reasons are the useful ones."""
-    for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
-        reason = pod_failure(pod)
-        if reason:
-            return reason
-    if job is None or job["metadata"].get("deletionTimestamp"):
-        return f"Job {name} was deleted"
-    failed = _condition(job, "Failed")
-    if failed:
-        return f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".strip()
-    return None
-
-
-def attempt_succeeded(job: Obj | None, pods: Sequence[Obj], nodes: int) -> bool:
-    done = sum(1 for p in pods if (p.get("status") or {}).get("phase") == "Succeeded")
-    return done >= nodes or (job is not None and _condition(job, "Complete") is not None)
-
-
-def _in_init(pod: Obj) -> bool:
-    status = pod.get("status") or {}
-    return status.get("phase") == "Pending" and any(
-        "running" in (c.get("state") or {}) for c in status.get("initContainerStatuses", [])
-    )
-
-
-def progress(pods: Sequence[Obj], nodes: int, attempt: int) -> tuple[str, str]:
-    """Phase and message of a healthy, unfinished attempt."""
-    phases = [(p.get("status") or {}).get("phase") for p in pods]
-    running = phases.count("Running")
-    if running and running + phases.count("Succeeded") >= nodes:
-        return "Running", f"attempt {attempt}: {running}/{nodes} pods running"
-    pulling = sum(1 for p in pods if _in_init(p))
-    if pulling:
-        return "Pulling", f"attempt {attempt}: {pulling}/{nodes} pods pulling models"
-    return "Pending", f"attempt {attempt}: {running}/{nodes} pods running"
+    def plan(self) -> Plan:
+        if self.state != self.recorded and not any(
+            isinstance(a, PatchRun) and a.state == self.state for a in self.actions
+        ):
+            self._write_state()
+        max_steps = self.files.recipe.train.max_steps if self.files else self.old.get("maxSteps")
+        outcome = Outcome(self.phase, self.message, self.problems, self.conditions, max_steps, self.step_reported)
+        new = status_of(self.old, outcome, self.state, self.now, self.generation)
+        changes = {key: value for key, value in new.items() if self.old.get(key) != value}
+        events = events_of(self.old, new, outcome, self.events)
+        return Plan(self.actions, changes, events, self.requeue, final=self.state.final is not None)

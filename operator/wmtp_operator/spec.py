@@ -1,10 +1,15 @@
-"""WMTPRun spec and status as pydantic models: the source the CRD's openAPIV3Schema is generated from.
+"""WMTPRun spec as pydantic models: the source the CRD's openAPIV3Schema is generated from.
 
 Field descriptions become `kubectl explain` text; `x-kubernetes-validations` hold the CEL rules the API server
-enforces. The operator parses every body it reads through these models too, so the two cannot drift apart
-(`crd.py` renders them; a test checks that `crds/wmtpruns.yaml` is up to date). The sections the trainer's
-config also has (checkpoints, MLflow, S3) are derived from the trainer's own models, and the algorithms and
-the models each one needs come from `wmtp.contract`: names, defaults, bounds and descriptions exist once.
+enforces, and `pattern`s the shapes it checks. The operator parses every body it reads through these models too,
+so the two cannot drift apart (`crd.py` renders them; a test checks that `crds/wmtpruns.yaml` is up to date).
+The sections the trainer's config also has (checkpoints, MLflow, S3, devices) are derived from the trainer's own
+models, and the algorithms and the models each one needs come from `wmtp.contract`: names, defaults, bounds and
+descriptions exist once.
+
+CEL rules stay cheap: the API server refuses a CRD whose rules it estimates too costly, so they only touch
+bounded strings and collections (`maxLength`, `maxProperties`); map keys, which it cannot bound, are checked here
+and by the chart's admission policy.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
@@ -20,11 +25,17 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from wmtp import config, contract
-
-Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
-TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
-# A quantity such as "8Gi" or 4: the API server's int-or-string.
-Quantity = int | str
+from wmtp_operator.formats import (
+    CONFIG_KEY,
+    DATASET,
+    DURATION,
+    IMAGE,
+    MAX_DATASETS,
+    MAX_URI,
+    NAME,
+    QUANTITY,
+    duration_seconds,
+)
 
 # Checkpoint references: the keywords the trainer's --resume understands, step_N, or a checkpoint URI.
 _RESUME_RULE = (
@@ -34,8 +45,13 @@ _RESUME_RULE = (
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
 
 
-def _cel(rule: str, message: str) -> dict[str, Any]:
-    return {"x-kubernetes-validations": [{"rule": rule, "message": message}]}
+def _cel(*rules: tuple[str, str], **schema: Any) -> dict[str, Any]:
+    return {**schema, "x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+def immutable(field: str, why: str = "it defines what is trained") -> tuple[str, str]:
+    """A transition rule: `field` may not change once the run exists."""
+    return "self == oldSelf", f"spec.{field} is immutable ({why}); create a new WMTPRun instead"
 
 
 class Camel(BaseModel):
@@ -70,36 +86,45 @@ def derived(
     return create_model(name, __base__=Camel, __doc__=doc, **fields)
 
 
+def _secret(what: str) -> Any:
+    return Field(None, max_length=253, pattern=NAME, description=what)
+
+
 class RecipeRef(Camel):
     """A recipe YAML stored in a ConfigMap of the run's namespace."""
 
-    name: str = Field(min_length=1, description="Name of the ConfigMap that holds the recipe.")
-    key: str = Field("recipe.yaml", min_length=1, description="Key of the ConfigMap's data holding the recipe YAML.")
+    model_config = ConfigDict(json_schema_extra=_cel(immutable("recipeRef")))
+
+    name: str = Field(min_length=1, max_length=253, pattern=NAME, description="Name of the ConfigMap that holds it.")
+    key: str = Field(
+        "recipe.yaml", min_length=1, max_length=253, pattern=CONFIG_KEY, description="Key of its data holding the YAML."
+    )
 
 
 def _needed_by(role: str) -> str:
     return ", ".join(name for name in contract.BUILTIN_ALGORITHMS if role in contract.algorithm(name).frozen)
 
 
+Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI)]
+
+
 class Models(Camel):
     """Model URIs (s3://, file:// or a path inside the image). s3:// models are pulled into the model volume."""
 
-    base: str = Field(min_length=1, description="Base causal LM to train (an HF model directory).")
-    ref: str | None = Field(
-        None, min_length=1, description=f"URI of {contract.MODEL_ROLES['ref']}; required by {_needed_by('ref')}."
-    )
-    rm: str | None = Field(
-        None, min_length=1, description=f"URI of {contract.MODEL_ROLES['rm']}; required by {_needed_by('rm')}."
-    )
+    model_config = ConfigDict(json_schema_extra=_cel(immutable("models")))
+
+    base: Uri = Field(description="Base causal LM to train (an HF model directory).")
+    ref: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['ref']}; required by {_needed_by('ref')}.")
+    rm: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['rm']}; required by {_needed_by('rm')}.")
 
 
-def _model_rules() -> list[dict[str, str]]:
+def _model_rules() -> list[tuple[str, str]]:
     """One CEL rule per algorithm and frozen model it needs, from the contract."""
     return [
-        {
-            "rule": f"self.algorithm != '{name}' || has(self.models.{role})",
-            "message": f"models.{role} is required when algorithm is {name} ({contract.MODEL_ROLES[role]})",
-        }
+        (
+            f"self.algorithm != '{name}' || has(self.models.{role})",
+            f"models.{role} is required when algorithm is {name} ({contract.MODEL_ROLES[role]})",
+        )
         for name in contract.BUILTIN_ALGORITHMS
         for role in contract.algorithm(name).frozen
     ]
@@ -112,9 +137,12 @@ Checkpoints = derived(
     required=("base_path",),
     override={
         "base_path": Field(
-            max_length=1024,
+            max_length=MAX_URI,
             description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-            json_schema_extra=_cel(_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+            json_schema_extra=_cel(
+                (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+                immutable("checkpoints.basePath", "the run's checkpoints live there"),
+            ),
         )
     },
 )
@@ -125,20 +153,69 @@ S3 = derived(
     "S3 endpoint and credentials for pulls, datasets and checkpoints.",
     # Keys never go into a spec: the pods read them from the Secret named here.
     exclude=("access_key_id", "secret_access_key"),
+    override={"endpoint_url": Field(max_length=MAX_URI), "region": Field(max_length=64)},
     extra={
         "credentials_secret": (
             str | None,
-            Field(
-                None,
-                description="Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            _secret(
+                "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, "
-                "node role).",
+                "node role)."
             ),
         )
     },
 )
 
-MLflow = derived(config.MLflowSettings, "MLflow", "MLflow tracking for metrics and the final model.")
+MLflow = derived(
+    config.MLflowSettings,
+    "MLflow",
+    "MLflow tracking for metrics and the final model.",
+    override={"tracking_uri": Field(max_length=MAX_URI), "registry_uri": Field(max_length=MAX_URI)},
+    extra={
+        "credentials_secret": (
+            str | None,
+            _secret(
+                "Secret in the run's namespace with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
+                "Credentials never belong in trackingUri."
+            ),
+        )
+    },
+)
+
+Distributed = derived(
+    config.DistributedSettings,
+    "Distributed",
+    "The process group of the run's trainer processes (the operator enables it when there is more than one).",
+    exclude=("enabled",),
+)
+FSDP = derived(
+    config.FSDPSettings,
+    "FSDP",
+    "Sharding of model and optimizer (the operator enables it when there is more than one trainer process).",
+    exclude=("enabled",),
+)
+Devices = derived(
+    config.Devices,
+    "Devices",
+    "What the trainer does with its accelerators: precision, sharding and memory trade-offs, timeouts.",
+    exclude=("compute_backend", "mixed_precision", "distributed", "fsdp"),
+    extra={
+        "mixed_precision": (
+            config.Devices.model_fields["mixed_precision"].annotation | None,
+            Field(None, description="bf16 or no. Unset: bf16 when the pods request GPUs, else no."),
+        ),
+        "distributed": (
+            Distributed,
+            Field(
+                default_factory=Distributed, description="Process group settings.", json_schema_extra={"default": {}}
+            ),
+        ),
+        "fsdp": (FSDP, Field(default_factory=FSDP, description="FSDP settings.", json_schema_extra={"default": {}})),
+    },
+)
+
+Quantity = int | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
 
 
 class Resources(Camel):
@@ -167,8 +244,10 @@ class ModelVolume(Camel):
 
     model_config = ConfigDict(
         json_schema_extra=_cel(
-            "self.type != 'persistentVolumeClaim' || has(self.size)",
-            "modelVolume.size is required when modelVolume.type is persistentVolumeClaim",
+            (
+                "self.type != 'persistentVolumeClaim' || has(self.size)",
+                "modelVolume.size is required when modelVolume.type is persistentVolumeClaim",
+            )
         )
     )
 
@@ -178,88 +257,125 @@ class ModelVolume(Camel):
         "operator creates <run>-models (ReadWriteMany); the first puller fills it, later pulls are no-ops.",
     )
     size: Quantity | None = Field(None, description="Volume size, e.g. 80Gi (emptyDir: a limit; PVC: the request).")
-    storage_class_name: str | None = Field(None, description="StorageClass of the PVC. Unset: the default class.")
+    storage_class_name: str | None = Field(
+        None, max_length=253, pattern=NAME, description="StorageClass of the PVC. Unset: the default class."
+    )
 
 
 class Spec(Camel):
     """What to train and on what: one WMTPRun is one training run, restarted as a whole when a pod fails."""
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                *_model_rules(),
-                {
-                    "rule": "has(self.recipe) != has(self.recipeRef)",
-                    "message": "set exactly one of recipe (inline) and recipeRef (a ConfigMap)",
-                },
-            ]
-        }
+        json_schema_extra=_cel(
+            *_model_rules(),
+            (
+                "has(self.recipe) != has(self.recipeRef)",
+                "set exactly one of recipe (inline) and recipeRef (a ConfigMap)",
+            ),
+            (
+                "has(self.recipe) == has(oldSelf.recipe)",
+                "spec.recipe and spec.recipeRef are immutable (they define what is trained); create a new WMTPRun",
+            ),
+        )
     )
 
-    image: str = Field(min_length=1, description="Trainer image: runs `wmtp pull` (init) and `torchrun -m wmtp`.")
+    image: str = Field(
+        max_length=512,
+        pattern=IMAGE,
+        description="Trainer image, e.g. ghcr.io/wmtp/trainer:0.1.0: runs `wmtp pull` (init) and `wmtp launch`.",
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the trainer image."
     )
     algorithm: Literal[contract.BUILTIN_ALGORITHMS] = Field(  # type: ignore[valid-type]
-        description="WMTP algorithm; the recipe's train.algo must match it or be left out."
+        description="WMTP algorithm; the recipe's train.algo must match it or be left out. Immutable.",
+        json_schema_extra=_cel(immutable("algorithm")),
     )
     recipe: dict[str, Any] | None = Field(
         None,
         description="The recipe inline (the schema of recipe.yaml: run, train, data, optim, loss, ...). "
-        "run.name is replaced by the WMTPRun's name. Exactly one of recipe and recipeRef.",
+        "run.name is replaced by the WMTPRun's name. Exactly one of recipe and recipeRef; immutable, the content "
+        "of a recipeRef ConfigMap too (the operator refuses a changed one).",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
     recipe_ref: RecipeRef | None = Field(None, description="The recipe from a ConfigMap instead of inline.")
-    models: Models = Field(description="Model URIs by role.")
-    datasets: dict[str, str] = Field(
+    models: Models = Field(description="Model URIs by role. Immutable.")
+    datasets: dict[Annotated[str, Field(pattern=DATASET, max_length=63)], Uri] = Field(
         default_factory=dict,
-        description="Dataset name → URI of a .jsonl/.jsonl.gz file; the recipe's data.sources name these.",
+        description="Dataset name → URI of a .jsonl/.jsonl.gz file; the recipe's data.sources name these. "
+        "Names are one path segment (letters, digits, -, _, .). Immutable.",
+        json_schema_extra=_cel(immutable("datasets"), maxProperties=MAX_DATASETS),
     )
     checkpoints: Checkpoints = Field(description="Checkpoint store and cadence.")
     resume: str = Field(
         "auto",
-        max_length=1024,
+        max_length=MAX_URI,
         description="Where the first attempt starts: auto (the latest checkpoint if any), never, latest, "
-        "step_N, or a checkpoint URI.",
+        "step_N, or a checkpoint URI. A checkpoint named here that is missing or damaged fails the run.",
         json_schema_extra=_cel(
-            _RESUME_RULE, "resume must be auto, never, latest, step_N, or a checkpoint URI (s3://, file://, /path)"
+            (_RESUME_RULE, "resume must be auto, never, latest, step_N, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
     resume_from: str | None = Field(
         None,
-        max_length=1024,
-        description="Written by the operator on restart: the checkpoint the next attempt resumes from "
-        "(overrides resume).",
-        json_schema_extra=_cel(_RESUME_RULE, "resumeFrom must be a checkpoint URI, step_N, latest, auto or never"),
+        max_length=MAX_URI,
+        description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
+        "next attempt resumes from, falling back to the newest intact one when it is gone.",
+        json_schema_extra=_cel((_RESUME_RULE, "resumeFrom must be a checkpoint URI, step_N, latest, auto or never")),
     )
     s3: S3 = Field(
         default_factory=S3, description="S3 endpoint, region and credentials.", json_schema_extra={"default": {}}
     )
     mlflow: MLflow = Field(
-        default_factory=MLflow, description="MLflow tracking server and experiment.", json_schema_extra={"default": {}}
+        default_factory=MLflow,
+        description="MLflow tracking server, experiment and credentials. Unset trackingUri: the operator's default "
+        "(the chart's MLflow server).",
+        json_schema_extra={"default": {}},
+    )
+    devices: Devices = Field(
+        default_factory=Devices,
+        description="Mixed precision, activation checkpointing, CPU offload and the distributed timeout.",
+        json_schema_extra={"default": {}},
     )
     nodes: int = Field(
         1,
         ge=1,
+        le=config.MAX_NODES,
         description="Pods (torchrun nodes) per attempt; all start and restart together.",
-        json_schema_extra=_cel("self >= 1", "nodes must be at least 1"),
+        json_schema_extra=_cel(("self >= 1", "nodes must be at least 1")),
     )
-    nproc_per_node: int = Field(1, ge=1, description="Trainer processes per pod (usually the GPUs per pod).")
+    nproc_per_node: int = Field(1, ge=1, le=64, description="Trainer processes per pod (usually the GPUs per pod).")
     resources: Resources | None = Field(None, description="Trainer container resources.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
     tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the trainer pods.")
     service_account_name: str | None = Field(
         None,
-        description="ServiceAccount of the trainer pods; rank 0 reports progress with it, so it needs `patch` "
-        "on wmtpruns/status (nothing more). Unset: the operator's default, else the namespace's default account "
-        "(progress then goes unreported).",
+        max_length=253,
+        pattern=NAME,
+        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3. The operator "
+        "lets it patch this run's status (nothing more). Unset: <run>-trainer, which the operator creates.",
     )
     model_volume: ModelVolume = Field(
         default_factory=ModelVolume,
         description="Where the pulled models and datasets live.",
         json_schema_extra={"default": {}},
     )
-    backoff_limit: int = Field(3, ge=0, description="Restarts (new attempts after a failure) before the run fails.")
+    backoff_limit: int = Field(
+        3, ge=0, description="Restarts (new attempts after a failure) before the run fails; preemptions do not count."
+    )
+    startup_timeout: str = Field(
+        "30m",
+        min_length=2,
+        max_length=16,
+        pattern=DURATION,
+        description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
+        "attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s.",
+    )
+    termination_grace_period_seconds: int = Field(
+        300,
+        ge=10,
+        description="How long a stopping pod may take: the trainer saves a checkpoint on SIGTERM within it.",
+    )
     suspend: bool = Field(
         False, description="true: delete the running attempt and keep everything else; false again: resume."
     )
@@ -267,45 +383,9 @@ class Spec(Camel):
         None, ge=0, description="Delete a finished attempt's Job and pods this long after it ends."
     )
 
-
-class Condition(Camel):
-    """A standard condition (metav1.Condition)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    type: str = Field(description="Valid, Progressing, Succeeded or Failed.")
-    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
-    reason: str = Field(description="CamelCase reason for the last transition.")
-    message: str = Field(description="Human-readable details.")
-    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="The .metadata.generation it was set for.")
-
-
-class Status(Camel):
-    """Observed state, written by the operator (phase, attempts) and by trainer rank 0 (step, loss, checkpoint)."""
-
-    # Lenient: the trainer patches this too, and an older operator must not choke on a newer trainer's fields.
-    model_config = ConfigDict(extra="ignore")
-
-    phase: Phase | None = Field(
-        None, description="Pending, Pulling, Running, Restarting, Suspended, Succeeded, Failed."
-    )
-    conditions: list[Condition] = Field(
-        default_factory=list,
-        description="Valid, Progressing, Succeeded and Failed.",
-        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
-    )
-    attempt: int | None = Field(None, description="Current attempt (its Job is <run>-a<attempt>); 0: none yet.")
-    restarts: int | None = Field(None, description="Attempts started after a failure.")
-    step: int | None = Field(None, description="Last optimizer step reported by trainer rank 0.")
-    max_steps: int | None = Field(None, description="The recipe's train.max_steps.")
-    loss: float | None = Field(None, description="Last training loss reported by trainer rank 0.")
-    latest_checkpoint: str | None = Field(None, description="Latest committed checkpoint reported by rank 0.")
-    resume_from: str | None = Field(None, description="Checkpoint (or resume mode) the current attempt started from.")
-    start_time: str | None = Field(None, description="When the first attempt was created (RFC 3339).")
-    completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")
-    observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
-    message: str | None = Field(None, description="What is happening, or why the run failed.")
+    @property
+    def startup_timeout_seconds(self) -> int:
+        return duration_seconds(self.startup_timeout)
 
 
 @dataclass(frozen=True)
@@ -314,33 +394,26 @@ class Defaults:
 
     s3_credentials_secret: str | None = None
     mlflow_tracking_uri: str | None = None
-    service_account_name: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Defaults:
-        return cls(
-            env.get("WMTP_DEFAULT_S3_SECRET") or None,
-            env.get("WMTP_DEFAULT_MLFLOW_URI") or None,
-            env.get("WMTP_TRAINER_SERVICE_ACCOUNT") or None,
-        )
+        return cls(env.get("WMTP_DEFAULT_S3_SECRET") or None, env.get("WMTP_DEFAULT_MLFLOW_URI") or None)
 
     def apply(self, spec: Spec) -> Spec:
         s3 = spec.s3.model_copy(update={"credentials_secret": spec.s3.credentials_secret or self.s3_credentials_secret})
         mlflow = spec.mlflow.model_copy(update={"tracking_uri": spec.mlflow.tracking_uri or self.mlflow_tracking_uri})
-        account = spec.service_account_name or self.service_account_name
-        return spec.model_copy(update={"s3": s3, "mlflow": mlflow, "service_account_name": account})
+        return spec.model_copy(update={"s3": s3, "mlflow": mlflow})
 
 
 @dataclass(frozen=True)
 class Run:
-    """A WMTPRun as the operator sees it: identity, parsed spec and status."""
+    """A WMTPRun as the operator sees it: identity and parsed spec (never its status, which trainers write)."""
 
     name: str
     namespace: str
     uid: str
     generation: int
     spec: Spec
-    status: Status
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any], defaults: Defaults = Defaults()) -> Run:
@@ -352,5 +425,4 @@ class Run:
             uid=meta.get("uid", ""),
             generation=meta.get("generation", 0),
             spec=defaults.apply(Spec.model_validate(body.get("spec") or {})),
-            status=Status.model_validate(body.get("status") or {}),
         )

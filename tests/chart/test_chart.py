@@ -2,59 +2,35 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from typing import Any
 
+import celpy
 import kubernetes_validate
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART = ROOT / "charts" / "wmtp"
-HELM = Path(sys.executable).with_name("helm")
+from support.chart import CHART, NAMESPACED, ROOT, helm, render, rules_of
+from wmtp_operator.formats import DATASET
+from wmtp_operator.kube import ACCESS
+
 K8S_VERSION = "1.33.0"
-
-NAMESPACED = ["--set", "watch.clusterWide=false", "--set", "watch.namespaces={team-a,team-b}"]
 VALUE_SETS = {
     "default": [],
     "namespaced": NAMESPACED,
     "no-rbac-debug": ["--set", "rbac.create=false", "--set", "serviceAccount.create=false",
                       "--set", "serviceAccount.name=ops", "--set", "logLevel=debug",
-                      "--set", "defaults.mlflowTrackingUri=http://mlflow:5000"],
+                      "--set", "defaults.mlflowTrackingUri=http://mlflow:5000", "--set", "mlflow.enabled=false",
+                      "--set", "admissionPolicy.create=false"],
+    "mlflow-external-stores": ["--set", "mlflow.databaseUriSecret.name=mlflow-db",
+                               "--set", "mlflow.artifacts.s3Uri=s3://mlflow/artifacts",
+                               "--set", "mlflow.artifacts.s3CredentialsSecret=wmtp-s3"],
 }  # fmt: skip
-
-OPERATOR_RULES = {
-    ("wmtp.io", "wmtpruns"): {"get", "list", "watch", "patch", "update"},
-    ("wmtp.io", "wmtpruns/status"): {"get", "patch", "update"},
-    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-    ("", "pods"): {"get", "list", "watch", "delete"},
-    ("", "configmaps"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "services"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "persistentvolumeclaims"): {"get", "list", "watch", "create", "delete", "patch"},
-    ("", "events"): {"create"},
-    ("events.k8s.io", "events"): {"create"},
-}
+# What kopf needs besides the adapter's table: CRD discovery, and the namespaces when it watches them all.
+DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 
 
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    assert HELM.exists(), f"{HELM} is missing: `make setup` installs it"
-    return subprocess.run([str(HELM), *args], capture_output=True, text=True)
-
-
-def render(*values: str) -> list[dict]:
-    result = helm("template", "wmtp", str(CHART), "--namespace", "wmtp-system", "--include-crds", *values)
-    assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
-
-
-def rules_of(role: dict) -> dict[tuple[str, str], set[str]]:
-    granted: dict[tuple[str, str], set[str]] = {}
-    for rule in role["rules"]:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                granted.setdefault((group, resource), set()).update(rule["verbs"])
-    return granted
+def operator_rules() -> dict[tuple[str, str], set[str]]:
+    """The verbs the code issues, from `wmtp_operator.kube.ACCESS`."""
+    return {(resource.group, resource.plural): set(resource.verbs) for resource in ACCESS.values()}
 
 
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
@@ -81,65 +57,149 @@ def test_chart_crd_is_the_project_crd() -> None:
     assert (CHART / "crds" / "wmtpruns.yaml").read_bytes() == (ROOT / "crds" / "wmtpruns.yaml").read_bytes()
 
 
-def test_cluster_wide_rbac_grants_exactly_what_the_operator_uses() -> None:
+def test_cluster_wide_rbac_grants_exactly_the_verbs_the_code_issues() -> None:
     objects = render()
     roles = {o["metadata"]["name"]: o for o in objects if o["kind"] in ("ClusterRole", "Role")}
-    assert rules_of(roles["wmtp"]) == OPERATOR_RULES
-    discovery = rules_of(roles["wmtp-discovery"])
-    assert discovery == {
-        ("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
-        ("", "namespaces"): {"list", "watch"},
-    }
-    trainer = [o for o in objects if o["kind"] == "Role" and o["metadata"]["name"].endswith("-trainer")]
-    assert [rules_of(r) for r in trainer] == [{("wmtp.io", "wmtpruns/status"): {"patch"}}]
-    assert not any(o["kind"] == "Role" and not o["metadata"]["name"].endswith("-trainer") for o in objects)
+    assert set(roles) == {"wmtp", "wmtp-discovery"}
+    assert rules_of(roles["wmtp"]) == operator_rules()
+    assert rules_of(roles["wmtp-discovery"]) == {**DISCOVERY, ("", "namespaces"): {"list", "watch"}}
 
 
 def test_namespaced_rbac_is_a_role_per_watched_namespace() -> None:
     objects = render(*NAMESPACED)
     assert not any(o["kind"] == "ClusterRole" and o["metadata"]["name"] == "wmtp" for o in objects)
     discovery = next(o for o in objects if o["kind"] == "ClusterRole")
-    assert ("", "namespaces") not in rules_of(discovery)
-    operator_roles = {
-        o["metadata"]["namespace"]: rules_of(o)
-        for o in objects
-        if o["kind"] == "Role" and not o["metadata"]["name"].endswith("-trainer")
-    }
-    assert operator_roles == {"team-a": OPERATOR_RULES, "team-b": OPERATOR_RULES}
-    trainer_accounts = {
-        o["metadata"]["namespace"]
-        for o in objects
-        if o["kind"] == "ServiceAccount" and o["metadata"]["name"] == "wmtp-trainer"
-    }
-    assert trainer_accounts == {"team-a", "team-b"}
-    deployment = next(o for o in objects if o["kind"] == "Deployment")
+    assert rules_of(discovery) == DISCOVERY
+    operator_roles = {o["metadata"]["namespace"]: rules_of(o) for o in objects if o["kind"] == "Role"}
+    assert operator_roles == {"team-a": operator_rules(), "team-b": operator_rules()}
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "wmtp")
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["WMTP_OPERATOR_NAMESPACES"] == "team-a,team-b"
 
 
-def test_operator_runs_non_root_with_a_read_only_root_and_a_liveness_probe() -> None:
-    deployment = next(o for o in render() if o["kind"] == "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+def test_the_chart_creates_no_trainer_identity_the_operator_makes_one_per_run() -> None:
+    accounts = [o["metadata"]["name"] for o in render() if o["kind"] == "ServiceAccount"]
+    assert accounts == ["wmtp"]
+
+
+def _pod(objects: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)["spec"]["template"]
+
+
+def test_operator_runs_non_root_with_a_read_only_root_and_probes() -> None:
+    pod = _pod(render(), "wmtp")["spec"]
     container = pod["containers"][0]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["livenessProbe"]["httpGet"]["path"] == container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["WMTP_DEFAULT_S3_SECRET"] == "wmtp-s3"
-    assert env["WMTP_TRAINER_SERVICE_ACCOUNT"] == "wmtp-trainer"
     assert "WMTP_OPERATOR_NAMESPACES" not in env
 
 
+def test_the_chart_deploys_an_mlflow_server_and_points_runs_without_one_at_it() -> None:
+    objects = render()
+    env = {e["name"]: e["value"] for e in _pod(objects, "wmtp")["spec"]["containers"][0]["env"]}
+    assert env["WMTP_DEFAULT_MLFLOW_URI"] == "http://wmtp-mlflow.wmtp-system.svc:5000"
+    service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"] == "wmtp-mlflow")
+    assert service["spec"]["ports"] == [{"name": "http", "port": 5000, "targetPort": "http"}]
+    pod = _pod(objects, "wmtp-mlflow")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert "--backend-store-uri=sqlite:////mlflow/mlflow.db" in container["args"]
+    assert "--artifacts-destination=/mlflow/artifacts" in container["args"]
+    assert any(a.startswith("--allowed-hosts=") and "wmtp-mlflow.wmtp-system.svc:5000" in a for a in container["args"])
+    claim = next(o for o in objects if o["kind"] == "PersistentVolumeClaim")
+    assert pod["spec"]["volumes"][-1]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_mlflow_stores_may_live_outside_the_cluster_with_credentials_from_secrets() -> None:
+    objects = render(*VALUE_SETS["mlflow-external-stores"])
+    container = _pod(objects, "wmtp-mlflow")["spec"]["containers"][0]
+    assert "--backend-store-uri=$(MLFLOW_BACKEND_STORE_URI)" in container["args"]
+    assert "--artifacts-destination=s3://mlflow/artifacts" in container["args"]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"] == {"name": "mlflow-db", "key": "uri"}
+    assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "wmtp-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert not any(o["kind"] == "PersistentVolumeClaim" for o in objects)
+
+
+def test_mlflow_can_be_disabled() -> None:
+    objects = render("--set", "mlflow.enabled=false")
+    assert not any("mlflow" in o["metadata"]["name"] for o in objects if o["kind"] != "CustomResourceDefinition")
+    env = {e["name"]: e["value"] for e in _pod(objects, "wmtp")["spec"]["containers"][0]["env"]}
+    assert env["WMTP_DEFAULT_MLFLOW_URI"] == ""
+
+
 def test_no_rbac_no_service_account_renders_none() -> None:
-    kinds = [o["kind"] for o in render(*VALUE_SETS["no-rbac-debug"])]
-    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(kinds)
-    deployment = next(o for o in render(*VALUE_SETS["no-rbac-debug"]) if o["kind"] == "Deployment")
-    pod = deployment["spec"]["template"]["spec"]
+    objects = render(*VALUE_SETS["no-rbac-debug"])
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & {o["kind"] for o in objects}
+    pod = _pod(objects, "wmtp")["spec"]
     assert pod["serviceAccountName"] == "ops"
     assert pod["containers"][0]["args"] == ["--verbose"]
 
 
 def test_helm_test_hook_exists() -> None:
     hooks = [o for o in render() if o.get("metadata", {}).get("annotations", {}).get("helm.sh/hook") == "test"]
-    assert len(hooks) == 1 and hooks[0]["kind"] == "Pod"
+    assert {o["kind"] for o in hooks} == {"Pod", "NetworkPolicy"}
+
+
+OPERATOR = "system:serviceaccount:wmtp-system:wmtp"
+
+
+def _admission() -> Any:
+    """The chart's ValidatingAdmissionPolicy, evaluated as the API server would (variables, then validations)."""
+    policy = next(o for o in render() if o["kind"] == "ValidatingAdmissionPolicy")["spec"]
+    env = celpy.Environment()
+    compiled = {v["name"]: env.program(env.compile(v["expression"])) for v in policy["variables"]}
+    checks = [(env.program(env.compile(v["expression"])), v["message"]) for v in policy["validations"]]
+
+    def admit(user: str, new: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
+        activation = {
+            "object": celpy.json_to_cel(new),
+            "oldObject": celpy.json_to_cel(old),
+            "request": celpy.json_to_cel({"userInfo": {"username": user}, "operation": "UPDATE" if old else "CREATE"}),
+        }
+        activation["variables"] = celpy.json_to_cel(
+            {name: program.evaluate(activation) for name, program in compiled.items()}
+        )
+        return [message for program, message in checks if not bool(program.evaluate(activation))]
+
+    return admit
+
+
+def _run(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "r"}, "spec": {"image": "x", "datasets": {"mbpp": "s3://b/m.jsonl"}, **spec}}
+
+
+CKPT = "s3://b/c/r/checkpoint_step_00000100"
+ADMISSION = [
+    ("a user creates a run", "alice", _run(), None, []),
+    ("a user sets resumeFrom on create", "alice", _run(resumeFrom=CKPT), None, ["spec.resumeFrom"]),
+    ("a user changes resumeFrom", "alice", _run(resumeFrom="s3://x"), _run(resumeFrom=CKPT), ["spec.resumeFrom"]),
+    ("a user removes resumeFrom", "alice", _run(), _run(resumeFrom=CKPT), ["spec.resumeFrom"]),
+    ("a user edits another field", "alice", _run(resumeFrom=CKPT, suspend=True), _run(resumeFrom=CKPT), []),
+    ("the operator writes resumeFrom", OPERATOR, _run(resumeFrom=CKPT), _run(), []),
+    ("another ServiceAccount writes it", "system:serviceaccount:team-a:wmtp", _run(resumeFrom=CKPT), _run(),
+     ["spec.resumeFrom"]),
+    ("a dataset name climbing out", "alice", _run(datasets={"../x": "s3://b/x"}), None, ["spec.datasets"]),
+    ("a dataset name with a slash", "alice", _run(datasets={"a/b": "s3://b/x"}), None, ["spec.datasets"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("user", "new", "old", "refused"), [row[1:] for row in ADMISSION], ids=[r[0] for r in ADMISSION]
+)
+def test_the_admission_policy_keeps_resume_from_the_operators_and_dataset_names_one_segment(
+    user: str, new: dict[str, Any], old: dict[str, Any] | None, refused: list[str]
+) -> None:
+    messages = _admission()(user, new, old)
+    assert [m.split(" ", 1)[0].rstrip(":") for m in messages] == refused, messages
+
+
+def test_the_admission_policy_and_the_operator_share_the_dataset_name_pattern() -> None:
+    policy = next(o for o in render() if o["kind"] == "ValidatingAdmissionPolicy")["spec"]
+    assert f"name.matches('{DATASET}')" in policy["validations"][1]["expression"]

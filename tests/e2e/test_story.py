@@ -1,7 +1,7 @@
 """The whole WMTPRun story in real containers: preempted, killed, resumed, succeeded.
 
 `make e2e-local` plays it without a cluster (support.clusters.LocalCluster): the operator from its image against
-the emulator, `support.kubelet` running each attempt's pods with `podman kube play`, S3 (moto) and an MLflow
+the emulator, `support.node` running each attempt's pods with `podman kube play`, S3 (moto) and an MLflow
 server on the host. `make e2e-kind` plays the same story on a kind cluster (KindCluster; tests/e2e/kind.sh sets it
 up). `configs/wmtprun.yaml` is applied as written but for where its image, S3 and MLflow are. Its trainer pods
 pull, train under torchrun, get stopped (SIGTERM: a preemption) and later killed (SIGKILL: a failure), and each
@@ -32,7 +32,6 @@ from wmtp.config import S3Settings
 from wmtp.contract import CHECKPOINT_PREFIX
 from wmtp.storage import Storage, parse_uri
 from wmtp_operator.render import INDEX_ANNOTATION, job_name
-from wmtp_operator.spec import Status
 
 pytestmark = pytest.mark.slow
 
@@ -167,8 +166,13 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
         return pods if len(pods) == run["spec"]["nodes"] else []
 
     # Attempt 1: both pods pull, train under torchrun, and rank 0 reports the first periodic checkpoint.
-    cluster.wait(lambda: step_of(status().get("latestCheckpoint")) == save_interval,
-                 f"attempt 1 to report its checkpoint at step {save_interval}", TIMEOUT_S)  # fmt: skip
+    def first_checkpoint_or_failure() -> bool:
+        return step_of(status().get("latestCheckpoint")) == save_interval or status().get("phase") == "Failed"
+
+    cluster.wait(first_checkpoint_or_failure, f"attempt 1 to report its checkpoint at step {save_interval}", TIMEOUT_S)
+    if status().get("phase") == "Failed" and not launcher:
+        pytest.xfail(f"the trainer image has no `wmtp launch`, which the pods run: {status().get('message')}")
+    assert status().get("phase") != "Failed", status().get("message")
     first = pods_of(1)
     assert [p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] for p in first] == [0, 0]
 
@@ -218,15 +222,15 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
 
     # What needs work in flight elsewhere is checked last. Each check is strict once its piece is there (the
-    # launcher in the image, status.preemptions in the operator's model); until then a miss is an expected
-    # failure that names what it waits for, and every other miss fails the test.
+    # launcher in the image); until then a miss is an expected failure that names what it waits for, and every
+    # other miss fails the test.
     failures, waiting = [], []
     preempted_exit = stopped.get("exitCode") == 75 and '"Preempted"' in stopped.get("message", "")
     (failures if launcher else waiting).append(
         None if preempted_exit else f"the stopped trainer should exit 75 with a Preempted message: {stopped}"
     )
     counts = done.get("restarts"), done.get("preemptions")
-    (failures if launcher and "preemptions" in Status.model_fields else waiting).append(
+    (failures if launcher else waiting).append(
         None if counts == (1, 1) else f"restarts, preemptions should be 1, 1: {counts}"
     )
     expected = ["Pending", "Pulling", "Running", "Restarting", "Pulling", "Running", "Restarting", "Pulling",
@@ -238,4 +242,4 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     failures, waiting = [m for m in failures if m], [m for m in waiting if m]
     assert not failures, "\n".join(failures)
     if waiting:
-        pytest.xfail("waiting for the launcher, status.preemptions or steady phases:\n" + "\n".join(waiting))
+        pytest.xfail("waiting for the launcher or steady phases:\n" + "\n".join(waiting))

@@ -84,12 +84,22 @@ def _defaulted(schema: dict[str, Any], value: Any) -> Any:
     return value
 
 
-def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) -> list[str]:
+_ABSENT = object()
+
+
+def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment, old: Any = _ABSENT) -> list[str]:
+    """The messages of the rules `value` breaks; transition rules (oldSelf) only on an update where the old
+    object had this field too, as the API server runs them."""
     messages = []
     for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"] and old is _ABSENT:
+            continue
         program = env.program(env.compile(rule["rule"]))
+        activation = {"self": celpy.json_to_cel(value)}
+        if old is not _ABSENT:
+            activation["oldSelf"] = celpy.json_to_cel(old)
         try:
-            admitted = bool(program.evaluate({"self": celpy.json_to_cel(value)}))
+            admitted = bool(program.evaluate(activation))
         except celpy.CELEvalError:
             continue  # a value of the wrong type: the schema has refused it already, as the API server does
         if not admitted:
@@ -97,7 +107,8 @@ def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) ->
     if isinstance(value, dict):
         for name, sub in schema.get("properties", {}).items():
             if name in value:
-                messages += _cel_failures(sub, value[name], env)
+                before = old.get(name, _ABSENT) if isinstance(old, dict) else _ABSENT
+                messages += _cel_failures(sub, value[name], env, before)
     if isinstance(value, list) and "items" in schema:
         for item in value:
             messages += _cel_failures(schema["items"], item, env)
@@ -105,20 +116,22 @@ def _cel_failures(schema: dict[str, Any], value: Any, env: celpy.Environment) ->
 
 
 @pytest.fixture(scope="session")
-def admit(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], list[str]]:
-    """What the API server would say to a WMTPRun: defaults, then the schema, then the CEL rules.
+def admit(run_schema: dict[str, Any]) -> Callable[..., list[str]]:
+    """What the API server would say to a WMTPRun (`old`: the stored one, for an update): defaults, then the
+    schema, then the CEL rules.
 
     Returns every problem (schema errors as 'path: message', then the failed rules' messages); [] is admitted.
     """
     strict, env = _strict(run_schema), celpy.Environment()
 
-    def check(body: dict[str, Any]) -> list[str]:
+    def check(body: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
         body = _defaulted(run_schema, body)
         errors = [
             f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
             for e in jsonschema.Draft7Validator(strict).iter_errors(body)
         ]
-        return errors + _cel_failures(run_schema, body, env)
+        before = _ABSENT if old is None else _defaulted(run_schema, old)
+        return errors + _cel_failures(run_schema, body, env, before)
 
     return check
 
@@ -143,6 +156,8 @@ def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) ->
     """The real `python -m wmtp_operator` against the emulator, for the whole test module."""
     from support.emulator import OperatorProcess
 
-    process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"))
+    # As the chart starts it: runs that name no tracking server report to the chart's.
+    env = {"WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000"}
+    process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"), env=env)
     yield process
     process.stop()

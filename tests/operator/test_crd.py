@@ -64,7 +64,7 @@ def test_schema_is_structural(run_schema: dict[str, Any]) -> None:
         assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & set(schema), path
 
 
-def test_printer_columns_show_phase_algorithm_step_restarts_age_and_checkpoint_when_wide(
+def test_printer_columns_show_progress_and_loss_and_wide_adds_checkpoint_message_and_preemptions(
     crd: dict[str, Any],
 ) -> None:
     version = crd["spec"]["versions"][0]
@@ -72,13 +72,22 @@ def test_printer_columns_show_phase_algorithm_step_restarts_age_and_checkpoint_w
     assert columns == {
         "Phase": (".status.phase", 0),
         "Algorithm": (".spec.algorithm", 0),
-        "Step": (".status.step", 0),
+        "Progress": (".status.progress", 0),
+        "Loss": (".status.loss", 0),
         "Restarts": (".status.restarts", 0),
         "Age": (".metadata.creationTimestamp", 0),
+        "Preemptions": (".status.preemptions", 1),
         "Checkpoint": (".status.latestCheckpoint", 1),
+        "Message": (".status.message", 1),
     }
     assert version["subresources"] == {"status": {}}
     assert crd["spec"]["names"]["shortNames"] == ["wr"]
+
+
+def test_status_schema_keeps_the_trainers_report(run_schema: dict[str, Any]) -> None:
+    # A structural schema prunes what it does not declare: without `report`, rank 0's reports would vanish.
+    report = run_schema["properties"]["status"]["properties"]["report"]["properties"]
+    assert set(report) == {"attempt", "step", "loss", "latestCheckpoint"}
 
 
 EXAMPLES = example_documents()
@@ -101,13 +110,6 @@ OTHERS = [(name, doc) for name, doc in EXAMPLES if doc["kind"] != "WMTPRun"]
 @pytest.mark.parametrize(("source", "doc"), OTHERS, ids=[f"{n}:{d['kind']}" for n, d in OTHERS])
 def test_other_example_objects_pass_kubernetes_validate(source: str, doc: dict[str, Any]) -> None:
     kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
-
-
-def test_the_trainer_role_may_only_patch_run_status() -> None:
-    roles = [doc for _, doc in EXAMPLES if doc["kind"] == "Role"]
-    assert roles, "configs/ should ship the trainer's Role"
-    for role in roles:
-        assert role["rules"] == [{"apiGroups": ["wmtp.io"], "resources": ["wmtpruns/status"], "verbs": ["patch"]}]
 
 
 def test_crd_defaults_match_the_operators_defaults(
@@ -135,6 +137,9 @@ INVALID = [
     ({"spec.modelVolume": {"type": "persistentVolumeClaim"}}, "modelVolume.size is required"),
     ({"spec.checkpoints.basePath": "checkpoints"}, "checkpoints.basePath must be s3://"),
     ({"metadata.name": "r" * 49}, "metadata.name must be at most 48 characters"),
+    ({"metadata.name": "tiny.rho1"}, "metadata.name must be a DNS-1035 label"),
+    ({"metadata.name": "1run"}, "metadata.name must be a DNS-1035 label"),
+    ({"metadata.name": "run-$(X)"}, "metadata.name must be a DNS-1035 label"),
 ]
 
 
@@ -153,6 +158,17 @@ def test_invalid_runs_are_rejected_with_the_cel_message(
         ({"spec.nodes": "two"}, "spec.nodes: 'two' is not of type 'integer'"),
         ({"spec.gpus": 8}, "Additional properties are not allowed ('gpus' was unexpected)"),
         ({"spec.image": None}, "'image' is a required property"),
+        ({"spec.image": " ghcr.io/wmtp/trainer:0.1.0"}, "spec.image: ' ghcr.io/wmtp/trainer:0.1.0' does not match"),
+        ({"spec.image": "ghcr.io/wmtp/trainer:$(TAG)"}, "spec.image: 'ghcr.io/wmtp/trainer:$(TAG)' does not match"),
+        ({"spec.resources.limits": {"cpu": "lots"}}, "spec.resources.limits.cpu: 'lots' does not match"),
+        ({"spec.modelVolume": {"size": "80 Gi"}}, "spec.modelVolume.size: '80 Gi' does not match"),
+        ({"spec.s3.credentialsSecret": "../s3"}, "spec.s3.credentialsSecret: '../s3' does not match"),
+        ({"spec.mlflow.credentialsSecret": "Auth"}, "spec.mlflow.credentialsSecret: 'Auth' does not match"),
+        ({"spec.recipeRef": {"name": "r", "key": "a/b"}, "spec.recipe": None}, "spec.recipeRef.key: 'a/b' does not"),
+        ({"spec.serviceAccountName": "x y"}, "spec.serviceAccountName: 'x y' does not match"),
+        ({"spec.startupTimeout": "soon"}, "spec.startupTimeout: 'soon' does not match"),
+        ({"spec.terminationGracePeriodSeconds": 1}, "spec.terminationGracePeriodSeconds: 1 is less than"),
+        ({"spec.devices": {"mixedPrecision": "fp8"}}, "spec.devices.mixedPrecision: 'fp8' is not one of"),
     ],
 )
 def test_schema_rejects_wrong_types_enums_and_unknown_fields(
@@ -167,3 +183,40 @@ def test_valid_resume_forms_are_admitted(
 ) -> None:
     for resume in ("auto", "never", "latest", "step_1000", "s3://b/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
         assert admit(make_run(**{"spec.resume": resume})) == [], resume
+
+
+# (the edit of a stored run, the message naming the field)
+IMMUTABLE = [
+    ({"spec.algorithm": "baseline-mtp"}, "spec.algorithm is immutable"),
+    ({"spec.models.base": "s3://wmtp/models/other"}, "spec.models is immutable"),
+    ({"spec.models.rm": "s3://wmtp/models/rm"}, "spec.models is immutable"),
+    ({"spec.datasets.extra": "s3://wmtp/x.jsonl"}, "spec.datasets is immutable"),
+    ({"spec.checkpoints.basePath": "s3://elsewhere"}, "spec.checkpoints.basePath is immutable"),
+    ({"spec.recipe": None, "spec.recipeRef": {"name": "r"}}, "spec.recipe and spec.recipeRef are immutable"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), IMMUTABLE, ids=[m for _, m in IMMUTABLE])
+def test_what_defines_the_training_is_immutable(
+    overrides: dict[str, Any], message: str, make_run: Callable[..., Any], admit: Callable[..., list[str]]
+) -> None:
+    assert admit(make_run(**overrides)) == []  # as a new run, each is fine
+    problems = admit(make_run(**overrides), old=make_run())
+    assert any(message in problem for problem in problems), problems
+
+
+def test_operational_fields_may_change_on_a_running_run(
+    make_run: Callable[..., Any], admit: Callable[..., list[str]]
+) -> None:
+    edited = make_run(
+        **{
+            "spec.image": "ghcr.io/wmtp/trainer:0.2.0",
+            "spec.nodes": 4,
+            "spec.resources.limits": {"cpu": 8, "memory": "16Gi"},
+            "spec.checkpoints.saveInterval": 50,
+            "spec.checkpoints.keepLast": 5,
+            "spec.backoffLimit": 9,
+            "spec.suspend": True,
+        }
+    )
+    assert admit(edited, old=make_run()) == []

@@ -1,28 +1,36 @@
 """The real operator process (`python -m wmtp_operator`, kopf) against an emulated API server (kmock).
 
-The emulator runs no controllers, so the tests play the Job controller and the kubelet: they create an
-attempt's pods and move them through their phases, and play trainer rank 0 with the trainer's own Reporter.
+The emulator plays the cluster (`support.controllers`): the Job controller creates an attempt's pods, the kubelet
+runs them (or makes them wait, as a test asks), the garbage collector follows ownerReferences. The tests play
+trainer rank 0 (a patch of `status.report`, as the trainer's reporter does) and the faults: crashes, SIGTERM
+saves, evictions, refusals, a pod that cannot start.
 """
 
 from __future__ import annotations
 
 import copy
+import json
+import time
+import zlib
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 
-from support.emulator import Emulator, OperatorProcess, pod_status, pods_for
+from support.emulator import Emulator, OperatorProcess
+from support.kubelet import argv
 from support.waiting import wait_for
+from wmtp import contract
 from wmtp.checkpoint import step_dir_name
-from wmtp.contract import STATUS_PATH
-from wmtp.reporting import Reporter
+from wmtp.config import MAX_MESSAGE
 
-CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1000)}"
+RUN = "tiny-rho1"
+CKPT = f"s3://wmtp/checkpoints/{RUN}/{step_dir_name(1000)}"
 
 
 class Cluster:
-    """The emulator seen from one test, with waits that show the operator's log when they time out."""
+    """The emulator seen from one test (its own namespace), with waits that show the operator's log on time-out."""
 
     def __init__(self, emulator: Emulator, operator: OperatorProcess, namespace: str) -> None:
         self.api, self.operator, self.ns = emulator, operator, namespace
@@ -33,39 +41,46 @@ class Cluster:
         except TimeoutError as err:
             raise AssertionError(f"{err}\n--- operator log (tail) ---\n{self.operator.output()[-4000:]}") from None
 
-    def run(self, name: str) -> dict[str, Any]:
+    def create(self, body: dict[str, Any], name: str = RUN) -> str:
+        body = copy.deepcopy(body)
+        body["metadata"] = {"name": name, "namespace": self.ns}
+        return self.api.create(body)["metadata"]["uid"]
+
+    def run(self, name: str = RUN) -> dict[str, Any]:
         return self.api.get("WMTPRun", self.ns, name)
 
-    def job(self, name: str) -> dict[str, Any] | None:
-        return self.api.get("Job", self.ns, name)
+    def status(self, name: str = RUN) -> dict[str, Any]:
+        return self.run(name).get("status") or {}
 
-    def start_pods(self, job: dict[str, Any], **status: Any) -> list[str]:
-        names = [self.api.create(pod)["metadata"]["name"] for pod in pods_for(job)]
-        self.set_pods(names, **status)
-        return names
+    def jobs(self) -> list[str]:
+        return sorted(job["metadata"]["name"] for job in self.api.list("Job", self.ns))
 
-    def set_pods(self, names: list[str], **status: Any) -> None:
-        for name in names:
-            self.api.patch("Pod", self.ns, name, {"status": pod_status(**status)}, status=True)
+    def pods(self, attempt: int, name: str = RUN) -> list[dict[str, Any]]:
+        return self.api.pods(self.ns, f"{name}-a{attempt}")
 
-    def phase_is(self, name: str, phase: str) -> bool:
-        return (self.run(name).get("status") or {}).get("phase") == phase
+    def running(self, attempt: int = 1, name: str = RUN) -> list[dict[str, Any]]:
+        self.until(lambda: self.status(name).get("phase") == "Running" and self.status(name)["attempt"] == attempt,
+                   f"attempt {attempt} of {name} running")  # fmt: skip
+        return self.pods(attempt, name)
 
-    def event_reasons(self, name: str) -> list[str]:
-        events = self.api.list("Event", self.ns)
-        return [e["reason"] for e in events if e["involvedObject"]["name"] == name]
+    def report(self, attempt: int, step: int, checkpoint: str | None = None, name: str = RUN) -> None:
+        """What trainer rank 0 patches: status.report, stamped with its attempt."""
+        report = {"attempt": attempt, "step": step, "loss": 2.5, "latestCheckpoint": checkpoint}
+        self.api.patch("WMTPRun", self.ns, name, {"status": {contract.REPORT_FIELD: report}}, status=True)
+
+    def events(self, name: str = RUN) -> list[dict[str, Any]]:
+        return [e for e in self.api.list("Event", self.ns) if e["involvedObject"]["name"] == name]
+
+    def condition(self, type_: str, name: str = RUN) -> str:
+        found = next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
+        return f"{found.get('status')} {found.get('reason')}"
 
 
 @pytest.fixture
 def cluster(emulator: Emulator, operator_process: OperatorProcess, request: pytest.FixtureRequest) -> Cluster:
     # One namespace per test keeps the tests' runs, children and events apart on the shared emulator.
-    return Cluster(emulator, operator_process, request.node.name.replace("_", "-")[:40].strip("-"))
-
-
-def _new_run(body: dict[str, Any], namespace: str) -> dict[str, Any]:
-    body = copy.deepcopy(body)
-    body["metadata"] = {"name": body["metadata"]["name"], "namespace": namespace}
-    return body
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
+    return Cluster(emulator, operator_process, f"{name[:40].strip('-')}-{zlib.crc32(name.encode()):08x}")
 
 
 def _column(obj: dict[str, Any], json_path: str) -> Any:
@@ -75,114 +90,356 @@ def _column(obj: dict[str, Any], json_path: str) -> Any:
     return value
 
 
-def test_run_resumes_from_the_latest_checkpoint_when_a_pod_fails_then_succeeds(
+def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     cluster: Cluster, tiny_run: dict[str, Any], crd: dict[str, Any]
 ) -> None:
     api, ns = cluster.api, cluster.ns
-    uid = api.create(_new_run(tiny_run, ns))["metadata"]["uid"]
-
-    job1 = cluster.until(lambda: cluster.job("tiny-rho1-a1"), "the first attempt's Job")
-    children = [api.get("ConfigMap", ns, "tiny-rho1-config"), api.get("Service", ns, "tiny-rho1"), job1]
-    for child in children:
-        assert child is not None
+    api.kubelet(ns, start="pull")
+    uid = cluster.create(tiny_run)
+    cluster.until(lambda: cluster.status().get("phase") == "Pulling", "phase Pulling")
+    kinds = ("ConfigMap", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding", "Job")
+    for kind in kinds:
+        (child,) = api.list(kind, ns)
         (owner,) = child["metadata"]["ownerReferences"]
-        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("WMTPRun", "tiny-rho1", uid, True)
-    assert cluster.run("tiny-rho1")["status"]["attempt"] == 1
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == ("WMTPRun", RUN, uid, True)
+    pods = cluster.pods(1)
+    for pod in pods:
+        api.set_status(
+            ns, pod, {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+        )
+    cluster.running()
+    api.kubelet(ns, start="run")  # the next attempt's pods run at once
 
-    pods = cluster.start_pods(job1, phase="Pending", pulling=True)
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Pulling"), "phase Pulling")
-    cluster.set_pods(pods, phase="Running")
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Running"), "phase Running")
-
-    # Rank 0 reports through the trainer's own reporter, as it would from the pod.
-    reporter = Reporter(api.url + STATUS_PATH.format(namespace=ns, name="tiny-rho1"))
-    assert reporter.report(1000, 2.5, CKPT) and reporter.report(1200, 2.25)
-
-    cluster.set_pods(pods[1:], phase="Failed", exit_code=1)
-    job2 = cluster.until(lambda: cluster.job("tiny-rho1-a2"), "the second attempt's Job")
-    run = cluster.run("tiny-rho1")
+    cluster.report(1, 1000, CKPT)
+    cluster.until(lambda: cluster.status().get("latestCheckpoint") == CKPT, "the reported checkpoint accepted")
+    api.exit(ns, pods[1], 1)
+    pods = cluster.running(2)
+    run = cluster.run()
     assert run["spec"]["resumeFrom"] == CKPT
-    assert job2["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--resume", CKPT]
-    assert (run["status"]["attempt"], run["status"]["restarts"]) == (2, 1)
-    cluster.until(lambda: cluster.job("tiny-rho1-a1") is None, "the failed attempt's Job to be deleted")
+    assert (run["status"]["attempt"], run["status"]["restarts"], run["status"]["preemptions"]) == (2, 1, 0)
+    trainer = api.get("Job", ns, f"{RUN}-a2")["spec"]["template"]["spec"]["containers"][0]
+    assert trainer["args"][-3:] == ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]
+    default = cluster.operator.env["WMTP_DEFAULT_MLFLOW_URI"]  # the chart's MLflow server
+    assert {"name": "MLFLOW_TRACKING_URI", "value": default} in trainer["env"]
+    assert cluster.jobs() == [f"{RUN}-a2"]
 
-    pods = cluster.start_pods(job2, phase="Running")
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Running"), "attempt 2 running")
-    cluster.set_pods(pods, phase="Succeeded", exit_code=0)
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Succeeded"), "phase Succeeded")
-
-    run = cluster.run("tiny-rho1")
+    cluster.report(2, 1200)
+    for pod in pods:
+        api.exit(ns, pod, 0)
+    cluster.until(lambda: cluster.status().get("phase") == "Succeeded", "phase Succeeded")
+    run = cluster.run()
     columns = {c["name"]: _column(run, c["jsonPath"]) for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
     assert columns == {
         "Phase": "Succeeded",
         "Algorithm": "rho1-wmtp",
-        "Step": 1200,
+        "Progress": "1200/60",
+        "Loss": 2.5,
         "Restarts": 1,
         "Age": run["metadata"]["creationTimestamp"],
+        "Preemptions": 0,
         "Checkpoint": CKPT,
+        "Message": "attempt 2 succeeded",
     }
     conditions = {c["type"]: c["status"] for c in run["status"]["conditions"]}
-    assert conditions == {"Valid": "True", "Progressing": "False", "Succeeded": "True"}
-    reasons = cluster.until(lambda: (r := cluster.event_reasons("tiny-rho1")) and "Succeeded" in r and r, "events")
-    assert {"Pending", "Pulling", "Running", "Restarting", "Succeeded"} <= set(reasons)
+    assert conditions["Succeeded"] == "True" and conditions["Progressing"] == "False"
+    reasons = cluster.until(lambda: {e["reason"] for e in cluster.events()} >= {"Succeeded"} and cluster.events(), "")
+    assert {"Pending", "Pulling", "Running", "Restarting", "Succeeded"} <= {e["reason"] for e in reasons}
+    # Deleting a run never needs the operator: no finalizer, and none of kopf's bookkeeping.
+    assert not run["metadata"].get("finalizers")
+    assert set(run["metadata"].get("annotations") or {}) == {"wmtp.io/state"}
 
 
-def test_invalid_recipe_sets_valid_false_with_the_message_and_creates_nothing(
-    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+def _reported_then(inject: Callable[[Cluster, list[dict[str, Any]]], None]) -> Callable[[Cluster], None]:
+    def step(cluster: Cluster) -> None:
+        pods = cluster.running()
+        cluster.report(1, 1000, CKPT)
+        cluster.until(lambda: cluster.status().get("latestCheckpoint") == CKPT, "the checkpoint accepted")
+        inject(cluster, pods)
+
+    return step
+
+
+def _scheduler_preempts(cluster: Cluster, pods: list[dict[str, Any]]) -> None:
+    disruption = {"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler",
+                  "message": "Preempted by a pod on node n"}  # fmt: skip
+    cluster.api.set_status(cluster.ns, pods[0], {"conditions": [disruption]})
+    cluster.api.delete("Pod", cluster.ns, pods[0]["metadata"]["name"])
+
+
+def _trainer_writes_phase(cluster: Cluster) -> None:
+    cluster.running()
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"status": {"phase": "Succeeded", "restarts": 7}}, status=True)
+    time.sleep(0.5)  # the operator rewrites its fields at once
+
+
+def _stale_and_foreign_reports(cluster: Cluster) -> None:
+    pods = cluster.running()
+    cluster.api.exit(cluster.ns, pods[0], 1)
+    cluster.running(2)
+    cluster.report(1, 99999, CKPT)  # attempt 1 again, from a pod that should be gone
+    cluster.report(2, 5, "s3://elsewhere/tiny-rho1/checkpoint_step_00000005")
+    cluster.until(lambda: any(e["reason"] == "CheckpointRejected" for e in cluster.events()), "CheckpointRejected")
+
+
+@dataclass
+class Fault:
+    name: str
+    inject: Callable[[Cluster], None]
+    phase: str
+    restarts: int
+    preemptions: int
+    jobs: list[str]
+    events: set[str] = field(default_factory=set)
+    conditions: dict[str, str] = field(default_factory=dict)
+    message: str = ""
+    kubelet: dict[str, Any] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
+    attempt: int | None = None
+
+
+A1, A2 = [f"{RUN}-a1"], [f"{RUN}-a2"]
+FAULTS = [
+    Fault("trainer crash: a restart, resumed from the checkpoint",
+          _reported_then(lambda c, pods: c.api.exit(c.ns, pods[1], 1)), "Running", 1, 0, A2, {"Restarting"}, attempt=2),
+    Fault("SIGTERM save (exit 75, Preempted): a preemption",
+          _reported_then(lambda c, pods: c.api.exit(c.ns, pods[0], 75, {"reason": "Preempted", "step": 1000})),
+          "Running", 0, 1, A2, {"Restarting"}, attempt=2),
+    Fault("node drain (Eviction API): a preemption", _reported_then(lambda c, pods: c.api.evict(c.ns, pods[0])),
+          "Running", 0, 1, A2, attempt=2),
+    Fault("node pressure (kubelet eviction): a preemption",
+          _reported_then(lambda c, pods: c.api.evict_by_kubelet(c.ns, pods[1])), "Running", 0, 1, A2, attempt=2,
+          spec={"backoffLimit": 0}),
+    Fault("the scheduler's preemption: a preemption", _reported_then(_scheduler_preempts), "Running", 0, 1, A2,
+          attempt=2),
+    Fault("a pod deleted by hand whose trainer dies without saving: a restart",
+          _reported_then(lambda c, pods: c.api.delete("Pod", c.ns, pods[0]["metadata"]["name"])), "Running", 1, 0, A2,
+          kubelet={"sigterm_exit": 143}, attempt=2),
+    Fault("past backoffLimit: Failed, the Job kept for its logs",
+          _reported_then(lambda c, pods: c.api.exit(c.ns, pods[1], 1)), "Failed", 0, 0, A1, {"Failed"},
+          {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
+    Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
+          {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
+          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/trainer:0.1.0"')},
+          spec={"startupTimeout": "2s", "backoffLimit": 1}),
+    Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
+          {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
+          kubelet={"waiting": ("InvalidImageName", "couldn't parse image name")}),
+    Fault("missing Secret past the grace period: Failed, no restart", lambda c: None, "Failed", 0, 0, [],
+          {"CreateContainerConfigError", "Failed"}, message='secret "wmtp-s3" not found',
+          kubelet={"waiting": ("CreateContainerConfigError", 'secret "wmtp-s3" not found')},
+          spec={"startupTimeout": "2s"}),
+    Fault("missing ServiceAccount past the grace period: Failed, no restart", lambda c: None, "Failed", 0, 0, [],
+          {"ServiceAccountNotFound", "Failed"}, message="'irsa-s3' not found",
+          spec={"serviceAccountName": "irsa-s3", "startupTimeout": "2s"}),
+    Fault("unschedulable: the scheduler's message", lambda c: time.sleep(0.5), "Pending", 0, 0, A1, {"Unschedulable"},
+          {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
+          kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
+    Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
+          conditions={"Progressing": "True Running"}),
+    Fault("reports of an older attempt, or of a checkpoint elsewhere, change nothing", _stale_and_foreign_reports,
+          "Running", 1, 0, A2, {"CheckpointRejected"}, attempt=2),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
+def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> None:
+    cluster.api.kubelet(cluster.ns, **fault.kubelet)
+    cluster.create(make_run(**{f"spec.{key}": value for key, value in fault.spec.items()}))
+    fault.inject(cluster)
+
+    def settled() -> bool:
+        status = cluster.status()
+        counts = (status.get("phase"), status.get("restarts"), status.get("preemptions"), cluster.jobs())
+        return counts == (fault.phase, fault.restarts, fault.preemptions, fault.jobs) and (
+            fault.attempt is None or status.get("attempt") == fault.attempt
+        )
+
+    cluster.until(settled, f"{fault.phase}, restarts {fault.restarts}, preemptions {fault.preemptions}, {fault.jobs}")
+    status = cluster.status()
+    assert fault.message in status["message"] and len(status["message"]) <= MAX_MESSAGE
+    for type_, expected in fault.conditions.items():
+        assert cluster.condition(type_) == expected, type_
+    cluster.until(lambda: fault.events <= {e["reason"] for e in cluster.events()}, f"events {fault.events}")
+    if fault.inject is _stale_and_foreign_reports:
+        assert status["step"] == 5 and "latestCheckpoint" not in status
+    elif fault.attempt == 2:
+        assert status["resumeFrom"] == CKPT == status["latestCheckpoint"]
+
+
+def test_a_refused_child_is_the_runs_status_and_an_event_without_a_retry_storm(
+    cluster: Cluster, tiny_run: dict[str, Any]
 ) -> None:
-    bad = make_run(**{"metadata.name": "bad-lr", "spec.recipe.optim": {"lr": -1}})
-    cluster.api.create(_new_run(bad, cluster.ns))
+    message = 'Job.batch "tiny-rho1-a1" is invalid: spec.template.spec.containers[0].image: Invalid value'
+    cluster.api.refuse("Job", 422, "Invalid", message, namespace=cluster.ns)
+    cluster.create(tiny_run)
+    cluster.until(lambda: cluster.condition("Applied") == "False Refused", "Applied=False Refused")
+    status = cluster.status()
+    assert status["message"].startswith(f"the API server refused Job {RUN}-a1 (422 Invalid): {message}")
+    cluster.until(lambda: "Refused" in {e["reason"] for e in cluster.events()}, "a Refused event")
+    time.sleep(2)  # the next try is 30 s away: no blind retries meanwhile
+    assert cluster.api.calls("create", "Job", cluster.ns) == 1 and cluster.jobs() == []
+    assert len([e for e in cluster.events() if e["reason"] == "Refused"]) == 1
 
-    def valid_condition() -> dict[str, Any] | None:
-        conditions = (cluster.run("bad-lr").get("status") or {}).get("conditions", [])
-        return next((c for c in conditions if c["type"] == "Valid"), None)
 
-    valid = cluster.until(valid_condition, "the Valid condition")
-    assert valid["status"] == "False" and "optim.lr: Input should be greater than 0" in valid["message"]
-    assert cluster.until(lambda: "InvalidSpec" in cluster.event_reasons("bad-lr"), "an InvalidSpec event")
-    for kind in ("ConfigMap", "Service", "Job"):
-        assert cluster.api.list(kind, cluster.ns, **{"wmtp.io/run": "bad-lr"}) == []
+def test_a_forbidden_role_stops_the_attempt_before_its_job(cluster: Cluster, tiny_run: dict[str, Any]) -> None:
+    cluster.api.refuse("Role", 403, "Forbidden", 'roles.rbac.authorization.k8s.io is forbidden: attempt to grant '
+                       'extra privileges', namespace=cluster.ns)  # fmt: skip
+    cluster.create(tiny_run)
+    cluster.until(lambda: cluster.condition("Applied") == "False Refused", "Applied=False Refused")
+    assert "(403 Forbidden): roles.rbac.authorization.k8s.io is forbidden" in cluster.status()["message"]
+    assert cluster.jobs() == [] and cluster.api.calls("create", "Job", cluster.ns) == 0
+
+
+def test_attempts_are_fenced_until_the_ended_attempts_pods_have_stopped(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.api.kubelet(cluster.ns, hold_terminating=True)
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    cluster.api.exit(cluster.ns, pods[1], 1)  # the Job controller stops pod 0: it saves, and the kubelet holds it
+    cluster.until(lambda: "waiting for 1 pod(s) of attempt 1 to stop" in cluster.status().get("message", ""), "fence")
+    time.sleep(1)
+    assert cluster.jobs() == [] and cluster.status()["phase"] == "Restarting"
+    cluster.report(1, 1100, CKPT)  # its SIGTERM save, reported before it stops: still attempt 1's, still accepted
+    cluster.until(lambda: cluster.status().get("latestCheckpoint") == CKPT, "the save accepted")
+    cluster.api.release(cluster.ns)
+    cluster.running(2)
+    assert cluster.run()["spec"]["resumeFrom"] == CKPT and cluster.status()["restarts"] == 1
 
 
 def test_suspend_removes_the_attempt_and_unsuspend_resumes_as_a_new_one(
     cluster: Cluster, tiny_run: dict[str, Any]
 ) -> None:
-    api, ns = cluster.api, cluster.ns
-    api.create(_new_run(tiny_run, ns))
-    job1 = cluster.until(lambda: cluster.job("tiny-rho1-a1"), "the first attempt")
-    cluster.start_pods(job1, phase="Running")
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Running"), "phase Running")
-    api.patch("WMTPRun", ns, "tiny-rho1", {"status": {"step": 1000, "latestCheckpoint": CKPT}}, status=True)
-
-    api.patch("WMTPRun", ns, "tiny-rho1", {"spec": {"suspend": True}})
-    cluster.until(lambda: cluster.phase_is("tiny-rho1", "Suspended"), "phase Suspended")
-    cluster.until(lambda: cluster.job("tiny-rho1-a1") is None, "the attempt to be deleted")
-    assert api.get("ConfigMap", ns, "tiny-rho1-config") and api.get("Service", ns, "tiny-rho1")
-
-    api.patch("WMTPRun", ns, "tiny-rho1", {"spec": {"suspend": False}})
-    job2 = cluster.until(lambda: cluster.job("tiny-rho1-a2"), "a new attempt")
-    assert job2["spec"]["template"]["spec"]["containers"][0]["args"][-1] == CKPT
-    assert cluster.run("tiny-rho1")["status"]["restarts"] == 0
+    cluster.create(tiny_run)
+    cluster.running()
+    cluster.report(1, 1000, CKPT)
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"suspend": True}})
+    cluster.until(lambda: cluster.status().get("phase") == "Suspended" and cluster.jobs() == [], "Suspended")
+    assert cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"suspend": False}})
+    cluster.running(2)
+    assert cluster.status()["restarts"] == 0 and cluster.run()["spec"]["resumeFrom"] == CKPT
 
 
-def test_an_operator_restarted_after_a_crash_picks_up_where_the_last_one_stopped(
-    emulator: Emulator, operator_process: OperatorProcess, tiny_run: dict[str, Any], tmp_path: Any
+def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_so(
+    cluster: Cluster, tiny_run: dict[str, Any]
 ) -> None:
-    ns = "operator-restart"
-    first = Cluster(emulator, operator_process, ns)
-    emulator.create(_new_run(tiny_run, ns))
-    job1 = first.until(lambda: first.job("tiny-rho1-a1"), "the first attempt")
-    pods = first.start_pods(job1, phase="Running")
-    first.until(lambda: first.phase_is("tiny-rho1", "Running"), "phase Running")
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/trainer:0.2.0", "nodes": 3}})
+    generation = cluster.run()["metadata"]["generation"]
+    cluster.until(lambda: cluster.condition("SpecApplied") == "False NextAttempt", "SpecApplied=False")
+    status = cluster.status()
+    assert status["phase"] == "Running" and status["observedGeneration"] == generation
+    assert "spec.image, spec.nodes" in next(c for c in status["conditions"] if c["type"] == "SpecApplied")["message"]
+    cluster.api.exit(cluster.ns, pods[0], 1)
+    cluster.until(
+        lambda: cluster.status().get("attempt") == 2 and cluster.condition("SpecApplied") == "True Current", ""
+    )
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a2")
+    assert job["spec"]["completions"] == 3
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/trainer:0.2.0"
 
-    operator_process.kill()
-    second = Cluster(emulator, OperatorProcess(emulator, tmp_path), ns)
+
+BOMBS = {
+    "nested lists": "a: &a [x,x,x,x,x,x,x,x,x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},"
+        f"*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)},*{chr(97 + i)}]\n" for i in range(8)
+    ),
+    "nested mappings": "a: &a {k0: x, k1: x, k2: x, k3: x}\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} {{k0: *{chr(97 + i)}, k1: *{chr(97 + i)}, k2: *{chr(97 + i)}, "
+        f"k3: *{chr(97 + i)}}}\n" for i in range(12)
+    ),
+    "merge keys": "a: &a {k0: x, k1: [x, x, x, x, x, x]}\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} {{<<: *{chr(97 + i)}, m: [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]}}\n" for i in range(10)
+    ),
+    "recursive": "a: &a [*a]\n",
+    "deep nesting": "a: " + "[" * 5000 + "]" * 5000 + "\n",
+    "long line, broken at its end": "a: [" + "x, " * 10_000 + "\n",
+    "larger than a recipe may be": "a: '" + "x" * 40_000 + "'\n",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", BOMBS, ids=list(BOMBS))
+def test_an_alias_bomb_in_a_recipe_config_map_is_refused_briefly_while_other_runs_go_on(
+    shape: str, cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "bomb", "namespace": cluster.ns},
+                  "data": {"recipe.yaml": BOMBS[shape]}}  # fmt: skip
+    cluster.api.create(config_map)
+    cluster.create(make_run(**{"spec.recipe": None, "spec.recipeRef": {"name": "bomb"}}), name="bombed")
+    cluster.create(make_run(), name="neighbour")
+    cluster.until(lambda: cluster.condition("Valid", "bombed") == "False InvalidSpec", "Valid=False")
+    status = cluster.status("bombed")
+    assert "recipeRef ConfigMap bomb key recipe.yaml" in status["message"] and len(status["message"]) <= MAX_MESSAGE
+    assert all(len(e["message"]) <= MAX_MESSAGE for e in cluster.events("bombed"))
+    cluster.running(name="neighbour")
+    assert cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "bombed"}) == []
+
+
+def test_a_recipe_edited_into_garbage_mid_run_is_reported_and_failures_are_still_handled(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]], tiny_run: dict[str, Any]
+) -> None:
+    recipe = json.dumps(tiny_run["spec"]["recipe"])
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "recipes", "namespace": cluster.ns},
+                  "data": {"recipe.yaml": recipe}}  # fmt: skip
+    cluster.api.create(config_map)
+    cluster.create(make_run(**{"spec.recipe": None, "spec.recipeRef": {"name": "recipes"}}))
+    pods = cluster.running()
+    rendered = cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")
+    cluster.api.patch("ConfigMap", cluster.ns, "recipes", {"data": {"recipe.yaml": BOMBS["nested lists"]}})
+    cluster.api.exit(cluster.ns, pods[1], 1)
+    cluster.running(2)
+    assert cluster.condition("Valid") == "False InvalidSpec" and cluster.status()["restarts"] == 1
+    assert cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")["data"] == rendered["data"]
+
+
+def test_a_run_recreated_under_the_same_name_never_adopts_the_old_runs_children(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    old_uid = cluster.create(tiny_run)
+    cluster.running()
+    old_config = cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")
+    cluster.api.pause_gc()
     try:
-        second.set_pods(pods[:1], phase="Failed", exit_code=1)
-        second.until(lambda: second.job("tiny-rho1-a2"), "the restarted operator to start attempt 2")
-        second.until(lambda: second.job("tiny-rho1-a1") is None, "attempt 1 to be deleted")
-        status = second.run("tiny-rho1")["status"]
-        assert (status["attempt"], status["restarts"], status["phase"]) == (2, 1, "Restarting")
-        assert [j["metadata"]["name"] for j in emulator.list("Job", ns)] == ["tiny-rho1-a2"]
+        cluster.api.delete("WMTPRun", cluster.ns, RUN)  # no finalizer: gone at once, its children await the GC
+        new_uid = cluster.create(tiny_run)
+        cluster.until(lambda: cluster.condition("Applied") == "False Conflict", "Applied=False Conflict")
+        time.sleep(1)
+        (job,) = cluster.api.list("Job", cluster.ns)
+        assert job["metadata"]["ownerReferences"][0]["uid"] == old_uid
+        assert cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config") == old_config
     finally:
-        second.operator.stop()
+        cluster.api.resume_gc()
+    cluster.running()
+    for kind in ("ConfigMap", "Job", "Role"):
+        (child,) = cluster.api.list(kind, cluster.ns)
+        assert child["metadata"]["ownerReferences"][0]["uid"] == new_uid, kind
+
+
+def test_a_succeeded_run_says_what_the_trainer_warned_about(cluster: Cluster, tiny_run: dict[str, Any]) -> None:
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    warning = "the final model was saved but its MLflow registration failed: 503 Service Unavailable"
+    for pod in pods:
+        cluster.api.exit(cluster.ns, pod, 0, {"reason": "Succeeded", "step": 60, "warnings": [warning]})
+    cluster.until(lambda: cluster.status().get("phase") == "Succeeded", "Succeeded")
+    assert warning in cluster.status()["message"]
+    cluster.until(
+        lambda: any(e["reason"] == "TrainerWarning" and warning in e["message"] for e in cluster.events()), ""
+    )
+
+
+def test_expansion_attempts_in_a_spec_reach_the_pod_as_text(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    tags = {"leak": "${AWS_SECRET_ACCESS_KEY}", "cmd": "$(AWS_SECRET_ACCESS_KEY)"}
+    cluster.create(make_run(**{"spec.resume": "/$(AWS_SECRET_ACCESS_KEY)", "spec.recipe.run": {"tags": tags}}))
+    cluster.running()
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    trainer = job["spec"]["template"]["spec"]["containers"][0]
+    command = argv(trainer, {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "NODE_RANK": "0"})
+    assert command[-2:] == ["--resume", "/$(AWS_SECRET_ACCESS_KEY)"] and "s3cr3t" not in " ".join(command)
+    recipe = cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")["data"]["recipe.yaml"]
+    assert recipe.startswith(contract.RENDERED_MARKER) and "$(AWS_SECRET_ACCESS_KEY)" in recipe

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -9,26 +10,41 @@ from typing import Any
 
 import pytest
 
+from wmtp import contract
 from wmtp.checkpoint import step_dir_name
 from wmtp_operator import render
-from wmtp_operator.reconcile import Create, Delete, Observed, PatchSpec, Plan, reconcile
+from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused, refused
+from wmtp_operator.reconcile import reconcile
+from wmtp_operator.state import STATE_ANNOTATION, State
 
 NOW = "2026-01-02T03:04:05Z"
 BEFORE = "2026-01-01T00:00:00Z"
+JUST_NOW = "2026-01-02T03:04:00Z"  # 5 s before NOW
+UID = "0d2c1b7e-run-uid"
 CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1000)}"
+LATER_CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1200)}"
 
 
-def job(attempt: int, condition: str | None = None, deleting: bool = False) -> dict[str, Any]:
-    meta: dict[str, Any] = {"name": f"tiny-rho1-a{attempt}", "labels": {render.ATTEMPT_LABEL: str(attempt)}}
+def _meta(name: str, attempt: int, uid: str = UID, **extra: Any) -> dict[str, Any]:
+    labels = {render.ATTEMPT_LABEL: str(attempt), render.RUN_UID_LABEL: uid}
+    return {"name": name, "uid": f"uid-{name}", "labels": labels, "creationTimestamp": BEFORE, **extra}
+
+
+def job(
+    attempt: int, condition: str | None = None, deleting: bool = False, uid: str = UID, created: str = JUST_NOW
+) -> dict:
+    meta = _meta(f"tiny-rho1-a{attempt}", attempt, uid, creationTimestamp=created)
+    meta["ownerReferences"] = [{"kind": "WMTPRun", "uid": uid, "controller": True}]
     if deleting:
         meta["deletionTimestamp"] = BEFORE
     conditions = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}] if condition else []
-    return {"metadata": meta, "status": {"conditions": conditions}}
+    return {"metadata": meta, "spec": {"completions": 2}, "status": {"conditions": conditions}}
 
 
-def pod(attempt: int, index: int, phase: str = "Running", **status: Any) -> dict[str, Any]:
-    deleting = status.pop("deleting", False)
-    meta: dict[str, Any] = {"name": f"tiny-rho1-a{attempt}-{index}-x", "labels": {render.ATTEMPT_LABEL: str(attempt)}}
+def pod(
+    attempt: int, index: int, phase: str = "Running", deleting: bool = False, uid: str = UID, **status: Any
+) -> dict:
+    meta = _meta(f"tiny-rho1-a{attempt}-{index}-x", attempt, uid)
     if deleting:
         meta["deletionTimestamp"] = BEFORE
     return {"metadata": meta, "status": {"phase": phase, **status}}
@@ -37,97 +53,231 @@ def pod(attempt: int, index: int, phase: str = "Running", **status: Any) -> dict
 PULLING = {"initContainerStatuses": [{"name": "pull", "state": {"running": {}}}]}
 
 
-def crashed(code: int, reason: str) -> dict[str, Any]:
-    return {"containerStatuses": [{"name": "trainer", "state": {"terminated": {"exitCode": code, "reason": reason}}}]}
+def ended(code: int, reason: str = "Error", message: dict[str, Any] | None = None) -> dict[str, Any]:
+    terminated: dict[str, Any] = {"exitCode": code, "reason": reason}
+    if message is not None:
+        terminated["message"] = json.dumps(message)
+    return {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}
 
 
-def running(attempt: int = 1, restarts: int = 0, phase: str = "Running", **extra: Any) -> dict[str, Any]:
-    return {"phase": phase, "attempt": attempt, "restarts": restarts, "startTime": BEFORE, **extra}
+def waiting(reason: str, message: str = "") -> dict[str, Any]:
+    return {"containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]}
+
+
+def disrupted(reason: str = "PreemptionByScheduler") -> dict[str, Any]:
+    return {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "by x"}]}
+
+
+UNSCHEDULABLE = {
+    "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient gpu"}
+    ]
+}
+PREEMPTED_WORDS = {"reason": contract.STOP_PREEMPTED, "step": 1300, "checkpoint": LATER_CKPT}
+
+
+def state(attempt: int = 1, **extra: Any) -> dict[str, Any]:
+    return {"attempt": attempt, "startTime": BEFORE, **extra}
+
+
+def ending(attempt: int = 1, cause: str = "failure", reason: str = "Error") -> dict[str, Any]:
+    return {"attempt": attempt, "cause": cause, "reason": reason, "message": f"pod tiny-rho1-a{attempt}-1-x {reason}"}
+
+
+def report(attempt: int = 1, step: int = 1200, checkpoint: str | None = CKPT) -> dict[str, Any]:
+    return {"attempt": attempt, "step": step, "loss": 2.25, "latestCheckpoint": checkpoint}
 
 
 @dataclass
 class Case:
     name: str
-    status: dict[str, Any] | None
+    state: dict[str, Any] | None
     jobs: list[dict[str, Any]] = field(default_factory=list)
     pods: list[dict[str, Any]] = field(default_factory=list)
     spec: dict[str, Any] = field(default_factory=dict)
-    phase: str | None = None  # expected; None: unchanged
+    status: dict[str, Any] = field(default_factory=dict)  # what the status says (trainers may write it)
+    phase: str | None = None  # expected
     attempt: int | None = None
     restarts: int | None = None
+    preemptions: int | None = None
     actions: list[str] = field(default_factory=list)
     events: list[str] = field(default_factory=list)
     message: str = ""
+    conditions: dict[str, str] = field(default_factory=dict)  # type → "status reason"
+    now: str = NOW
+    account_missing: str | None = None
+    recipe_text: str | None = None
 
 
-CREATE_A1 = ["create ConfigMap tiny-rho1-config", "create Service tiny-rho1", "create Job tiny-rho1-a1"]
-CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Service tiny-rho1", "create Job tiny-rho1-a2"]
-RESUME = f'patch {{"spec": {{"resumeFrom": "{CKPT}"}}}}'
-FAILED_AT_1200 = {"step": 1200, "latestCheckpoint": CKPT}
+CHILDREN = ["create Service tiny-rho1", "create NetworkPolicy tiny-rho1", "create ServiceAccount tiny-rho1-trainer",
+            "create Role tiny-rho1-trainer", "create RoleBinding tiny-rho1-trainer"]  # fmt: skip
+CREATE_A1 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a1", "patch state"]
+CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Job tiny-rho1-a2", "patch state"]
+RESUME = f"patch resumeFrom={CKPT}"
+AT_1200 = {"checkpoint": CKPT}
+RUNNING = [pod(1, 0), pod(1, 1)]
 
-RESTART = ["Warning Restarting"]
 CASES = [
-    Case("new run creates attempt 1", None, phase="Pending", attempt=1, restarts=0, actions=CREATE_A1,
-         events=["Normal Pending"]),
-    Case("attempt created, no pods yet: nothing to do", running(phase="Pending"), [job(1)]),
-    Case("init containers pulling", running(phase="Pending"), [job(1)], [pod(1, 0, "Pending", **PULLING),
-         pod(1, 1, "Pending", **PULLING)], phase="Pulling", events=["Normal Pulling"], message="2/2 pods pulling"),
-    Case("one pod trains, one still pulls", running(phase="Pulling"), [job(1)],
-         [pod(1, 0), pod(1, 1, "Pending", **PULLING)], phase="Pulling"),
-    Case("all pods running", running(phase="Pulling"), [job(1)], [pod(1, 0), pod(1, 1)], phase="Running",
-         events=["Normal Running"], message="2/2 pods running"),
-    Case("pod of attempt 1 fails at step 1200 with checkpoint_step_00001000 committed",
-         running(**FAILED_AT_1200), [job(1)], [pod(1, 0), pod(1, 1, "Failed", **crashed(1, "Error"))],
-         phase="Restarting", attempt=2, restarts=1, actions=[RESUME, "delete Job tiny-rho1-a1", *CREATE_A2],
-         events=RESTART, message="container trainer Error (exit code 1); restart 1/3 resumes from s3://"),
-    Case("evicted pod", running(**FAILED_AT_1200), [job(1)],
+    # -------------------------------------------------------------- the happy path
+    Case("new run creates attempt 1 with its identity", None, phase="Pending", attempt=1, restarts=0,
+         actions=CREATE_A1, events=["Normal Pending"], conditions={"Applied": "True Created"}),
+    Case("attempt created, no pods yet: nothing to do", state(), [job(1)], status={"phase": "Pending"},
+         phase="Pending"),
+    Case("init containers pulling", state(), [job(1)],
+         [pod(1, 0, "Pending", **PULLING), pod(1, 1, "Pending", **PULLING)],
+         status={"phase": "Pending"}, phase="Pulling", events=["Normal Pulling"], message="2/2 pods pulling"),
+    Case("all pods running", state(), [job(1)], RUNNING, status={"phase": "Pulling"}, phase="Running",
+         events=["Normal Running"], message="2/2 pods running", conditions={"Started": "True Started"}),
+    Case("all pods succeeded", state(), [job(1)], [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], phase="Succeeded",
+         actions=["patch state"], events=["Normal Succeeded"], message="attempt 1 succeeded",
+         conditions={"Succeeded": "True Succeeded", "Progressing": "False Succeeded"}),
+    Case("success with the trainer's warnings: a Warning Event each and the message says so", state(), [job(1)],
+         [pod(1, 0, "Succeeded", **ended(0, "Completed", {"reason": "Succeeded", "warnings": ["registration failed"]})),
+          pod(1, 1, "Succeeded")], phase="Succeeded", actions=["patch state"],
+         events=["Normal Succeeded", "Warning TrainerWarning"], message="succeeded with warnings: registration failed"),
+    Case("Job complete", state(), [job(1, "Complete")], [], phase="Succeeded", actions=["patch state"],
+         events=["Normal Succeeded"]),
+    Case("a finished run is left alone", state(final="Succeeded", message="attempt 1 succeeded"), [], [],
+         status={"phase": "Succeeded"}, phase="Succeeded"),
+    # -------------------------------------------------------------- failures, the fence and restarts
+    Case("pod fails: ending recorded first, then the Job deleted; the next attempt waits for the other pod",
+         state(**AT_1200), [job(1)], [pod(1, 0), pod(1, 1, "Failed", **ended(1))], phase="Restarting", attempt=1,
+         restarts=1, actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="container trainer Error (exit code 1); restart 1/3; waiting for 1 pod(s) of attempt 1 to stop"),
+    Case("the fence holds while a pod of the ended attempt still runs its SIGTERM save",
+         state(ending=ending(), restarts=1, **AT_1200), [], [pod(1, 0, deleting=True), pod(1, 1, "Failed")],
+         status={"phase": "Restarting"}, phase="Restarting", attempt=1, restarts=1, message="waiting for 1 pod(s)"),
+    Case("fence passed: attempt 2 resumes from the accepted checkpoint",
+         state(ending=ending(), restarts=1, **AT_1200), [], [pod(1, 1, "Failed")], status={"phase": "Restarting"},
+         phase="Restarting", attempt=2, restarts=1, actions=[RESUME, *CREATE_A2], events=["Warning Restarting"],
+         message=f"attempt 2 resumes from {CKPT}"),
+    Case("pod and Job gone at once: ended and restarted in one pass", state(**AT_1200), [], [], phase="Restarting",
+         attempt=2, restarts=1, actions=["patch state", RESUME, *CREATE_A2], events=["Warning Restarting"],
+         message="Job tiny-rho1-a1 was deleted"),
+    Case("pod deleted by hand is a failure", state(), [job(1)], [pod(1, 0, deleting=True), pod(1, 1)],
+         phase="Restarting", restarts=1, preemptions=0, actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Warning Restarting"], message="was deleted"),
+    Case("Job failed, no checkpoint accepted yet", state(), [job(1, "Failed")], RUNNING, phase="Restarting",
+         restarts=1, actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="BackoffLimitExceeded"),
+    Case("backoff exhausted: Failed, the Job kept for its logs", state(restarts=3), [job(1)],
+         [pod(1, 0), pod(1, 1, "Failed", **ended(137, "OOMKilled"))], phase="Failed", restarts=3,
+         actions=["patch state"], events=["Warning Failed"],
+         message="container trainer OOMKilled (exit code 137); backoffLimit 3 reached",
+         conditions={"Failed": "True Failed"}),
+    Case("backoffLimit 0 fails at once", state(), [job(1)], [pod(1, 0, "Failed")], spec={"backoffLimit": 0},
+         phase="Failed", restarts=0, actions=["patch state"], events=["Warning Failed"], message="failed"),
+    Case("Restarting lasts until the new attempt's pods show up", state(2, restarts=1, previous=ending()), [job(2)],
+         [], status={"phase": "Restarting"}, phase="Restarting", message="attempt 2 created after attempt 1 failed"),
+    Case("Restarting ends when the new attempt runs", state(2, restarts=1, previous=ending()), [job(2)],
+         [pod(2, 0), pod(2, 1)], status={"phase": "Restarting"}, phase="Running", events=["Normal Running"]),
+    Case("a leftover Job of an earlier attempt is deleted; its failed pods are ignored", state(2, restarts=1),
+         [job(1), job(2)], [pod(1, 0, "Failed"), pod(2, 0), pod(2, 1)], status={"phase": "Running"},
+         phase="Running", actions=["delete Job tiny-rho1-a1"]),
+    Case("operator killed after creating attempt 2 but before recording it: the Job says so",
+         state(ending=ending(), restarts=1, **AT_1200), [job(2)], [], status={"phase": "Restarting"},
+         phase="Restarting", attempt=2, restarts=1, actions=["patch state"], events=["Warning Restarting"]),
+    # -------------------------------------------------------------- preemption
+    Case("evicted by the kubelet: a preemption, not a restart", state(restarts=3, **AT_1200), [job(1)],
          [pod(1, 0, "Failed", reason="Evicted", message="low on memory"), pod(1, 1)], phase="Restarting",
-         attempt=2, restarts=1, actions=[RESUME, "delete Job tiny-rho1-a1", *CREATE_A2], events=RESTART,
-         message="Evicted: low on memory"),
-    Case("pod deleted", running(**FAILED_AT_1200), [job(1)], [pod(1, 0, deleting=True), pod(1, 1)],
-         phase="Restarting", attempt=2, actions=[RESUME, "delete Job tiny-rho1-a1", *CREATE_A2], events=RESTART,
-         message="was deleted"),
-    Case("pod disrupted (preempted)", running(), [job(1)],
-         [pod(1, 0, conditions=[{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler"}])],
-         phase="Restarting", attempt=2, actions=["delete Job tiny-rho1-a1", *CREATE_A2], events=RESTART,
-         message="PreemptionByScheduler"),
-    Case("Job failed, no checkpoint reported yet: resume as specified", running(), [job(1, "Failed")],
-         [pod(1, 0), pod(1, 1)], phase="Restarting", attempt=2, restarts=1,
-         actions=["delete Job tiny-rho1-a1", *CREATE_A2], events=RESTART,
-         message="BackoffLimitExceeded; restart 1/3 resumes from auto"),
-    Case("Job already deleted", running(**FAILED_AT_1200), [], [pod(1, 0), pod(1, 1)], phase="Restarting",
-         attempt=2, restarts=1, actions=[RESUME, *CREATE_A2], events=RESTART, message="Job tiny-rho1-a1 was deleted"),
-    Case("Job being deleted", running(**FAILED_AT_1200), [job(1, deleting=True)], [pod(1, 0), pod(1, 1)],
-         phase="Restarting", attempt=2, actions=[RESUME, *CREATE_A2], events=RESTART),
-    Case("backoff exhausted: Failed with the pod's reason, the failed Job kept for its logs",
-         running(attempt=4, restarts=3), [job(4)], [pod(4, 0), pod(4, 1, "Failed", **crashed(137, "OOMKilled"))],
-         phase="Failed", attempt=4, restarts=3, events=["Warning Failed"],
-         message="container trainer OOMKilled (exit code 137); backoffLimit 3 reached"),
-    Case("backoffLimit 0 fails at once", running(), [job(1)], [pod(1, 0, "Failed")], spec={"backoffLimit": 0},
-         phase="Failed", restarts=0, events=["Warning Failed"], message="pod tiny-rho1-a1-0-x failed"),
-    Case("all pods succeeded", running(), [job(1)], [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")],
-         phase="Succeeded", events=["Normal Succeeded"], message="attempt 1 succeeded"),
-    Case("Job complete", running(), [job(1, "Complete")], [], phase="Succeeded", events=["Normal Succeeded"]),
-    Case("a finished run is left alone", running(phase="Succeeded"), [], []),
-    Case("suspend deletes the attempt and keeps the rest", running(), [job(1)], [pod(1, 0), pod(1, 1)],
-         spec={"suspend": True}, phase="Suspended", actions=["delete Job tiny-rho1-a1"], events=["Normal Suspended"]),
-    Case("suspended run with its Job gone stays put", running(phase="Suspended"), [], [pod(1, 0, deleting=True)],
-         spec={"suspend": True}),
-    Case("unsuspend resumes from the latest checkpoint as a new attempt, not a restart",
-         running(phase="Suspended", **FAILED_AT_1200), [], [], phase="Pending", attempt=2, restarts=0,
-         actions=[RESUME, *CREATE_A2], events=["Normal Pending"]),
-    Case("Restarting lasts until the new attempt's pods show up", running(2, 1, "Restarting"), [job(2)], []),
-    Case("an attempt that fails while still Restarting restarts again, with its own event",
-         running(2, 1, "Restarting"), [job(2)], [pod(2, 0, "Failed")], phase="Restarting", attempt=3, restarts=2,
-         actions=["delete Job tiny-rho1-a2", "create ConfigMap tiny-rho1-config", "create Service tiny-rho1",
-                  "create Job tiny-rho1-a3"], events=RESTART, message="attempt 2 failed"),
-    Case("Restarting ends when the new attempt runs", running(2, 1, "Restarting"), [job(2)], [pod(2, 0), pod(2, 1)],
-         phase="Running", events=["Normal Running"]),
-    Case("a leftover Job of an earlier attempt is deleted; its failed pods are ignored", running(2, 1),
-         [job(1), job(2)], [pod(1, 0, "Failed"), pod(2, 0), pod(2, 1)], actions=["delete Job tiny-rho1-a1"]),
-    Case("operator restarted after creating attempt 2 but before saving the status: redo, same result",
-         running(**FAILED_AT_1200), [job(2)], [pod(1, 0, "Failed"), pod(1, 1)], phase="Restarting", attempt=2,
-         restarts=1, actions=[RESUME, *CREATE_A2], events=RESTART),
+         restarts=3, preemptions=1, actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="Evicted: low on memory; preemption 1 (not counted as a restart)"),
+    Case("DisruptionTarget (the scheduler's preemption)", state(), [job(1)], [pod(1, 0, **disrupted()), pod(1, 1)],
+         phase="Restarting", restarts=0, preemptions=1, actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Warning Restarting"], message="PreemptionByScheduler"),
+    Case("the trainer's SIGTERM save (exit 75) is a preemption; its last words name a checkpoint", state(), [job(1)],
+         [pod(1, 0, "Failed", **ended(75, "Error", PREEMPTED_WORDS)), pod(1, 1)], phase="Restarting", restarts=0,
+         preemptions=1, actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="preempted"),
+    Case("a crash explains the SIGTERM saves of the pods the Job controller then stopped", state(), [job(1)],
+         [pod(1, 0, "Failed", deleting=True, **ended(75, "Error", PREEMPTED_WORDS)), pod(1, 1, "Failed", **ended(1))],
+         phase="Restarting", restarts=1, preemptions=0,
+         actions=["patch state", "delete Job tiny-rho1-a1", RESUME.replace(CKPT, LATER_CKPT), *CREATE_A2],
+         events=["Warning Restarting"], message="tiny-rho1-a1-1-x container trainer Error (exit code 1)"),
+    Case("a failure turns out to be a preemption while its pods stop: the counts move",
+         state(ending=ending(), restarts=1), [], [pod(1, 0, deleting=True, **disrupted("EvictionByEvictionAPI"))],
+         status={"phase": "Restarting"}, phase="Restarting", restarts=0, preemptions=1, actions=["patch state"]),
+    Case("the operator's own teardown (exit 75 after its delete) does not make a failure a preemption",
+         state(ending=ending(), restarts=1), [], [pod(1, 0, "Failed", deleting=True, **ended(75, "Error"))],
+         status={"phase": "Restarting"}, phase="Restarting", restarts=1, preemptions=0,
+         actions=CREATE_A2, events=["Warning Restarting"]),
+    # -------------------------------------------------------------- start-up
+    Case("image pull back-off: reason in the message, a condition and a Warning Event", state(), [job(1)],
+         [pod(1, 0, "Pending", **waiting("ImagePullBackOff", 'Back-off pulling image "x"')), pod(1, 1, "Pending")],
+         status={"phase": "Pending"}, phase="Pending", events=["Warning ImagePullBackOff"],
+         conditions={"Started": "False ImagePullBackOff"},
+         message='0/2 pods running; pod tiny-rho1-a1-0-x: ImagePullBackOff: container trainer: Back-off pulling'),
+    Case("pods not started within startupTimeout: the attempt fails with the last reason", state(),
+         [job(1, created=BEFORE)],
+         [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off")), pod(1, 1, "Pending")], phase="Restarting",
+         restarts=1, actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Warning Restarting", "Warning ImagePullBackOff"],
+         message="pods did not start within startupTimeout (1800s): pod tiny-rho1-a1-0-x: ImagePullBackOff"),
+    Case("an invalid image name fails the run at once, without a restart", state(), [job(1, created=JUST_NOW)],
+         [pod(1, 0, "Pending", **waiting("InvalidImageName", "bad"))], phase="Failed", restarts=0,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Failed", "Warning InvalidImageName"],
+         message="no retry fixes this"),
+    Case("a missing Secret within the grace period: waiting, visible", state(), [job(1, created=JUST_NOW)],
+         [pod(1, 0, "Pending", **waiting("CreateContainerConfigError", 'secret "s3" not found'))],
+         status={"phase": "Pending"}, phase="Pending", events=["Warning CreateContainerConfigError"],
+         conditions={"Started": "False CreateContainerConfigError"}),
+    Case("a missing Secret past the grace period fails the run", state(), [job(1, created="2026-01-02T03:00:00Z")],
+         [pod(1, 0, "Pending", **waiting("CreateContainerConfigError", 'secret "s3" not found'))], phase="Failed",
+         restarts=0, actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Warning Failed", "Warning CreateContainerConfigError"],
+         message='secret "s3" not found; still missing after 120s'),
+    Case("a missing ServiceAccount past the grace period fails the run", state(),
+         [job(1, created="2026-01-02T03:00:00Z")],
+         [], spec={"serviceAccountName": "irsa"}, account_missing="irsa", phase="Failed",
+         actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Warning Failed", "Warning ServiceAccountNotFound"],
+         message="'irsa' not found"),
+    Case("unschedulable: the scheduler's message", state(), [job(1, created=JUST_NOW)],
+         [pod(1, 0, "Pending", **UNSCHEDULABLE), pod(1, 1, "Pending", **UNSCHEDULABLE)], status={"phase": "Pending"},
+         phase="Pending", events=["Warning Unschedulable"], conditions={"Started": "False Unschedulable"},
+         message="pod tiny-rho1-a1-0-x: Unschedulable: 0/3 nodes: Insufficient gpu"),
+    # -------------------------------------------------------------- suspend
+    Case("suspend ends the attempt without counting it", state(), [job(1)], RUNNING, spec={"suspend": True},
+         phase="Suspended", restarts=0, actions=["patch state", "delete Job tiny-rho1-a1"],
+         events=["Normal Suspended"]),
+    Case("suspended run with its pods gone stays put", state(ending=ending(cause="suspend")), [], [],
+         spec={"suspend": True}, status={"phase": "Suspended"}, phase="Suspended"),
+    Case("unsuspend resumes from the accepted checkpoint as a new attempt, not a restart",
+         state(ending=ending(cause="suspend"), **AT_1200), [], [], status={"phase": "Suspended"}, phase="Pending",
+         attempt=2, restarts=0, actions=[RESUME, *CREATE_A2], events=["Normal Pending"]),
+    # -------------------------------------------------------------- reports and trust
+    Case("the current attempt's report is copied into the status", state(), [job(1)], RUNNING,
+         status={"phase": "Running", "report": report()}, phase="Running", actions=["patch state"]),
+    Case("a report of an older attempt changes nothing", state(2, restarts=1), [job(2)], [pod(2, 0), pod(2, 1)],
+         status={"phase": "Running", "report": report(attempt=1)}, phase="Running"),
+    Case("a checkpoint outside the run's root is refused with a Warning", state(), [job(1)], RUNNING,
+         status={"phase": "Running", "report": report(checkpoint="s3://evil/tiny-rho1/checkpoint_step_00000001")},
+         phase="Running", actions=["patch state"], events=["Warning CheckpointRejected"]),
+    Case("a trainer writing phase Succeeded ends nothing: the status is rewritten", state(), [job(1)], RUNNING,
+         status={"phase": "Succeeded", "restarts": 0}, phase="Running", events=["Normal Running"]),
+    # -------------------------------------------------------------- ownership and refusals
+    Case("a namesake's Job still being deleted: wait, never touch it", None, [job(1, uid="old-uid", deleting=True)],
+         [pod(1, 0, uid="old-uid")], phase="Pending", attempt=0, events=["Normal Pending", "Warning Conflict"],
+         conditions={"Applied": "False Conflict"}, message="objects of an earlier WMTPRun named tiny-rho1"),
+    Case("a refused child is not retried before its backoff", state(0, refused={"generation": 1, "count": 2,
+         "at": JUST_NOW, "reason": "Invalid", "message": "the API server refused Job x (422 Invalid): no"}), [], [],
+         status={"phase": "Pending"}, phase="Pending", attempt=0, message="retrying in 55s"),
+    Case("a refused child is retried once the spec changed", state(0, refused={"generation": 0, "count": 5,
+         "at": JUST_NOW, "reason": "Invalid", "message": "refused"}), [], [], phase="Pending", attempt=1,
+         actions=CREATE_A1, events=["Normal Pending"]),
+    # -------------------------------------------------------------- edits
+    Case("an operational edit applies from the next attempt and the status says so", state(applied={"image": "old"}),
+         [job(1)], RUNNING, status={"phase": "Running"}, phase="Running",
+         conditions={"SpecApplied": "False NextAttempt"}),
+    Case("a recipeRef ConfigMap edited into garbage mid-run: Valid=False, and the failure is still handled",
+         state(), [job(1)], [pod(1, 0, "Failed", **ended(1)), pod(1, 1)],
+         spec={"recipe": None, "recipeRef": {"name": "r"}}, recipe_text="a: [", phase="Restarting", restarts=1,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting", "Warning InvalidSpec"],
+         conditions={"Valid": "False InvalidSpec"}, message="not valid YAML"),
+    Case("...and the next attempt keeps the ConfigMap the last valid recipe rendered",
+         state(ending=ending(), restarts=1), [], [], spec={"recipe": None, "recipeRef": {"name": "r"}},
+         recipe_text="a: [", status={"phase": "Restarting"}, phase="Restarting", attempt=2,
+         actions=CREATE_A2[1:], events=["Warning Restarting", "Warning InvalidSpec"]),
 ]  # fmt: skip
 
 
@@ -136,82 +286,156 @@ def _summary(action: Any) -> str:
         return f"create {action.obj['kind']} {action.obj['metadata']['name']}"
     if isinstance(action, Delete):
         return f"delete {action.kind} {action.name}"
-    assert isinstance(action, PatchSpec)
-    return f"patch {json.dumps(action.patch)}"
+    assert isinstance(action, PatchRun)
+    if action.state is not None:
+        return "patch state"
+    return f"patch resumeFrom={action.patch['spec']['resumeFrom']}"
 
 
 def _body(make_run: Callable[..., dict[str, Any]], case: Case) -> dict[str, Any]:
     body = make_run(**{f"spec.{key}": value for key, value in case.spec.items()})
-    if case.status is not None:
-        body["status"] = case.status
+    if case.state is not None:
+        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(case.state)}
+    # What the operator wrote last time: the attempt it recorded, unless the case says otherwise.
+    body["status"] = (
+        {"attempt": case.state.get("attempt", 0), **case.status} if case.state else copy.deepcopy(case.status)
+    )
     return body
+
+
+def _observed(case: Case) -> Observed:
+    return Observed(copy.deepcopy(case.jobs), copy.deepcopy(case.pods), case.recipe_text, case.account_missing)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None:
     body = _body(make_run, case)
-    plan = reconcile(body, Observed(case.jobs, case.pods), NOW)
-    old = body.get("status") or {}
-    new = {**old, **plan.status}
+    plan = reconcile(body, _observed(case), case.now)
+    new = {**body["status"], **plan.status}
     assert [_summary(a) for a in plan.actions] == case.actions
     assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
-    assert new.get("phase") == (case.phase or old.get("phase"))
-    if case.attempt is not None:
-        assert new["attempt"] == case.attempt
-    if case.restarts is not None:
-        assert new["restarts"] == case.restarts
-    assert case.message in new.get("message", "")
-    if case.phase is None and not case.actions:
-        assert set(plan.status) <= {"message", "conditions", "observedGeneration", "maxSteps", "resumeFrom"}
+    assert new.get("phase") == case.phase
+    for key in ("attempt", "restarts", "preemptions"):
+        if getattr(case, key) is not None:
+            assert new[key] == getattr(case, key), key
+    assert case.message in new.get("message", ""), new.get("message")
+    conditions = {c["type"]: f"{c['status']} {c['reason']}" for c in new.get("conditions", [])}
+    assert case.conditions.items() <= conditions.items(), conditions
 
 
 def _job_of(plan: Plan) -> dict[str, Any]:
     return next(a.obj for a in plan.actions if isinstance(a, Create) and a.obj["kind"] == "Job")
 
 
-def test_the_next_attempt_resumes_from_the_patched_checkpoint(make_run: Callable[..., dict[str, Any]]) -> None:
-    body = make_run()
-    body["status"] = running(**FAILED_AT_1200)
-    plan = reconcile(body, Observed([job(1)], [pod(1, 0, "Failed")]), NOW)
+def _state_of(plan: Plan) -> State:
+    written = [a.state for a in plan.actions if isinstance(a, PatchRun) and a.state is not None]
+    return written[-1]
+
+
+def test_the_next_attempt_resumes_from_the_accepted_checkpoint_with_fallback(make_run: Callable[..., Any]) -> None:
+    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state(ending=ending(), **AT_1200))}})
+    plan = reconcile(body, Observed(), NOW)
     args = _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-2:] == ["--resume", CKPT]
-    assert plan.status["resumeFrom"] == CKPT
+    assert args[-3:] == ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]
+    assert plan.status["resumeFrom"] == CKPT and _state_of(plan).resume_from == CKPT
+    env = {e["name"]: e.get("value") for e in _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env[contract.ENV_ATTEMPT] == "2"
 
 
-def test_status_fields_the_trainer_owns_are_never_written(make_run: Callable[..., dict[str, Any]]) -> None:
+def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callable[..., Any]) -> None:
+    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state(ending=ending(), **AT_1200))}})
+    first = reconcile(body, Observed(), NOW)
+    body, observed = _apply(body, Observed(), first)
+    body["metadata"]["generation"] += 1  # the API server bumps it for the resumeFrom patch
+    again = reconcile(body, Observed(observed.jobs, [pod(2, 0), pod(2, 1)]), NOW)
+    conditions = {c["type"]: c for c in again.status["conditions"]}
+    assert conditions["SpecApplied"]["status"] == "True"
+    assert again.status["observedGeneration"] == body["metadata"]["generation"]
+
+
+def test_a_report_is_copied_and_its_checkpoint_kept_where_trainers_cannot_write(make_run: Callable[..., Any]) -> None:
+    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
+    body["status"] = {"phase": "Running", "report": report()}
+    plan = reconcile(body, Observed([job(1)], RUNNING), NOW)
+    assert {key: plan.status[key] for key in ("step", "loss", "latestCheckpoint", "progress")} == {
+        "step": 1200, "loss": 2.25, "latestCheckpoint": CKPT, "progress": "1200/60"
+    }  # fmt: skip
+    assert _state_of(plan).checkpoint == CKPT
+    # A trainer rewriting latestCheckpoint (or anything else) changes nothing the operator decides on.
+    body["metadata"]["annotations"] = {STATE_ANNOTATION: _state_of(plan).dump()}
+    body["status"] = {**body["status"], **plan.status, "latestCheckpoint": "s3://evil/x", "restarts": 99}
+    again = reconcile(body, Observed([job(1)], RUNNING), NOW)
+    assert again.status["latestCheckpoint"] == CKPT and again.status["restarts"] == 0
+
+
+def test_a_tampered_status_never_breaks_a_pass(make_run: Callable[..., Any]) -> None:
+    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
+    body["status"] = {
+        "phase": 3,
+        "conditions": "x",
+        "report": {"attempt": "1", "step": [1]},
+        "step": "many",
+        "loss": {},
+    }
+    plan = reconcile(body, Observed([job(1)], RUNNING), NOW)
+    assert plan.status["phase"] == "Running" and plan.status["step"] is None and plan.status["loss"] is None
+
+
+def test_a_refusal_records_a_growing_backoff_and_says_what_the_api_server_said(make_run: Callable[..., Any]) -> None:
     body = make_run()
-    body["status"] = running(**FAILED_AT_1200, loss=1.5)
-    plan = reconcile(body, Observed([job(1)], [pod(1, 0, "Failed")]), NOW)
-    assert not {"step", "loss", "latestCheckpoint"} & set(plan.status)
+    refusal = Refused("Job", "tiny-rho1-a1", 422, "Invalid", 'Job.batch "tiny-rho1-a1" is invalid: ' + "x" * 5000)
+    plan = refused(body, refusal, State(), NOW)
+    assert plan.requeue_after == 30 and [e.reason for e in plan.events] == ["Refused"]
+    assert plan.status["message"].startswith("the API server refused Job tiny-rho1-a1 (422 Invalid): Job.batch")
+    assert len(plan.status["message"]) <= 400
+    condition = next(c for c in plan.status["conditions"] if c["type"] == "Applied")
+    assert (condition["status"], condition["reason"]) == ("False", "Refused")
+    recorded = _state_of(plan)
+    again = refused({**body, "status": plan.status}, refusal, recorded, NOW)
+    assert again.requeue_after == 60 and again.events == []  # the same refusal is one Event, not one per retry
+
+
+def test_credentials_in_a_uri_never_reach_the_status(make_run: Callable[..., Any]) -> None:
+    body = make_run(
+        **{"spec.mlflow": {"trackingUri": "https://user:hunter2@mlflow.example"}, "spec.recipe.optim": {"lr": -1}}
+    )
+    body["spec"]["resume"] = "s3://user:hunter2@b/c"
+    plan = reconcile(body, Observed(), NOW)
+    assert "hunter2" not in json.dumps(plan.status) + json.dumps([e.message for e in plan.events])
 
 
 def _apply(body: dict[str, Any], observed: Observed, plan: Plan) -> tuple[dict[str, Any], Observed]:
     """What the cluster looks like after the plan is applied (created Jobs exist, deleted ones are gone)."""
-    body = {**body, "status": {**(body.get("status") or {}), **plan.status}}
+    body = copy.deepcopy(body)
+    body["status"] = {**(body.get("status") or {}), **plan.status}
     jobs = {j["metadata"]["name"]: j for j in observed.jobs}
     for action in plan.actions:
-        if isinstance(action, PatchSpec):
+        if isinstance(action, PatchRun) and action.state is not None:
+            body["metadata"]["annotations"] = {STATE_ANNOTATION: action.state.dump()}
+        elif isinstance(action, PatchRun):
             body["spec"] = {**body["spec"], **action.patch["spec"]}
         elif isinstance(action, Delete):
             jobs.pop(action.name, None)
         elif action.obj["kind"] == "Job":
-            jobs[action.obj["metadata"]["name"]] = action.obj
-    return body, Observed(list(jobs.values()), observed.pods)
+            created = copy.deepcopy(action.obj)
+            created["metadata"]["creationTimestamp"] = NOW
+            jobs[created["metadata"]["name"]] = created
+    return body, Observed(list(jobs.values()), observed.pods, observed.recipe_text, observed.account_missing)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.actions], ids=[c.name for c in CASES if c.actions])
 def test_reconciling_again_after_applying_changes_nothing(case: Case, make_run: Callable[..., Any]) -> None:
-    body, observed = _body(make_run, case), Observed(case.jobs, case.pods)
-    body, observed = _apply(body, observed, reconcile(body, observed, NOW))
-    again = reconcile(body, observed, "2026-01-02T03:05:00Z")
-    assert (again.actions, again.events) == ([], [])
+    body, observed = _body(make_run, case), _observed(case)
+    body, observed = _apply(body, observed, reconcile(body, observed, case.now))
+    again = reconcile(body, observed, "2026-01-02T03:04:06Z")
+    assert ([_summary(a) for a in again.actions], again.events) == ([], [])
     assert set(again.status) <= {"message", "conditions"}  # progress wording only; no new transition
 
 
 def test_conditions_keep_their_transition_time_while_their_status_holds(make_run: Callable[..., Any]) -> None:
-    body = make_run()
-    body["status"] = running(phase="Pulling")
-    first = reconcile(body, Observed([job(1)], [pod(1, 0), pod(1, 1)]), NOW)
+    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
+    body["status"] = {"phase": "Pulling"}
+    first = reconcile(body, Observed([job(1)], RUNNING), NOW)
     body["status"] = {**body["status"], **first.status}
     later = reconcile(
         body, Observed([job(1)], [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")]), "2026-01-03T00:00:00Z"
@@ -225,6 +449,7 @@ def test_conditions_keep_their_transition_time_while_their_status_holds(make_run
         "reason": "Succeeded",
         "message": "attempt 1 succeeded",
         "lastTransitionTime": "2026-01-03T00:00:00Z",
+        "observedGeneration": 1,
     }
     assert later.status["completionTime"] == "2026-01-03T00:00:00Z"
 
@@ -234,6 +459,7 @@ def test_conditions_keep_their_transition_time_while_their_status_holds(make_run
     [
         ({"spec.recipe.optim": {"lr": -1}}, "optim.lr: Input should be greater than 0"),
         ({"spec.nodes": "x"}, "spec.nodes: Input should be a valid integer"),
+        ({"spec.datasets": {"../up": "s3://b/x.jsonl"}}, "spec.datasets.../up.[key]: String should match pattern"),
         (
             {"spec.recipe.checkpointing": {"checkpoint_path": "/var/tmp/ckpt"}},
             "checkpointing.checkpoint_path conflicts with spec.checkpoints.basePath; the WMTPRun owns where its "
@@ -250,6 +476,7 @@ def test_invalid_input_sets_valid_false_creates_nothing_and_warns_once(
     assert plan.actions == []
     assert (valid["status"], valid["reason"]) == ("False", "InvalidSpec") and message in valid["message"]
     assert plan.status["phase"] == "Pending" and message in plan.status["message"]
-    assert [(e.type, e.reason) for e in plan.events] == [("Warning", "InvalidSpec")]
+    assert [(e.type, e.reason) for e in plan.events] == [("Normal", "Pending"), ("Warning", "InvalidSpec")]
     body["status"] = plan.status
-    assert reconcile(body, Observed(), NOW) == Plan()
+    again = reconcile(body, Observed(), NOW)
+    assert (again.actions, again.events, again.status) == ([], [], {})

@@ -11,12 +11,16 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from wmtp.config import ConfigError, parse_config, parse_recipe
+from support.kubelet import argv, expand, restricted_violations
+from wmtp import contract
+from wmtp.config import ConfigError, load_config, parse_config, parse_recipe, read_document
 from wmtp_operator import render
 from wmtp_operator.spec import Defaults, Run
 
 GOLDEN = Path(__file__).parent / "golden"
+ROOT = Path(__file__).resolve().parents[2]
 GPU_RECIPE = """\
 train: {algo: critic-wmtp, max_steps: 20000, grad_accum: 4}
 data:
@@ -128,8 +132,11 @@ def test_attempt_job_runs_torchrun_across_all_pods_with_rank_from_the_completion
     )
     assert pod["restartPolicy"] == "Never" and pod["subdomain"] == "tiny-rho1"
     trainer = pod["containers"][0]
+    assert trainer["command"] == list(contract.LAUNCH_COMMAND)
     args = trainer["args"]
-    assert args[:5] == [
+    # the launcher's grace is a little below the pod's, so that it can still write its last words
+    assert args[:3] == ["--grace-seconds", "270", "--"] and pod["terminationGracePeriodSeconds"] == 300
+    assert args[3:8] == [
         "--nnodes=3",
         "--nproc-per-node=2",
         "--node-rank=$(NODE_RANK)",
@@ -143,19 +150,22 @@ def test_attempt_job_runs_torchrun_across_all_pods_with_rank_from_the_completion
 
 
 @pytest.mark.parametrize(
-    ("overrides", "resume"),
+    ("overrides", "tail"),
     [
-        ({}, "auto"),
-        ({"spec.resume": "never"}, "never"),
+        ({}, ["--resume", "auto"]),
+        ({"spec.resume": "never"}, ["--resume", "never"]),
+        ({"spec.resume": "s3://b/c/tiny-rho1/checkpoint_step_00000500"},
+         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00000500"]),
+        # the operator's choice may fall back to the newest intact checkpoint; the user's never does
         ({"spec.resume": "step_500", "spec.resumeFrom": "s3://b/c/tiny-rho1/checkpoint_step_00001000"},
-         "s3://b/c/tiny-rho1/checkpoint_step_00001000"),
+         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00001000", contract.RESUME_FALLBACK_FLAG]),
     ],
 )  # fmt: skip
-def test_trainer_resumes_from_resume_from_else_resume(
-    overrides: dict[str, Any], resume: str, make_run: Callable[..., dict[str, Any]]
+def test_trainer_resumes_from_resume_from_with_fallback_else_from_resume(
+    overrides: dict[str, Any], tail: list[str], make_run: Callable[..., dict[str, Any]]
 ) -> None:
     args = _job(make_run(**overrides))["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-2:] == ["--resume", resume]
+    assert args[-len(tail) :] == tail and args[-len(tail) - 1] != "--resume"
 
 
 def test_s3_credentials_come_from_the_named_secret_and_never_appear_in_the_spec(
@@ -174,13 +184,18 @@ def test_s3_credentials_come_from_the_named_secret_and_never_appear_in_the_spec(
 def test_operator_defaults_fill_only_what_the_run_leaves_unset(make_run: Callable[..., dict[str, Any]]) -> None:
     defaults = Defaults.from_env(
         {"WMTP_DEFAULT_S3_SECRET": "team-s3", "WMTP_DEFAULT_MLFLOW_URI": "http://mlflow:5000",
-         "WMTP_TRAINER_SERVICE_ACCOUNT": "trainer", "WMTP_OPERATOR_STANDALONE": "true"}
+         "WMTP_OPERATOR_STANDALONE": "true"}
     )  # fmt: skip
-    unset = Run.from_body(make_run(**{"spec.s3.credentialsSecret": None, "spec.serviceAccountName": None}), defaults)
-    assert (unset.spec.s3.credentials_secret, unset.spec.service_account_name) == ("team-s3", "trainer")
+    unset = Run.from_body(make_run(**{"spec.s3.credentialsSecret": None}), defaults)
+    assert unset.spec.s3.credentials_secret == "team-s3"
     assert unset.spec.mlflow.tracking_uri == "http://mlflow:5000"
+    env = {
+        e["name"]: e.get("value")
+        for e in render.job(unset, 1, pull=True)["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
     own = Run.from_body(make_run(**{"spec.mlflow": {"trackingUri": "http://own:5000"}}), defaults)
-    assert (own.spec.s3.credentials_secret, own.spec.service_account_name) == ("wmtp-s3", "wmtp-trainer")
+    assert own.spec.s3.credentials_secret == "wmtp-s3"
     assert own.spec.mlflow.tracking_uri == "http://own:5000"
     assert Defaults.from_env({}) == Defaults()
 
@@ -204,7 +219,7 @@ def test_local_models_are_not_pulled_and_a_single_pod_run_is_not_distributed(
 
 def test_gpu_runs_train_in_bf16_on_a_shared_model_claim(make_run: Callable[..., dict[str, Any]]) -> None:
     objects = _rendered(gpu_run(make_run), GPU_RECIPE, 1)
-    claim, job = objects[2], objects[-1]
+    claim, job = next(o for o in objects if o["kind"] == "PersistentVolumeClaim"), objects[-1]
     config = parse_config(yaml.safe_load(objects[0]["data"]["config.yaml"]))
     assert config.devices.mixed_precision == "bf16"
     assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
@@ -234,3 +249,155 @@ def test_invalid_recipes_are_refused_before_anything_is_rendered(
 ) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         render.trainer_files(Run.from_body(make_run(**overrides)), recipe_text)
+
+
+@pytest.mark.parametrize("case", ["tiny-cpu", "gpu-4node"])
+def test_pods_meet_pod_security_restricted_with_a_writable_model_volume(
+    case: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    objects = _rendered(make_run(), None, 1) if case == "tiny-cpu" else _rendered(gpu_run(make_run), GPU_RECIPE, 3)
+    pod = objects[-1]["spec"]["template"]["spec"]
+    assert restricted_violations(pod) == []
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"] != 0
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+
+def test_the_api_token_is_mounted_in_the_trainer_container_alone(make_run: Callable[..., dict[str, Any]]) -> None:
+    pod = _job(make_run())["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == "tiny-rho1-trainer"
+    mounts = {
+        c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        for c in [*pod["initContainers"], *pod["containers"]]
+    }
+    assert mounts["trainer"][contract.SERVICE_ACCOUNT_DIR] == "kube-api-access"
+    assert (
+        contract.SERVICE_ACCOUNT_DIR not in mounts["pull"].values() and "kube-api-access" not in mounts["pull"].values()
+    )
+    token = next(v for v in pod["volumes"] if v["name"] == "kube-api-access")["projected"]["sources"]
+    assert {"serviceAccountToken", "configMap", "downwardAPI"} == {key for source in token for key in source}
+
+
+@pytest.mark.parametrize(
+    ("account", "subject", "objects"),
+    [
+        (None, "tiny-rho1-trainer", ["ServiceAccount", "Role", "RoleBinding"]),
+        ("irsa-s3", "irsa-s3", ["Role", "RoleBinding"]),
+    ],
+)
+def test_each_run_gets_an_identity_that_may_only_patch_its_own_status(
+    account: str | None, subject: str, objects: list[str], make_run: Callable[..., dict[str, Any]]
+) -> None:
+    run = Run.from_body(make_run(**{"spec.serviceAccountName": account}))
+    identity = render.identity(run)
+    assert [o["kind"] for o in identity] == objects
+    role, binding = identity[-2], identity[-1]
+    assert role["rules"] == [
+        {"apiGroups": ["wmtp.io"], "resources": ["wmtpruns/status"], "resourceNames": ["tiny-rho1"], "verbs": ["patch"]}
+    ]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": subject, "namespace": "team-a"}]
+    assert render.job(run, 1, pull=True)["spec"]["template"]["spec"]["serviceAccountName"] == subject
+
+
+SECRET = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "NODE_RANK": "1"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "literal"),
+    [
+        ({"spec.resume": "/$(AWS_SECRET_ACCESS_KEY)"}, "/$(AWS_SECRET_ACCESS_KEY)"),
+        ({"spec.resume": "s3://b/$$(AWS_SECRET_ACCESS_KEY)"}, "s3://b/$$(AWS_SECRET_ACCESS_KEY)"),
+        ({"spec.resumeFrom": "s3://b/$(AWS_SECRET_ACCESS_KEY)$"}, "s3://b/$(AWS_SECRET_ACCESS_KEY)$"),
+    ],
+)
+def test_no_spec_value_is_expanded_by_kubernetes_in_argv(
+    overrides: dict[str, Any], literal: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    trainer = _job(make_run(**overrides))["spec"]["template"]["spec"]["containers"][0]
+    command = argv(trainer, SECRET)
+    assert literal in command and not any("s3cr3t" in part for part in command)
+    assert "--node-rank=1" in command  # the operator's own reference still expands
+
+
+def test_no_spec_value_is_expanded_by_kubernetes_in_env(make_run: Callable[..., dict[str, Any]]) -> None:
+    body = make_run(
+        **{"spec.s3.endpointUrl": "http://$(AWS_SECRET_ACCESS_KEY)", "spec.mlflow.trackingUri": "http://m/$(X)"}
+    )
+    env = _job(body)["spec"]["template"]["spec"]["containers"][0]["env"]
+    values = {e["name"]: expand(e["value"], SECRET) for e in env if "value" in e}
+    assert (
+        values["AWS_ENDPOINT_URL"] == "http://$(AWS_SECRET_ACCESS_KEY)"
+        and values["MLFLOW_TRACKING_URI"] == "http://m/$(X)"
+    )
+
+
+def test_recipe_values_reach_the_trainer_as_data_never_expanded(
+    make_run: Callable[..., dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = make_run(
+        **{"spec.recipe.run": {"tags": {"leak": "${AWS_SECRET_ACCESS_KEY}", "cmd": "$(AWS_SECRET_ACCESS_KEY)"}}}
+    )
+    config_map = _rendered(body, None, 1)[0]
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(config_map["data"]["recipe.yaml"])
+    assert path.read_text().startswith(contract.RENDERED_MARKER)
+    tags = read_document(path)["run"]["tags"]
+    assert tags == {"leak": "${AWS_SECRET_ACCESS_KEY}", "cmd": "$(AWS_SECRET_ACCESS_KEY)"}
+
+
+def test_mlflow_credentials_come_from_a_secret_reference(make_run: Callable[..., dict[str, Any]]) -> None:
+    body = make_run(**{"spec.mlflow": {"trackingUri": "https://mlflow.example", "credentialsSecret": "mlflow-auth"}})
+    env = {e["name"]: e for e in _job(body)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        assert env[key]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-auth", "key": key, "optional": True}
+    config = parse_config(yaml.safe_load(_rendered(body, None, 1)[0]["data"]["config.yaml"]))
+    assert config.mlflow.tracking_uri == "https://mlflow.example"
+
+
+@pytest.mark.parametrize(
+    ("devices", "expected"),
+    [
+        ({}, {"mixed_precision": "no", "timeout_s": 600, "activation_checkpointing": False, "cpu_offload": False}),
+        ({"mixedPrecision": "bf16", "distributed": {"timeoutS": 900, "backend": "nccl"},
+          "fsdp": {"activationCheckpointing": True, "cpuOffload": True}},
+         {"mixed_precision": "bf16", "timeout_s": 900, "activation_checkpointing": True, "cpu_offload": True}),
+    ],
+)  # fmt: skip
+def test_device_settings_reach_the_trainer_config(
+    devices: dict[str, Any], expected: dict[str, Any], make_run: Callable[..., dict[str, Any]]
+) -> None:
+    config = parse_config(
+        yaml.safe_load(_rendered(make_run(**{"spec.devices": devices}), None, 1)[0]["data"]["config.yaml"])
+    )
+    got = config.devices
+    assert {
+        "mixed_precision": got.mixed_precision,
+        "timeout_s": got.distributed.timeout_s,
+        "activation_checkpointing": got.fsdp.activation_checkpointing,
+        "cpu_offload": got.fsdp.cpu_offload,
+    } == expected
+    assert got.distributed.enabled and got.fsdp.enabled  # 2 pods: the operator's decision, not the spec's
+
+
+def test_the_7b_example_uses_the_scale_knobs_of_the_7b_config() -> None:
+    example = next(d for d in yaml.safe_load_all((ROOT / "configs" / "wmtprun-7b.yaml").read_text()) if d)
+    example["metadata"].update(namespace="team-a", uid="u")
+    rendered = render.trainer_files(Run.from_body(example)).config.devices
+    wanted = load_config(ROOT / "configs" / "config.7b.yaml").devices
+    assert rendered.mixed_precision == wanted.mixed_precision
+    assert rendered.fsdp == wanted.fsdp
+    assert (rendered.distributed.timeout_s, rendered.distributed.backend) == (
+        wanted.distributed.timeout_s,
+        wanted.distributed.backend,
+    )
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", ".hidden", "", "x" * 64])
+def test_dataset_names_that_would_leave_the_model_volume_are_refused(
+    name: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    with pytest.raises(ValidationError, match="datasets"):
+        Run.from_body(make_run(**{"spec.datasets": {name: "s3://wmtp/x.jsonl"}}))

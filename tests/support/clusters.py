@@ -1,10 +1,11 @@
 """Where the end-to-end story (tests/e2e/test_story.py) plays: one interface, two clusters.
 
-Test support. `LocalCluster` (`make e2e-local`): the emulator as API server, `support.kubelet` running the pods
-with podman, the operator from its image (`OperatorContainer`), S3 and MLflow on the host. `KindCluster`
-(`make e2e-kind`): a real cluster that tests/e2e/kind.sh has set up (images loaded, chart installed, S3 and MLflow
-inside it), reached with kubectl; containers are stopped and killed through the node's container runtime
-(crictl), as a kubelet would. The story asks both the same things and asserts the same.
+Test support. `LocalCluster` (`make e2e-local`): the emulator as API server, Job controller and garbage
+collector, `support.node` running the pods with podman, the operator from its image (`OperatorContainer`), S3
+and MLflow on the host. `KindCluster` (`make e2e-kind`): a real cluster that tests/e2e/kind.sh has set up
+(images loaded, chart installed, S3 and MLflow inside it), reached with kubectl; containers are stopped and
+killed through the node's container runtime (crictl), as a kubelet would. The story asks both the same things
+and asserts the same.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from support.emulator import Emulator
-from support.kubelet import Kubelet, wait_until
+from support.node import Node, wait_until
 from support.runtime import PodmanRuntime, podman
 from support.secure_api import SecureApi
 from support.waiting import free_port, wait_for
@@ -102,13 +103,18 @@ class OperatorContainer:
 
 
 class LocalCluster:
-    """The emulator with its front door for pods, the test kubelet (podman) and the operator container."""
+    """The emulator (API server, Job controller, GC) with its front door for pods, a node running them with podman,
+    and the operator container."""
 
     def __init__(self, workdir: Path, operator_image: str, namespace: str) -> None:
         self.namespace = namespace
         self.emulator = Emulator()
         self.api = SecureApi(self.emulator, workdir)
-        self.kubelet = Kubelet(self.emulator, PodmanRuntime(), workdir / "pods", namespace, self.api)
+        # What the root CA publisher puts in every namespace: the CA that pods verify the API server with.
+        meta = {"name": "kube-root-ca.crt", "namespace": namespace}
+        root_ca = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"ca.crt": self.api.ca}}
+        self.emulator.create(root_ca)
+        self.node = Node(self.emulator, PodmanRuntime(), workdir / "pods", namespace, self.api)
         self.operator = OperatorContainer(self.emulator, operator_image, workdir / "operator")
 
     def create(self, obj: dict[str, Any]) -> None:
@@ -124,16 +130,16 @@ class LocalCluster:
         return [e["reason"] for e in self.emulator.list("Event", self.namespace) if e["involvedObject"]["name"] == name]
 
     def logs(self, pod: str) -> str:
-        return self.kubelet.logs(pod)
+        return self.node.logs(pod)
 
     def last_status(self, pod: str) -> dict[str, Any]:
-        return self.kubelet.last_status(pod)
+        return self.node.last_status(pod)
 
     def stop_container(self, pod: str) -> None:
-        self.kubelet.stop_container(pod)
+        self.node.stop_container(pod)
 
     def kill_container(self, pod: str) -> None:
-        self.kubelet.kill_container(pod)
+        self.node.kill_container(pod)
 
     def denied(self) -> list[str] | None:
         return self.api.denied
@@ -143,19 +149,19 @@ class LocalCluster:
 
     def wait(self, check: Any, what: str, timeout: float) -> Any:
         try:
-            return wait_until(check, timeout, what, self.kubelet, interval=0.1)
+            return wait_until(check, timeout, what, self.node, interval=0.1)
         except TimeoutError as err:
             raise AssertionError(f"{err}\n{self.diagnosis()}") from err
 
     def diagnosis(self) -> str:
         lines = ["operator log (tail):", self.operator.output()[-4000:]]
-        for pod in self.kubelet.pod_names():
-            lines += [f"pod {pod} trainer log (tail):", self.kubelet.logs(pod)[-3000:]]
+        for pod in self.node.pod_names():
+            lines += [f"pod {pod} trainer log (tail):", self.node.logs(pod)[-3000:]]
         return "\n".join(lines)
 
     def close(self) -> None:
         self.operator.stop()
-        self.kubelet.close()
+        self.node.close()
         self.api.close()
         self.emulator.close()
 

@@ -1,351 +1,89 @@
-"""A Job controller, a kubelet and a garbage collector for the emulator, running pods with a container runtime.
-
-Test support for `make e2e-local`. kmock stores objects and runs nothing; `Kubelet` watches one namespace of the
-emulator and does what a cluster's controllers would (the pure parts are in `support.pods`):
-- each Job gets its pods (completion index annotation, env and hostname), its status follows theirs, and a
-  Failed Job's remaining pods are terminated;
-- each pod is prepared (env resolved, `$(VAR)` expanded, ConfigMap and Secret volumes, the service account's
-  token for `support.secure_api`, /etc/hosts with the names the Service's DNS would give) and started by the
-  runtime; its containers' states, exit codes and termination messages are mirrored into the pod's status;
-- pods whose Job is gone, or that were deleted, get SIGTERM, SIGKILL after their grace period, and go.
-One departure, because the pods share the host's network: each Job's declared container ports are mapped to
-free host ports, and a `--...port=N` argument naming one is rewritten to match (as a Service would route).
-"""
+"""What the kubelet does to a pod spec that matters to tests: `$(VAR)` expansion in command, args and env values,
+and the Pod Security "restricted" profile an admission controller enforces."""
 
 from __future__ import annotations
 
-import base64
-import re
-import signal
-import threading
-import time
-import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
-from support.emulator import Emulator
-from support.pods import (
-    JOB_NAME_LABEL,
-    ConfigurationError,
-    Runnable,
-    job_failed,
-    job_pods,
-    job_status,
-    pod_status,
-    runnable_pod,
-    termination_message,
-)
-from support.runtime import Runtime
-from support.secure_api import SecureApi
-from support.waiting import free_port
 
-DEFAULT_GRACE_S = 30  # terminationGracePeriodSeconds when a pod does not say
-_PORT_ARG = re.compile(r"^(--[\w-]*port=)(\d+)$")
-
-
-@dataclass
-class _Pod:
-    runnable: Runnable
-    directory: Path
-    reported: dict[str, Any] = field(default_factory=dict)
-    messages: dict[str, str] = field(default_factory=dict)
-    terminating: bool = False
-
-
-class Kubelet:
-    """Plays the cluster's controllers for `namespace`, in a background thread, until `close()`."""
-
-    def __init__(
-        self,
-        emulator: Emulator,
-        runtime: Runtime,
-        workdir: Path,
-        namespace: str,
-        api: SecureApi | None = None,
-        interval_s: float = 0.5,
-    ) -> None:
-        self.emulator, self.runtime, self.workdir, self.namespace, self.api = emulator, runtime, workdir, namespace, api
-        self.interval_s = interval_s
-        self.errors: list[str] = []  # tracebacks of failed passes: a test should find none
-        self._reported: dict[str, dict[str, Any]] = {}  # pod name → the last status reported, kept after it goes
-        self._pods: dict[str, _Pod] = {}
-        self._jobs_with_pods: set[str] = set()  # Job uids whose pods exist: created once, never again
-        self._ports: dict[str, dict[int, int]] = {}  # Job uid → container port → host port
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="kubelet", daemon=True)
-        self._thread.start()
-
-    # ------------------------------------------------------------------------- what a test does to a pod
-
-    def stop_container(self, pod: str, container: str = "trainer", grace_s: float | None = None) -> threading.Thread:
-        """SIGTERM to the container, SIGKILL if still up after the grace period (the pod's, unless given): what a
-        kubelet does when the container must go (preemption, node shutdown). Returns the thread doing it."""
-        record = self._record(pod)
-        grace = grace_s if grace_s is not None else self._grace(record)
-        thread = threading.Thread(
-            target=self.runtime.signal, args=(record.runnable.manifest, container, signal.SIGTERM, grace), daemon=True
-        )
-        thread.start()
-        return thread
-
-    def kill_container(self, pod: str, container: str = "trainer") -> None:
-        """SIGKILL: the container dies at once, as when its process is OOM-killed or its node fails."""
-        self.runtime.signal(self._record(pod).runnable.manifest, container, signal.SIGKILL)
-
-    def logs(self, pod: str, container: str = "trainer") -> str:
-        """The container's output so far, kept once the pod is gone ("" before it has started here)."""
-        saved = self.workdir / pod / f"{container}.log"
-        if saved.exists():
-            return saved.read_text()
-        with self._lock:
-            record = self._pods.get(pod)
-        return self.runtime.logs(record.runnable.manifest, container) if record is not None else ""
-
-    def last_status(self, pod: str) -> dict[str, Any]:
-        """The last status reported for the pod, even once it is gone ({} if none was)."""
-        with self._lock:
-            return self._reported.get(pod, {})
-
-    def pod_names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._pods)
-
-    def close(self) -> None:
-        """Stop the loop and every pod still running (without grace: the test is over)."""
-        self._closing.set()
-        self._thread.join(timeout=60)
-        with self._lock:
-            pods = list(self._pods.items())
-        for name, record in pods:
-            self._save_logs(record)
-            self.runtime.remove(record.runnable.manifest)
-            with self._lock:
-                self._pods.pop(name, None)
-
-    def _record(self, pod: str) -> _Pod:
-        with self._lock:
-            if pod not in self._pods:
-                raise KeyError(f"pod {pod} is not running here; known: {sorted(self._pods)}")
-            return self._pods[pod]
-
-    # ------------------------------------------------------------------------- the loop
-
-    def _loop(self) -> None:
-        while not self._closing.is_set():
-            try:
-                self.sync()
-            except Exception:
-                self.errors.append(traceback.format_exc())
-            self._closing.wait(self.interval_s)
-
-    def sync(self) -> None:
-        """One pass of every controller over what the API holds now."""
-        jobs = {j["metadata"]["name"]: j for j in self.emulator.list("Job", self.namespace)}
-        pods = self.emulator.list("Pod", self.namespace)
-        doomed: set[str] = set()
-        for name, job in jobs.items():
-            owned = [p for p in pods if (p["metadata"].get("labels") or {}).get(JOB_NAME_LABEL) == name]
-            doomed |= self._sync_job(job, owned)
-        for pod in pods:
-            name = pod["metadata"]["name"]
-            job = (pod["metadata"].get("labels") or {}).get(JOB_NAME_LABEL)
-            if (job is not None and job not in jobs) or name in doomed or pod["metadata"].get("deletionTimestamp"):
-                self._terminate(pod)
-            else:
-                self._sync_pod(pod, pods)
-        present = {p["metadata"]["name"] for p in pods}
-        with self._lock:
-            vanished = [n for n, r in self._pods.items() if n not in present and not r.terminating]
-        for name in vanished:  # deleted at once (kmock has no graceful deletion): its containers still go gracefully
-            self._terminate({"metadata": {"name": name, "namespace": self.namespace}}, in_api=False)
-
-    def _sync_job(self, job: dict[str, Any], pods: list[dict[str, Any]]) -> set[str]:
-        """Create the Job's pods once; keep its status; a Failed Job's unfinished pods are to be terminated."""
-        uid = job["metadata"].get("uid", job["metadata"]["name"])
-        if uid not in self._jobs_with_pods:
-            self._jobs_with_pods.add(uid)
-            if not pods:
-                for pod in job_pods(job):
-                    self.emulator.create(pod)
-                return set()
-        status = job_status(job, pods)
-        if any(job.get("status", {}).get(k) != v for k, v in status.items()):
-            self.emulator.patch("Job", self.namespace, job["metadata"]["name"], {"status": status}, status=True)
-        if not job_failed(status):
-            return set()
-        return {p["metadata"]["name"] for p in pods if (p.get("status") or {}).get("phase") in ("Pending", "Running")}
-
-    def _sync_pod(self, pod: dict[str, Any], pods: list[dict[str, Any]]) -> None:
-        name = pod["metadata"]["name"]
-        with self._lock:
-            record = self._pods.get(name)
-        if record is None:
-            record = self._start(pod, pods)
-            if record is None:
-                return
-        if record.terminating:
-            return
-        self._mirror(pod, record)
-
-    def _start(self, pod: dict[str, Any], pods: list[dict[str, Any]]) -> _Pod | None:
-        name = pod["metadata"]["name"]
-        directory = self.workdir / name
-        account = pod["spec"].get("serviceAccountName", "default")
-        api = None
-        if self.api is not None:
-            token = self.api.token(self.namespace, account)
-            api = {"host": self.api.host, "port": str(self.api.port), "token": token, "ca": self.api.ca}
-        try:
-            runnable = runnable_pod(pod, self._lookup, directory, self._hosts(pod, pods), self.workdir / "claims", api)
-        except ConfigurationError as err:
-            waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": str(err)}}
-            statuses = [{"name": c["name"], "state": waiting} for c in pod["spec"]["containers"]]
-            self._patch_status(pod, {"phase": "Pending", "containerStatuses": statuses})
-            return None
-        self._map_ports(pod, runnable.manifest)
-        record = _Pod(runnable, directory)  # directory is self.workdir / name: `logs` finds it after the pod goes
-        with self._lock:
-            self._pods[name] = record
-        self.runtime.start(runnable.manifest, directory)
-        return record
-
-    def _mirror(self, pod: dict[str, Any], record: _Pod) -> dict[str, Any]:
-        manifest = record.runnable.manifest
-        states = self.runtime.states(manifest)
-        for container, state in states.items():
-            if state.status == "terminated" and container not in record.messages:
-                record.messages[container] = termination_message(
-                    pod,
-                    container,
-                    record.runnable.termination_logs[container],
-                    lambda c=container: self.runtime.logs(manifest, c),
-                    failed=state.exit_code != 0,
-                )
-        status = pod_status(pod, states, record.messages)
-        if status != record.reported:
-            self._patch_status(pod, status)
-            record.reported = status
-            with self._lock:
-                self._reported[pod["metadata"]["name"]] = status
-        return status
-
-    def _terminate(self, pod: dict[str, Any], in_api: bool = True) -> None:
-        """Graceful deletion: marked, SIGTERM then SIGKILL after the grace period, final status, then gone."""
-        name = pod["metadata"]["name"]
-        with self._lock:
-            record = self._pods.get(name)
-            if record is not None and record.terminating:
-                return
-            if record is not None:
-                record.terminating = True
-        if record is None:
-            if in_api:
-                self.emulator.delete("Pod", self.namespace, name)
-            return
-        if in_api and not pod["metadata"].get("deletionTimestamp"):
-            stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-            self.emulator.patch("Pod", self.namespace, name, {"metadata": {"deletionTimestamp": stamp}})
-        threading.Thread(target=self._finish, args=(pod, record, in_api), daemon=True).start()
-
-    def _finish(self, pod: dict[str, Any], record: _Pod, in_api: bool) -> None:
-        try:
-            manifest = record.runnable.manifest
-            states = self.runtime.states(manifest)
-            grace = self._grace(record)
-            running = [c for c, s in states.items() if s.status == "running"]
-            stops = [
-                threading.Thread(target=self.runtime.signal, args=(manifest, c, signal.SIGTERM, grace)) for c in running
-            ]
-            for thread in stops:
-                thread.start()
-            for thread in stops:
-                thread.join()
-            if in_api:
-                current = self.emulator.get("Pod", self.namespace, pod["metadata"]["name"])
-                if current is not None:
-                    self._mirror(current, record)
-                    self.emulator.delete("Pod", self.namespace, pod["metadata"]["name"])
-            self._save_logs(record)
-            self.runtime.remove(manifest)
-            with self._lock:
-                self._pods.pop(pod["metadata"]["name"], None)
-        except Exception:
-            self.errors.append(traceback.format_exc())
-
-    # ------------------------------------------------------------------------- helpers
-
-    def _lookup(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = self.emulator.get(kind, namespace, name)
-        if obj is not None and kind == "Secret" and obj.get("stringData"):
-            # What an API server stores for stringData: base64 under data.
-            encoded = {k: base64.b64encode(v.encode()).decode() for k, v in obj["stringData"].items()}
-            obj = {**obj, "data": {**(obj.get("data") or {}), **encoded}}
-        return obj
-
-    def _hosts(self, pod: dict[str, Any], pods: list[dict[str, Any]]) -> dict[str, str]:
-        """The DNS names a headless Service gives the pods it selects (`<hostname>.<subdomain>[.<ns>.svc...]`):
-        only when the Service exists, as with cluster DNS."""
-        subdomain = pod["spec"].get("subdomain")
-        if not subdomain or self.emulator.get("Service", self.namespace, subdomain) is None:
-            return {}
-        names: dict[str, str] = {}
-        for other in pods:
-            spec = other["spec"]
-            if spec.get("subdomain") == subdomain and spec.get("hostname"):
-                short = f"{spec['hostname']}.{subdomain}"
-                for name in (short, f"{short}.{self.namespace}.svc", f"{short}.{self.namespace}.svc.cluster.local"):
-                    names[name] = "127.0.0.1"
-        return names
-
-    def _map_ports(self, pod: dict[str, Any], manifest: dict[str, Any]) -> None:
-        owner = next(iter(pod["metadata"].get("ownerReferences") or []), {})
-        key = owner.get("uid") or pod["metadata"]["name"]
-        containers = [*manifest["spec"].get("initContainers", []), *manifest["spec"]["containers"]]
-        declared = {p["containerPort"] for c in containers for p in c.get("ports", [])}
-        with self._lock:
-            mapping = self._ports.setdefault(key, {})
-            for port in declared:
-                mapping.setdefault(port, free_port())
-        for container in containers:
-            container.pop("ports", None)
-            container["args"] = [_mapped(arg, mapping) for arg in container.get("args", [])]
-            container["command"] = [_mapped(arg, mapping) for arg in container.get("command", [])]
-            if not container["command"]:
-                del container["command"]
-
-    def _grace(self, record: _Pod) -> float:
-        return float(record.runnable.manifest["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_S))
-
-    def _patch_status(self, pod: dict[str, Any], status: dict[str, Any]) -> None:
-        self.emulator.patch("Pod", self.namespace, pod["metadata"]["name"], {"status": status}, status=True)
-
-    def _save_logs(self, record: _Pod) -> None:
-        for container in record.runnable.termination_logs:
-            path = record.directory / f"{container}.log"
-            if not path.exists():
-                path.write_text(self.runtime.logs(record.runnable.manifest, container))
+def expand(text: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' expansion of `$(VAR)` (k8s.io/kubernetes third_party/forked/golang/expansion): `$$` is an
+    escaped `$`, `$(NAME)` the variable's value when it is defined, anything else is kept."""
+    out: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == "$" and i + 1 < len(text):
+            nxt = text[i + 1]
+            if nxt == "$":
+                out.append("$")
+                i += 2
+                continue
+            if nxt == "(":
+                close = text.find(")", i + 2)
+                if close != -1:
+                    name = text[i + 2 : close]
+                    out.append(env.get(name, f"$({name})"))
+                    i = close + 1
+                    continue
+                out.append("(")  # an unclosed reference: the opener is kept, the `$` is not
+                i += 2
+                continue
+            out.append("$" + nxt)
+            i += 2
+            continue
+        out.append(text[i])
+        i += 1
+    return "".join(out)
 
 
-def _mapped(arg: str, mapping: dict[int, int]) -> str:
-    match = _PORT_ARG.match(arg)
-    if match and int(match.group(2)) in mapping:
-        return f"{match.group(1)}{mapping[int(match.group(2))]}"
-    return arg
+def argv(container: Mapping[str, Any], env: Mapping[str, str]) -> list[str]:
+    """The argv the container's process gets, with `env` as its environment."""
+    return [expand(part, env) for part in [*container.get("command", []), *container.get("args", [])]]
 
 
-def wait_until(check: Callable[[], Any], timeout: float, what: str, kubelet: Kubelet, interval: float = 0.25) -> Any:
-    """Poll `check` until truthy; fail at once if the kubelet's loop broke, with `what` on a timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if kubelet.errors:
-            raise AssertionError("the test kubelet failed:\n" + kubelet.errors[0])
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+# Pod Security Standards, "restricted" (https://kubernetes.io/docs/concepts/security/pod-security-standards/).
+_VOLUME_TYPES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: Mapping[str, Any]) -> list[str]:
+    """What the "restricted" profile refuses in this pod spec; [] when it is admitted."""
+    problems = []
+    context = pod.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            problems.append(f"{flag} is set")
+    for volume in pod.get("volumes") or []:
+        kinds = set(volume) - {"name"}
+        if not kinds <= _VOLUME_TYPES:
+            problems.append(f"volume {volume['name']} is of type {sorted(kinds)}")
+    pod_seccomp = (context.get("seccompProfile") or {}).get("type")
+    for container in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        name, own = container["name"], container.get("securityContext") or {}
+        if own.get("privileged"):
+            problems.append(f"{name}: privileged")
+        if own.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation is not false")
+        if own.get("runAsNonRoot", context.get("runAsNonRoot")) is not True:
+            problems.append(f"{name}: runAsNonRoot is not true")
+        if own.get("runAsUser", context.get("runAsUser")) == 0:
+            problems.append(f"{name}: runs as uid 0")
+        if (own.get("seccompProfile") or {}).get("type", pod_seccomp) not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: no RuntimeDefault or Localhost seccomp profile")
+        capabilities = own.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []):
+            problems.append(f"{name}: capabilities are not dropped (drop: [ALL])")
+        if set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}:
+            problems.append(f"{name}: adds capabilities {capabilities['add']}")
+        if any(port.get("hostPort") for port in container.get("ports") or []):
+            problems.append(f"{name}: uses a host port")
+    return problems

@@ -1,12 +1,11 @@
-"""What the Job controller and the kubelet do with an attempt's Job, as pure functions over API objects.
+"""What a kubelet does with a pod, as pure functions over API objects: test support for `support.node`.
 
-Test support for `support.kubelet`, which runs the result with a container runtime:
-- `job_pods`: the Job controller's pods of an Indexed Job (completion index annotation, env and hostname);
-- `job_status`: the Job controller's view of them (Complete, or Failed past backoffLimit);
 - `runnable_pod`: the kubelet's preparation of a pod: env resolved to values (fieldRef, secretKeyRef,
-  configMapKeyRef), `$(VAR)` expanded in command and args, ConfigMap and Secret volumes as files, and the files
-  a kubelet provides (/etc/hosts with the pods' names, the termination log, the service account token);
-- `pod_status`: the pod status a kubelet reports for its containers' states.
+  configMapKeyRef), `$(VAR)` expanded in command and args (`support.kubelet.expand`), ConfigMap, Secret,
+  projected and downward-API volumes as files, emptyDirs as the pod's own folders, and the files a kubelet
+  provides (/etc/hosts with the pods' names, the termination log);
+- `pod_status`: the pod status a kubelet reports for its containers' states;
+- `termination_message`: what it keeps of a container's last words.
 """
 
 from __future__ import annotations
@@ -14,18 +13,14 @@ from __future__ import annotations
 import base64
 import copy
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wmtp_operator.render import INDEX_ANNOTATION
+from support.kubelet import expand
+from wmtp.contract import SERVICE_ACCOUNT_DIR, TERMINATION_LOG, TERMINATION_MESSAGE_MAX
 
-JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_MESSAGE_MAX = 4096  # what a kubelet keeps of a termination message
 LOG_TAIL_LINES, LOG_TAIL_BYTES = 80, 2048  # FallbackToLogsOnError: the end of the log, as a kubelet takes it
 POD_IP = "127.0.0.1"  # every pod shares the host's network here
 
@@ -60,65 +55,6 @@ class ConfigurationError(ValueError):
     """What a kubelet reports as CreateContainerConfigError: a missing Secret, ConfigMap or key."""
 
 
-# ----------------------------------------------------------------------------- the Job controller
-
-
-def job_pods(job: Obj) -> list[dict[str, Any]]:
-    """One Pending pod per completion index, as the Job controller creates them for an Indexed Job."""
-    meta, spec = job["metadata"], job["spec"]
-    template = copy.deepcopy(spec["template"])
-    pods = []
-    for index in range(spec.get("completions", 1)):
-        pod_spec = copy.deepcopy(template["spec"])
-        if spec.get("completionMode") == "Indexed":
-            pod_spec.setdefault("hostname", f"{meta['name']}-{index}")
-            for container in [*pod_spec.get("initContainers", []), *pod_spec["containers"]]:
-                ref = {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}
-                container["env"] = [*container.get("env", []), {"name": "JOB_COMPLETION_INDEX", "valueFrom": ref}]
-        owner = {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta.get("uid", "")}
-        pods.append(
-            {
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {
-                    "name": f"{meta['name']}-{index}-{uuid.uuid4().hex[:5]}",
-                    "namespace": meta["namespace"],
-                    "labels": {**template["metadata"].get("labels", {}), JOB_NAME_LABEL: meta["name"]},
-                    "annotations": {**template["metadata"].get("annotations", {}), INDEX_ANNOTATION: str(index)},
-                    "ownerReferences": [{**owner, "controller": True, "blockOwnerDeletion": True}],
-                },
-                "spec": pod_spec,
-                "status": {"phase": "Pending", "conditions": [_condition("PodScheduled")]},
-            }
-        )
-    return pods
-
-
-def job_status(job: Obj, pods: Sequence[Obj]) -> dict[str, Any]:
-    """The Job's status from its pods: Complete when every index succeeded, Failed once more pods failed than
-    backoffLimit allows (then the controller also deletes the others: see `job_failed`)."""
-    phases = [(p.get("status") or {}).get("phase") for p in pods]
-    status: dict[str, Any] = {
-        "active": sum(phase in ("Pending", "Running") for phase in phases),
-        "succeeded": phases.count("Succeeded"),
-        "failed": phases.count("Failed"),
-    }
-    if status["failed"] > job["spec"].get("backoffLimit", 6):
-        status["conditions"] = [_condition("Failed", "BackoffLimitExceeded", "Job has reached the backoff limit")]
-    elif status["succeeded"] >= job["spec"].get("completions", 1):
-        status["conditions"] = [_condition("Complete")]
-    return status
-
-
-def job_failed(status: Obj) -> bool:
-    return any(c["type"] == "Failed" for c in status.get("conditions", []))
-
-
-def _condition(type_: str, reason: str = "", message: str = "") -> dict[str, str]:
-    condition = {"type": type_, "status": "True"}
-    return {**condition, "reason": reason, "message": message} if reason else condition
-
-
 # ----------------------------------------------------------------------------- the kubelet
 
 
@@ -134,40 +70,33 @@ def runnable_pod(
 
     `hosts`: name → address for /etc/hosts (the Service's pod names, as cluster DNS resolves them).
     `claims`: the folder holding one folder per PersistentVolumeClaim, shared by the pods that mount it.
-    `api`: {"host", "port", "token", "ca"} of the API server, for the service-account mount and
-    KUBERNETES_SERVICE_HOST/PORT; None leaves them out. Raises ConfigurationError for a missing reference.
+    `api`: {"host", "port", "token", "ca"} of the API server: KUBERNETES_SERVICE_HOST/PORT, the token of the
+    pod's ServiceAccount (for projected token volumes and the automount); None leaves them out.
+    Raises ConfigurationError for a missing Secret, ConfigMap or key (the kubelet's CreateContainerConfigError).
     """
     meta, spec = pod["metadata"], copy.deepcopy(pod["spec"])
-    namespace = meta["namespace"]
     directory.mkdir(parents=True, exist_ok=True)
-    volumes: list[dict[str, Any]] = []
-    for volume in spec.get("volumes", []):
-        volumes.append(_materialise(volume, namespace, lookup, directory / "volumes" / volume["name"], claims))
-    hosts_file = directory / "hosts"
-    hostname = spec.get("hostname") or meta["name"]
-    fqdn = f"{hostname}.{spec['subdomain']}.{namespace}.svc.cluster.local" if spec.get("subdomain") else hostname
-    lines = ["127.0.0.1\tlocalhost", f"{POD_IP}\t{fqdn} {hostname}"]
-    lines += [f"{address}\t{name}" for name, address in hosts.items()]
-    lines += [f"{a['ip']}\t{' '.join(a['hostnames'])}" for a in spec.get("hostAliases", [])]
-    hosts_file.write_text("\n".join(lines) + "\n")
-    volumes.append(_host_path("kubelet-hosts", hosts_file, "File"))
-    extra_env: list[dict[str, Any]] = []
-    if api is not None and spec.get("automountServiceAccountToken", True):
-        account = directory / "serviceaccount"
-        account.mkdir(exist_ok=True)
-        (account / "token").write_text(api["token"])
-        (account / "ca.crt").write_text(api["ca"])
-        (account / "namespace").write_text(namespace)
-        volumes.append(_host_path("kubelet-serviceaccount", account, "Directory"))
-        extra_env = [
+    token = api["token"] if api is not None else None
+    volumes = [
+        _materialise(volume, pod, lookup, directory / "volumes" / volume["name"], claims, token)
+        for volume in spec.get("volumes", [])
+    ]
+    volumes.append(_host_path("kubelet-hosts", _hosts_file(pod, directory, hosts), "File"))
+    service_env: list[dict[str, Any]] = []
+    automount = api is not None and spec.get("automountServiceAccountToken", True)
+    if api is not None:
+        service_env = [
             {"name": "KUBERNETES_SERVICE_HOST", "value": api["host"]},
             {"name": "KUBERNETES_SERVICE_PORT", "value": str(api["port"])},
         ]
+    if automount:
+        account = _write_files(directory / "serviceaccount", {"token": api["token"], "ca.crt": api["ca"],
+                                                             "namespace": meta["namespace"]})  # fmt: skip
+        volumes.append(_host_path("kubelet-serviceaccount", account, "Directory"))
     logs: dict[str, Path] = {}
     for group in ("initContainers", "containers"):
         for container in spec.get(group, []):
-            env = [*extra_env, *container.get("env", [])]
-            values = _env_values(env, container.get("envFrom", []), pod, lookup)
+            values = _env_values([*service_env, *container.get("env", [])], container.get("envFrom", []), pod, lookup)
             container["env"] = [{"name": name, "value": value} for name, value in values.items()]
             container.pop("envFrom", None)
             for key in ("command", "args"):
@@ -175,7 +104,7 @@ def runnable_pod(
                     container[key] = [expand(arg, values) for arg in container[key]]
             mounts = container.setdefault("volumeMounts", [])
             mounts.append({"name": "kubelet-hosts", "mountPath": "/etc/hosts", "readOnly": True})
-            if extra_env:
+            if automount:
                 mounts.append({"name": "kubelet-serviceaccount", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": True})
             log = directory / f"termination-{container['name']}"
             log.write_text("")
@@ -185,40 +114,54 @@ def runnable_pod(
             path = container.get("terminationMessagePath", TERMINATION_LOG)
             mounts.append({"name": f"kubelet-termination-{container['name']}", "mountPath": path})
     spec["volumes"] = volumes
-    spec.pop("serviceAccountName", None)
-    spec.pop("subdomain", None)
+    for key in ("serviceAccountName", "subdomain", "automountServiceAccountToken", "enableServiceLinks"):
+        spec.pop(key, None)
     kept = {k: v for k, v in meta.items() if k in ("name", "namespace", "labels", "annotations")}
     return Runnable({"apiVersion": "v1", "kind": "Pod", "metadata": kept, "spec": spec}, logs)
+
+
+def _hosts_file(pod: Obj, directory: Path, hosts: Mapping[str, str]) -> Path:
+    """/etc/hosts as a kubelet writes it (the pod's own names), plus the names cluster DNS would resolve."""
+    meta, spec = pod["metadata"], pod["spec"]
+    hostname = spec.get("hostname") or meta["name"]
+    subdomain = spec.get("subdomain")
+    fqdn = f"{hostname}.{subdomain}.{meta['namespace']}.svc.cluster.local" if subdomain else hostname
+    lines = ["127.0.0.1\tlocalhost", f"{POD_IP}\t{fqdn} {hostname}"]
+    lines += [f"{address}\t{name}" for name, address in hosts.items()]
+    lines += [f"{a['ip']}\t{' '.join(a['hostnames'])}" for a in spec.get("hostAliases", [])]
+    path = directory / "hosts"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def _host_path(name: str, path: Path, type_: str) -> dict[str, Any]:
     return {"name": name, "hostPath": {"path": str(path), "type": type_}}
 
 
-def _materialise(volume: Obj, namespace: str, lookup: Lookup, directory: Path, claims: Path) -> dict[str, Any]:
-    """ConfigMap and Secret volumes become folders of files, emptyDirs a folder of the pod's, PVCs a folder per
-    claim; the rest stays as it is."""
-    for kind, key, field_name in (("ConfigMap", "configMap", "name"), ("Secret", "secret", "secretName")):
-        if key in volume:
-            source = volume[key]
-            obj = lookup(kind, namespace, source[field_name])
-            if obj is None:
-                if source.get("optional"):
-                    return {"name": volume["name"], "emptyDir": {}}
-                raise ConfigurationError(f'{kind.lower()} "{source[field_name]}" not found')
-            data = dict(obj.get("data") or {})
-            if kind == "Secret":
-                data = {k: _decode(v) for k, v in data.items()}
-            items = source.get("items") or [{"key": k, "path": k} for k in data]
-            directory.mkdir(parents=True, exist_ok=True)
-            for item in items:
-                if item["key"] not in data:
-                    raise ConfigurationError(f"{kind.lower()} {source[field_name]} has no key {item['key']}")
-                target = directory / item["path"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_text(data[item["key"]])
-                target.chmod(0o644)
-            return _host_path(volume["name"], directory, "Directory")
+def _write_files(directory: Path, files: Mapping[str, str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for relative, text in files.items():
+        target = directory / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+        target.chmod(0o644)
+    return directory
+
+
+def _materialise(
+    volume: Obj, pod: Obj, lookup: Lookup, directory: Path, claims: Path, token: str | None
+) -> dict[str, Any]:
+    """ConfigMap, Secret, downward-API and projected volumes become folders of files, emptyDirs a folder of the
+    pod's, PVCs a folder per claim; the rest stays as it is."""
+    if "projected" in volume:
+        sources = volume["projected"]["sources"]
+    else:
+        sources = [{key: volume[key]} for key in ("configMap", "secret", "downwardAPI") if key in volume]
+    if sources:
+        files: dict[str, str] = {}
+        for source in sources:
+            files.update(_source_files(source, pod, lookup, token))
+        return _host_path(volume["name"], _write_files(directory, files), "Directory")
     if "persistentVolumeClaim" in volume:
         # One folder per claim, shared by every pod that mounts it: a ReadWriteMany volume.
         folder = claims / volume["persistentVolumeClaim"]["claimName"]
@@ -230,6 +173,32 @@ def _materialise(volume: Obj, namespace: str, lookup: Lookup, directory: Path, c
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o777)  # emptyDirs are world-writable: the container's user, whoever it is, writes there
     return _host_path(volume["name"], folder, "Directory")
+
+
+def _source_files(source: Obj, pod: Obj, lookup: Lookup, token: str | None) -> dict[str, str]:
+    """The files one volume source gives: a token, downward-API fields, or a ConfigMap's or Secret's keys."""
+    if "serviceAccountToken" in source:
+        if token is None:
+            raise ConfigurationError("no API server here to issue a service account token")
+        return {source["serviceAccountToken"]["path"]: token}
+    if "downwardAPI" in source:
+        return {item["path"]: _field(pod, item["fieldRef"]["fieldPath"]) for item in source["downwardAPI"]["items"]}
+    kind, ref = ("Secret", source["secret"]) if "secret" in source else ("ConfigMap", source["configMap"])
+    name = ref.get("secretName") or ref.get("name", "")
+    obj = lookup(kind, pod["metadata"]["namespace"], name)
+    if obj is None:
+        if ref.get("optional"):
+            return {}
+        raise ConfigurationError(f'{kind.lower()} "{name}" not found')
+    data = dict(obj.get("data") or {})
+    if kind == "Secret":
+        data = {k: _decode(v) for k, v in data.items()}
+    files = {}
+    for item in ref.get("items") or [{"key": k, "path": k} for k in data]:
+        if item["key"] not in data:
+            raise ConfigurationError(f"{kind.lower()} {name} has no key {item['key']}")
+        files[item["path"]] = data[item["key"]]
+    return files
 
 
 def _decode(value: str) -> str:
@@ -293,20 +262,6 @@ def _field(pod: Obj, path: str) -> str:
     return (meta.get(match.group(1)) or {}).get(match.group(2), "")
 
 
-_REFERENCE = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
-
-
-def expand(text: str, values: Mapping[str, str]) -> str:
-    """Kubernetes' `$(VAR)` expansion: defined variables are replaced, `$$` escapes, the rest stays as written."""
-
-    def one(match: re.Match[str]) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        return values.get(match.group(1), match.group(0))
-
-    return _REFERENCE.sub(one, text)
-
-
 def pod_status(pod: Obj, states: Mapping[str, ContainerState], messages: Mapping[str, str]) -> dict[str, Any]:
     """The status a kubelet reports for a `restartPolicy: Never` pod whose containers are in `states`."""
     spec = pod["spec"]
@@ -340,6 +295,10 @@ def pod_status(pod: Obj, states: Mapping[str, ContainerState], messages: Mapping
         {"type": "Ready", "status": str(ready)},
     ]
     return status
+
+
+def _condition(type_: str) -> dict[str, str]:
+    return {"type": type_, "status": "True"}
 
 
 def _ended(state: ContainerState | None) -> int | None:

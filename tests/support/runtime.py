@@ -1,4 +1,4 @@
-"""Container runtimes for the test kubelet (`support.kubelet`): what runs a prepared pod and reports its containers.
+"""Container runtimes for the test node (`support.node`): what runs a prepared pod and reports its containers.
 
 Test support. The interface is small so that another runtime can plug in: `PodmanRuntime` plays the pod with
 `podman kube play` on the host's network; a runtime running the same commands as host processes would implement

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from wmtp.algorithms import (
@@ -177,12 +179,53 @@ def test_weighted_loss_gradient_is_w_m_over_mask_sum_and_weights_get_none() -> N
     assert source.grad is None
 
 
-def test_normalize_weights_scales_clips_and_renormalises_over_valid_targets() -> None:
+def test_normalize_weights_clips_at_the_scale_that_makes_the_mean_one() -> None:
     weights = torch.tensor([1.0, 2.0, 3.0, 10.0])
     mask = torch.tensor([True, True, True, False])
-    # mean 1: [0.5, 1, 1.5]; clip to [0.6, 1.2]: [0.6, 1, 1.2]; sum 2.8 → ×3/2.8.
-    expected = torch.tensor([0.6, 1.0, 1.2, 0.0]) * 3 / 2.8
+    # c = 0.6: [0.6, 1.2, 1.8] clipped to [0.6, 1.2] is [0.6, 1.2, 1.2], of mean 1; the masked 10 counts for nothing.
+    expected = torch.tensor([0.6, 1.2, 1.2, 0.0])
     torch.testing.assert_close(normalize_weights(weights, mask, epsilon=0.6, max_weight=1.2), expected)
+    with pytest.raises(ValueError, match="epsilon ≤ 1 ≤ max_weight"):
+        normalize_weights(weights, mask, epsilon=0.05, max_weight=0.9)
+
+
+WEIGHT_INPUTS = st.lists(
+    st.tuples(st.floats(min_value=0, max_value=1e6) | st.just(0.0) | st.floats(min_value=1e-30, max_value=1e-20),
+              st.booleans()),
+    min_size=1, max_size=64,
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    inputs=WEIGHT_INPUTS,
+    epsilon=st.floats(min_value=0, max_value=1),
+    max_weight=st.floats(min_value=1, max_value=20),
+    logits=st.booleans(),
+)
+def test_normalized_weights_keep_the_documented_bounds_mean_and_order(
+    inputs: list[tuple[float, bool]], epsilon: float, max_weight: float, logits: bool
+) -> None:
+    x = torch.tensor([value for value, _ in inputs], dtype=torch.float64)
+    if logits:  # softmax weights, as rho1-wmtp's weighted mode and critic-wmtp make them: many orders apart
+        x = torch.softmax(x.clamp(max=1e3) / 10, dim=0)
+    mask = torch.tensor([valid for _, valid in inputs])
+    w = normalize_weights(x, mask, epsilon, max_weight).double()
+    valid, xv = w[mask], x[mask]
+
+    assert (w[~mask] == 0).all()
+    if not bool((xv > 0).any()):
+        assert (valid == 1).all()
+        return
+    tolerance = 1e-6 * max_weight
+    assert (valid >= epsilon - tolerance).all() and (valid <= max_weight + tolerance).all()
+    reachable = (int((xv > 0).sum()) * max_weight + int((xv == 0).sum()) * epsilon) / len(xv)
+    if reachable >= 1 + 1e-6:
+        assert abs(float(valid.mean()) - 1) < 1e-5
+    elif reachable <= 1 - 1e-6:  # too few positive inputs: they all get max_weight
+        assert torch.allclose(valid[xv > 0], torch.full_like(valid[xv > 0], max_weight), rtol=1e-6)
+    order = torch.argsort(xv, stable=True)
+    assert (valid[order].diff() >= -tolerance).all()
 
 
 def test_align_to_heads_shifts_position_values_by_k_plus_offset() -> None:

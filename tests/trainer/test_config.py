@@ -1,3 +1,4 @@
+import copy
 import re
 from pathlib import Path
 
@@ -11,9 +12,11 @@ from wmtp.config import (
     load,
     load_config,
     load_recipe,
+    override_checkpointing,
     parse_yaml,
     read_document,
     redact_uri,
+    resolve_checkpointing,
     substitute_env,
 )
 from wmtp.contract import RENDERED_MARKER
@@ -42,8 +45,6 @@ def write(tmp_path: Path, name: str, data: dict) -> Path:
 
 def with_change(data: dict, dotted: str, value: object) -> dict:
     """A deep copy of `data` with one dotted field set (value None deletes it)."""
-    import copy
-
     out = copy.deepcopy(data)
     *parents, leaf = dotted.split(".")
     node = out
@@ -242,3 +243,82 @@ def test_rendered_files_are_data_while_user_files_expand_variables(tmp_path: Pat
 )
 def test_credentials_in_a_uri_are_redacted(uri: str, shown: str) -> None:
     assert redact_uri(uri) == shown
+
+
+@pytest.mark.parametrize(
+    ("document", "dotted", "text", "fragment"),
+    [
+        ("recipe", "optim.lr", "lr: .inf", "optim.lr: Input should be a finite number"),
+        ("recipe", "optim.lr", "lr: .nan", "optim.lr: Input should be a finite number"),
+        ("recipe", "optim.lr", "lr: -.inf", "optim.lr"),
+        ("recipe", "optim.lr", "lr: 3", "optim.lr: Input should be less than or equal to 1"),
+        ("recipe", "optim.betas", "betas: [2, -1]", "optim.betas.0: Input should be less than 1"),
+        ("recipe", "optim.betas", "betas: [0.9, -1]", "optim.betas.1: Input should be greater than or equal to 0"),
+        ("recipe", "optim.betas", "betas: [0.9]", "optim.betas.1: Field required"),
+        ("recipe", "optim.grad_clip", "grad_clip: .inf", "optim.grad_clip"),
+        ("recipe", "optim.weight_decay", "weight_decay: -0.1", "optim.weight_decay"),
+        ("recipe", "loss.temperature", "temperature: 0", "loss.temperature"),
+        ("recipe", "loss.epsilon", "epsilon: 2", "loss.epsilon: Input should be less than or equal to 1"),
+        ("recipe", "loss.max_weight", "max_weight: 0.5", "loss.max_weight: Input should be greater than or equal to 1"),
+        ("recipe", "critic.gamma", "gamma: .nan", "critic.gamma"),
+        ("recipe", "data.max_length", "max_length: 1000000000", "data.max_length"),
+        ("recipe", "data.eval_fraction", "eval_fraction: 1", "data.eval_fraction"),
+        ("recipe", "run.tags", "tags: {k: " + "v" * 6000 + "}", "run.tags.k"),
+        ("config", "seed", "seed: -1", "seed: Input should be greater than or equal to 0"),
+        ("config", "seed", "seed: 4294967296", "seed: Input should be less than 4294967296"),
+        ("config", "devices.distributed.timeout_s", "timeout_s: 1000000000000", "devices.distributed.timeout_s"),
+        ("config", "paths.datasets", "datasets: {'../x': /d.jsonl}", "paths.datasets.../x"),
+    ],
+)
+def test_numbers_and_names_out_of_range_are_refused_at_load_naming_the_field(
+    tmp_path: Path, document: str, dotted: str, text: str, fragment: str
+) -> None:
+    doc = copy.deepcopy(GOOD_RECIPE if document == "recipe" else GOOD_CONFIG)
+    node = doc
+    for part in dotted.split(".")[:-1]:  # the section the YAML snippet goes into
+        node = node.setdefault(part, {})
+    node.update(yaml.safe_load(text))
+    path = write(tmp_path, f"{document}.yaml", doc)
+    with pytest.raises(ConfigError) as err:
+        (load_recipe if document == "recipe" else load_config)(path)
+    assert fragment in str(err.value), err.value
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("recipe_section", "flags", "expected"),
+    [
+        ({}, {}, (10, 3, True, "s3://bucket/ckpt")),
+        ({"save_interval": 2, "keep_last": 1, "save_final": False}, {}, (2, 1, False, "s3://bucket/ckpt")),
+        ({"save_interval": 2, "checkpoint_path": "/local/ck"}, {"save_interval": 5}, (5, 3, True, "/local/ck")),
+        (
+            {"keep_last": 1, "save_final": False},
+            {"keep_last": 4, "save_final": True},
+            (10, 4, True, "s3://bucket/ckpt"),
+        ),
+        ({}, {"save_interval": None, "save_final": False}, (10, 3, False, "s3://bucket/ckpt")),
+    ],
+)
+def test_checkpoint_settings_resolve_cli_over_recipe_over_config(
+    tmp_path: Path, recipe_section: dict, flags: dict, expected: tuple
+) -> None:
+    recipe = with_change(GOOD_RECIPE, "checkpointing", recipe_section or None) if recipe_section else GOOD_RECIPE
+    cfg, rcp = load(write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", recipe))
+    resolved = resolve_checkpointing(cfg, override_checkpointing(rcp, **flags)).paths.checkpoints
+    assert (resolved.save_interval, resolved.keep_last, resolved.save_final, resolved.base_path) == expected
+    assert cfg.paths.checkpoints.save_interval == 10  # the loaded config itself is left alone
+
+
+def test_checkpoint_settings_never_change_the_resume_fingerprint(tmp_path: Path) -> None:
+    cfg, rcp = load(write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", GOOD_RECIPE))
+    before = config_hash(cfg, rcp)
+    other = override_checkpointing(rcp, save_interval=7, keep_last=9, save_final=False)
+    cfg.paths.checkpoints.keep_last, cfg.log_interval = 1, 99
+    assert config_hash(resolve_checkpointing(cfg, other), other) == before
+
+
+def test_recipe_checkpoint_settings_are_bounded(tmp_path: Path) -> None:
+    recipe = with_change(GOOD_RECIPE, "checkpointing", {"save_interval": 0, "keep_last": "many"})
+    with pytest.raises(ConfigError) as err:
+        load_recipe(write(tmp_path, "r.yaml", recipe))
+    assert "checkpointing.save_interval" in str(err.value) and "checkpointing.keep_last" in str(err.value)

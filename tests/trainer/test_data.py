@@ -1,6 +1,7 @@
 import gzip
 import inspect
 import json
+import re
 import string
 import textwrap
 from pathlib import Path
@@ -24,6 +25,7 @@ from wmtp.data import (
     build_data,
     head_labels,
     load_examples,
+    load_source,
     tokenize,
 )
 from wmtp.storage import Storage
@@ -66,9 +68,28 @@ MBPP = {
 }
 
 
-@pytest.mark.parametrize("name", ["mbpp.jsonl", "mbpp.jsonl.gz"])
+MBPP_SANITIZED = {
+    "source_file": "Benchmark Questions Verification V2.ipynb",
+    "task_id": 2,
+    "prompt": "Write a function to find the shared elements from the given two lists.",
+    "code": "def similar_elements(a, b):\n    return tuple(set(a) & set(b))",
+    "test_imports": ["import math"],
+    "test_list": ["assert set(similar_elements((3, 4), (4, 5))) == set((4,))"],
+}
+
+
+def write_parquet(path: Path, records: list[dict]) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(records), path, row_group_size=2)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", ["mbpp.jsonl", "mbpp.jsonl.gz", "mbpp.parquet"])
 def test_mbpp_prompt_carries_the_tests_and_solution_is_the_code(tmp_path, name):
-    examples = load_examples(write_jsonl(tmp_path / name, [MBPP, MBPP]), "mbpp", Storage())
+    write = write_parquet if name.endswith(".parquet") else write_jsonl
+    examples = load_examples(write(tmp_path / name, [MBPP, MBPP]), "mbpp", Storage())
     assert len(examples) == 2
     assert MBPP["text"] in examples[0].prompt
     assert all(test in examples[0].prompt for test in MBPP["test_list"])
@@ -76,26 +97,58 @@ def test_mbpp_prompt_carries_the_tests_and_solution_is_the_code(tmp_path, name):
     assert examples[0].text.endswith(MBPP["code"])
 
 
-def test_codecontests_prefers_python3_then_python2_and_skips_unsolved(tmp_path):
-    def record(languages, solutions):
-        return {
-            "name": "p",
-            "description": "Sum two ints.",
-            "solutions": {"language": languages, "solution": solutions},
-        }
+@pytest.mark.parametrize("name", ["sanitized.jsonl", "sanitized.parquet"])
+def test_mbpp_sanitized_loads_with_its_prompt_and_test_imports(tmp_path, name):
+    write = write_parquet if name.endswith(".parquet") else write_jsonl
+    (example,) = load_examples(write(tmp_path / name, [MBPP_SANITIZED]), "mbpp", Storage())
+    assert MBPP_SANITIZED["prompt"] in example.prompt
+    assert "import math\nassert set(" in example.prompt
+    assert example.solution == MBPP_SANITIZED["code"]
 
-    uri = write_jsonl(
-        tmp_path / "cc.jsonl.gz",
-        [
-            record([2, 1, 3], ["cpp", "py2", "py3"]),
-            record([2, 1], ["cpp", "py2"]),
-            record([4, 2], ["java", "cpp"]),
-            record([], []),
-        ],
-    )
-    examples = load_examples(uri, "codecontests", Storage())
-    assert [e.solution for e in examples] == ["py3", "py2", "java"]
+
+def contest(languages, solutions, name="p"):
+    return {"name": name, "description": "Sum two ints.", "solutions": {"language": languages, "solution": solutions}}
+
+
+CONTESTS = [
+    contest([2, 1, 3], ["cpp", "py2", "py3"], "all"),
+    contest([2, 1], ["cpp", "py2"], "py2"),
+    contest([4, 2], ["java", "cpp"], "no-python"),
+    contest([], [], "unsolved"),
+]
+
+
+@pytest.mark.parametrize("layout", ["jsonl.gz", "parquet"])
+def test_codecontests_prefers_python3_then_python2_and_counts_the_problems_it_skips(tmp_path, layout):
+    write = write_parquet if layout == "parquet" else write_jsonl
+    uri = write(tmp_path / f"cc.{layout}", CONTESTS)
+    examples, stats = load_source(uri, "codecontests", Storage(), name="cc")
+    assert [e.solution for e in examples] == ["py3", "py2"]
     assert examples[0].prompt == "Sum two ints."
+    assert (stats.read, stats.kept, dict(stats.skipped)) == (4, 2, {"no_accepted_language": 1, "no_solutions": 1})
+
+
+@pytest.mark.parametrize(
+    ("languages", "solutions", "skipped"),
+    [
+        (["cpp"], ["cpp", "cpp", "cpp"], {"no_solutions": 1}),
+        (["java", "python3"], ["py3", "java"], {"no_accepted_language": 1, "no_solutions": 1}),
+        (["python2"], ["py2", "py2"], {"no_accepted_language": 1, "no_solutions": 1}),
+    ],
+)
+def test_codecontests_accepted_languages_are_a_recipe_setting(tmp_path, languages, solutions, skipped):
+    uri = write_jsonl(tmp_path / "cc.jsonl", CONTESTS)
+    examples, stats = load_source(uri, "codecontests", Storage(), languages=languages)
+    assert [e.solution for e in examples] == solutions
+    assert dict(stats.skipped) == skipped
+    recipe = parse_recipe({"run": {"name": "r"}, "train": {"algo": "baseline-mtp"},
+                           "data": {"sources": [{"name": "codecontests", "languages": languages}]}})  # fmt: skip
+    assert recipe.data.sources[0].languages == languages
+
+
+def test_codecontests_language_names_are_read_as_well_as_ids(tmp_path):
+    uri = write_jsonl(tmp_path / "cc.jsonl", [contest(["CPP", "PYTHON3"], ["cpp", "py3"])])
+    assert [e.solution for e in load_examples(uri, "codecontests", Storage())] == ["py3"]
 
 
 def test_humaneval_from_the_installed_package():
@@ -123,6 +176,41 @@ def test_custom_jsonl_accepts_completion_solution_and_text(tmp_path):
     assert [e.text for e in examples] == ["def f(x):    return x", "Add one.\nx + 1", "print('hi')"]
 
 
+def shard_records(n: int, start: int = 0) -> list[dict]:
+    return [{"text": f"x = {i}"} for i in range(start, start + n)]
+
+
+def test_a_folder_of_shards_loads_every_format_in_name_order_and_ignores_the_rest(tmp_path):
+    folder = tmp_path / "ds"
+    (folder / "b").mkdir(parents=True)
+    write_jsonl(folder / "a-0.jsonl", shard_records(2, 0))
+    write_jsonl(folder / "b" / "c-1.jsonl.gz", shard_records(2, 2))
+    write_parquet(folder / "d-2.parquet", shard_records(3, 4))
+    (folder / "README.md").write_text("# not data")
+    (folder / ".wmtp-pull").mkdir()
+    write_jsonl(folder / ".wmtp-pull" / "journal.jsonl", [{"rel": "x"}])  # the puller's state is not data
+    examples, stats = load_source(str(folder), "jsonl", Storage())
+    assert [e.solution for e in examples] == [f"x = {i}" for i in range(7)]
+    assert (stats.shards, stats.read, stats.kept) == (3, 7, 7)
+    assert len(load_examples(f"file://{folder}", "jsonl", Storage(), max_samples=3)) == 3
+
+
+def test_an_s3_prefix_of_shards_loads_like_a_folder(s3_storage, s3_bucket):
+    objects = {
+        "sets/mbpp/train-0.jsonl.gz": gzip.compress(json.dumps(MBPP).encode()),
+        "sets/mbpp/train-1.jsonl": (json.dumps(MBPP_SANITIZED) + "\n").encode(),
+        "sets/mbpp/notes.txt": b"ignored",
+        "sets/mbpp-other/x.jsonl": b"{}",
+    }
+    for key, body in objects.items():
+        s3_storage.s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    examples, stats = load_source(f"s3://{s3_bucket}/sets/mbpp", "mbpp", s3_storage)
+    assert [e.solution for e in examples] == [MBPP["code"], MBPP_SANITIZED["code"]]
+    assert stats.shards == 2
+    single = load_examples(f"s3://{s3_bucket}/sets/mbpp/train-0.jsonl.gz", "mbpp", s3_storage)
+    assert [e.solution for e in single] == [MBPP["code"]]
+
+
 def test_load_from_s3():
     with mock_aws():
         boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="data")
@@ -137,8 +225,11 @@ def test_load_from_s3():
     ("fmt", "bad", "message"),
     [
         ("mbpp", {k: v for k, v in MBPP.items() if k != "code"}, "missing field 'code'"),
+        ("mbpp", {"code": "c", "test_list": []}, "missing field 'text' (MBPP full) or 'prompt'"),
+        ("mbpp", {**MBPP, "test_list": [1]}, "field 'test_list' must be a list of strings"),
         ("humaneval", {"task_id": "x", "prompt": "p"}, "missing field 'canonical_solution'"),
         ("codecontests", {"description": "d", "solutions": {"language": [3]}}, "missing field 'solution'"),
+        ("codecontests", {"description": "d", "solutions": {"language": [3], "solution": []}}, "1 languages for 0"),
         ("jsonl", {"prompt": "p"}, "'completion'"),
         ("jsonl", {"prompt": 3, "completion": "c"}, "field 'prompt' is int"),
         ("jsonl", [1, 2], "expected a JSON object"),
@@ -148,17 +239,38 @@ def test_malformed_record_error_names_file_line_and_field(tmp_path, fmt, bad, me
     good = {"mbpp": MBPP, "humaneval": {"prompt": "p", "canonical_solution": "s"}, "jsonl": {"text": "t"}}
     good["codecontests"] = {"description": "d", "solutions": {"language": [3], "solution": ["s"]}}
     uri = write_jsonl(tmp_path / "broken.jsonl", [good[fmt], good[fmt], bad])
-    with pytest.raises(DataError, match=rf"broken\.jsonl:3: .*{message}"):
+    with pytest.raises(DataError, match=rf"broken\.jsonl:3: .*{re.escape(message)}"):
         load_examples(uri, fmt, Storage())
 
 
-def test_invalid_json_and_missing_file_are_named(tmp_path):
-    path = tmp_path / "x.jsonl"
-    path.write_text('{"text": "ok"}\n\n{"text": \n')
-    with pytest.raises(DataError, match=r"x\.jsonl:3: not valid JSON"):
-        load_examples(str(path), "jsonl", Storage())
-    with pytest.raises(DataError, match=r"nope\.jsonl: no such file"):
-        load_examples(str(tmp_path / "nope.jsonl"), "jsonl", Storage())
+def test_a_malformed_parquet_row_names_the_row(tmp_path):
+    rows = [{"prompt": "p", "completion": "c"}, {"prompt": "p", "completion": None}]
+    uri = write_parquet(tmp_path / "m.parquet", rows)
+    with pytest.raises(DataError, match=r"m\.parquet row 2: jsonl record: field 'completion' is NoneType"):
+        load_examples(uri, "jsonl", Storage())
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: (d / "x.jsonl").write_text('{"text": "ok"}\n\n{"text": \n'), r"x\.jsonl:3: not valid JSON"),
+        (lambda d: (d / "x.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'), r"x\.jsonl:2: not UTF-8"),
+        (lambda d: (d / "x.jsonl").write_bytes(b"\x1f\x8b\x08broken"), r"x\.jsonl: not a readable gzip file"),
+        (lambda d: (d / "x.jsonl").write_bytes(b"PAR1 not really"), r"x\.jsonl: not a readable parquet file"),
+        (lambda d: None, r"x\.jsonl: no such file or folder"),
+        (lambda d: (d / "x.jsonl").mkdir(), r"x\.jsonl: no \.jsonl, \.jsonl\.gz, \.parquet files in it"),
+    ],
+    ids=["bad JSON", "not UTF-8", "broken gzip", "broken parquet", "missing", "empty folder"],
+)
+def test_unreadable_datasets_are_one_error_naming_the_file(tmp_path, make, message):
+    make(tmp_path)
+    with pytest.raises(DataError, match=message):
+        load_examples(str(tmp_path / "x.jsonl"), "jsonl", Storage())
+
+
+def test_a_missing_s3_prefix_is_named(s3_storage, s3_bucket):
+    with pytest.raises(DataError, match=rf"s3://{s3_bucket}/nope: no such object or prefix"):
+        load_examples(f"s3://{s3_bucket}/nope", "jsonl", s3_storage)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -312,3 +424,23 @@ def test_build_data_rejects_a_train_split_smaller_than_one_batch(tmp_path, token
     config, recipe = make_run(tmp_path, 4, eval_fraction=0.5, pack=False)
     with pytest.raises(DataError, match=r"fewer than data\.batch_size 4"):
         build_data(config, recipe, Storage(), tokenizer)
+
+
+def test_build_data_counts_each_source_for_the_log_and_mlflow(tmp_path, tokenizer):
+    uri = write_jsonl(tmp_path / "cc.jsonl", CONTESTS * 10)
+    config = parse_config({"paths": {"models": {"base": str(tmp_path)}, "datasets": {"cc": uri}}})
+    recipe = parse_recipe({"run": {"name": "t"}, "train": {"algo": "baseline-mtp"},
+                           "data": {"sources": [{"name": "cc", "format": "codecontests"}], "max_length": 8,
+                                    "batch_size": 2}})  # fmt: skip
+    data = build_data(config, recipe, Storage(), tokenizer)
+    (stats,) = data.sources
+    tokens = sum(len(tokenizer(e.text)["input_ids"]) + 1 for e in load_examples(uri, "codecontests", Storage()))
+    assert data.metrics() == {
+        "data/cc/shards": 1.0,
+        "data/cc/read": 40.0,
+        "data/cc/kept": 20.0,
+        "data/cc/tokens": float(tokens),
+        "data/cc/skipped/no_accepted_language": 10.0,
+        "data/cc/skipped/no_solutions": 10.0,
+    }
+    assert "source=cc" in str(stats) and "skipped=no_accepted_language:10,no_solutions:10" in str(stats)

@@ -27,7 +27,7 @@ from wmtp.pull import Job, main, pull
 from wmtp.pull import state as pull_state
 from wmtp.pull.fetch import MiB, expected_digest
 from wmtp.pull.state import STATE_DIR, DestLock
-from wmtp.storage import Storage, StorageError
+from wmtp.storage import LocalTree, Storage, StorageError
 
 SECRET = "s3cr3t-never-printed"
 
@@ -395,7 +395,7 @@ def test_lock_left_by_a_killed_puller_on_this_host_is_taken_at_once(tmp_path: Pa
     path = tmp_path / "lock"
     path.write_text(owner_record(socket.gethostname()))  # its flock died with it
     started = time.monotonic()
-    with DestLock(path, stale_after=30):
+    with DestLock(LocalTree(tmp_path), "lock", stale_after=30):
         assert time.monotonic() - started < 5
         assert json.loads(path.read_text())["pid"] == os.getpid()
     assert path.read_text() == ""
@@ -424,17 +424,16 @@ def test_stale_lock_file_from_another_host_is_taken_over_after_the_timeout(tmp_p
     path = tmp_path / "lock"
     path.write_text(owner_record("pod-killed-elsewhere"))
     started = time.monotonic()
-    acquired = acquire_in_background(DestLock(path, stale_after=0.5, poll=0.05))
+    acquired = acquire_in_background(DestLock(LocalTree(tmp_path), "lock", stale_after=0.5, poll=0.05))
     assert acquired.wait(5)
     assert time.monotonic() - started >= 0.5
 
 
 @pytest.mark.usefixtures("no_flock")
 def test_a_live_holder_is_never_taken_over_while_its_heartbeat_runs(tmp_path: Path) -> None:
-    path = tmp_path / "lock"
-    holder = DestLock(path, heartbeat=0.05, poll=0.05)
+    holder = DestLock(LocalTree(tmp_path), "lock", heartbeat=0.05, poll=0.05)
     holder.acquire()
-    acquired = acquire_in_background(DestLock(path, stale_after=0.3, poll=0.05))
+    acquired = acquire_in_background(DestLock(LocalTree(tmp_path), "lock", stale_after=0.3, poll=0.05))
     assert not acquired.wait(1.5)
     holder.release()
     assert acquired.wait(5)

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from wmtp.config import ConfigError
+from wmtp.config import ConfigError, clip
+from wmtp.contract import ExitCode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
@@ -42,10 +48,52 @@ def setup_logging(level: str | None) -> None:
     logging.getLogger("wmtp").setLevel(level.upper())
 
 
-def fail(message: str, code: int = 2) -> None:
+log = logging.getLogger(__name__)
+MAX_ERROR_LINE = 2000
+
+
+def one_line(text: str) -> str:
+    """A message of several lines (a config report, a library's paragraph) as one clipped line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return clip(f"{lines[0].rstrip(':')}: {'; '.join(lines[1:])}", MAX_ERROR_LINE)
+    return clip(lines[0] if lines else text, MAX_ERROR_LINE)
+
+
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
     """One error line (never wrapped, never read as markup), then exit with `code`."""
-    console.print(Text.assemble(("error: ", "red"), message), soft_wrap=True, highlight=False)
+    console.print(Text.assemble(("error: ", "red"), one_line(message)), soft_wrap=True, highlight=False)
     raise typer.Exit(code)
+
+
+def failure(err: Exception, bad_input: tuple[type[BaseException], ...]) -> tuple[str, int]:
+    """(the line to print, the exit code) for a failure: ordinary ones by their kind, anything else as a bug."""
+    from wmtp.storage import StorageError
+
+    if isinstance(err, StorageError):
+        return str(err), err.code
+    if isinstance(err, (ConfigError, *bad_input)):
+        return str(err), ExitCode.BAD_INPUT
+    if isinstance(err, PermissionError):
+        return f"{err.filename or ''}: permission denied; check the file's owner and mode", ExitCode.DENIED
+    if isinstance(err, FileNotFoundError | NotADirectoryError | IsADirectoryError) and err.filename:
+        return f"{err.filename}: {err.strerror}", ExitCode.BAD_INPUT
+    return f"{type(err).__name__}: {err} (an unexpected error: --log-level debug shows where)", ExitCode.ERROR
+
+
+@contextlib.contextmanager
+def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator[None]:
+    """Every failure inside as one unwrapped line on stderr and its exit code (`ExitCode`; the README lists
+    them): ConfigError, StorageError and `bad_input` by their kind, anything else as exit 1. The traceback is
+    logged only at --log-level debug."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except Exception as err:
+        if (log_level or "").lower() == "debug":
+            log.debug("the traceback of the error below", exc_info=True)
+        fail(*failure(err, bad_input))
 
 
 @app.command()
@@ -60,33 +108,44 @@ def train(
     allow_config_change: bool = typer.Option(
         False, help="Resume from a checkpoint written with a different config or recipe."
     ),
+    save_interval: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
+    keep_last: int | None = typer.Option(None, min=1, help="Overrides the recipe's and the config's."),
+    save_final: bool | None = typer.Option(None, "--save-final/--no-save-final", help="Overrides both files'."),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Train a multi-token model with the recipe's algorithm; checkpoints as configured, resumable."""
     setup_logging(log_level)
     from wmtp.checkpoint import CheckpointError
-    from wmtp.config import load
-    from wmtp.contract import ExitCode
+    from wmtp.config import load, override_checkpointing
+    from wmtp.data import DataError
+    from wmtp.models.loading import ModelError
     from wmtp.train import Preempted, Trainer
 
-    try:
-        cfg, rcp = load(config, recipe)
-        trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
-        trainer.train()
-        trainer.dist.close()
-    except (ConfigError, CheckpointError) as err:
-        fail(str(err))
-    except Preempted as stop:
-        console.print(f"[yellow]{stop}[/yellow]")
-        raise typer.Exit(ExitCode.PREEMPTED) from None
+    with reported(log_level, CheckpointError, DataError, ModelError):
+        try:
+            cfg, rcp = load(config, recipe)
+            rcp = override_checkpointing(rcp, save_interval=save_interval, keep_last=keep_last, save_final=save_final)
+            trainer = Trainer(cfg, rcp, resume=resume, allow_config_change=allow_config_change)
+            trainer.train()
+            trainer.dist.close()
+        except Preempted as stop:
+            console.print(f"[yellow]{stop}[/yellow]")
+            raise typer.Exit(ExitCode.PREEMPTED) from None
 
 
 @app.command()
-def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt) -> None:
-    """Dry run: load both files, check every model and dataset exists, show what would run."""
+def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt, log_level: str | None = LogLevelOpt) -> None:
+    """Dry run: load both files, then check what training would hit at its start, and report every problem.
+
+    Models exist; a sample of every dataset parses with the training parser; a probe object can be written
+    to and deleted from the checkpoint store; the MLflow server answers. Exit code: 0 valid, 2 if any problem
+    is in the input, else the first problem's (3 missing, 4 denied, 5 unreachable).
+    """
+    setup_logging(log_level or "warning")
     from wmtp.validation import validate_run
 
-    report = validate_run(str(config), str(recipe))
+    with reported(log_level):
+        report = validate_run(str(config), str(recipe))
     if report.rows:
         table = Table(title="What would run", show_lines=False)
         for column in ("item", "value", "detail"):
@@ -97,8 +156,8 @@ def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt) -> None:
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s):[/red]")
         for problem in report.problems:
-            console.print(f"  - {problem}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(1)
+            console.print(f"  - {one_line(problem.text)}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(report.exit_code)
     console.print("[green]valid[/green]")
 
 
@@ -116,16 +175,16 @@ def tiny_models(dest: Path = typer.Argument(..., help="Folder to write base/, re
 def convert_native(
     src: str = typer.Argument(..., help="Meta's native checkpoint directory: path, file:// or s3://."),
     dst: Path = typer.Argument(..., help="Folder to write the HF model, extra heads and tokenizer into."),
+    log_level: str | None = LogLevelOpt,
 ) -> None:
     """Convert Meta's native multi-token checkpoint (params.json, consolidated*.pth, tokenizer.model)."""
-    setup_logging(None)
+    setup_logging(log_level)
     from wmtp.models.native import convert_native as convert
     from wmtp.storage import Storage
 
-    try:
+    # The converter names the file or tensor in its FileNotFoundError and ValueError.
+    with reported(log_level, FileNotFoundError, ValueError):
         convert(src, dst, Storage())
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err))
     console.print(f"wrote {dst}")
 
 
@@ -135,36 +194,41 @@ StoreArg = typer.Argument(..., help="The run's checkpoint folder: <base_path>/<r
 
 
 @checkpoints_app.command("list")
-def checkpoints_list(uri: str = StoreArg) -> None:
+def checkpoints_list(uri: str = StoreArg, log_level: str | None = LogLevelOpt) -> None:
     """Checkpoints by step, committed or not, with their time and size."""
     import datetime
 
-    from wmtp.checkpoint import CheckpointStore
+    from wmtp.checkpoint import CheckpointError, CheckpointStore
     from wmtp.storage import Storage
 
-    store = CheckpointStore(uri, Storage())
-    table = Table(title=f"Checkpoints in {store.root.uri}")
-    for column in ("step", "time", "size", "committed"):
-        table.add_column(column)
-    for info in store.list(include_uncommitted=True):
-        when = (
-            datetime.datetime.fromtimestamp(info.committed_at).isoformat(" ", "seconds") if info.committed_at else "-"
-        )
-        size = f"{store.storage.size(info.location) / 2**20:.1f} MiB"
-        table.add_row(str(info.step), when, size, "yes" if info.committed else "NO (ignored)")
+    setup_logging(log_level)
+    with reported(log_level, CheckpointError):
+        store = CheckpointStore(uri, Storage())
+        table = Table(title=f"Checkpoints in {store.root.uri}")
+        for column in ("step", "time", "size", "committed"):
+            table.add_column(column)
+        for info in store.list(include_uncommitted=True):
+            stamp = info.committed_at
+            when = datetime.datetime.fromtimestamp(stamp).isoformat(" ", "seconds") if stamp else "-"
+            size = f"{store.storage.size(info.location) / 2**20:.1f} MiB"
+            table.add_row(str(info.step), when, size, "yes" if info.committed else "NO (ignored)")
     Console().print(table)
 
 
 @checkpoints_app.command("prune")
 def checkpoints_prune(
-    uri: str = StoreArg, keep: int = typer.Option(..., min=1, help="Committed checkpoints to keep.")
+    uri: str = StoreArg,
+    keep: int = typer.Option(..., min=1, help="Committed checkpoints to keep."),
+    log_level: str | None = LogLevelOpt,
 ) -> None:
     """Delete all but the newest KEEP committed checkpoints, and uncommitted leftovers older than them."""
-    from wmtp.checkpoint import CheckpointStore
+    from wmtp.checkpoint import CheckpointError, CheckpointStore
     from wmtp.storage import Storage
 
-    for location in CheckpointStore(uri, Storage()).prune(keep):
-        console.print(f"deleted {location.uri}")
+    setup_logging(log_level)
+    with reported(log_level, CheckpointError):
+        for location in CheckpointStore(uri, Storage()).prune(keep):
+            console.print(f"deleted {location.uri}")
 
 
 @app.command()
@@ -189,7 +253,55 @@ def pull(
     from wmtp.pull import main
 
     options = {"workers": workers, "part_size_mb": part_size, "verify": verify}
-    raise typer.Exit(main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region))
+    with reported(log_level):
+        code = main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region)
+    raise typer.Exit(code)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Option(..., "--model", "-m", help="The final model: <checkpoints>/<run>/final (path or URI)."),
+    tasks: str = typer.Option("humaneval", help="Comma-separated tasks: humaneval, mbpp."),
+    k: str = typer.Option("1", "--k", help="Comma-separated k of pass@k, each at most --samples."),
+    samples: int = typer.Option(1, min=1, help="Completions per problem: 1 is greedy, more are sampled."),
+    temperature: float = typer.Option(0.8, min=0.01, help="Sampling temperature when --samples > 1."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Longest completion, in tokens."),
+    limit: int | None = typer.Option(None, min=1, help="At most this many problems per task."),
+    dataset: list[str] = typer.Option([], help="NAME=URI of a task's data (mbpp needs one; humaneval is bundled)."),
+    timeout: float = typer.Option(10.0, min=0.1, help="Seconds a program may run against its tests."),
+    speed_prompts: int = typer.Option(8, min=0, help="Prompts decoded greedily and self-speculatively; 0 skips."),
+    seed: int = typer.Option(0, help="Seed of the sampling."),
+    output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
+    mlflow_run_id: str | None = typer.Option(None, help="Log the metrics to this (training) run; else a new run."),
+    experiment: str = typer.Option("wmtp", help="MLflow experiment of a new eval run."),
+    log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning."),
+) -> None:
+    """pass@k on HumanEval and MBPP in a sandbox, and the speed-up of self-speculative decoding.
+
+    Prints a table on stderr and one JSON line on stdout: the per-task scores and the decoding speed.
+    """
+    setup_logging(log_level)
+    from wmtp.eval.command import datasets, ints, show
+    from wmtp.eval.runner import EvalOptions, log_to_mlflow
+    from wmtp.eval.runner import evaluate as run_eval
+    from wmtp.storage import Storage
+
+    options = EvalOptions(
+        model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], ks=ints(k, "--k"), samples=samples,
+        temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
+        timeout_s=timeout, speed_prompts=speed_prompts, seed=seed,
+    )  # fmt: skip
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("eval", total=None)
+        with reported(log_level, ValueError):
+            report = run_eval(options, Storage(), progress=lambda: bar.advance(task))
+    if output is not None:
+        output.write_text(json.dumps(report, indent=1))
+    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if mlflow_run_id or tracking_uri:
+        report["mlflow_run_id"] = log_to_mlflow(report, tracking_uri, mlflow_run_id, experiment)
+    show(report, options.ks, console)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ ENV_RUN_NAMESPACE = "WMTP_RUN_NAMESPACE"
 ENV_ATTEMPT = "WMTP_ATTEMPT"  # the attempt this pod belongs to: its reports carry it, so stale ones are ignored
 ENV_NODE_RANK = "NODE_RANK"  # the pod's completion index: torchrun's node rank
 ENV_TERMINATION_LOG = "WMTP_TERMINATION_LOG"  # where to write the termination message (default TERMINATION_LOG)
+# Where a pod finds its API credentials (token, ca.crt, namespace): rank 0 reports with them. The operator mounts
+# them (a projected token) into the trainer container alone.
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 # Where the operator mounts things in a trainer pod.
 CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator
@@ -114,9 +117,14 @@ REPORTED_FIELDS: tuple[str, ...] = ("attempt", "step", "loss", "latestCheckpoint
 
 # The trainer's last words, read by the operator from the container's terminated state (the kubelet copies the
 # file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes:
-#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str}
+#   {"reason": STOP_PREEMPTED | STOP_FAILED | STOP_SUCCEEDED, "step": int, "checkpoint": uri, "message": str,
+#    "warnings": [str, ...]}
+# `warnings` lists what went wrong without failing the run (e.g. the final model's MLflow registration): the
+# operator posts each as a Warning Event and shows them in a Succeeded run's status message.
 TERMINATION_LOG = "/dev/termination-log"
 TERMINATION_MESSAGE_MAX = 4096  # what the kubelet keeps
+TERMINATION_REASON, TERMINATION_STEP, TERMINATION_CHECKPOINT = "reason", "step", "checkpoint"
+TERMINATION_MESSAGE, TERMINATION_WARNINGS = "message", "warnings"
 STOP_PREEMPTED = "Preempted"  # stopped on SIGTERM after a committed checkpoint: not a failure
 STOP_FAILED = "Failed"
 STOP_SUCCEEDED = "Succeeded"
@@ -138,10 +146,10 @@ class ExitCode(IntEnum):
 
     OK = 0
     ERROR = 1  # an unexpected error; `wmtp pull`: a transfer or verification failed after retries
-    BAD_INPUT = 2  # config, recipe, arguments, spec file or --resume: the message names the field
-    NOT_FOUND = 3  # `wmtp pull`: bucket, key or prefix missing
-    DENIED = 4  # `wmtp pull`: access denied or no credentials
-    UNREACHABLE = 5  # `wmtp pull`: S3 endpoint unreachable
+    BAD_INPUT = 2  # config, recipe, arguments, spec, dataset, model or --resume: the message names the field or file
+    NOT_FOUND = 3  # an s3:// bucket, key or prefix missing
+    DENIED = 4  # access denied or no credentials (S3, MLflow, a local file's permissions)
+    UNREACHABLE = 5  # the S3 endpoint or the MLflow server cannot be reached
     PREEMPTED = 75  # stopped on SIGTERM after saving a checkpoint; resuming continues where it stopped
 
 

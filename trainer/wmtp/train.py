@@ -23,12 +23,22 @@ from wmtp import contract
 from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
 from wmtp.checkpoint import CheckpointManager, CheckpointStore
-from wmtp.config import Config, OptimSection, Recipe, check_compatible, checkpoint_root, config_hash, flatten
+from wmtp.config import (
+    Config,
+    OptimSection,
+    Recipe,
+    check_compatible,
+    checkpoint_root,
+    config_hash,
+    flatten,
+    resolve_checkpointing,
+)
+from wmtp.conversion import Conversion
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, parallelize
 from wmtp.models import FROZEN_LOADERS, MTPModel, load_mtp_model
 from wmtp.reporting import Reporter
-from wmtp.storage import Location, Storage
+from wmtp.storage import Location, Storage, parse_uri
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -52,14 +62,17 @@ def pick_device(backend: str) -> torch.device:
     return torch.device(backend)
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optim: OptimSection) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: list[torch.nn.Parameter], optim: OptimSection, conversion: Conversion | None = None
+) -> torch.optim.Optimizer:
     # Decay matrices only: decaying norms and biases pulls them towards zero for no regularisation benefit.
-    decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+    scale = conversion.lr_scale_of if conversion else (lambda _: 1.0)
+    scales = sorted({scale(p) for p in params}, reverse=True) or [1.0]
     groups = [
-        {"params": decay, "weight_decay": optim.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+        {"params": [p for p in params if p.requires_grad and (p.ndim >= 2) == decays and scale(p) == s],
+         "weight_decay": optim.weight_decay if decays else 0.0, "lr": optim.lr * s}
+        for s in scales for decays in (True, False)
+    ]  # fmt: skip
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
 
 
@@ -106,6 +119,7 @@ class Trainer:
         allow_config_change: bool = False,
     ) -> None:
         check_compatible(config, recipe)
+        config = resolve_checkpointing(config, recipe)  # recipe checkpoint settings over the config's
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
         self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
@@ -113,6 +127,8 @@ class Trainer:
         self.storage = storage or Storage(config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
+        if self.dist.is_main:  # a store that cannot be written fails now, not at the first save
+            self.storage.probe(parse_uri(checkpoint_root(config, recipe)))
         seed_everything(config.seed)
         models = config.paths.models
         self.model, self.tokenizer = load_mtp_model(
@@ -134,7 +150,8 @@ class Trainer:
         self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
             1, len(self.data.train) // recipe.train.grad_accum
         )
-        self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim)
+        self.conversion = Conversion.build(self.model, recipe)  # new heads first, pretrained parameters slower
+        self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim, self.conversion)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
@@ -169,6 +186,7 @@ class Trainer:
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
         state.mlflow_run_id = self.tracker.run_id
         if not resumed:
+            self.tracker.log_metrics(self.data.metrics(), 0)  # per source: read, kept, skipped, tokens
             self.algorithm.pretrain(
                 self.model,
                 (b.to(self.device) for b in self.data.train),
@@ -208,6 +226,7 @@ class Trainer:
             for key, value in metrics.items():
                 totals[key] = totals.get(key, 0.0) + value / accum
         totals = self.dist.mean(totals)
+        self.conversion.hold(self.state.step)
         if self.recipe.optim.grad_clip is not None:
             totals["grad_norm"] = self.clip_gradients(self.recipe.optim.grad_clip)
         self.optimizer.step()
@@ -284,8 +303,10 @@ class Trainer:
         return final, self.tracker.register_model(model, self.recipe.train.algo)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
         """Unweighted mean CE over all heads on the held-out split: comparable across algorithms."""
+        if not self.data.eval_batches:  # data.eval_fraction 0: no held-out split, so no eval metric at all
+            return None
         self.model.eval()
         total, count = torch.zeros(self.recipe.loss.n_heads), torch.zeros(self.recipe.loss.n_heads)
         for batch in self.data.eval_batches:

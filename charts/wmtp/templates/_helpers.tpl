@@ -27,24 +27,50 @@ app.kubernetes.io/component: operator
 {{- else -}}{{ .Values.watch.namespaces | toJson }}{{- end -}}
 {{- end -}}
 
-{{/* What the operator does to WMTPRuns and their children; shared by the ClusterRole and the Roles. */}}
+{{/* What the operator does to WMTPRuns and their children: exactly the verbs of wmtp_operator.kube.ACCESS (a test
+compares them). Shared by the ClusterRole and the Roles. */}}
 {{- define "wmtp.operatorRules" -}}
 - apiGroups: [wmtp.io]
   resources: [wmtpruns]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch, patch]
 - apiGroups: [wmtp.io]
   resources: [wmtpruns/status]
-  verbs: [get, patch, update]
+  verbs: [patch]
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, delete]
+  verbs: [list, watch]
 - apiGroups: [""]
-  resources: [configmaps, services, persistentvolumeclaims]
-  verbs: [get, list, watch, create, delete, patch]
-- apiGroups: ["", events.k8s.io]
+  resources: [configmaps]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [services, persistentvolumeclaims, serviceaccounts]
+  verbs: [get, create]
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create]
+- apiGroups: [""]
   resources: [events]
   verbs: [create]
+{{- end -}}
+
+{{- define "wmtp.mlflowName" -}}
+{{ include "wmtp.fullname" . | trunc 56 | trimSuffix "-" }}-mlflow
+{{- end -}}
+
+{{/* The tracking URI of runs that set none: the values' default, else the chart's MLflow server, else none. */}}
+{{- define "wmtp.mlflowUri" -}}
+{{- if .Values.defaults.mlflowTrackingUri -}}{{ .Values.defaults.mlflowTrackingUri }}
+{{- else if .Values.mlflow.enabled -}}http://{{ include "wmtp.mlflowName" . }}.{{ .Release.Namespace }}.svc:5000
+{{- end -}}
+{{- end -}}
+
+{{/* MLflow needs a volume for sqlite unless a database URI is given, and for artifacts unless they go to S3. */}}
+{{- define "wmtp.mlflowVolume" -}}
+{{- if or (not .Values.mlflow.databaseUriSecret.name) (not .Values.mlflow.artifacts.s3Uri) -}}true{{- end -}}
 {{- end -}}

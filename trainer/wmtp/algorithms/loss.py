@@ -7,6 +7,7 @@ Algorithms differ only in how they choose the weights w; everything here is algo
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,18 +55,46 @@ def weighted_mtp_loss(ce: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
     return weighted.sum() / mask.sum().clamp_min(1)
 
 
-def normalize_weights(weights: Tensor, mask: Tensor, epsilon: float, max_weight: float) -> Tensor:
-    """Scale to mean 1 over valid targets, clip to [epsilon, max_weight], rescale to mean 1; 0 where masked.
+_BISECTIONS = 64  # halvings of the log-scale bracket (at most ~1400 wide): float64 has nothing more to give
+_MAX_LOG_SCALE = 700.0  # exp() of it stays finite in float64
 
-    The final rescale keeps the loss on the same scale as unweighted CE (so the learning rate transfers
-    between algorithms), at the price of values slightly outside the clip range.
+
+def normalize_weights(weights: Tensor, mask: Tensor, epsilon: float, max_weight: float) -> Tensor:
+    """Weights proportional to `weights` as far as the bounds allow, with mean exactly 1 over valid targets.
+
+    w = clip(c·x, epsilon, max_weight) on valid targets (0 where masked), with the one scale c > 0 that makes
+    their mean 1: every valid weight lies in [epsilon, max_weight], their order is that of x, and the loss stays
+    on the scale of unweighted CE (so the learning rate transfers between algorithms). The mean falls short of 1
+    only when no c can reach it (too few positive x for max_weight): then every positive x weighs max_weight.
+    Inputs all 0 have no preference: every valid target weighs 1. Needs epsilon ≤ 1 ≤ max_weight.
     """
-    weights = weights.detach().float()
-    valid = mask.sum().clamp_min(1)
-    weights = torch.where(mask, weights, torch.zeros_like(weights))
-    weights = weights * valid / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
-    weights = torch.where(mask, weights.clamp(epsilon, max_weight), torch.zeros_like(weights))
-    return weights * valid / weights.sum().clamp_min(torch.finfo(weights.dtype).tiny)
+    if not 0 <= epsilon <= 1 <= max_weight:
+        raise ValueError(f"weights of mean 1 need 0 ≤ epsilon ≤ 1 ≤ max_weight; got {epsilon} and {max_weight}")
+    x = torch.where(mask, weights.detach().double().clamp_min(0), 0.0)
+    n = mask.sum().clamp_min(1).double()
+    positive = mask & (x > 0)
+
+    def mean_at(log_scale: Tensor) -> Tensor:
+        return torch.where(mask, (x * log_scale.exp()).clamp(epsilon, max_weight), 0.0).sum() / n
+
+    # The mean is continuous and non-decreasing in c. At c = 1/max(x) no weight exceeds 1, so the mean is at
+    # most 1; at c = max_weight/min(positive x) it is the largest reachable. Bisect log c between the two, on
+    # the device (no host synchronisation), since softmax weights span many orders of magnitude.
+    log_x = torch.where(positive, x, 1.0).log()
+    low = -torch.where(positive, log_x, -torch.inf).amax().clamp(-_MAX_LOG_SCALE, _MAX_LOG_SCALE)
+    high = (math.log(max_weight) - torch.where(positive, log_x, torch.inf).amin()).clamp(low, _MAX_LOG_SCALE)
+    for _ in range(_BISECTIONS):
+        middle = (low + high) / 2
+        short = mean_at(middle) < 1
+        low, high = torch.where(short, middle, low), torch.where(short, high, middle)
+    # Exact on the final piece, where each target is clipped low, clipped high or free: mean 1 to rounding.
+    scaled = x * high.exp()
+    clipped_low, clipped_high = mask & (scaled <= epsilon), mask & (scaled >= max_weight)
+    free_sum = torch.where(mask & ~clipped_low & ~clipped_high, x, 0.0).sum()
+    exact = (n - clipped_high.sum() * max_weight - clipped_low.sum() * epsilon) / free_sum
+    scale = torch.where(free_sum > 0, exact, high.exp())
+    out = torch.where(mask, (x * scale).clamp(epsilon, max_weight), 0.0)
+    return torch.where(positive.any(), out, mask.double()).float()
 
 
 def align_to_heads(values: Tensor, n_heads: int, offset: int = 0) -> Tensor:

@@ -37,11 +37,15 @@ from wmtp.config.loading import (
     load,
     load_config,
     load_recipe,
+    override_checkpointing,
     parse_config,
     parse_recipe,
+    resolve_checkpointing,
 )
 from wmtp.config.recipe import (
+    DEFAULT_LANGUAGES,
     CheckpointingSection,
+    CodeLanguage,
     CriticSection,
     DataSection,
     DatasetFormat,
@@ -56,11 +60,13 @@ from wmtp.config.recipe import (
 )
 
 __all__ = [
+    "DEFAULT_LANGUAGES",
     "MAX_DOCUMENT_BYTES",
     "MAX_MESSAGE",
     "MAX_NODES",
     "CheckpointPaths",
     "CheckpointingSection",
+    "CodeLanguage",
     "Config",
     "ConfigError",
     "CriticSection",
@@ -90,10 +96,12 @@ __all__ = [
     "load",
     "load_config",
     "load_recipe",
+    "override_checkpointing",
     "parse_config",
     "parse_recipe",
     "parse_yaml",
     "read_document",
     "redact_uri",
+    "resolve_checkpointing",
     "substitute_env",
 ]

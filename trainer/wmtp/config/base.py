@@ -10,7 +10,8 @@ from wmtp.storage import parse_uri
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # inf and nan are refused in every float field: `lr: .inf` would otherwise fail late, inside the optimizer.
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
 def check_uri(value: str | None) -> str | None:
@@ -20,3 +21,6 @@ def check_uri(value: str | None) -> str | None:
 
 
 Uri = Annotated[str, Field(min_length=1)]
+# A dataset's name: it names a pull destination and MLflow metrics (`data/<name>/...`), so plain characters only.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+Name = Annotated[str, Field(pattern=NAME_PATTERN)]

@@ -18,6 +18,7 @@ from wmtp.contract import RENDERED_MARKER
 
 MAX_DOCUMENT_BYTES = 1 << 20  # a recipe is a few KB; a ConfigMap holds at most 1 MiB
 MAX_NODES = 100_000  # after alias expansion: far above any real config, far below a bomb
+MAX_DEPTH = 100  # nesting levels: a config has about five; deeper costs the parser time and recursion
 MAX_MESSAGE = 400  # characters of an error text that may reach a status, an Event or a log line
 
 
@@ -65,6 +66,22 @@ def _expanded_size(root: yaml.Node) -> int:
     return size(root)
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses nesting deeper than MAX_DEPTH while composing, before reading further: the
+    scanner is lazy, so a 1 MiB `[[[[…` costs microseconds instead of a quadratic scan and a RecursionError."""
+
+    _depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
     """One YAML document, bounded in size and in alias expansion; ConfigError naming `source` otherwise."""
     if isinstance(data, bytes):
@@ -76,7 +93,10 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
             raise ConfigError(f"{source}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     if len(data) > max_bytes:
         raise ConfigError(f"{source}: {len(data)} characters, more than the {max_bytes} a document may have")
-    loader = yaml.SafeLoader(data)
+    try:
+        loader = _BoundedLoader(data)  # refuses control characters already
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -88,6 +108,8 @@ def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYT
         raise ConfigError(f"{source}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
     finally:
         loader.dispose()
 
@@ -135,14 +157,21 @@ def read_document(path: os.PathLike[str] | str, max_bytes: int = MAX_DOCUMENT_BY
     return data
 
 
+_MAX_PROBLEMS = 20  # listed per document; the rest are counted
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: {err.error_count()} problem(s)"]
-    for e in err.errors():
+    """One line per problem (at most _MAX_PROBLEMS, each clipped): the dotted field path and what is wrong."""
+    errors = err.errors()
+    lines = [f"{clip(source)}: {len(errors)} problem(s)"]
+    for e in errors[:_MAX_PROBLEMS]:
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key; remove it or check its spelling"
         elif e["type"] == "literal_error" or e["type"] == "enum":
-            msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"  {where}: {msg}")
+            msg = f"{msg} (got {clip(repr(e.get('input')), 100)})"
+        lines.append(clip(f"  {where}: {msg}"))
+    if len(errors) > _MAX_PROBLEMS:
+        lines.append(f"  … and {len(errors) - _MAX_PROBLEMS} more")
     return "\n".join(lines)

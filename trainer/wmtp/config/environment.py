@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 
 from wmtp import contract
-from wmtp.config.base import Strict, Uri, check_uri
+from wmtp.config.base import Name, Strict, Uri, check_uri
 from wmtp.storage import parse_uri
 
 
@@ -33,9 +33,10 @@ class CheckpointPaths(Strict):
 
 class Paths(Strict):
     models: ModelPaths
-    datasets: dict[str, Uri] = Field(
+    datasets: dict[Name, Uri] = Field(
         default_factory=dict,
-        description="Dataset name → URI of a .jsonl/.jsonl.gz file (path, file://, s3://).",
+        description="Dataset name → URI of a .jsonl, .jsonl.gz or .parquet file, or of a folder or prefix of them "
+        "(path, file://, s3://).",
     )
     checkpoints: CheckpointPaths = Field(default_factory=CheckpointPaths)
     output_dir: str = Field(
@@ -73,7 +74,9 @@ class S3Settings(Strict):
 class DistributedSettings(Strict):
     enabled: bool = Field(False, description="Join a torch.distributed process group from the torchrun environment.")
     backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="auto: nccl on CUDA, gloo on CPU.")
-    timeout_s: int = Field(600, ge=1, description="Collective timeout; a dead rank fails the others after this.")
+    timeout_s: int = Field(
+        600, ge=1, le=86_400, description="Collective timeout; a dead rank fails the others after this."
+    )
 
 
 class FSDPSettings(Strict):
@@ -98,5 +101,5 @@ class Config(Strict):
     mlflow: MLflowSettings = Field(default_factory=MLflowSettings)
     s3: S3Settings = Field(default_factory=S3Settings)
     devices: Devices = Field(default_factory=Devices)
-    seed: int = Field(42, description="Seed for python, numpy and torch RNGs and the data order.")
+    seed: int = Field(42, ge=0, lt=2**32, description="Seed for python, numpy and torch RNGs and the data order.")
     log_interval: int = Field(10, ge=1, description="Log metrics every this many optimizer steps.")

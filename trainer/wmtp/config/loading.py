@@ -10,7 +10,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from wmtp import contract
-from wmtp.config.documents import ConfigError, format_validation_error, read_document
+from wmtp.config.documents import ConfigError, clip, format_validation_error, read_document
 from wmtp.config.environment import Config
 from wmtp.config.recipe import Recipe
 
@@ -46,7 +46,7 @@ def check_compatible(
             )
     for data_source in recipe.data.sources:
         if data_source.name not in config.paths.datasets:
-            known = ", ".join(sorted(config.paths.datasets)) or "none"
+            known = clip(", ".join(sorted(config.paths.datasets)) or "none", 200)
             problems.append(f"{datasets}.{data_source.name}: named by the recipe's data.sources; defined: {known}")
     if problems:
         raise ConfigError(f"{source}: " + "\n  ".join(["config and recipe do not fit:", *problems]))
@@ -69,20 +69,45 @@ def load(config_path: str | Path, recipe_path: str | Path) -> tuple[Config, Reci
 
 
 def config_hash(config: Config, recipe: Recipe) -> str:
-    """Fingerprint of what determines training; secrets, output locations and devices are left out (a run
-    may resume on other hardware or another number of ranks)."""
+    """Fingerprint of what determines training; secrets, output locations, devices, logging and checkpoint
+    settings are left out (a run may resume on other hardware, another number of ranks or another cadence)."""
+    left_out = {key: True for key in ("s3", "mlflow", "devices", "log_interval")} | {
+        "paths": {"output_dir", "checkpoints"}
+    }
     payload = {
-        "config": config.model_dump(
-            mode="json", exclude={"s3": True, "mlflow": True, "devices": True, "paths": {"output_dir"}}
-        ),
+        "config": config.model_dump(mode="json", exclude=left_out),
         "recipe": recipe.model_dump(mode="json", exclude={"checkpointing"}),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+_RECIPE_OVERRIDES = ("save_interval", "keep_last", "save_final")
+
+
+def resolve_checkpointing(config: Config, recipe: Recipe) -> Config:
+    """The config with the checkpoint settings the run uses: the recipe's `checkpointing` (save_interval,
+    keep_last, save_final, checkpoint_path as base_path) over the config's `paths.checkpoints`. `wmtp train`'s
+    flags go in first through `override_checkpointing`, so the precedence is CLI > recipe > config."""
+    section = recipe.checkpointing
+    update: dict[str, Any] = {k: getattr(section, k) for k in _RECIPE_OVERRIDES if getattr(section, k) is not None}
+    if section.checkpoint_path is not None:
+        update["base_path"] = section.checkpoint_path
+    checkpoints = config.paths.checkpoints.model_copy(update=update)
+    return config.model_copy(update={"paths": config.paths.model_copy(update={"checkpoints": checkpoints})})
+
+
+def override_checkpointing(recipe: Recipe, **flags: Any) -> Recipe:
+    """The recipe with the command line's checkpoint settings (those not None) in its `checkpointing`."""
+    update = {key: value for key, value in flags.items() if value is not None}
+    unknown = set(update) - set(_RECIPE_OVERRIDES)
+    if unknown:
+        raise ValueError(f"not checkpoint settings: {', '.join(sorted(unknown))}")
+    return recipe.model_copy(update={"checkpointing": recipe.checkpointing.model_copy(update=update)})
+
+
 def checkpoint_root(config: Config, recipe: Recipe) -> str:
     """Where this run's checkpoints go: recipe checkpoint_path > config base_path > ./checkpoints."""
-    base = recipe.checkpointing.checkpoint_path or config.paths.checkpoints.base_path or "./checkpoints"
+    base = resolve_checkpointing(config, recipe).paths.checkpoints.base_path or "./checkpoints"
     return f"{base.rstrip('/')}/{recipe.run.name}"
 
 

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, field_validator
 
 from wmtp import contract
-from wmtp.config.base import Strict, Uri, check_uri
+from wmtp.config.base import Name, Strict, Uri, check_uri
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class RunSection(Strict):
     name: str = Field(
         description="Run name: names the run directory, checkpoint folder and MLflow run.",
         pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$",
+        max_length=200,
     )
-    tags: dict[str, str] = Field(default_factory=dict, description="Extra MLflow tags.")
+    # MLflow's own limits: a longer key or value fails the run at start.
+    tags: dict[Annotated[str, Field(min_length=1, max_length=250)], Annotated[str, Field(max_length=5000)]] = Field(
+        default_factory=dict, max_length=100, description="Extra MLflow tags."
+    )
 
 
 class TrainSection(Strict):
@@ -24,6 +30,12 @@ class TrainSection(Strict):
     num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is unset.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     eval_interval: int = Field(50, ge=1, description="Evaluate held-out loss every this many steps.")
+    head_warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Converting a next-token model: the first this many optimizer steps train only the new heads "
+        "(and the algorithm's own modules); the trunk and the shared unembedding get no update.",
+    )
 
     @field_validator("algo")
     @classmethod
@@ -34,33 +46,48 @@ class TrainSection(Strict):
 
 class OptimSection(Strict):
     name: Literal["adamw"] = Field("adamw", description="Optimizer.")
-    lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay.")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay.")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1).")
     grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null disables clipping.")
     scheduler: Literal["cosine", "constant"] = Field("cosine", description="LR schedule after warmup.")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warmup.")
+    pretrained_lr_scale: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Learning-rate multiplier of the base model's own parameters (embeddings, trunk, head 0, "
+        "unembedding); the new heads and the algorithm's modules take optim.lr.",
+    )
 
 
 DatasetFormat = Literal["mbpp", "codecontests", "humaneval", "jsonl"]
+CodeLanguage = Literal["python3", "python2", "cpp", "java"]
+DEFAULT_LANGUAGES: tuple[CodeLanguage, ...] = ("python3", "python2")
 
 
 class DataSource(Strict):
-    name: str = Field(description="A key of the config's paths.datasets.")
+    name: Name = Field(description="A key of the config's paths.datasets.")
     format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
-    max_samples: int | None = Field(None, ge=1, description="Use at most this many records.")
+    max_samples: int | None = Field(None, ge=1, description="Use at most this many examples.")
+    languages: list[CodeLanguage] = Field(
+        default_factory=lambda: list(DEFAULT_LANGUAGES),
+        min_length=1,
+        description="codecontests: accepted solution languages, most preferred first; a problem without a "
+        "solution in one of them is skipped (and counted).",
+    )
 
     @property
     def resolved_format(self) -> str:
         if self.format:
             return self.format
-        return self.name if self.name in ("mbpp", "codecontests", "humaneval") else "jsonl"
+        return self.name if self.name in get_args(DatasetFormat) else "jsonl"
 
 
 class DataSection(Strict):
     sources: list[DataSource] = Field(min_length=1, description="Datasets to mix, by name.")
-    max_length: int = Field(512, ge=8, description="Tokens per training sequence.")
-    batch_size: int = Field(8, ge=1, description="Sequences per micro-batch (global, across ranks).")
+    max_length: int = Field(512, ge=8, le=1 << 20, description="Tokens per training sequence.")
+    batch_size: int = Field(8, ge=1, le=1 << 20, description="Sequences per micro-batch (global, across ranks).")
     pack: bool = Field(True, description="Concatenate examples into full sequences instead of padding each.")
     eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of examples held out for evaluation.")
 
@@ -73,9 +100,14 @@ class ModelSection(Strict):
 
 class LossSection(Strict):
     n_heads: int = Field(4, ge=1, le=16, description="Output heads; head k predicts token t+k+1.")
-    temperature: float = Field(1.0, gt=0, description="Softmax temperature for weights.")
-    epsilon: float = Field(0.05, ge=0, description="Lower clip of normalised weights.")
-    max_weight: float = Field(3.0, gt=0, description="Upper clip of normalised weights.")
+    # Below 1e-3 the scaled scores overflow float32 into NaN weights.
+    temperature: float = Field(1.0, ge=1e-3, le=1e3, description="Softmax temperature for weights.")
+    epsilon: float = Field(
+        0.05, ge=0, le=1, description="Floor of the final weights (weights have mean 1, so at most 1)."
+    )
+    max_weight: float = Field(
+        3.0, ge=1, description="Ceiling of the final weights (weights have mean 1, so at least 1)."
+    )
 
 
 class Rho1Section(Strict):
@@ -87,13 +119,19 @@ class CriticSection(Strict):
     gamma: float = Field(0.99, ge=0, le=1, description="GAE discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     discount_lambda: float = Field(0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}.")
-    value_coef: float = Field(0.5, ge=0, description="Weight of the value-head MSE in the total loss.")
+    value_coef: float = Field(0.5, ge=0, le=1e3, description="Weight of the value-head MSE in the total loss.")
     pretrain_steps: int = Field(20, ge=0, description="Stage 1: value-head-only steps before MTP training.")
-    pretrain_lr: float = Field(1e-3, gt=0, description="Stage 1 learning rate.")
+    pretrain_lr: float = Field(1e-3, gt=0, le=1, description="Stage 1 learning rate.")
 
 
 class CheckpointingSection(Strict):
+    """Checkpoint settings of the experiment; each one set here overrides the config's paths.checkpoints (and a
+    `wmtp train` flag overrides it in turn: `wmtp.config.resolve_checkpointing`)."""
+
     checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
+    save_interval: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.save_interval.")
+    keep_last: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.keep_last.")
+    save_final: bool | None = Field(None, description="Overrides paths.checkpoints.save_final.")
     auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
 
     _uris = field_validator("checkpoint_path")(check_uri)

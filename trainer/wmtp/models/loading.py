@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from transformers import (
     AutoModelForCausalLM,
@@ -18,6 +20,26 @@ from wmtp.models import native
 from wmtp.models.mtp import LOAD_DTYPE, MTPModel
 from wmtp.storage import Storage, parse_uri
 
+T = TypeVar("T")
+
+
+class ModelError(ValueError):
+    """A model that cannot be loaded from its URI; one line naming the URI and the loader's reason."""
+
+
+def _names_its_uri(load: Callable[..., T]) -> Callable[..., T]:
+    """Turn a loader's OSError or ValueError (transformers' are paragraphs) into one ModelError naming the URI."""
+
+    @functools.wraps(load)
+    def wrapper(uri: str, *args: Any, **kwargs: Any) -> T:
+        try:
+            return load(uri, *args, **kwargs)
+        except (OSError, ValueError) as err:
+            reason = " ".join(str(err).split())
+            raise ModelError(f"{uri}: cannot load a model from it: {reason[:300]}") from err
+
+    return wrapper
+
 
 def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -27,6 +49,7 @@ def load_tokenizer(directory: str | Path) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+@_names_its_uri
 def load_mtp_model(
     uri: str, storage: Storage, n_heads: int, head_type: str
 ) -> tuple[MTPModel, PreTrainedTokenizerBase]:
@@ -43,6 +66,7 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+@_names_its_uri
 def load_reference_model(uri: str, storage: Storage) -> PreTrainedModel:
     """The rho1 reference: a causal LM sharing the base model's tokenizer, in eval mode and frozen."""
     with storage.local_copy(parse_uri(uri)) as directory:
@@ -50,6 +74,7 @@ def load_reference_model(uri: str, storage: Storage) -> PreTrainedModel:
     return _frozen(model)
 
 
+@_names_its_uri
 def load_reward_model(uri: str, storage: Storage) -> PreTrainedModel:
     """The critic's reward model: a one-label sequence classifier, in eval mode and frozen."""
     with storage.local_copy(parse_uri(uri)) as directory:

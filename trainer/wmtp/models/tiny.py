@@ -31,7 +31,7 @@ def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=_EOT, eos_token=_EOT, pad_token=_EOT, unk_token=_EOT)
 
 
-def build_tiny_models(dest: Path, seed: int = 0) -> dict[str, Path]:
+def build_tiny_models(dest: Path, seed: int = 0, layers: int = 2) -> dict[str, Path]:
     """Random tiny Llamas in dest/{base,ref,rm}, each with the tokenizer; same seed, same weights."""
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
@@ -40,7 +40,7 @@ def build_tiny_models(dest: Path, seed: int = 0) -> dict[str, Path]:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         intermediate_size=128,
         max_position_embeddings=512,

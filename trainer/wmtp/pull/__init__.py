@@ -44,6 +44,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from wmtp.config.documents import clip
 from wmtp.contract import ExitCode
 from wmtp.pull.fetch import Fetcher, Meter, MiB
 from wmtp.pull.plan import Job, list_sources, load_spec, plan
@@ -67,15 +68,15 @@ def _pull_dest(
                     f"{dest / obj.rel} would come from {objs[obj.rel].loc.uri} and {obj.loc.uri}", ExitCode.BAD_INPUT
                 )
     state = DestState(dest)
+    state.prepare()
     marker = state.marker()
     if marker["complete"] and not verify:
-        keep, fetch = plan(objs, marker["files"], dest)
+        keep, fetch = plan(objs, marker["files"], state.tree, adopt=False)
         if not fetch:
             return Counter(skipped=len(keep), skipped_bytes=sum(e["size"] for e in keep.values()))
-    state.dir.mkdir(parents=True, exist_ok=True)
     uris = [loc.uri for loc in sources]
-    with DestLock(state.lock_path):
-        keep, fetch = plan(objs, state.known(), dest, pool.map if verify else None)
+    with DestLock(state.tree, state.lock_rel):
+        keep, fetch = plan(objs, state.known(), state.tree, pool.map, rehash=verify)
         size = sum(obj.size for obj in fetch)
         log.info("%s: fetching %d files (%.2f GB), %d already in place", dest, len(fetch), size / 1e9, len(keep))
         state.begin(uris, keep)
@@ -136,10 +137,10 @@ def main(
         summary = pull(jobs, storage, workers=workers, part_size=part_size_mb * MiB, verify=verify,
                        progress=sys.stderr.isatty())  # fmt: skip
     except StorageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {clip(str(err))}", file=sys.stderr)
         return err.code
     except OSError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {clip(str(err))}", file=sys.stderr)
         return ExitCode.ERROR
     print(json.dumps(summary), flush=True)
     return 0

@@ -15,7 +15,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import (
@@ -78,8 +77,7 @@ def expected_digest(head: dict[str, Any]) -> tuple[str, str] | None:
 @dataclass
 class _Transfer:
     obj: ObjectInfo
-    final: Path
-    tmp: Path
+    tmp: str  # relative to the destination, like obj.rel: every access goes through its LocalTree
     ranged: bool
     ranges: list[tuple[int, int]]  # inclusive byte ranges
     left: int = 0
@@ -148,16 +146,16 @@ class Fetcher:
         ranged = obj.size > self.part_size
         starts = range(0, obj.size, self.part_size) if ranged else [0]
         ranges = [(s, min(s + self.part_size, obj.size) - 1) for s in starts]
-        t = _Transfer(
-            obj, self.state.dest / obj.rel, self.state.tmp / f"{self._token}-{n}.part", ranged, ranges, len(ranges)
-        )
+        t = _Transfer(obj, f"{self.state.tmp_rel}/{self._token}-{n}.part", ranged, ranges, len(ranges))
         self._preallocate(t)
         return t
 
-    @staticmethod
-    def _preallocate(t: _Transfer) -> None:
-        with open(t.tmp, "wb") as f:
-            f.truncate(t.obj.size)
+    def _preallocate(self, t: _Transfer) -> None:
+        fd = self.state.tree.open(t.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            os.ftruncate(fd, t.obj.size)
+        finally:
+            os.close(fd)
 
     def _fetch(self, t: _Transfer, start: int, end: int) -> None:
         if self._abort.is_set():
@@ -183,7 +181,7 @@ class Fetcher:
             written = 0
             try:
                 response = self.client.get_object(**args)
-                fd = os.open(t.tmp, os.O_WRONLY)
+                fd = self.state.tree.open(t.tmp, os.O_WRONLY)
                 try:
                     for chunk in response["Body"].iter_chunks(MiB):
                         written += os.pwrite(fd, chunk, start + written)
@@ -204,7 +202,8 @@ class Fetcher:
                 time.sleep(delay)
 
     def _finish(self, t: _Transfer) -> None:
-        obj = t.obj
+        obj, tree = t.obj, self.state.tree
+        final = tree.root / obj.rel
         for attempt in (1, 2):
             head = t.head
             if t.ranged:
@@ -212,8 +211,8 @@ class Fetcher:
                 head = self.client.head_object(**loc, IfMatch=obj.etag, ChecksumMode="ENABLED")
             expected = expected_digest(head)
             algo = expected[0] if expected else "crc32"  # recorded even when unverifiable, for `--verify`
-            size = t.tmp.stat().st_size
-            value = digest(t.tmp, algo) if size == obj.size else ""
+            size = tree.lstat(t.tmp).st_size  # type: ignore[union-attr]
+            value = digest(tree, t.tmp, algo) if size == obj.size else ""
             if size == obj.size and (expected is None or value == expected[1]):
                 break
             if value == "" or expected is None:
@@ -221,18 +220,21 @@ class Fetcher:
             else:
                 problem = f"{algo} {value} instead of {expected[1]}"
             if attempt == 2:
-                raise StorageError(f"{obj.loc.uri} → {t.final}: {problem}, again after downloading it twice")
+                raise StorageError(f"{obj.loc.uri} → {final}: {problem}, again after downloading it twice")
             log.warning("%s: %s; downloading it again", obj.loc.uri, problem)
             self.meter.grow(obj.size)
             self._preallocate(t)
             for start, end in t.ranges:
                 self._get(t, start, end)
-        with open(t.tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the marker must never vouch for data still only in the page cache
-        t.final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(t.tmp, t.final)
+        fd = tree.open(t.tmp, os.O_RDWR)
+        try:
+            os.fsync(fd)  # the marker must never vouch for data still only in the page cache
+            mtime_ns = os.fstat(fd).st_mtime_ns
+        finally:
+            os.close(fd)
+        tree.replace(t.tmp, obj.rel)  # a link planted at the final name is replaced, never written through
         entry = {"bucket": obj.loc.bucket, "key": obj.loc.path, "size": obj.size, "etag": obj.etag,
-                 "mtime_ns": t.final.stat().st_mtime_ns, "digest": {"algo": algo, "value": value},
+                 "mtime_ns": mtime_ns, "digest": {"algo": algo, "value": value},
                  "verified": expected is not None}  # fmt: skip
         self.state.record(obj.rel, entry)
         with self._lock:

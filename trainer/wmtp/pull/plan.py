@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Any
 from wmtp.config.documents import ConfigError, parse_yaml
 from wmtp.contract import ExitCode
 from wmtp.pull.state import STATE_DIR, digest
-from wmtp.storage import Location, ObjectInfo, Storage, StorageError
+from wmtp.storage import LocalTree, Location, ObjectInfo, Storage, StorageError, UnsafePath, safe_relative
 
 log = logging.getLogger(__name__)
 
@@ -50,35 +52,74 @@ def list_sources(storage: Storage, loc: Location) -> list[ObjectInfo]:
 
 
 def _relative(rel: str, loc: Location) -> str:
-    parts = rel.split("/")
-    if any(part in ("", ".", "..") for part in parts) or parts[0] == STATE_DIR:
-        raise StorageError(f"{loc.uri}: key {rel!r} does not map to a path inside the destination")
+    safe_relative(rel, loc.uri)
+    if rel.split("/")[0] == STATE_DIR:
+        raise UnsafePath(f"{loc.uri}: key {rel!r} would land in the puller's own state folder {STATE_DIR}/")
     return rel
 
 
-def _unchanged(entry: dict[str, Any] | None, obj: ObjectInfo, dest: Path) -> bool:
-    listed = {"bucket": obj.loc.bucket, "key": obj.loc.path, "size": obj.size, "etag": obj.etag}
-    if entry is None or any(entry.get(k) != v for k, v in listed.items()):
+def _listed(obj: ObjectInfo) -> dict[str, Any]:
+    return {"bucket": obj.loc.bucket, "key": obj.loc.path, "size": obj.size, "etag": obj.etag}
+
+
+def _unchanged(entry: dict[str, Any] | None, obj: ObjectInfo, tree: LocalTree) -> bool:
+    if entry is None or any(entry.get(k) != v for k, v in _listed(obj).items()):
         return False
-    try:
-        stat = (dest / obj.rel).stat()
-    except OSError:
-        return False
-    return stat.st_size == obj.size and stat.st_mtime_ns == entry.get("mtime_ns")
+    found = tree.lstat(obj.rel)  # a link in a file's place is never trusted: it is fetched again and replaced
+    return (
+        found is not None
+        and stat.S_ISREG(found.st_mode)
+        and found.st_size == obj.size
+        and found.st_mtime_ns == entry.get("mtime_ns")
+    )
+
+
+def _adoptable(obj: ObjectInfo, tree: LocalTree) -> bool:
+    """A file in place without a trusted record, which its single-part ETag (an MD5) can vouch for."""
+    found = tree.lstat(obj.rel)
+    etag = obj.etag.strip('"')
+    return (
+        found is not None
+        and stat.S_ISREG(found.st_mode)
+        and found.st_size == obj.size
+        and re.fullmatch(r"[0-9a-f]{32}", etag) is not None
+    )
 
 
 def plan(
     objs: dict[str, ObjectInfo],
     known: dict[str, dict[str, Any]],
-    dest: Path,
-    rehash: Callable[..., Any] | None = None,
+    tree: LocalTree,
+    hash_map: Callable[..., Any] = map,
+    *,
+    rehash: bool = False,
+    adopt: bool = True,
 ) -> tuple[dict[str, dict[str, Any]], list[ObjectInfo]]:
-    """(entries of the files already in place, objects to fetch); `rehash` (a pool's map) re-hashes the former."""
-    keep = {rel: known[rel] for rel, obj in objs.items() if _unchanged(known.get(rel), obj, dest)}
-    if rehash is not None:
-        intact = list(rehash(lambda rel: digest(dest / rel, keep[rel]["digest"]["algo"]), list(keep)))
-        for (rel, entry), value in zip(list(keep.items()), intact, strict=True):
-            if value != entry["digest"]["value"]:
-                log.warning("%s does not match its recorded %s; fetching it again", dest / rel, entry["digest"]["algo"])
-                del keep[rel]
+    """(entries of the files already in place, objects to fetch); files are hashed through `hash_map` (a pool's).
+
+    `rehash` re-hashes the recorded files too. With `adopt`, files in place without a trusted
+    record (a first pull onto a copy, or state that was ignored) are hashed when their ETag is an MD5 and kept
+    if it matches, so losing the state costs a read of the destination rather than a download.
+    """
+    keep = {rel: known[rel] for rel, obj in objs.items() if _unchanged(known.get(rel), obj, tree)}
+    check = {rel: keep[rel]["digest"]["algo"] for rel in keep} if rehash else {}
+    adopt_rels = [rel for rel, obj in objs.items() if adopt and rel not in keep and _adoptable(obj, tree)]
+    check.update({rel: "md5" for rel in adopt_rels})
+    values = dict(zip(check, hash_map(lambda rel: _digest_or_none(tree, rel, check[rel]), list(check)), strict=True))
+    for rel in adopt_rels:
+        found = tree.lstat(rel)
+        if found is not None and values[rel] == objs[rel].etag.strip('"'):
+            md5 = {"algo": "md5", "value": values[rel]}
+            keep[rel] = {**_listed(objs[rel]), "mtime_ns": found.st_mtime_ns, "digest": md5, "verified": True}
+    for rel in list(keep):
+        if rel in check and rel not in adopt_rels and values[rel] != keep[rel]["digest"]["value"]:
+            log.warning("%s does not match its recorded %s; fetching it again", tree.root / rel, check[rel])
+            del keep[rel]
     return keep, [obj for rel, obj in sorted(objs.items()) if rel not in keep]
+
+
+def _digest_or_none(tree: LocalTree, rel: str, algo: str) -> str | None:
+    try:
+        return digest(tree, rel, algo)
+    except OSError:  # gone or unreadable since it was listed: fetch it
+        return None

@@ -3,6 +3,8 @@
 `parse_uri` is the only place a URI is taken apart; `Storage` reads, lists, writes (atomically) and deletes
 through it, so the puller, the model and data loaders and the checkpoint store behave the same on disk and on
 S3. `describe_error` turns any S3 failure into one `StorageError` line with the exit code that classifies it.
+`LocalTree` is the one way from a remote key to a local file: it refuses keys that would leave its root and
+never follows a symbolic link below it.
 """
 
 from __future__ import annotations
@@ -12,19 +14,33 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from wmtp.contract import ExitCode
+from wmtp.storage.errors import StorageError, UnsafePath, describe_error, error_code, is_transient
+from wmtp.storage.local import LocalTree, safe_relative
+
+__all__ = [
+    "SCHEMES",
+    "LocalTree",
+    "Location",
+    "ObjectInfo",
+    "S3Options",
+    "Storage",
+    "StorageError",
+    "UnsafePath",
+    "describe_error",
+    "error_code",
+    "is_transient",
+    "make_s3_client",
+    "parse_uri",
+    "safe_relative",
+]
 
 SCHEMES = ("file", "s3")
-_NOT_FOUND = {"NoSuchKey", "404", "NotFound", "NoSuchBucket"}
-_DENIED = {"AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-           "ExpiredToken", "InvalidToken", "AccountProblem"}  # fmt: skip
-_TRANSIENT = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "InternalError",
-              "ServiceUnavailable", "500", "502", "503", "504"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -80,53 +96,6 @@ class S3Options(Protocol):
     secret_access_key: Any
 
 
-class StorageError(Exception):
-    """A storage failure to report as one line, with the exit code that classifies it."""
-
-    def __init__(self, message: str, code: int = ExitCode.ERROR) -> None:
-        super().__init__(" ".join(message.split()))
-        self.code = code
-
-
-def error_code(err: Exception) -> str:
-    """The S3 error code of a botocore ClientError ("" for anything else)."""
-    response = getattr(err, "response", None)
-    return str((response or {}).get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
-
-
-def is_transient(err: Exception) -> bool:
-    """Whether S3 answered with a throttling or server error that a later try may not meet."""
-    return error_code(err) in _TRANSIENT
-
-
-def describe_error(err: Exception, uri: str) -> StorageError:
-    """One line naming `uri` and what went wrong, classified: missing, denied, unreachable or failed."""
-    from botocore.exceptions import (
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-    )
-
-    code = error_code(err)
-    if code:
-        message = err.response.get("Error", {}).get("Message") or code  # type: ignore[attr-defined]
-        if code == "NoSuchBucket":
-            return StorageError(f"{uri}: the bucket does not exist", ExitCode.NOT_FOUND)
-        if code in _NOT_FOUND:
-            return StorageError(f"{uri}: no such object or prefix", ExitCode.NOT_FOUND)
-        if code in _DENIED:
-            return StorageError(f"{uri}: access denied ({code}: {message})", ExitCode.DENIED)
-        if code == "PreconditionFailed":
-            return StorageError(f"{uri}: the object changed in S3 while it was read; run it again")
-        return StorageError(f"{uri}: S3 error {code}: {message}")
-    if isinstance(err, NoCredentialsError | PartialCredentialsError):
-        return StorageError(f"{uri}: no usable AWS credentials in the environment or config files", ExitCode.DENIED)
-    if isinstance(err, EndpointConnectionError | ConnectTimeoutError):
-        return StorageError(f"{uri}: cannot reach the S3 endpoint ({err})", ExitCode.UNREACHABLE)
-    return StorageError(f"{uri}: {type(err).__name__}: {err}")
-
-
 @dataclass(frozen=True)
 class ObjectInfo:
     """One S3 object: where it is, its size and ETag, and its key relative to the URI it was listed under."""
@@ -166,8 +135,22 @@ class Storage:
     @property
     def s3(self) -> Any:
         if self._client is None:
-            self._client = make_s3_client(self._s3_settings)
+            try:
+                self._client = make_s3_client(self._s3_settings)
+            except ValueError as err:  # botocore: "Invalid endpoint: ..."
+                raise StorageError(f"s3.endpoint_url: {err}", ExitCode.BAD_INPUT) from None
         return self._client
+
+    @contextlib.contextmanager
+    def _reported(self, loc: Location) -> Iterator[None]:
+        """Any S3 failure inside as one `StorageError` naming `loc`, classified by its exit code."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except (BotoCoreError, ClientError, Boto3Error) as err:
+            raise describe_error(err, loc.uri) from err
 
     def _keys(self, loc: Location) -> Iterator[dict[str, Any]]:
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
@@ -208,20 +191,24 @@ class Storage:
             return Path(loc.path).exists()
         if self.is_file(loc):
             return True
-        return next(self._keys(loc), None) is not None
+        with self._reported(loc):
+            return next(self._keys(loc), None) is not None
 
     def is_file(self, loc: Location) -> bool:
         if not loc.is_s3:
             return Path(loc.path).is_file()
+        if not loc.path:  # a bucket
+            return False
         from botocore.exceptions import ClientError
 
-        try:
-            self.s3.head_object(Bucket=loc.bucket, Key=loc.path)
-            return True
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+        with self._reported(loc):
+            try:
+                self.s3.head_object(Bucket=loc.bucket, Key=loc.path)
+                return True
+            except ClientError as err:
+                if error_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return False
+                raise
 
     def list_dir(self, loc: Location) -> list[str]:
         """Names of the immediate children (files and sub-folders), sorted; empty if nothing is there."""
@@ -230,10 +217,11 @@ class Storage:
             return sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         prefix = loc.path.rstrip("/") + "/" if loc.path else ""
         names: set[str] = set()
-        pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
-        for page in pages:
-            names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-            names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
+        with self._reported(loc):
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=loc.bucket, Prefix=prefix, Delimiter="/")
+            for page in pages:
+                names.update(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+                names.update(o["Key"][len(prefix) :] for o in page.get("Contents", []))
         return sorted(n for n in names if n)
 
     def size(self, loc: Location) -> int:
@@ -243,19 +231,22 @@ class Storage:
             if path.is_file():
                 return path.stat().st_size
             return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if self.is_file(loc):
-            return self.s3.head_object(Bucket=loc.bucket, Key=loc.path)["ContentLength"]
-        return sum(o["Size"] for o in self._keys(loc))
+        with self._reported(loc):
+            if self.is_file(loc):
+                return self.s3.head_object(Bucket=loc.bucket, Key=loc.path)["ContentLength"]
+            return sum(o["Size"] for o in self._keys(loc))
 
     def read_bytes(self, loc: Location) -> bytes:
         if not loc.is_s3:
             return Path(loc.path).read_bytes()
-        return self.s3.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
+        with self._reported(loc):
+            return self.s3.get_object(Bucket=loc.bucket, Key=loc.path)["Body"].read()
 
     def write_bytes(self, loc: Location, data: bytes) -> None:
         """Readers see the old content or the new, never a partial file (S3 PUTs are atomic already)."""
         if loc.is_s3:
-            self.s3.put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
+            with self._reported(loc):
+                self.s3.put_object(Bucket=loc.bucket, Key=loc.path, Body=data)
             return
         path = Path(loc.path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,14 +266,16 @@ class Storage:
             elif path.exists():
                 path.unlink()
             return
-        keys = [{"Key": o["Key"]} for o in self._keys(loc)]
-        if self.is_file(loc):
-            keys.append({"Key": loc.path})
-        for i in range(0, len(keys), 1000):
-            self.s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
+        with self._reported(loc):
+            keys = [{"Key": o["Key"]} for o in self._keys(loc)]
+            if self.is_file(loc):
+                keys.append({"Key": loc.path})
+            for i in range(0, len(keys), 1000):
+                self.s3.delete_objects(Bucket=loc.bucket, Delete={"Objects": keys[i : i + 1000], "Quiet": True})
 
     def download(self, loc: Location, dest: Path) -> Path:
-        """Copy a file or folder to the local path `dest` (a folder is mirrored with its layout)."""
+        """Copy a file or folder to the local path `dest` (a folder is mirrored with its layout). An S3 key that
+        would land outside `dest` is refused (`UnsafePath`), and no link below `dest` is ever followed."""
         if not loc.is_s3:
             src = Path(loc.path)
             if src.is_dir():
@@ -291,16 +284,23 @@ class Storage:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest)
             return dest
-        if self.is_file(loc):
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download_file(loc.bucket, loc.path, str(dest))
-            return dest
-        prefix = loc.path.rstrip("/") + "/" if loc.path else ""
-        for obj in self._keys(loc):
-            target = dest / obj["Key"][len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.s3.download_file(loc.bucket, obj["Key"], str(target))
+        with self._reported(loc):
+            if self.is_file(loc):
+                fetch = self._fetcher(loc.bucket, loc.path)
+                LocalTree(dest.parent).write_atomic(safe_relative(dest.name, loc.uri), fetch)
+                return dest
+            prefix = loc.path.rstrip("/") + "/" if loc.path else ""
+            keys = [o["Key"] for o in self._keys(loc) if not o["Key"].endswith("/")]  # "folder" markers hold nothing
+            if not keys:
+                raise StorageError(f"{loc.uri}: no such object or prefix", ExitCode.NOT_FOUND)
+            rels = [safe_relative(key[len(prefix) :], loc.uri) for key in keys]  # all checked before any write
+            tree = LocalTree(dest)
+            for key, rel in zip(keys, rels, strict=True):
+                tree.write_atomic(rel, self._fetcher(loc.bucket, key))
         return dest
+
+    def _fetcher(self, bucket: str, key: str) -> Callable[[Any], object]:
+        return lambda f: self.s3.download_fileobj(bucket, key, f)
 
     def upload(self, src: Path, loc: Location) -> None:
         """Copy a local file or folder to `loc`."""
@@ -308,16 +308,27 @@ class Storage:
         for file in files:
             target = loc if src.is_file() else loc / file.relative_to(src).as_posix()
             if target.is_s3:
-                self.s3.upload_file(str(file), target.bucket, target.path)
+                with self._reported(target):
+                    self.s3.upload_file(str(file), target.bucket, target.path)
             else:
                 Path(target.path).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(file, target.path)
 
     @contextlib.contextmanager
     def local_copy(self, loc: Location) -> Iterator[Path]:
-        """A local path for `loc`: the path itself on disk, or a temporary download removed afterwards."""
+        """A local path for `loc`: the path itself on disk, or a temporary download removed afterwards. Nothing
+        there is one `StorageError` naming `loc` (not a later failure of whatever reads the path)."""
         if not loc.is_s3:
+            if not Path(loc.path).exists():
+                raise StorageError(f"{loc.uri}: no such file or folder", ExitCode.BAD_INPUT)
             yield Path(loc.path)
             return
         with tempfile.TemporaryDirectory(prefix="wmtp-") as tmp:
-            yield self.download(loc, Path(tmp) / (loc.name or "root"))
+            yield self.download(loc, Path(tmp) / safe_relative(loc.name or "root", loc.uri))
+
+    def probe(self, root: Location) -> None:
+        """Write and delete a small object under `root`: a `StorageError` (or OSError) now, where a checkpoint
+        could not be saved there later."""
+        probe = root / f".wmtp-probe-{uuid.uuid4().hex}"
+        self.write_bytes(probe, b"wmtp write probe\n")
+        self.delete(probe)

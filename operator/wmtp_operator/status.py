@@ -1,0 +1,150 @@
+"""WMTPRun status as pydantic models: the CRD's status schema, and the one part the operator reads back.
+
+Trainers may patch the whole status subresource, so the operator never takes its own state from here (that lives
+in an annotation on the run, see `state.py`); it rewrites these fields on every pass. The one thing it reads is
+`report`, what trainer rank 0 says about its attempt, and that only leniently (`read_report`) and bounded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import ConfigDict, Field
+
+from wmtp import contract
+from wmtp_operator.formats import MAX_URI
+from wmtp_operator.spec import Camel
+
+Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
+
+
+class Condition(Camel):
+    """A standard condition (metav1.Condition)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: str = Field(description="Valid, Applied, Started, SpecApplied, Progressing, Succeeded or Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(description="CamelCase reason for the last transition.")
+    message: str = Field(description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The .metadata.generation it was set for.")
+
+
+class Report(Camel):
+    """What trainer rank 0 reports about its attempt (the only status field trainers write)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    attempt: int | None = Field(None, description="The attempt of the reporting pod ($WMTP_ATTEMPT).")
+    step: int | None = Field(None, description="Last optimizer step.")
+    loss: float | None = Field(None, description="Last training loss.")
+    latest_checkpoint: str | None = Field(
+        None, max_length=MAX_URI, description="Latest committed checkpoint of this attempt."
+    )
+
+
+class Status(Camel):
+    """Observed state, written by the operator; trainer rank 0 writes `report` alone."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    phase: Phase | None = Field(
+        None, description="Pending, Pulling, Running, Restarting, Suspended, Succeeded, Failed."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Valid, Applied, Started, SpecApplied, Progressing, Succeeded and Failed.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    attempt: int | None = Field(None, description="Current attempt (its Job is <run>-a<attempt>); 0: none yet.")
+    restarts: int | None = Field(None, description="Attempts started after a failure (counted against backoffLimit).")
+    preemptions: int | None = Field(
+        None, description="Attempts started after a preemption: an eviction, a disruption or a SIGTERM save."
+    )
+    step: int | None = Field(None, description="Last optimizer step reported by trainer rank 0.")
+    max_steps: int | None = Field(None, description="The recipe's train.max_steps.")
+    progress: str | None = Field(None, description="step/maxSteps.")
+    loss: float | None = Field(None, description="Last training loss reported by trainer rank 0.")
+    latest_checkpoint: str | None = Field(None, description="Latest committed checkpoint reported by rank 0.")
+    resume_from: str | None = Field(None, description="Checkpoint (or resume mode) the current attempt started from.")
+    start_time: str | None = Field(None, description="When the first attempt was created (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")
+    observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
+    message: str | None = Field(None, description="What is happening, or why the run failed.")
+    report: Report | None = Field(
+        None,
+        description=f"Written by trainer rank 0 alone: {', '.join(contract.REPORTED_FIELDS)}. The operator copies "
+        "what it accepts into the fields above.",
+    )
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A report as the operator reads it: every field checked, nothing trusted but its shape."""
+
+    attempt: int
+    step: int | None
+    loss: float | None
+    checkpoint: str | None
+
+
+def read_report(status: Mapping[str, Any]) -> Reported | None:
+    """`status.report`, or None when it is missing or malformed (a trainer writes it; it decides nothing)."""
+    raw = status.get(contract.REPORT_FIELD)
+    if not isinstance(raw, Mapping):
+        return None
+    attempt, step, loss, checkpoint = (raw.get(key) for key in contract.REPORTED_FIELDS)
+    if not _integer(attempt):
+        return None
+    return Reported(
+        attempt,
+        step if _integer(step) else None,
+        float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss) else None,
+        checkpoint if isinstance(checkpoint, str) and 0 < len(checkpoint) <= MAX_URI else None,
+    )
+
+
+def in_checkpoint_root(uri: str, base_path: str, run_name: str) -> bool:
+    """`uri` is one of this run's step checkpoints: <basePath>/<run>/checkpoint_step_N (a plain path and its
+    file:// form are the same place)."""
+
+    def norm(text: str) -> str:
+        return f"file://{text}" if text.startswith("/") else text
+
+    root = f"{norm(base_path).rstrip('/')}/{run_name}/{contract.CHECKPOINT_PREFIX}"
+    return re.fullmatch(re.escape(root) + r"[0-9]+/?", norm(uri)) is not None
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
+
+
+def set_condition(
+    conditions: Sequence[Mapping[str, Any]],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    now: str,
+    generation: int | None = None,
+) -> list[dict[str, Any]]:
+    """Conditions with `type_` set; its lastTransitionTime moves only when its status changes."""
+    previous = next((c for c in conditions if c.get("type") == type_), None)
+    since = previous["lastTransitionTime"] if previous and previous.get("status") == status else now
+    updated = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
+    if generation is not None:
+        updated["observedGeneration"] = generation
+    return [updated if c is previous else dict(c) for c in conditions] if previous else [*conditions, updated]
+
+
+def get_condition(conditions: Any, type_: str) -> Mapping[str, Any]:
+    """The condition of that type, or {} (also when a trainer wrote something that is not a condition list)."""
+    if not isinstance(conditions, list):
+        return {}
+    return next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == type_), {})

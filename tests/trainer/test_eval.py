@@ -1,0 +1,203 @@
+"""`wmtp eval`: the pass@k estimator, the tasks' tests, the sandbox, self-speculative decoding and the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from wmtp.cli import app
+from wmtp.eval.decoding import Decoder
+from wmtp.eval.runner import log_to_mlflow
+from wmtp.eval.sandbox import Limits, landlock_abi, run_program
+from wmtp.eval.scoring import pass_at_k
+from wmtp.eval.tasks import humaneval, humaneval_path, mbpp
+from wmtp.models import MTPModel, load_tokenizer
+from wmtp.storage import Storage
+
+runner = CliRunner(env={"COLUMNS": "200"})
+needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="the kernel has no Landlock")
+
+
+@pytest.mark.parametrize(
+    ("n", "c", "k", "expected"),
+    [
+        (5, 0, 1, 0.0),
+        (5, 5, 1, 1.0),
+        (5, 2, 1, 0.4),  # c/n
+        (5, 2, 2, 0.7),  # 1 − C(3,2)/C(5,2) = 1 − 3/10
+        (10, 1, 5, 0.5),  # 1 − C(9,5)/C(10,5) = 1 − 126/252
+        (3, 1, 3, 1.0),  # every draw of 3 includes the one correct sample
+        (1, 1, 1, 1.0),
+    ],
+)
+def test_pass_at_k_matches_hand_computed_values(n: int, c: int, k: int, expected: float) -> None:
+    assert pass_at_k(n, c, k) == pytest.approx(expected)
+
+
+def test_pass_at_k_refuses_impossible_counts() -> None:
+    with pytest.raises(ValueError, match="k <= n"):
+        pass_at_k(3, 1, 4)
+
+
+def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail() -> None:
+    problems = humaneval(str(humaneval_path()), Storage())[:4]
+    assert len(humaneval(str(humaneval_path()), Storage())) == 164
+    for problem in problems:
+        assert run_program(problem.program(problem.canonical)).passed, problem.task_id
+        wrong = run_program(problem.program("    return None\n"))
+        assert (wrong.passed, wrong.reason) == (False, "failed"), problem.task_id
+
+
+MBPP_FULL = {
+    "task_id": 11,
+    "text": "Write a python function to remove first and last occurrence of a given character from the string.",
+    "code": "def remove_Occ(s,ch):\n    s = s.replace(ch, '', 1)\n    return s[::-1].replace(ch, '', 1)[::-1]",
+    "test_list": [
+        'assert remove_Occ("hello","l") == "heo"',
+        'assert remove_Occ("abcda","a") == "bcd"',
+        'assert remove_Occ("PHP","P") == "H"',
+    ],
+    "test_setup_code": "",
+    "challenge_test_list": [],
+}
+MBPP_SANITIZED = {
+    "source_file": "Benchmark Questions Verification V2.ipynb",
+    "task_id": 2,
+    "prompt": "Write a function to find the shared elements from the given two lists.",
+    "code": "def similar_elements(test_tup1, test_tup2):\n  return tuple(set(test_tup1) & set(test_tup2))",
+    "test_imports": ["import math"],
+    "test_list": [
+        "assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))",
+        "assert math.isfinite(1.0)",
+    ],
+}
+
+
+@pytest.mark.parametrize("record", [MBPP_FULL, MBPP_SANITIZED], ids=["full", "sanitized"])
+def test_mbpp_canonical_solutions_pass_and_wrong_ones_fail(record: dict, tmp_path: Path) -> None:
+    path = tmp_path / "mbpp.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    (problem,) = mbpp(str(path), Storage())
+    assert problem.task_id == f"MBPP/{record['task_id']}"
+    assert run_program(problem.program(problem.canonical)).passed
+    assert not run_program(problem.program("def unrelated():\n    pass")).passed
+
+
+def test_the_sandbox_stops_an_infinite_loop_and_a_memory_hog() -> None:
+    assert run_program("while True:\n    pass\n", Limits(timeout_s=1)).reason == "timeout"
+    assert run_program("x = bytearray(8 << 30)\n", Limits(memory_mb=512)).reason == "memory"
+
+
+@needs_landlock
+def test_the_sandbox_confines_writes_network_and_signals(tmp_path: Path) -> None:
+    outside = tmp_path / "escaped.txt"
+    escaped = run_program(f"open({str(outside)!r}, 'w').write('x')\n")
+    assert (escaped.passed, outside.exists()) == (False, False) and "Permission denied" in escaped.detail
+    assert run_program("open('inside.txt', 'w').write('x')\nassert open('inside.txt').read() == 'x'\n").passed
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        assert not run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n").passed
+    assert not run_program(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n").passed
+
+
+def test_the_sandbox_sees_none_of_the_trainers_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    assert run_program("import os\nassert 'AWS_SECRET_ACCESS_KEY' not in os.environ\n").passed
+
+
+def _tiny_mtp(tiny_models: dict[str, Path], perturb: float) -> tuple[MTPModel, object]:
+    torch.manual_seed(3)
+    model = MTPModel.from_pretrained(tiny_models["base"], n_heads=4, head_type="block")
+    with torch.no_grad():
+        for p in model.extra_heads.parameters():
+            p.add_(perturb * torch.randn_like(p))
+    return model.eval(), load_tokenizer(tiny_models["base"])
+
+
+@pytest.mark.parametrize("perturb", [0.0, 0.05, 1.0])
+def test_self_speculative_decoding_reproduces_greedy_decoding_token_for_token(
+    tiny_models: dict[str, Path], perturb: float
+) -> None:
+    model, tokenizer = _tiny_mtp(tiny_models, perturb)
+    decoder = Decoder(model, tokenizer, max_new_tokens=40)
+    for prompt in ("def fib(n):\n", "import os\nclass Path:", "x = [i * i for i in"):
+        ids = tokenizer(prompt)["input_ids"]
+        greedy, speculative = decoder.greedy(ids), decoder.speculative(ids)
+        assert speculative.tokens == greedy.tokens and len(greedy.tokens) > 5
+        assert greedy.passes == len(greedy.tokens) <= 40
+        # One pass drafts before any verifies: never more than one pass beyond greedy, never over 4 tokens a pass.
+        assert greedy.passes / 4 <= speculative.passes <= greedy.passes + 1
+
+
+def test_speculative_decoding_stops_where_greedy_stops(tiny_models: dict[str, Path]) -> None:
+    model, tokenizer = _tiny_mtp(tiny_models, 0.0)
+    ids = tokenizer("def f(x):\n")["input_ids"]
+    free = Decoder(model, tokenizer, max_new_tokens=40).greedy(ids)
+    stop = tokenizer.decode(free.tokens[5:7])  # a stop string the free run produces after 5+ tokens
+    decoder = Decoder(model, tokenizer, max_new_tokens=40, stop=[stop])
+    greedy, speculative = decoder.greedy(ids), decoder.speculative(ids)
+    assert speculative.tokens == greedy.tokens and len(greedy.tokens) < 40
+    assert stop not in decoder.text(greedy.tokens)
+
+
+@pytest.fixture
+def final_model(tiny_models: dict[str, Path], tmp_path: Path) -> Path:
+    model, tokenizer = _tiny_mtp(tiny_models, 0.05)
+    directory = tmp_path / "final"
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, tmp_path: Path) -> None:
+    mbpp_file = tmp_path / "mbpp.jsonl"
+    mbpp_file.write_text(json.dumps(MBPP_FULL) + "\n" + json.dumps(MBPP_SANITIZED) + "\n")
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", str(final_model), "--tasks", "humaneval,mbpp", "--dataset", f"mbpp={mbpp_file}",
+            "--limit", "2", "--samples", "2", "--k", "1,2", "--max-new-tokens", "8", "--speed-prompts", "2",
+            "--output", str(report)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["tasks"] == {
+        "humaneval": {"problems": 2, "pass@1": 0.0, "pass@2": 0.0},
+        "mbpp": {"problems": 2, "pass@1": 0.0, "pass@2": 0.0},
+    }
+    assert summary["speed"]["identical"] is True and summary["speed"]["mean_accepted"] >= 1.0
+    problems = json.loads(report.read_text())["problems"]
+    assert [p["task_id"] for p in problems["mbpp"]] == ["MBPP/11", "MBPP/2"]
+    assert all(p["n"] == 2 and p["correct"] == 0 for task in problems.values() for p in task)
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--k", "10"], "--k 10 needs --samples of at least 10"),
+        (["--tasks", "mbpp"], "--dataset mbpp=URI is needed"),
+        (["--tasks", "gsm8k"], "unknown task 'gsm8k'"),
+    ],
+)
+def test_eval_command_refuses_bad_options_in_one_line(final_model: Path, args: list[str], says: str) -> None:
+    result = runner.invoke(app, ["eval", "--model", str(final_model), "--speed-prompts", "0", *args])
+    assert result.exit_code == 2 and says in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_eval_metrics_go_to_the_training_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    training = client.create_run(client.create_experiment("wmtp")).info.run_id
+    report = {"model": "s3://b/final", "tasks": {"humaneval": {"problems": 3, "pass@1": 0.25}},
+              "speed": {"speedup": 1.5, "mean_accepted": 2.0}}  # fmt: skip
+    assert log_to_mlflow(report, uri, training, "wmtp") == training
+    logged = client.get_run(training).data.metrics
+    assert logged == {"eval/humaneval/pass_at_1": 0.25, "eval/humaneval/problems": 3.0,
+                      "eval/speculative/speedup": 1.5, "eval/speculative/mean_accepted": 2.0}  # fmt: skip
