@@ -114,7 +114,10 @@ class History:
 
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
-            status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+            try:
+                status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+            except OSError:
+                return  # the cluster is gone: the test ended before it stopped the history
             current = {key: status.get(key) for key in self.FIELDS}
             if not self.seen or self.seen[-1] != current:
                 self.seen.append(current)
