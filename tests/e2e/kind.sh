@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # `make e2e-kind`: the WMTPRun story of tests/e2e/test_story.py on a real kind cluster. This script sets the
-# stage: builds both images (images/build.sh, docker) and loads them into kind, runs S3 (moto) and an MLflow
-# server (from the trainer image) inside the cluster, installs the chart, and forwards both services to this host;
+# stage: builds both images (images/build.sh, docker) and loads them into kind, runs S3 (moto) inside the cluster,
+# installs the chart (with its MLflow server), and forwards both services to this host;
 # the story itself (apply, preempt, kill, resume, succeed, and every assertion) is the same test `make e2e-local`
-# runs, with support.clusters.KindCluster instead of the emulator and the test kubelet.
+# runs, with support.clusters.KindCluster instead of the emulator and the test node.
 # Exit 77 (skipped) where Docker or kind is missing; tests/e2e/test_kind.py wraps it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,32 +31,27 @@ bash images/build.sh
 TRAINER=$(image_ref trainer) OPERATOR=$(image_ref operator)
 kind load docker-image --name "$CLUSTER" "$OPERATOR" "$TRAINER"
 
-log "S3 and MLflow in the cluster"
+log "S3 in the cluster"
 "$KUBECTL" create namespace "$NS" --dry-run=client -o yaml | "$KUBECTL" apply -f -
 "$KUBECTL" -n "$NS" create deployment s3 --image=motoserver/moto:5.0.28 --port=5000 --dry-run=client -o yaml | "$KUBECTL" apply -f -
 "$KUBECTL" -n "$NS" expose deployment s3 --port=9000 --target-port=5000 --dry-run=client -o yaml | "$KUBECTL" apply -f -
-# The trainer image holds mlflow: `--` gives the container's command, in place of the launcher.
-"$KUBECTL" -n "$NS" create deployment mlflow --image="$TRAINER" --port=5000 --dry-run=client -o yaml -- \
-  mlflow server --host 0.0.0.0 --port 5000 --backend-store-uri sqlite:////tmp/mlflow.db \
-  --artifacts-destination /tmp/artifacts | "$KUBECTL" apply -f -
-"$KUBECTL" -n "$NS" expose deployment mlflow --port=5000 --dry-run=client -o yaml | "$KUBECTL" apply -f -
 "$KUBECTL" -n "$NS" rollout status deployment/s3 --timeout=300s
-"$KUBECTL" -n "$NS" rollout status deployment/mlflow --timeout=300s
 
 log "installing the chart"
 "$HELM" upgrade --install wmtp charts/wmtp --namespace "$NS" --wait --timeout 300s \
   --set image.repository="${OPERATOR%:*}" --set image.tag=e2e --set image.pullPolicy=Never \
   --set watch.clusterWide=false --set "watch.namespaces={$NS}"
 "$HELM" test wmtp --namespace "$NS"
+MLFLOW=wmtp-mlflow  # the chart's MLflow server (mlflow.enabled)
 
 "$KUBECTL" -n "$NS" port-forward service/s3 19000:9000 >/dev/null 2>&1 & FORWARDS+=($!)
-"$KUBECTL" -n "$NS" port-forward service/mlflow 15000:5000 >/dev/null 2>&1 & FORWARDS+=($!)
+"$KUBECTL" -n "$NS" port-forward "service/$MLFLOW" 15000:5000 >/dev/null 2>&1 & FORWARDS+=($!)
 sleep 3
 
 log "the story"
 export WMTP_E2E_CLUSTER=kind WMTP_E2E_NAMESPACE=$NS KUBECTL WMTP_E2E_TRAINER_IMAGE=$TRAINER WMTP_E2E_OPERATOR_IMAGE=$OPERATOR
 export WMTP_E2E_S3_URL="http://s3.$NS.svc:9000" WMTP_E2E_S3_LOCAL=http://127.0.0.1:19000
-export WMTP_E2E_MLFLOW_URL="http://mlflow.$NS.svc:5000" WMTP_E2E_MLFLOW_LOCAL=http://127.0.0.1:15000
+export WMTP_E2E_MLFLOW_URL="http://$MLFLOW.$NS.svc:5000" WMTP_E2E_MLFLOW_LOCAL=http://127.0.0.1:15000
 export AWS_ACCESS_KEY_ID=e2e AWS_SECRET_ACCESS_KEY=e2e AWS_DEFAULT_REGION=us-east-1
 "$BIN/pytest" -q tests/e2e/test_story.py
 log "PASSED"
