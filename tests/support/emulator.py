@@ -41,6 +41,7 @@ RESOURCES = {
     "v1/configmaps": ("ConfigMap", True, set()),
     "v1/services": ("Service", True, set()),
     "v1/persistentvolumeclaims": ("PersistentVolumeClaim", True, set()),
+    "v1/secrets": ("Secret", True, set()),
     "v1/serviceaccounts": ("ServiceAccount", True, set()),
     "rbac.authorization.k8s.io/v1/roles": ("Role", True, set()),
     "rbac.authorization.k8s.io/v1/rolebindings": ("RoleBinding", True, set()),
@@ -167,7 +168,9 @@ class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers):
             uid = ((data or {}).get("preconditions") or {}).get("uid")
             if uid and uid != stored["metadata"]["uid"]:
                 raise _failure(409, "Conflict", f"Precondition failed: UID in precondition: {uid}")
-            if kind == "Pod":
+            # A grace period of 0 (the kubelet's own delete once the containers have stopped, or a forced one)
+            # removes the pod at once; any other delete of a pod is graceful.
+            if kind == "Pod" and (data or {}).get("gracePeriodSeconds") != 0:
                 raw = await self.stop_pod((request.resource, request.namespace, request.name))
                 self._after(call)
                 return aiohttp.web.json_response(raw)
@@ -309,8 +312,9 @@ class Emulator:
     def patch(self, kind: str, namespace: str, name: str, patch: Mapping[str, Any], status: bool = False) -> Any:
         return self.request("PATCH", self.path(kind, namespace, name) + ("/status" if status else ""), patch)
 
-    def delete(self, kind: str, namespace: str, name: str) -> Any:
-        return self.request("DELETE", self.path(kind, namespace, name))
+    def delete(self, kind: str, namespace: str, name: str, grace_seconds: int | None = None) -> Any:
+        options = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": grace_seconds}
+        return self.request("DELETE", self.path(kind, namespace, name), options if grace_seconds is not None else None)
 
     # ------------------------------------------------------------------ playing the cluster
 

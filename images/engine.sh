@@ -1,0 +1,24 @@
+# Sourced by the image and e2e scripts: picks the container engine and names the project's images.
+# ENGINE=docker|podman forces one; otherwise docker when its engine answers, else podman (with this folder's
+# containers.conf, exported as CONTAINERS_CONF so that every podman call, the tests' too, uses it).
+_images_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ -z "${ENGINE:-}" ]; then
+  if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker
+  elif command -v podman >/dev/null; then ENGINE=podman
+  else echo "no container engine: install docker, or podman and runc (apt-get install -y podman runc debootstrap)" >&2; exit 1
+  fi
+fi
+if [ "$ENGINE" = podman ]; then
+  export CONTAINERS_CONF=${CONTAINERS_CONF:-$_images_dir/containers.conf}
+fi
+export ENGINE
+
+image_ref() {  # image_ref operator|trainer: the reference `make images` tags
+  local prefix=""
+  [ "$ENGINE" = podman ] && prefix=localhost/
+  echo "${prefix}wmtp-$1:${TAG:-dev}"
+}
+
+image_exists() {
+  "$ENGINE" image inspect "$1" >/dev/null 2>&1
+}

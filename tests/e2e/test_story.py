@@ -1,0 +1,248 @@
+"""The whole WMTPRun story in real containers: preempted, killed, resumed, succeeded.
+
+`make e2e-local` plays it without a cluster (support.clusters.LocalCluster): the operator from its image against
+the emulator, `support.node` running each attempt's pods with `podman kube play`, S3 (moto) and an MLflow
+server on the host. `make e2e-kind` plays the same story on a kind cluster (KindCluster; tests/e2e/kind.sh sets it
+up). `configs/wmtprun.yaml` is applied as written but for where its image, S3 and MLflow are. Its trainer pods
+pull, train under torchrun, get stopped (SIGTERM: a preemption) and later killed (SIGKILL: a failure), and each
+next attempt resumes from the latest committed checkpoint until the run succeeds.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pytest
+import yaml
+
+from support.clusters import KindCluster, LocalCluster, StoryCluster
+from support.runs import HUMANEVAL
+from support.tracking import mlflow_server
+from wmtp.checkpoint import CheckpointStore
+from wmtp.config import S3Settings
+from wmtp.contract import CHECKPOINT_PREFIX
+from wmtp.storage import Storage, parse_uri
+from wmtp_operator.render import INDEX_ANNOTATION, job_name
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_S = 600  # for each stage; the whole story takes a few minutes here
+KIND = os.environ.get("WMTP_E2E_CLUSTER") == "kind"
+
+
+@dataclass
+class Stage:
+    """The cluster and the services the run uses, with their addresses as pods and as this test reach them."""
+
+    cluster: StoryCluster
+    trainer_image: str
+    s3_for_pods: str
+    storage: Storage  # this test's view of the same S3
+    mlflow_for_pods: str
+    mlflow: str  # this test's view of the same MLflow server
+
+
+@pytest.fixture
+def stage(images: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Stage]:
+    if KIND:
+        env = os.environ
+        cluster: StoryCluster = KindCluster(env["WMTP_E2E_NAMESPACE"], env.get("KUBECTL", "kubectl"))
+        storage = Storage(S3Settings(endpoint_url=env["WMTP_E2E_S3_LOCAL"]))
+        with contextlib.closing(cluster):
+            yield Stage(cluster, images.trainer, env["WMTP_E2E_S3_URL"], storage, env["WMTP_E2E_MLFLOW_URL"],
+                        env["WMTP_E2E_MLFLOW_LOCAL"])  # fmt: skip
+        return
+    s3_endpoint, storage = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_storage")
+    workdir = tmp_path / "cluster"
+    workdir.mkdir()
+    with mlflow_server(tmp_path) as tracking_uri:
+        local = LocalCluster(workdir, images.operator, "wmtp-e2e")
+        try:
+            yield Stage(local, images.trainer, s3_endpoint, storage, tracking_uri, tracking_uri)
+        finally:
+            print(local.diagnosis())
+            local.close()
+
+
+def upload_inputs(storage: Storage, models: dict[str, Path]) -> None:
+    """What the run's spec names: the tiny models and HumanEval, in the bucket `configs/wmtprun.yaml` uses."""
+    with contextlib.suppress(storage.s3.exceptions.BucketAlreadyOwnedByYou):
+        storage.s3.create_bucket(Bucket="wmtp")
+    for role in ("base", "ref"):
+        storage.upload(models[role], parse_uri(f"s3://wmtp/models/tiny/{role}"))
+    storage.upload(HUMANEVAL, parse_uri("s3://wmtp/datasets/HumanEval.jsonl.gz"))
+
+
+def manifests(stage: Stage) -> list[dict[str, Any]]:
+    """configs/wmtprun.yaml as a user applies it, pointed at this stage's image, S3 endpoint and MLflow server."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "configs" / "wmtprun.yaml").read_text()) if d]
+    for doc in docs:
+        doc["metadata"]["namespace"] = stage.cluster.namespace
+        if doc["kind"] == "WMTPRun":
+            doc["spec"].update(image=stage.trainer_image, imagePullPolicy="Never")
+            doc["spec"]["s3"]["endpointUrl"] = stage.s3_for_pods
+            doc["spec"]["mlflow"] = {"trackingUri": stage.mlflow_for_pods}
+    return docs
+
+
+def step_of(uri: str | None) -> int | None:
+    match = re.search(rf"{CHECKPOINT_PREFIX}(\d+)", uri or "")
+    return int(match.group(1)) if match else None
+
+
+class History:
+    """Every distinct status of the run, polled in the background (the Events record each transition too)."""
+
+    FIELDS = ("phase", "attempt", "restarts", "preemptions", "step", "latestCheckpoint")
+
+    def __init__(self, cluster: StoryCluster, name: str) -> None:
+        self.cluster, self.name = cluster, name
+        self.seen: list[dict[str, Any]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.1):
+            try:
+                status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+            except OSError:
+                return  # the cluster is gone: the test ended before it stopped the history
+            current = {key: status.get(key) for key in self.FIELDS}
+            if not self.seen or self.seen[-1] != current:
+                self.seen.append(current)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def trainer_pods(cluster: StoryCluster, run: str, attempt: int) -> list[dict[str, Any]]:
+    pods = cluster.pods(**{"batch.kubernetes.io/job-name": job_name(run, attempt)})
+    return sorted(pods, key=lambda p: int(p["metadata"]["annotations"][INDEX_ANNOTATION]))
+
+
+def resume_arg(pod: dict[str, Any]) -> str:
+    trainer = next(c for c in pod["spec"]["containers"] if c["name"] == "trainer")
+    args = [*trainer.get("command", []), *trainer.get("args", [])]
+    return args[args.index("--resume") + 1]
+
+
+def terminated(status: dict[str, Any]) -> dict[str, Any]:
+    """The trainer container's terminated state in a pod status ({} while it runs)."""
+    statuses = status.get("containerStatuses") or []
+    return next((s["state"].get("terminated") or {} for s in statuses if s["name"] == "trainer"), {})
+
+
+def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
+    stage: Stage, launcher: bool, tiny_models: dict[str, Path]
+) -> None:
+    cluster, storage = stage.cluster, stage.storage
+    upload_inputs(storage, tiny_models)
+    docs = manifests(stage)
+    run = next(d for d in docs if d["kind"] == "WMTPRun")
+    name, max_steps = run["metadata"]["name"], run["spec"]["recipe"]["train"]["max_steps"]
+    save_interval = run["spec"]["checkpoints"]["saveInterval"]
+    store = CheckpointStore(f"{run['spec']['checkpoints']['basePath']}/{name}", storage)
+    secret = {k: base64.b64encode(b"e2e").decode() for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    meta = {"name": run["spec"]["s3"]["credentialsSecret"], "namespace": cluster.namespace}
+    cluster.create({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": secret})
+    for doc in docs:
+        cluster.create(doc)
+    history = History(cluster, name)
+
+    def status() -> dict[str, Any]:
+        return (cluster.get("WMTPRun", name) or {}).get("status") or {}
+
+    def pods_of(attempt: int) -> list[dict[str, Any]]:
+        pods = trainer_pods(cluster, name, attempt)
+        return pods if len(pods) == run["spec"]["nodes"] else []
+
+    # Attempt 1: both pods pull, train under torchrun, and rank 0 reports the first periodic checkpoint.
+    def first_checkpoint_or_failure() -> bool:
+        return step_of(status().get("latestCheckpoint")) == save_interval or status().get("phase") == "Failed"
+
+    cluster.wait(first_checkpoint_or_failure, f"attempt 1 to report its checkpoint at step {save_interval}", TIMEOUT_S)
+    if status().get("phase") == "Failed" and not launcher:
+        pytest.xfail(f"the trainer image has no `wmtp launch`, which the pods run: {status().get('message')}")
+    assert status().get("phase") != "Failed", status().get("message")
+    first = pods_of(1)
+    assert [p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] for p in first] == [0, 0]
+
+    # A preemption: SIGTERM to rank 1's container. Both ranks save one more checkpoint and stop.
+    cluster.stop_container(first[1]["metadata"]["name"])
+    cluster.wait(lambda: status().get("attempt") == 2, "attempt 2 to start", TIMEOUT_S)
+    stopped = terminated(cluster.last_status(first[1]["metadata"]["name"]))
+    preempted = store.latest()
+    assert preempted is not None and save_interval < preempted.step < max_steps
+    print(f"preempted at step {preempted.step}; rank 1 ended with {stopped}")
+
+    # Attempt 2 resumes from the checkpoint the preemption committed, then trains past the next one.
+    second = cluster.wait(lambda: pods_of(2), "attempt 2's pods", TIMEOUT_S)
+    assert [resume_arg(p) for p in second] == [preempted.location.uri] * 2
+    cluster.wait(lambda: f"resumed step={preempted.step} " in cluster.logs(second[0]["metadata"]["name"]),
+                 f"attempt 2 to resume at step {preempted.step}", TIMEOUT_S)  # fmt: skip
+    cluster.wait(lambda: (step_of(status().get("latestCheckpoint")) or 0) > preempted.step,
+                 "attempt 2 to report a newer checkpoint", TIMEOUT_S)  # fmt: skip
+    reported = status()["latestCheckpoint"]
+
+    # A failure: SIGKILL to rank 0's container. No checkpoint; the next attempt resumes from the reported one.
+    cluster.kill_container(second[0]["metadata"]["name"])
+    cluster.wait(lambda: status().get("attempt") == 3, "attempt 3 to start", TIMEOUT_S)
+    killed = terminated(cluster.last_status(second[0]["metadata"]["name"]))
+    third = cluster.wait(lambda: pods_of(3), "attempt 3's pods", TIMEOUT_S)
+    assert [resume_arg(p) for p in third] == [reported] * 2
+    cluster.wait(lambda: status().get("phase") in ("Succeeded", "Failed"), "the run to finish", TIMEOUT_S)
+    history.stop()
+    final = cluster.get("WMTPRun", name) or {}
+    done = final["status"]
+    logs = cluster.logs(third[0]["metadata"]["name"])
+
+    # The story as it happened: status transitions (one Event each), counts, progress, resumes, artefacts.
+    print("status history:", *history.seen, sep="\n  ")
+    events = cluster.events(name)
+    print("events:", events)
+    assert done["phase"] == "Succeeded", done.get("message")
+    assert done["attempt"] == 3
+    assert done["step"] == done["maxSteps"] == max_steps
+    assert final["spec"]["resumeFrom"] == reported
+    assert f"resumed step={step_of(reported)} " in logs
+    assert killed.get("exitCode") == 137 and killed.get("reason") == "Error", killed
+    assert cluster.denied() in ([], None)  # every report the trainer sent was authorized by the run's Role
+    assert cluster.operator_user() == "1000"
+    assert store.is_committed(store.final_location)
+    client = mlflow.MlflowClient(tracking_uri=stage.mlflow, registry_uri=stage.mlflow)
+    assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
+
+    # What needs work in flight elsewhere is checked last. Each check is strict once its piece is there (the
+    # launcher in the image); until then a miss is an expected failure that names what it waits for, and every
+    # other miss fails the test.
+    failures, waiting = [], []
+    preempted_exit = stopped.get("exitCode") == 75 and '"Preempted"' in stopped.get("message", "")
+    (failures if launcher else waiting).append(
+        None if preempted_exit else f"the stopped trainer should exit 75 with a Preempted message: {stopped}"
+    )
+    counts = done.get("restarts"), done.get("preemptions")
+    (failures if launcher else waiting).append(
+        None if counts == (1, 1) else f"restarts, preemptions should be 1, 1: {counts}"
+    )
+    expected = ["Pending", "Pulling", "Running", "Restarting", "Pulling", "Running", "Restarting", "Pulling",
+                "Running", "Succeeded"]  # fmt: skip
+    if events != expected:
+        # Known: the operator reports Pending while the trainers start after their init container.
+        steady = [e for i, e in enumerate(events) if not (i and e == "Pending" and events[i - 1] == "Pulling")]
+        (waiting if steady == expected else failures).append(f"transitions should be {expected}: {events}")
+    failures, waiting = [m for m in failures if m], [m for m in waiting if m]
+    assert not failures, "\n".join(failures)
+    if waiting:
+        pytest.xfail("waiting for the launcher or steady phases:\n" + "\n".join(waiting))
