@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from support import sharded_load as sharded
 from wmtp.cli import app
 from wmtp.config import ModelPaths
+from wmtp.contract import ExitCode
 from wmtp.models import (
     MTPModel,
     build_tiny_models,
@@ -276,12 +277,12 @@ def test_models_that_cannot_train_together_are_refused_by_validate_and_by_train(
     runner = CliRunner(env={"COLUMNS": "400"})
 
     validated = runner.invoke(app, ["validate", "-c", str(config), "-r", str(recipe)])
-    assert validated.exit_code == 1
+    assert validated.exit_code == ExitCode.BAD_INPUT
     assert message in " ".join(validated.output.split())
     assert "MISMATCH" in validated.output
 
     trained = runner.invoke(app, ["train", "-c", str(config), "-r", str(recipe)])
-    assert trained.exit_code == 2
+    assert trained.exit_code == ExitCode.BAD_INPUT
     assert message in " ".join(trained.output.split())
 
 

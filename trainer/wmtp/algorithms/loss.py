@@ -57,6 +57,7 @@ def weighted_mtp_loss(ce: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
 
 _BISECTIONS = 64  # halvings of the log-scale bracket (at most ~1400 wide): float64 has nothing more to give
 _MAX_LOG_SCALE = 700.0  # exp() of it stays finite in float64
+_NEGLIGIBLE = 1e-300  # of the largest weight: 1/_NEGLIGIBLE times max_weight is still below exp(_MAX_LOG_SCALE)
 
 
 def normalize_weights(weights: Tensor, mask: Tensor, epsilon: float, max_weight: float) -> Tensor:
@@ -66,22 +67,27 @@ def normalize_weights(weights: Tensor, mask: Tensor, epsilon: float, max_weight:
     their mean 1: every valid weight lies in [epsilon, max_weight], their order is that of x, and the loss stays
     on the scale of unweighted CE (so the learning rate transfers between algorithms). The mean falls short of 1
     only when no c can reach it (too few positive x for max_weight): then every positive x weighs max_weight.
+    An x below 1e-300 of the largest counts as 0, since no float64 scale lifts it.
     Inputs all 0 have no preference: every valid target weighs 1. Needs epsilon ≤ 1 ≤ max_weight.
     """
     if not 0 <= epsilon <= 1 <= max_weight:
         raise ValueError(f"weights of mean 1 need 0 ≤ epsilon ≤ 1 ≤ max_weight; got {epsilon} and {max_weight}")
     x = torch.where(mask, weights.detach().double().clamp_min(0), 0.0)
     n = mask.sum().clamp_min(1).double()
+    # Scale-free, so divide by the largest first: a subnormal largest weight would otherwise need a scale past
+    # float64's range. What is then below _NEGLIGIBLE no float64 scale could lift to a weight: it counts as 0.
+    x = x / x.amax().clamp_min(torch.finfo(torch.float64).tiny)
+    x = torch.where(x < _NEGLIGIBLE, 0.0, x)
     positive = mask & (x > 0)
 
     def mean_at(log_scale: Tensor) -> Tensor:
         return torch.where(mask, (x * log_scale.exp()).clamp(epsilon, max_weight), 0.0).sum() / n
 
-    # The mean is continuous and non-decreasing in c. At c = 1/max(x) no weight exceeds 1, so the mean is at
-    # most 1; at c = max_weight/min(positive x) it is the largest reachable. Bisect log c between the two, on
-    # the device (no host synchronisation), since softmax weights span many orders of magnitude.
+    # The mean is continuous and non-decreasing in c. At c = 1 no weight exceeds 1, so the mean is at most 1;
+    # at c = max_weight/min(positive x) it is the largest reachable. Bisect log c between the two, on the
+    # device (no host synchronisation), since softmax weights span many orders of magnitude.
     log_x = torch.where(positive, x, 1.0).log()
-    low = -torch.where(positive, log_x, -torch.inf).amax().clamp(-_MAX_LOG_SCALE, _MAX_LOG_SCALE)
+    low = torch.zeros((), dtype=torch.float64, device=x.device)
     high = (math.log(max_weight) - torch.where(positive, log_x, torch.inf).amin()).clamp(low, _MAX_LOG_SCALE)
     for _ in range(_BISECTIONS):
         middle = (low + high) / 2
@@ -92,7 +98,9 @@ def normalize_weights(weights: Tensor, mask: Tensor, epsilon: float, max_weight:
     clipped_low, clipped_high = mask & (scaled <= epsilon), mask & (scaled >= max_weight)
     free_sum = torch.where(mask & ~clipped_low & ~clipped_high, x, 0.0).sum()
     exact = (n - clipped_high.sum() * max_weight - clipped_low.sum() * epsilon) / free_sum
-    scale = torch.where(free_sum > 0, exact, high.exp())
+    # Rounding can put `exact` outside the bracket (0 when the clipped-high targets alone reach mean 1, inf when
+    # the free sum underflows); the bracket's ends are adjacent floats by now, so either is as good.
+    scale = torch.where(free_sum > 0, exact.clamp(low.exp(), high.exp()), high.exp())
     out = torch.where(mask, (x * scale).clamp(epsilon, max_weight), 0.0)
     return torch.where(positive.any(), out, mask.double()).float()
 
