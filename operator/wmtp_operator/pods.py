@@ -223,19 +223,29 @@ def last_checkpoint(pods: Sequence[Obj]) -> str | None:
     return best[1] if best else None
 
 
-def _in_init(pod: Obj) -> bool:
+def _init_done(pod: Obj) -> bool:
+    inits = _status(pod).get("initContainerStatuses") or []
+    return bool(inits) and all("terminated" in (c.get("state") or {}) for c in inits)
+
+
+def _past_scheduling(pod: Obj) -> bool:
+    """Its init container has started: pulling models, or done and the trainer starting."""
     return _status(pod).get("phase") == "Pending" and any(
-        "running" in (c.get("state") or {}) for c in _status(pod).get("initContainerStatuses") or []
+        {"running", "terminated"} & set(c.get("state") or {}) for c in _status(pod).get("initContainerStatuses") or []
     )
 
 
 def progress(pods: Sequence[Obj], nodes: int, attempt: int) -> tuple[str, str]:
-    """Phase and message of a healthy, unfinished attempt."""
+    """Phase and message of a healthy, unfinished attempt.
+
+    Pulling lasts from the first init container's start until every trainer runs, so that a run goes Pending →
+    Pulling → Running and never back to Pending while its trainers start after their pulls.
+    """
     phases = [_status(p).get("phase") for p in pods]
     running = phases.count("Running")
     if running and running + phases.count("Succeeded") >= nodes:
         return "Running", f"attempt {attempt}: {running}/{nodes} pods running"
-    pulling = sum(1 for p in pods if _in_init(p))
-    if pulling:
-        return "Pulling", f"attempt {attempt}: {pulling}/{nodes} pods pulling models"
+    pulling = sum(1 for p in pods if _past_scheduling(p) and not _init_done(p))
+    if running or any(_past_scheduling(p) for p in pods):
+        return "Pulling", f"attempt {attempt}: {pulling}/{nodes} pods pulling models, {running}/{nodes} running"
     return "Pending", f"attempt {attempt}: {running}/{nodes} pods running"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 
 import pytest
@@ -32,12 +31,3 @@ def images() -> Images:
     if not (trainer and operator and shutil.which(engine)):
         pytest.skip(SKIP_REASON)
     return Images(trainer=trainer, operator=operator, engine=engine)
-
-
-@pytest.fixture(scope="session")
-def launcher(images: Images) -> bool:
-    """Whether the trainer image has the launcher (its entry point) yet: `wmtp launch --help` succeeds."""
-    from support.runtime import podman_env
-
-    probe = [images.engine, "run", "--rm", "--network", "none", images.trainer, "--help"]
-    return subprocess.run(probe, capture_output=True, env=podman_env(), timeout=300).returncode == 0

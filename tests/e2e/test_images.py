@@ -146,10 +146,8 @@ def test_full_training_run_on_a_read_only_root_filesystem(images: Any, volumes: 
 
 
 def test_sigterm_commits_a_checkpoint_and_exits_preempted_within_the_grace_period(
-    images: Any, launcher: bool, volumes: dict[str, Path], tmp_path: Path
+    images: Any, volumes: dict[str, Path], tmp_path: Path
 ) -> None:
-    if not launcher:
-        pytest.xfail(f"the trainer image has no `{' '.join(LAUNCH_COMMAND)}` yet (the launcher is being written)")
     store = run_files(volumes, steps=100_000, save_interval=100_000)
     termination_log = tmp_path / "termination-log"
     termination_log.touch(mode=0o666)

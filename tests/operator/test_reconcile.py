@@ -51,6 +51,7 @@ def pod(
 
 
 PULLING = {"initContainerStatuses": [{"name": "pull", "state": {"running": {}}}]}
+PULLED = {"initContainerStatuses": [{"name": "pull", "state": {"terminated": {"exitCode": 0}}}]}
 
 
 def ended(code: int, reason: str = "Error", message: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -126,6 +127,11 @@ CASES = [
     Case("init containers pulling", state(), [job(1)],
          [pod(1, 0, "Pending", **PULLING), pod(1, 1, "Pending", **PULLING)],
          status={"phase": "Pending"}, phase="Pulling", events=["Normal Pulling"], message="2/2 pods pulling"),
+    Case("pulled, the trainers starting: still Pulling, never back to Pending", state(), [job(1)],
+         [pod(1, 0, "Pending", **PULLED), pod(1, 1, "Pending", **PULLING)], status={"phase": "Pulling"},
+         phase="Pulling", message="1/2 pods pulling models, 0/2 running"),
+    Case("one trainer running, the other starting", state(), [job(1)], [pod(1, 0), pod(1, 1, "Pending", **PULLED)],
+         status={"phase": "Pulling"}, phase="Pulling", message="0/2 pods pulling models, 1/2 running"),
     Case("all pods running", state(), [job(1)], RUNNING, status={"phase": "Pulling"}, phase="Running",
          events=["Normal Running"], message="2/2 pods running", conditions={"Started": "True Started"}),
     Case("all pods succeeded", state(), [job(1)], [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], phase="Succeeded",
