@@ -66,7 +66,8 @@ class OperatorContainer:
     """The operator image run with podman against the emulator, as its Deployment runs it: non-root, read-only
     root filesystem, no capabilities; on the host's network, with a kubeconfig naming the emulator."""
 
-    def __init__(self, emulator: Emulator, image: str, directory: Path) -> None:
+    def __init__(self, emulator: Emulator, image: str, directory: Path, mlflow: str | None = None) -> None:
+        """`mlflow`: the tracking server for runs that name none, as the chart's own server is."""
         directory.mkdir(parents=True, exist_ok=True)
         kubeconfig = emulator.kubeconfig(directory)
         kubeconfig.chmod(0o644)
@@ -76,6 +77,7 @@ class OperatorContainer:
             "run", "--detach", "--pull=never", "--name", self.name, "--network", "host",
             "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--volume", f"{kubeconfig}:/etc/wmtp-e2e/kubeconfig:ro", "--env", "KUBECONFIG=/etc/wmtp-e2e/kubeconfig",
+            *(["--env", f"WMTP_DEFAULT_MLFLOW_URI={mlflow}"] if mlflow else []),
             image, "--standalone", f"--liveness={self.liveness}",
         )  # fmt: skip
         wait_for(self.alive, timeout=60, interval=0.2, what=f"the operator's liveness endpoint ({self.name})")
@@ -106,7 +108,7 @@ class LocalCluster:
     """The emulator (API server, Job controller, GC) with its front door for pods, a node running them with podman,
     and the operator container."""
 
-    def __init__(self, workdir: Path, operator_image: str, namespace: str) -> None:
+    def __init__(self, workdir: Path, operator_image: str, namespace: str, mlflow: str | None = None) -> None:
         self.namespace = namespace
         self.emulator = Emulator()
         self.api = SecureApi(self.emulator, workdir)
@@ -115,7 +117,7 @@ class LocalCluster:
         root_ca = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"ca.crt": self.api.ca}}
         self.emulator.create(root_ca)
         self.node = Node(self.emulator, PodmanRuntime(), workdir / "pods", namespace, self.api)
-        self.operator = OperatorContainer(self.emulator, operator_image, workdir / "operator")
+        self.operator = OperatorContainer(self.emulator, operator_image, workdir / "operator", mlflow)
 
     def create(self, obj: dict[str, Any]) -> None:
         self.emulator.create({**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}})

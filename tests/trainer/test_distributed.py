@@ -258,14 +258,15 @@ def test_a_hung_rank_fails_the_others_after_the_configured_timeout(work: Path, t
     os.kill(rank1, signal.SIGSTOP)
     stopped = time.monotonic()
     try:
-        while running(rank0) and time.monotonic() - stopped < TIMEOUT_S + 30:
+        while running(rank0) and time.monotonic() - stopped < 3 * TIMEOUT_S:
             time.sleep(0.1)
         waited = time.monotonic() - stopped
     finally:
         os.kill(rank1, signal.SIGKILL)  # torchrun's agent would wait 30 s for a stopped worker to take SIGTERM
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0, output
-    assert TIMEOUT_S - 1 < waited < TIMEOUT_S + 10, output
+    # The default timeout is 30 min: twice the configured one leaves room for a loaded machine and still proves it.
+    assert TIMEOUT_S - 1 < waited < 2 * TIMEOUT_S, output
 
 
 @pytest.fixture(scope="module")
