@@ -14,7 +14,6 @@ import json
 import subprocess
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,7 +22,7 @@ from support.emulator import Emulator
 from support.node import Node, wait_until
 from support.runtime import PodmanRuntime, podman
 from support.secure_api import SecureApi
-from support.waiting import free_port, wait_for
+from support.waiting import answers, free_port, wait_for
 
 
 class StoryCluster(Protocol):
@@ -86,11 +85,7 @@ class OperatorContainer:
         state = podman("inspect", "--format", "{{.State.Status}}", self.name, check=False).stdout.strip()
         if state not in ("running", "created", "configured"):
             raise RuntimeError(f"the operator container is {state or 'gone'}:\n{self.output()}")
-        try:
-            with urllib.request.urlopen(self.liveness, timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return answers(self.liveness)
 
     def output(self) -> str:
         result = podman("logs", self.name, check=False)

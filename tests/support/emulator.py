@@ -32,7 +32,7 @@ import aiohttp.web
 import kmock
 
 from support.controllers import PODS, Controllers, Kubelet, now, terminated
-from support.waiting import free_port, wait_for
+from support.waiting import answers, free_port, wait_for
 
 RESOURCES = {
     "wmtp.io/v1alpha1/wmtpruns": ("WMTPRun", True, {"status"}),
@@ -417,11 +417,7 @@ class OperatorProcess:
     def alive(self) -> bool:
         if self.process.poll() is not None:
             raise RuntimeError(f"the operator exited with {self.process.returncode}:\n{self.output()}")
-        try:
-            with urllib.request.urlopen(self.liveness, timeout=1) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        return answers(self.liveness)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")

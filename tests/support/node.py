@@ -18,7 +18,6 @@ import base64
 import re
 import signal
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from support.pods import (
 )
 from support.runtime import Runtime
 from support.secure_api import SecureApi
-from support.waiting import free_port
+from support.waiting import free_port, wait_for
 
 DEFAULT_GRACE_S = 30  # terminationGracePeriodSeconds when a pod does not say
 _PORT_ARG = re.compile(r"^(--[\w-]*port=)(\d+)$")
@@ -309,13 +308,10 @@ def _mapped(arg: str, mapping: dict[int, int]) -> str:
 
 def wait_until(check: Callable[[], Any], timeout: float, what: str, node: Node, interval: float = 0.25) -> Any:
     """Poll `check` until truthy; fail at once if the node's loop broke, with `what` on a timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def checked() -> Any:
         if node.errors:
             raise AssertionError("the test node failed:\n" + node.errors[0])
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+        return check()
+
+    return wait_for(checked, timeout, interval, what)
