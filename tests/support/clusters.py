@@ -61,6 +61,15 @@ class StoryCluster(Protocol):
     def close(self) -> None: ...
 
 
+def reasons(events: list[dict[str, Any]], name: str) -> list[str]:
+    """The reasons of the Events about `name`, oldest first: timestamps have whole seconds, so the order within one
+    second is the API server's write order (resourceVersion: etcd's revision on a real cluster)."""
+    about = [e for e in events if e["involvedObject"]["name"] == name]
+    about.sort(key=lambda e: (e.get("firstTimestamp") or e["metadata"]["creationTimestamp"],
+                              int(e["metadata"]["resourceVersion"])))  # fmt: skip
+    return [e["reason"] for e in about]
+
+
 class OperatorContainer:
     """The operator image run with podman against the emulator, as its Deployment runs it: non-root, read-only
     root filesystem, no capabilities; on the host's network, with a kubeconfig naming the emulator."""
@@ -124,7 +133,7 @@ class LocalCluster:
         return self.emulator.list("Pod", self.namespace, **labels)
 
     def events(self, name: str) -> list[str]:
-        return [e["reason"] for e in self.emulator.list("Event", self.namespace) if e["involvedObject"]["name"] == name]
+        return reasons(self.emulator.list("Event", self.namespace), name)
 
     def logs(self, pod: str) -> str:
         return self.node.logs(pod)
@@ -204,9 +213,7 @@ class KindCluster:
 
     def events(self, name: str) -> list[str]:
         about = f"involvedObject.name={name}"
-        listing = json.loads(self._run("get", "events", "--field-selector", about, "-o", "json"))
-        items = sorted(listing["items"], key=lambda e: e.get("firstTimestamp") or e["metadata"]["creationTimestamp"])
-        return [e["reason"] for e in items]
+        return reasons(json.loads(self._run("get", "events", "--field-selector", about, "-o", "json"))["items"], name)
 
     def logs(self, pod: str) -> str:
         return self._run("logs", pod, "-c", "trainer", check=False)
