@@ -177,6 +177,15 @@ EVAL_TASKS: dict[str, str] = {
     "mbpp": "MBPP: short Python programs from a description and tests (full or sanitized records; give its URI)",
 }
 EVAL_BUNDLED: tuple[str, ...] = ("humaneval",)
+# The speed headline TERMINATION_EVAL["speed"] carries (`wmtp eval`'s names), with each value's type; the operator
+# copies them into status.eval.speed.
+EVAL_SPEED_FIELDS: dict[str, type] = {
+    "speedup": float, "mean_accepted": float, "tokens_per_pass": float, "identical": bool,
+    "greedy_tokens_per_s": float, "speculative_tokens_per_s": float, "prompts": int,
+}  # fmt: skip
+MAX_EVAL_SCORES = 16  # pass@k values per task in the termination message and status.eval
+# An MLflow run id (32 hex digits by default), as the final model's marker and status.eval name it.
+MLFLOW_RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 # ----------------------------------------------------------------------------- checkpoint layout
 

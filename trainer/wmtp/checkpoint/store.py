@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.config import clip
-from wmtp.contract import CHECKPOINT_PREFIX, COMMITTED, FINAL_DIR, step_dir_name
+from wmtp.contract import CHECKPOINT_PREFIX, COMMITTED, FINAL_DIR, MLFLOW_RUN_ID, step_dir_name
 from wmtp.storage import Location, Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ STATE_FILE = "trainer_state.json"
 FINAL_ALGORITHM = "algorithm.safetensors"  # in final/: the algorithm's trainable modules, by their module keys
 MAX_MARKER_BYTES = 16 * 2**20  # a marker lists files; anything larger is not one
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # an MLflow run id (32 hex digits by default)
+_RUN_ID = re.compile(MLFLOW_RUN_ID)
 
 __all__ = [
     "COMMITTED",

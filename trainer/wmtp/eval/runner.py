@@ -11,6 +11,7 @@ import torch
 
 from wmtp.checkpoint import CheckpointError, CheckpointStore
 from wmtp.config import redact_uri
+from wmtp.contract import EVAL_SPEED_FIELDS, MAX_EVAL_SCORES
 from wmtp.eval.decoding import Decoder, Generation
 from wmtp.eval.sandbox import Limits, confinement
 from wmtp.eval.scoring import TaskResult, score
@@ -126,12 +127,6 @@ def metrics(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-# The headline of `speed` that the termination message carries.
-SPEED_SUMMARY = ("speedup", "mean_accepted", "tokens_per_pass", "identical", "greedy_tokens_per_s",
-                 "speculative_tokens_per_s", "prompts")  # fmt: skip
-MAX_SUMMARY_SCORES = 16  # pass@k per task in the termination message: it must stay within a few KB
-
-
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The report's headline for the termination message (`contract.TERMINATION_EVAL`): scores, speed and the
     MLflow run, rounded; never per-problem data."""
@@ -142,10 +137,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     speed = report.get("speed")
     return {
         "tasks": {
-            name: {key: short(value) for key, value in list(scores.items())[: 1 + MAX_SUMMARY_SCORES]}
+            name: {key: short(value) for key, value in list(scores.items())[: 1 + MAX_EVAL_SCORES]}
             for name, scores in report["tasks"].items()
         },
-        "speed": {key: short(speed[key]) for key in SPEED_SUMMARY if key in speed} if speed else None,
+        "speed": {key: short(speed[key]) for key in EVAL_SPEED_FIELDS if key in speed} if speed else None,
         "mlflow_run_id": report.get("mlflow_run_id"),
     }
 
