@@ -75,7 +75,8 @@ def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator
     logged only at --log-level debug."""
     try:
         yield
-    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+    except (typer.Exit, typer.Abort, typer.BadParameter, click.exceptions.Exit, click.exceptions.Abort,
+            click.ClickException):  # fmt: skip
         raise
     except Exception as err:
         if (log_level or "").lower() == "debug":

@@ -76,7 +76,7 @@ def last_words(*bad_input: type[BaseException]) -> Iterator[Termination]:
     try:
         yield ended
         ended.reason, ended.exit_code = STOP_SUCCEEDED, ExitCode.OK
-    except click.ClickException as err:  # a bad option value
+    except (click.ClickException, typer.BadParameter) as err:  # a bad option value (typer's click is its own)
         ended.message, ended.exit_code = clip(err.format_message(), 2000), err.exit_code
         raise
     except Exception as err:
