@@ -286,17 +286,21 @@ class Eval(Camel):
         )
     )
 
-    tasks: list[_EVAL_TASK] = Field(
+    tasks: list[Annotated[_EVAL_TASK, Field(description="A task's name.")]] = Field(
         default_factory=lambda: ["humaneval"],
         min_length=1,
         max_length=len(contract.EVAL_TASKS),
         description="Code tasks to score: "
         + "; ".join(f"{name}: {what}" for name, what in contract.EVAL_TASKS.items())
         + ".",
-        json_schema_extra={"x-kubernetes-list-type": "set"},
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["humaneval"]},
     )
-    k: list[Annotated[int, Field(ge=1, le=1000)]] = Field(
-        default_factory=lambda: [1], min_length=1, max_length=8, description="The k of pass@k, each at most samples."
+    k: list[Annotated[int, Field(ge=1, le=1000, description="One k of pass@k.")]] = Field(
+        default_factory=lambda: [1],
+        min_length=1,
+        max_length=8,
+        description="The k of pass@k, each at most samples.",
+        json_schema_extra={"default": [1]},
     )
     samples: int = Field(1, ge=1, le=1000, description="Completions per problem: 1 is greedy, more are sampled.")
     limit: int | None = Field(None, ge=1, description="At most this many problems per task. Unset: all of them.")
@@ -306,7 +310,7 @@ class Eval(Camel):
         default_factory=dict,
         description="Task → URI of its data (.jsonl/.jsonl.gz, a folder or a prefix); "
         f"{', '.join(t for t in contract.EVAL_TASKS if t not in contract.EVAL_BUNDLED)} needs one.",
-        json_schema_extra={"maxProperties": len(contract.EVAL_TASKS)},
+        json_schema_extra={"maxProperties": len(contract.EVAL_TASKS), "default": {}},
     )
     speed_prompts: int = Field(
         8,
