@@ -5,6 +5,7 @@ evicted or deleted, the Job failed or vanished, the pods never started), its end
 state annotation (restarts + 1, or preemptions + 1 for an eviction, a disruption or a SIGTERM save), its Job is
 deleted, and once all its pods are gone (their SIGTERM saves included: the fence) the next attempt starts from
 the latest accepted checkpoint. Past backoffLimit, or for a reason no retry can fix, the run fails.
+After a success, `evaluation` decides the evaluation spec.eval asks for (phase Evaluating until it ends).
 
 Everything is derived from the state annotation and what is observed now, so running it twice, or after an
 operator restart, changes nothing more. Callers apply the actions in order and patch the status last.
