@@ -245,7 +245,7 @@ class Controllers:
                     ],
                 },
                 "spec": {**template["spec"], "hostname": name},
-                "status": kubelet.initial_status(template["spec"]["containers"][0]["name"]),
+                "status": kubelet.initial_status(main_container(template)),
             }
             await self._add(PODS, pod)
 
