@@ -126,6 +126,7 @@ def manifest() -> dict[str, Any]:
                         ),
                         _column("Checkpoint", "string", ".status.latestCheckpoint", "Latest accepted checkpoint.", 1),
                         _column("Message", "string", ".status.message", "What is happening, or why it failed.", 1),
+                        _column("Eval", "string", ".status.eval.message", "Evaluation results, or why it failed.", 1),
                     ],
                     "schema": {"openAPIV3Schema": open_api_schema()},
                 }

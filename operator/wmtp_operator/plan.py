@@ -16,7 +16,7 @@ from wmtp_operator.status import TERMINAL, get_condition, set_condition
 
 Obj = Mapping[str, Any]
 FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
-PROGRESSING = ("Pending", "Pulling", "Running", "Restarting")
+PROGRESSING = ("Pending", "Pulling", "Running", "Restarting", "Evaluating")
 WARNING_PHASES = ("Restarting", "Failed")
 # A condition turning False for one of these is progress, not a problem: no Warning Event.
 QUIET_REASONS = ("Starting", "NextAttempt")
@@ -162,6 +162,7 @@ def status_of(old: Obj, outcome: Outcome, state: State, now: str, generation: in
         "maxSteps": outcome.max_steps if isinstance(outcome.max_steps, int) else None,
         "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
         "loss": loss if isinstance(loss, float | int) and not isinstance(loss, bool) else None,
+        "eval": state.evaluation.model_dump(by_alias=True, exclude_none=True) if state.evaluation else None,
     }
     new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
     conditions = dict(outcome.conditions)

@@ -5,6 +5,7 @@ evicted or deleted, the Job failed or vanished, the pods never started), its end
 state annotation (restarts + 1, or preemptions + 1 for an eviction, a disruption or a SIGTERM save), its Job is
 deleted, and once all its pods are gone (their SIGTERM saves included: the fence) the next attempt starts from
 the latest accepted checkpoint. Past backoffLimit, or for a reason no retry can fix, the run fails.
+After a success, `evaluation` decides the evaluation spec.eval asks for (phase Evaluating until it ends).
 
 Everything is derived from the state annotation and what is observed now, so running it twice, or after an
 operator restart, changes nothing more. Callers apply the actions in order and patch the status last.
@@ -20,8 +21,8 @@ from pydantic import ValidationError
 
 from wmtp import contract
 from wmtp.config import ConfigError
+from wmtp_operator import evaluation, render
 from wmtp_operator import pods as podstat
-from wmtp_operator import render
 from wmtp_operator.plan import (
     FOREIGN_RETRY_SECONDS,
     Action,
@@ -86,6 +87,12 @@ class _Pass:
             p for p in observed.pods if (p["metadata"].get("labels") or {}).get(render.RUN_UID_LABEL) != self.uid
         ]
         self.pods = [p for p in observed.pods if p not in self.foreign]
+        # The evaluation's Job and pod are no attempt's: attempts never see them.
+        self.eval_jobs = [j for j in self.jobs if render.is_evaluation(j)]
+        self.eval_pods = [p for p in self.pods if render.is_evaluation(p)]
+        self.jobs = [j for j in self.jobs if j not in self.eval_jobs]
+        self.pods = [p for p in self.pods if p not in self.eval_pods]
+        self.evaluating = False
         self.actions: list[Action] = []
         self.events: list[Event] = []
         self.phase = "Pending"  # every path below decides it
@@ -106,8 +113,20 @@ class _Pass:
             self._watch_attempt()
         if self.state.final is not None:
             self.phase, self.message = self.state.final, self.state.message or ""
+            if self.state.final == "Succeeded" and self.run is not None:
+                self._evaluate(self.run)
         elif self.state.ending is not None or self.state.attempt == 0:
             self._next_attempt()
+
+    def _evaluate(self, run: Run) -> None:
+        decision = evaluation.decide(run, self.state, self.eval_jobs, self.eval_pods, self.now, self.generation)
+        if decision is None:
+            return
+        self.state, self.evaluating, self.requeue = decision.state, decision.pending, decision.requeue
+        self.actions += decision.actions
+        self.events += decision.events
+        self.conditions.update(decision.conditions)
+        self.phase, self.message = decision.phase, f"{self.message}; {decision.message}"
 
     def _recover_attempt(self) -> None:
         """An operator killed after creating an attempt's Job but before recording it: the Job says."""
@@ -393,4 +412,6 @@ class _Pass:
         new = status_of(self.old, outcome, self.state, self.now, self.generation)
         changes = {key: value for key, value in new.items() if self.old.get(key) != value}
         events = events_of(self.old, new, outcome, self.events)
-        return Plan(self.actions, changes, events, self.requeue, final=self.state.final is not None)
+        return Plan(
+            self.actions, changes, events, self.requeue, final=self.state.final is not None and not self.evaluating
+        )

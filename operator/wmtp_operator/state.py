@@ -21,6 +21,7 @@ from wmtp import contract
 from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.spec import Camel, Spec
+from wmtp_operator.status import Evaluation
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a
@@ -28,7 +29,7 @@ STATE_ANNOTATION = f"{contract.GROUP}/state"
 DEFINITION = ("algorithm", "models", "datasets", "recipe", "checkpoints.basePath")
 # Spec fields that act at once rather than on the next attempt, or that only the operator writes.
 _NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "algorithm", "recipe", "recipe_ref",
-                    "models", "datasets"}  # fmt: skip
+                    "models", "datasets", "eval"}  # fmt: skip
 
 Cause = Literal["failure", "preemption", "suspend"]
 
@@ -74,6 +75,7 @@ class State(Camel):
     applied: dict[str, str] = Field(default_factory=dict)  # the operational fields the current attempt uses
     rejected: str | None = Field(None, max_length=MAX_URI)  # the last reported checkpoint refused (warned once)
     refused: Refusal | None = None
+    evaluation: Evaluation | None = None  # spec.eval's Job, once created, and how it ended
 
     @classmethod
     def load(cls, metadata: Mapping[str, Any]) -> tuple[State, str | None]:

@@ -13,13 +13,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, create_model
 
 from wmtp import contract
+from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.spec import Camel
 
-Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Evaluating", "Succeeded", "Failed"]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 
 
@@ -28,7 +29,7 @@ class Condition(Camel):
 
     model_config = ConfigDict(extra="ignore")
 
-    type: str = Field(description="Valid, Applied, Started, SpecApplied, Progressing, Succeeded or Failed.")
+    type: str = Field(description="Valid, Applied, Started, SpecApplied, Progressing, Evaluated, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(description="Human-readable details.")
@@ -49,17 +50,58 @@ class Report(Camel):
     )
 
 
+def _finite(kind: type) -> dict[str, Any]:
+    return {"allow_inf_nan": False} if kind is float else {}
+
+
+EvalSpeed = create_model(
+    "EvalSpeed",
+    __base__=Camel,
+    __doc__="The speed-up of self-speculative decoding over greedy decoding of the same prompts.",
+    __config__=None,
+    **{
+        name: (kind | None, Field(None, description=name.replace("_", " "), **_finite(kind)))
+        for name, kind in contract.EVAL_SPEED_FIELDS.items()
+    },
+)
+
+
+class Evaluation(Camel):
+    """The evaluation of the final model (spec.eval): its Job, how it went, the headline results."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    phase: Literal["Running", "Succeeded", "Failed"] = Field(description="Running, Succeeded or Failed.")
+    job: str = Field(max_length=253, description="The evaluation Job.")
+    message: str | None = Field(
+        None, max_length=MAX_MESSAGE, description="The results in one line, or why the evaluation failed."
+    )
+    tasks: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Task → its number of problems and pass@k scores, e.g. {humaneval: {problems: 164, pass@1: 0.25}}.",
+        json_schema_extra={"maxProperties": len(contract.EVAL_TASKS)},
+    )
+    speed: EvalSpeed | None = Field(None, description="Self-speculative against greedy decoding.")  # type: ignore[valid-type]
+    mlflow_run_id: str | None = Field(
+        None, pattern=contract.MLFLOW_RUN_ID, description="The MLflow run holding the metrics (the training run's)."
+    )
+    start_time: str | None = Field(None, description="When the evaluation Job was created (RFC 3339).")
+    completion_time: str | None = Field(None, description="When the evaluation ended (RFC 3339).")
+
+
 class Status(Camel):
     """Observed state, written by the operator; trainer rank 0 writes `report` alone."""
 
     model_config = ConfigDict(extra="ignore")
 
     phase: Phase | None = Field(
-        None, description="Pending, Pulling, Running, Restarting, Suspended, Succeeded, Failed."
+        None,
+        description="Pending, Pulling, Running, Restarting, Suspended, Evaluating (training succeeded; spec.eval "
+        "runs), Succeeded, Failed.",
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Valid, Applied, Started, SpecApplied, Progressing, Succeeded and Failed.",
+        description="Valid, Applied, Started, SpecApplied, Progressing, Evaluated, Succeeded and Failed.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     attempt: int | None = Field(None, description="Current attempt (its Job is <run>-a<attempt>); 0: none yet.")
@@ -77,6 +119,7 @@ class Status(Camel):
     completion_time: str | None = Field(None, description="When the run succeeded or failed (RFC 3339).")
     observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
     message: str | None = Field(None, description="What is happening, or why the run failed.")
+    eval: Evaluation | None = Field(None, description="The evaluation of the final model, when spec.eval asks for one.")
     report: Report | None = Field(
         None,
         description=f"Written by trainer rank 0 alone: {', '.join(contract.REPORTED_FIELDS)}. The operator copies "

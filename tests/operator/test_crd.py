@@ -79,6 +79,7 @@ def test_printer_columns_show_progress_and_loss_and_wide_adds_checkpoint_message
         "Preemptions": (".status.preemptions", 1),
         "Checkpoint": (".status.latestCheckpoint", 1),
         "Message": (".status.message", 1),
+        "Eval": (".status.eval.message", 1),
     }
     assert version["subresources"] == {"status": {}}
     assert crd["spec"]["names"]["shortNames"] == ["wr"]
@@ -140,6 +141,8 @@ INVALID = [
     ({"metadata.name": "tiny.rho1"}, "metadata.name must be a DNS-1035 label"),
     ({"metadata.name": "1run"}, "metadata.name must be a DNS-1035 label"),
     ({"metadata.name": "run-$(X)"}, "metadata.name must be a DNS-1035 label"),
+    ({"spec.eval": {"tasks": ["mbpp"]}}, "eval.datasets.mbpp is required when eval.tasks lists mbpp"),
+    ({"spec.eval": {"k": [1, 10], "samples": 5}}, "eval.k: every k of pass@k must be at most eval.samples"),
 ]
 
 
@@ -169,6 +172,9 @@ def test_invalid_runs_are_rejected_with_the_cel_message(
         ({"spec.startupTimeout": "soon"}, "spec.startupTimeout: 'soon' does not match"),
         ({"spec.terminationGracePeriodSeconds": 1}, "spec.terminationGracePeriodSeconds: 1 is less than"),
         ({"spec.devices": {"mixedPrecision": "fp8"}}, "spec.devices.mixedPrecision: 'fp8' is not one of"),
+        ({"spec.eval": {"tasks": ["gsm8k"]}}, "spec.eval.tasks.0: 'gsm8k' is not one of"),
+        ({"spec.eval": {"timeout": "forever"}}, "spec.eval.timeout: 'forever' does not match"),
+        ({"spec.eval": {"temperature": 0}}, "spec.eval.temperature: 0 is less than"),
     ],
 )
 def test_schema_rejects_wrong_types_enums_and_unknown_fields(

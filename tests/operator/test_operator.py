@@ -139,6 +139,7 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
         "Preemptions": 0,
         "Checkpoint": CKPT,
         "Message": "attempt 2 succeeded",
+        "Eval": None,
     }
     conditions = {c["type"]: c["status"] for c in run["status"]["conditions"]}
     assert conditions["Succeeded"] == "True" and conditions["Progressing"] == "False"
@@ -443,3 +444,96 @@ def test_expansion_attempts_in_a_spec_reach_the_pod_as_text(
     assert command[-2:] == ["--resume", "/$(AWS_SECRET_ACCESS_KEY)"] and "s3cr3t" not in " ".join(command)
     recipe = cluster.api.get("ConfigMap", cluster.ns, f"{RUN}-config")["data"]["recipe.yaml"]
     assert recipe.startswith(contract.RENDERED_MARKER) and "$(AWS_SECRET_ACCESS_KEY)" in recipe
+
+
+EVAL = {"tasks": ["humaneval", "mbpp"], "k": [1], "limit": 4, "speedPrompts": 2,
+        "datasets": {"mbpp": "s3://wmtp/data/mbpp.jsonl"}}  # fmt: skip
+
+
+def _trained_with_eval(cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    """Training of a run with spec.eval succeeds; returns the evaluation's pod once the phase says Evaluating."""
+    cluster.create(make_run(**{"spec.eval": EVAL}))
+    pods = cluster.running()
+    cluster.report(1, 60)
+    for pod in pods:
+        cluster.api.exit(cluster.ns, pod, 0, {"reason": contract.STOP_SUCCEEDED, "step": 60})
+    cluster.until(lambda: cluster.status().get("phase") == "Evaluating", "phase Evaluating")
+    return cluster.until(lambda: cluster.api.pods(cluster.ns, f"{RUN}-eval"), "the evaluation's pod")[0]
+
+
+def _columns(run: dict[str, Any], crd: dict[str, Any]) -> dict[str, Any]:
+    return {c["name"]: _column(run, c["jsonPath"]) for c in crd["spec"]["versions"][0]["additionalPrinterColumns"]}
+
+
+def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_status(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]], crd: dict[str, Any]
+) -> None:
+    from wmtp.eval.command import headline
+    from wmtp.eval.runner import summary
+    from wmtp.reporting import Termination
+
+    api, ns = cluster.api, cluster.ns
+    pod = _trained_with_eval(cluster, make_run)
+    assert _columns(cluster.run(), crd)["Phase"] == "Evaluating" and cluster.jobs() == [f"{RUN}-a1", f"{RUN}-eval"]
+    job = api.get("Job", ns, f"{RUN}-eval")
+    (owner,) = job["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["controller"], job["spec"]["backoffLimit"]) == (
+        "WMTPRun", RUN, True, 0
+    )  # fmt: skip
+    (evaluator,) = job["spec"]["template"]["spec"]["containers"]
+    command = argv(evaluator, {})
+    assert command[:4] == ["wmtp", "eval", "--model", f"s3://wmtp/checkpoints/{RUN}/final"]
+    assert command[command.index("--tasks") + 1] == "humaneval,mbpp" and "mbpp=s3://wmtp/data/mbpp.jsonl" in command
+    assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
+    default = cluster.operator.env["WMTP_DEFAULT_MLFLOW_URI"]
+    assert {"name": "MLFLOW_TRACKING_URI", "value": default} in evaluator["env"]
+
+    # What `wmtp eval` leaves behind: its own termination message, made by its own code.
+    report = {
+        "model": f"s3://wmtp/checkpoints/{RUN}/final",
+        "tasks": {"humaneval": {"problems": 4, "pass@1": 0.25}, "mbpp": {"problems": 4, "pass@1": 0.5}},
+        "speed": {"prompts": 2, "tokens": 64, "identical": True, "greedy_tokens_per_s": 100.0, "heads": 4,
+                  "speculative_tokens_per_s": 180.0, "speedup": 1.8, "tokens_per_pass": 2.0, "mean_accepted": 2.5},
+        "mlflow_run_id": "0123456789abcdef0123456789abcdef",
+    }  # fmt: skip
+    words = Termination(contract.STOP_SUCCEEDED, 0, headline(report), eval=summary(report)).to_json()
+    api.exit(ns, pod, 0, json.loads(words))
+    cluster.until(lambda: cluster.status().get("phase") == "Succeeded", "phase Succeeded")
+    status = cluster.status()
+    assert status["eval"]["phase"] == "Succeeded" and status["eval"]["job"] == f"{RUN}-eval"
+    assert status["eval"]["tasks"] == {
+        "humaneval": {"problems": 4, "pass@1": 0.25},
+        "mbpp": {"problems": 4, "pass@1": 0.5},
+    }
+    assert status["eval"]["speed"] == {
+        "speedup": 1.8, "meanAccepted": 2.5, "tokensPerPass": 2.0, "identical": True, "greedyTokensPerS": 100.0,
+        "speculativeTokensPerS": 180.0, "prompts": 2,
+    }  # fmt: skip
+    assert status["eval"]["mlflowRunId"] == report["mlflow_run_id"]
+    line = "humaneval pass@1 0.250, mbpp pass@1 0.500, self-speculative decoding 1.80× greedy"
+    columns = _columns(cluster.run(), crd)
+    assert (columns["Phase"], columns["Eval"]) == ("Succeeded", line)
+    assert columns["Message"] == f"attempt 1 succeeded; evaluation: {line}"
+    assert cluster.condition("Evaluated") == "True Evaluated"
+    cluster.until(
+        lambda: any(e["reason"] == "Evaluated" and e["message"] == line for e in cluster.events()), "Evaluated"
+    )
+    assert {"Evaluating", "Succeeded"} <= {e["reason"] for e in cluster.events()}
+
+
+def test_a_failed_evaluation_leaves_the_run_succeeded_with_a_warning(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]], crd: dict[str, Any]
+) -> None:
+    pod = _trained_with_eval(cluster, make_run)
+    said = "s3://wmtp/data/mbpp.jsonl: not found"
+    cluster.api.exit(cluster.ns, pod, 3, {"reason": contract.STOP_FAILED, "exitCode": 3, "message": said})
+    cluster.until(lambda: (cluster.status().get("eval") or {}).get("phase") == "Failed", "the evaluation failed")
+    status = cluster.status()
+    assert status["phase"] == "Succeeded" and cluster.condition("Evaluated") == "False EvaluationFailed"
+    assert status["eval"]["message"] == f"pod {pod['metadata']['name']} container eval Error (exit code 3): {said}"
+    assert _columns(cluster.run(), crd)["Eval"] == status["eval"]["message"]
+    cluster.until(
+        lambda: any(e["type"] == "Warning" and e["reason"] == "EvaluationFailed" and said in e["message"]
+                    for e in cluster.events()), "a Warning EvaluationFailed"
+    )  # fmt: skip
+    assert cluster.jobs() == [f"{RUN}-a1", f"{RUN}-eval"]

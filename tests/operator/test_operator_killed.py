@@ -3,6 +3,7 @@ uninterrupted restart ends (attempt 2 running from the accepted checkpoint, one 
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -103,3 +104,59 @@ def test_an_operator_killed_at_any_point_of_a_restart_ends_where_an_uninterrupte
     assert emulator.get("WMTPRun", ns, RUN)["spec"]["resumeFrom"] == CKPT
     for kind in ("ConfigMap", "Service", "NetworkPolicy", "ServiceAccount", "Role", "RoleBinding"):
         assert len(emulator.list(kind, ns)) == 1, kind
+
+
+def _evaluation(phase: str) -> Callable[[Call], bool]:
+    """A write of the state recording the evaluation as `phase`."""
+
+    def matches(call: Call) -> bool:
+        if not _writes_state(call):
+            return False
+        recorded = json.loads(call.data["metadata"]["annotations"][STATE_ANNOTATION])
+        return (recorded.get("evaluation") or {}).get("phase") == phase
+
+    return matches
+
+
+EVAL_BOUNDARIES = {
+    "the eval Job created": lambda c: c.verb == "create" and (c.data or {}).get("metadata", {}).get("name") == EVAL_JOB,
+    "the evaluation recorded": _evaluation("Running"),
+    "its results recorded": _evaluation("Succeeded"),
+}
+EVAL_JOB = f"{RUN}-eval"
+
+
+@pytest.mark.parametrize("boundary", EVAL_BOUNDARIES, ids=list(EVAL_BOUNDARIES))
+def test_an_operator_killed_during_the_evaluation_creates_one_eval_job_and_keeps_its_results(
+    boundary: str, operators: Operators, emulator: Emulator, tiny_run: dict[str, Any]
+) -> None:
+    ns = f"killed-eval-{zlib.crc32(boundary.encode()):08x}"
+
+    def status() -> dict[str, Any]:
+        return (emulator.get("WMTPRun", ns, RUN) or {}).get("status") or {}
+
+    def until(check: Callable[[], Any], what: str) -> Any:
+        try:
+            return wait_for(check, timeout=20, what=what)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}\n{operators.current.output()[-3000:]}") from None
+
+    spec = {**tiny_run["spec"], "eval": {"tasks": ["humaneval"], "speedPrompts": 0}}
+    emulator.create({**tiny_run, "metadata": {"name": RUN, "namespace": ns}, "spec": spec})
+    until(lambda: status().get("phase") == "Running", "attempt 1 running")
+    emulator.after(lambda call: call.namespace == ns and EVAL_BOUNDARIES[boundary](call), kill_on(operators.current))
+    for pod in emulator.pods(ns, f"{RUN}-a1"):
+        emulator.exit(ns, pod, 0)
+    if boundary != "its results recorded":
+        operators.restart()
+    until(lambda: status().get("phase") == "Evaluating", "phase Evaluating")
+    (pod,) = until(lambda: emulator.pods(ns, EVAL_JOB), "the evaluation's pod")
+    results = {"tasks": {"humaneval": {"problems": 164, "pass@1": 0.125}}, "speed": None, "mlflow_run_id": None}
+    words = {"reason": contract.STOP_SUCCEEDED, "exitCode": 0, "message": "humaneval pass@1 0.125", "eval": results}
+    emulator.exit(ns, pod, 0, words)
+    if boundary == "its results recorded":
+        operators.restart()
+    until(lambda: status().get("phase") == "Succeeded", "phase Succeeded")
+    assert status()["eval"]["tasks"] == results["tasks"] and status()["eval"]["message"] == "humaneval pass@1 0.125"
+    assert sorted(job["metadata"]["name"] for job in emulator.list("Job", ns)) == [f"{RUN}-a1", EVAL_JOB]
+    assert len(emulator.pods(ns, EVAL_JOB)) == 1

@@ -61,8 +61,41 @@ def ended(code: int, reason: str = "Error", message: dict[str, Any] | None = Non
     return {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}
 
 
-def waiting(reason: str, message: str = "") -> dict[str, Any]:
-    return {"containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": reason, "message": message}}}]}
+def waiting(reason: str, message: str = "", container: str = "trainer") -> dict[str, Any]:
+    return {"containerStatuses": [{"name": container, "state": {"waiting": {"reason": reason, "message": message}}}]}
+
+
+EVAL = {"tasks": ["humaneval"], "k": [1]}
+EVAL_JOB = "tiny-rho1-eval"
+RESULTS = {"tasks": {"humaneval": {"problems": 4, "pass@1": 0.25}},
+           "speed": {"speedup": 1.8, "mean_accepted": 2.5, "identical": True}, "mlflow_run_id": "0123abcd"}  # fmt: skip
+EVAL_WORDS = {"reason": "Succeeded", "exitCode": 0, "message": "humaneval pass@1 0.250", "eval": RESULTS}
+EVAL_FAILED_WORDS = {"reason": "Failed", "exitCode": 2, "message": "--dataset mbpp=URI is needed"}
+
+
+def eval_job(condition: str | None = None, reason: str = "DeadlineExceeded") -> dict:
+    meta = {"name": EVAL_JOB, "uid": "uid-eval", "labels": {render.RUN_UID_LABEL: UID, "wmtp.io/component": "eval"},
+            "ownerReferences": [{"kind": "WMTPRun", "uid": UID, "controller": True}],
+            "creationTimestamp": BEFORE}  # fmt: skip
+    conditions = [{"type": condition, "status": "True", "reason": reason, "message": "too long"}] if condition else []
+    return {"metadata": meta, "spec": {"completions": 1}, "status": {"conditions": conditions}}
+
+
+def eval_pod(phase: str = "Running", words: dict[str, Any] | None = None, code: int = 0, **status: Any) -> dict:
+    meta = {"name": f"{EVAL_JOB}-x", "uid": "uid-eval-pod", "creationTimestamp": BEFORE,
+            "labels": {render.RUN_UID_LABEL: UID, "wmtp.io/component": "eval"}}  # fmt: skip
+    if phase in ("Succeeded", "Failed"):
+        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        if words is not None:
+            terminated["message"] = json.dumps(words)
+        status = {"containerStatuses": [{"name": "eval", "state": {"terminated": terminated}}], **status}
+    return {"metadata": meta, "status": {"phase": phase, **status}}
+
+
+def evaluated(phase: str = "Running", **extra: Any) -> dict[str, Any]:
+    """The state of a run whose training succeeded and whose evaluation is recorded as `phase`."""
+    record = {"phase": phase, "job": EVAL_JOB, "startTime": BEFORE, **extra}
+    return state(final="Succeeded", message="attempt 1 succeeded", completionTime=BEFORE, evaluation=record)
 
 
 def disrupted(reason: str = "PreemptionByScheduler") -> dict[str, Any]:
@@ -284,6 +317,50 @@ CASES = [
          state(ending=ending(), restarts=1), [], [], spec={"recipe": None, "recipeRef": {"name": "r"}},
          recipe_text="a: [", status={"phase": "Restarting"}, phase="Restarting", attempt=2,
          actions=CREATE_A2[1:], events=["Warning Restarting", "Warning InvalidSpec"]),
+    # -------------------------------------------------------------- evaluation (spec.eval)
+    Case("training succeeded with spec.eval: the eval Job, phase Evaluating", state(), [job(1)],
+         [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], spec={"eval": EVAL}, status={"phase": "Running"},
+         phase="Evaluating", actions=["patch state", f"create Job {EVAL_JOB}", "patch state"],
+         events=["Normal Evaluating"], message="attempt 1 succeeded; evaluating s3://wmtp/checkpoints/tiny-rho1/final",
+         conditions={"Progressing": "True Evaluating", "Applied": "True Created"}),
+    Case("spec.eval added to a succeeded run: evaluated now", state(final="Succeeded", message="attempt 1 succeeded"),
+         spec={"eval": EVAL}, status={"phase": "Succeeded"}, phase="Evaluating",
+         actions=[f"create Job {EVAL_JOB}", "patch state"], events=["Normal Evaluating"]),
+    Case("the evaluation runs: nothing to do", evaluated(), [eval_job()], [eval_pod()], spec={"eval": EVAL},
+         status={"phase": "Evaluating"}, phase="Evaluating", message=f"evaluating in Job {EVAL_JOB}"),
+    Case("the evaluation's pod cannot start: the kubelet's reason", evaluated(), [eval_job()],
+         [eval_pod("Pending", **waiting("ImagePullBackOff", "Back-off pulling", "eval"))], spec={"eval": EVAL},
+         status={"phase": "Evaluating"}, phase="Evaluating", message="ImagePullBackOff: container eval: Back-off"),
+    Case("the evaluation succeeded: its results, Evaluated", evaluated(), [eval_job("Complete")],
+         [eval_pod("Succeeded", EVAL_WORDS)], spec={"eval": EVAL}, status={"phase": "Evaluating"},
+         phase="Succeeded", actions=["patch state"], events=["Normal Succeeded", "Normal Evaluated"],
+         message="attempt 1 succeeded; evaluation: humaneval pass@1 0.250",
+         conditions={"Evaluated": "True Evaluated", "Succeeded": "True Succeeded", "Progressing": "False Succeeded"}),
+    Case("the evaluation failed: Succeeded all the same, Warning EvaluationFailed", evaluated(), [eval_job("Failed")],
+         [eval_pod("Failed", EVAL_FAILED_WORDS, 2)], spec={"eval": EVAL}, status={"phase": "Evaluating"},
+         phase="Succeeded", actions=["patch state"], events=["Normal Succeeded", "Warning EvaluationFailed"],
+         message="evaluation failed: pod tiny-rho1-eval-x container eval Error (exit code 2): --dataset mbpp=URI",
+         conditions={"Evaluated": "False EvaluationFailed", "Succeeded": "True Succeeded"}),
+    Case("an evaluation that succeeded without a readable message failed", evaluated(), [eval_job("Complete")],
+         [eval_pod("Succeeded", None)], spec={"eval": EVAL}, status={"phase": "Evaluating"}, phase="Succeeded",
+         actions=["patch state"], events=["Normal Succeeded", "Warning EvaluationFailed"],
+         message="left no readable termination message", conditions={"Evaluated": "False EvaluationFailed"}),
+    Case("the evaluation past its timeout (activeDeadlineSeconds)", evaluated(), [eval_job("Failed")], [],
+         spec={"eval": EVAL}, status={"phase": "Evaluating"}, phase="Succeeded", actions=["patch state"],
+         events=["Normal Succeeded", "Warning EvaluationFailed"],
+         message=f"evaluation failed: Job {EVAL_JOB} failed: DeadlineExceeded too long"),
+    Case("the evaluation's Job deleted before it ended", evaluated(), [], [], spec={"eval": EVAL},
+         status={"phase": "Evaluating"}, phase="Succeeded", actions=["patch state"],
+         events=["Normal Succeeded", "Warning EvaluationFailed"], message="was deleted before the evaluation ended"),
+    Case("an evaluated run is left alone (its Job gone by its TTL)",
+         evaluated("Succeeded", message="humaneval pass@1 0.250", completionTime=BEFORE), [], [], spec={"eval": EVAL},
+         status={"phase": "Succeeded"}, phase="Succeeded", message="evaluation: humaneval pass@1 0.250",
+         conditions={"Evaluated": "True Evaluated"}),
+    Case("a refused eval Job is not retried before its backoff",
+         state(final="Succeeded", message="attempt 1 succeeded", refused={"generation": 1, "count": 1, "at": JUST_NOW,
+               "reason": "Invalid", "message": "the API server refused Job tiny-rho1-eval (422 Invalid): x"}),
+         spec={"eval": EVAL}, status={"phase": "Succeeded"}, phase="Evaluating", events=["Normal Evaluating"],
+         message="(422 Invalid): x; retrying in 25s"),
 ]  # fmt: skip
 
 
@@ -486,3 +563,24 @@ def test_invalid_input_sets_valid_false_creates_nothing_and_warns_once(
     body["status"] = plan.status
     again = reconcile(body, Observed(), NOW)
     assert (again.actions, again.events, again.status) == ([], [], {})
+
+
+def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -> None:
+    from wmtp_operator.evaluation import outcome, results
+
+    hostile = {
+        "tasks": {"humaneval": {"problems": 164, "pass@1": 0.5, "pass@2": True, "pass@x": 1.0, "rm -rf": 1.0,
+                                **{f"pass@{k}": 0.5 for k in range(3, 100)}},
+                  "mbpp": {"pass@1": float("nan"), "problems": "many"}, "gsm8k": {"pass@1": 1.0}, "x" * 9: []},
+        "speed": {"speedup": float("inf"), "identical": "yes", "prompts": 2.5, "mean_accepted": 2.0, "evil": 1},
+        "mlflow_run_id": "../../runs",
+    }  # fmt: skip
+    found = results({contract.TERMINATION_EVAL: hostile})
+    assert set(found["tasks"]) == {"humaneval", "mbpp"} and found["tasks"]["mbpp"] == {}
+    humaneval = found["tasks"]["humaneval"]
+    assert len(humaneval) == 1 + contract.MAX_EVAL_SCORES and {"pass@2", "pass@x", "rm -rf"}.isdisjoint(humaneval)
+    assert found["speed"] == {"meanAccepted": 2.0} and found["mlflow_run_id"] is None
+    # More than the kubelet keeps is no message of `wmtp eval`'s: the evaluation failed.
+    words = {"reason": "Succeeded", "message": "x" * contract.TERMINATION_MESSAGE_MAX, "eval": {}}
+    said, why = outcome(eval_job("Complete"), [eval_pod("Succeeded", words)], EVAL_JOB)
+    assert said is None and "no readable termination message" in why

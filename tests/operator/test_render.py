@@ -401,3 +401,56 @@ def test_dataset_names_that_would_leave_the_model_volume_are_refused(
 ) -> None:
     with pytest.raises(ValidationError, match="datasets"):
         Run.from_body(make_run(**{"spec.datasets": {name: "s3://wmtp/x.jsonl"}}))
+
+
+def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_without_the_training(
+    make_run: Callable[..., dict[str, Any]],
+) -> None:
+    evaluation = {"tasks": ["humaneval", "mbpp"], "k": [1, 10], "samples": 20, "limit": 50, "timeout": "1h30m",
+                  "datasets": {"mbpp": "s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl"},
+                  "resources": {"limits": {"nvidia.com/gpu": 1}}}  # fmt: skip
+    run = Run.from_body(gpu_run(make_run) | {"spec": {**gpu_run(make_run)["spec"], "eval": evaluation}})
+    job = render.eval_job(run)
+    kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+    assert job["metadata"]["name"] == "critic-7b-eval" and render.is_evaluation(job)
+    assert job["metadata"]["ownerReferences"] == [render.owner_reference(run)]
+    spec = job["spec"]
+    assert (spec["backoffLimit"], spec["activeDeadlineSeconds"], spec["ttlSecondsAfterFinished"]) == (0, 5400, 86400)
+    pod = spec["template"]["spec"]
+    assert render.is_evaluation(spec["template"]) and restricted_violations(pod) == []
+    assert pod["serviceAccountName"] == "critic-7b-trainer" and pod["automountServiceAccountToken"] is False
+    (evaluator,) = pod["containers"]
+    assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
+    assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
+    command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
+    assert command == [
+        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--tasks", "humaneval,mbpp",
+        "--k", "1,10", "--samples", "20", "--temperature", "0.8", "--max-new-tokens", "256", "--speed-prompts", "8",
+        "--experiment", "wmtp-7b", "--limit", "50", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
+    ]  # fmt: skip
+    env = {e["name"]: e for e in evaluator["env"]}
+    assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlops:5000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-prod"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "message"),
+    [
+        ({"tasks": ["mbpp"]}, "eval.datasets.mbpp is required: there is no bundled copy of mbpp"),
+        ({"k": [10]}, "eval.k 10 is more than eval.samples 1"),
+        ({"datasets": {"gsm8k": "s3://d/x.jsonl"}}, "spec.eval.datasets.gsm8k.[key]: Input should be"),
+        ({"tasks": []}, "spec.eval.tasks: List should have at least 1 item"),
+    ],
+)
+def test_an_invalid_spec_eval_is_one_line_naming_the_field(
+    evaluation: dict[str, Any], message: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    from wmtp_operator.plan import Observed
+    from wmtp_operator.reconcile import reconcile
+
+    plan = reconcile(make_run(**{"spec.eval": evaluation}), Observed(), "2026-01-02T03:04:05Z")
+    valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and message in valid["message"] and "\n" not in valid["message"]
+    assert plan.actions == []

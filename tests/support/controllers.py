@@ -44,7 +44,7 @@ class Kubelet:
     hold_terminating: bool = False  # deleted pods keep running (saving) until the test releases them
     sigterm_exit: int = int(contract.ExitCode.PREEMPTED)  # the trainer's exit after SIGTERM (its save)
 
-    def initial_status(self) -> dict[str, Any]:
+    def initial_status(self, container: str = "trainer") -> dict[str, Any]:
         if self.unschedulable:
             condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
                          "message": self.unschedulable}  # fmt: skip
@@ -52,25 +52,32 @@ class Kubelet:
         if self.waiting:
             reason, message = self.waiting
             state = {"waiting": {"reason": reason, "message": message}}
-            return {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": state}]}
+            return {"phase": "Pending", "containerStatuses": [{"name": container, "state": state}]}
         if self.start == "run":
-            return running()
+            return running(container)
         if self.start == "pull":
             return {"phase": "Pending", "initContainerStatuses": [{"name": "pull", "state": {"running": {}}}]}
         return {"phase": "Pending"}
 
 
-def running() -> dict[str, Any]:
-    return {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+def running(container: str = "trainer") -> dict[str, Any]:
+    return {"phase": "Running", "containerStatuses": [{"name": container, "state": {"running": {}}}]}
 
 
-def terminated(exit_code: int, message: Mapping[str, Any] | None = None, reason: str | None = None) -> dict[str, Any]:
-    """A pod whose trainer exited: Succeeded for 0, else Failed; `message` is its termination message."""
+def terminated(
+    exit_code: int, message: Mapping[str, Any] | None = None, reason: str | None = None, container: str = "trainer"
+) -> dict[str, Any]:
+    """A pod whose `container` exited: Succeeded for 0, else Failed; `message` is its termination message."""
     state: dict[str, Any] = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error")}
     if message is not None:
         state["message"] = json.dumps(message)
     phase = "Succeeded" if exit_code == 0 else "Failed"
-    return {"phase": phase, "containerStatuses": [{"name": "trainer", "state": {"terminated": state}}]}
+    return {"phase": phase, "containerStatuses": [{"name": container, "state": {"terminated": state}}]}
+
+
+def main_container(pod: Mapping[str, Any]) -> str:
+    """The name of the pod's (first) container: trainer, or eval for an evaluation pod."""
+    return str(((pod.get("spec") or {}).get("containers") or [{"name": "trainer"}])[0]["name"])
 
 
 def _owners(raw: Mapping[str, Any]) -> list[str]:
@@ -192,7 +199,8 @@ class Controllers:
         trainer_ran = any("running" in (c.get("state") or {}) for c in status.get("containerStatuses") or [])
         if trainer_ran and status.get("phase") not in ("Succeeded", "Failed"):
             words = {"reason": contract.STOP_PREEMPTED} if kubelet.sigterm_exit == contract.ExitCode.PREEMPTED else None
-            await self._patch(key, {"status": terminated(kubelet.sigterm_exit, words)})
+            status = terminated(kubelet.sigterm_exit, words, container=main_container(obj.raw))
+            await self._patch(key, {"status": status})
         await self._remove(key)
 
     async def release(self, namespace: str) -> None:
@@ -237,7 +245,7 @@ class Controllers:
                     ],
                 },
                 "spec": {**template["spec"], "hostname": name},
-                "status": kubelet.initial_status(),
+                "status": kubelet.initial_status(main_container(template)),
             }
             await self._add(PODS, pod)
 

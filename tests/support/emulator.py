@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp.web
 import kmock
 
-from support.controllers import PODS, Controllers, Kubelet, now, terminated
+from support.controllers import PODS, Controllers, Kubelet, main_container, now, terminated
 from support.waiting import answers, free_port, wait_for
 
 RESOURCES = {
@@ -366,8 +366,8 @@ class Emulator:
         self.patch("Pod", namespace, pod["metadata"]["name"], {"status": status}, status=True)
 
     def exit(self, namespace: str, pod: Mapping[str, Any], code: int, message: Mapping[str, Any] | None = None) -> None:
-        """The pod's trainer exits with `code` (and this termination message)."""
-        self.set_status(namespace, pod, terminated(code, message))
+        """The pod's trainer (or evaluator) exits with `code` (and this termination message)."""
+        self.set_status(namespace, pod, terminated(code, message, container=main_container(pod)))
 
     def evict(self, namespace: str, pod: Mapping[str, Any]) -> None:
         """The Eviction API (a node drain): DisruptionTarget, then a graceful delete."""

@@ -330,3 +330,22 @@ def test_checkpoints_list_shows_a_damaged_checkpoint_and_the_others(tmp_path: Pa
     assert "yes" in rows["10"]
     assert "DAMAGED: __1_0.distcp is missing" in rows["20"]
     assert "DAMAGED" in rows["30"] and "unreadable (empty)" in rows["30"]
+
+
+@pytest.mark.parametrize(
+    ("run_id", "parsed"),
+    [("0123456789abcdef0123456789abcdef", "0123456789abcdef0123456789abcdef"), ("../../etc", None),
+     ("x" * 65, None), (7, None), ({"id": "a"}, None), ("a b", None), (None, None)],
+)  # fmt: skip
+def test_the_final_models_marker_names_its_mlflow_run_and_refuses_anything_else(
+    run_id: object, parsed: str | None, tmp_path: Path
+) -> None:
+    manager = _manager(CheckpointStore(str(tmp_path / "run"), Storage()))
+    with manager.save_final(run_id if isinstance(run_id, str) else None) as folder:
+        (folder / "model.safetensors").write_bytes(b"weights")
+    store, final = manager.store, manager.store.final_location
+    if not isinstance(run_id, str):  # what only a tampered marker holds
+        marker = json.loads(store.storage.read_bytes(final / COMMITTED))
+        store.storage.write_bytes(final / COMMITTED, json.dumps({**marker, "mlflow_run_id": run_id}).encode())
+    assert store.read_marker(final).mlflow_run_id == parsed
+    assert store.verify(final).files["model.safetensors"].size == 7

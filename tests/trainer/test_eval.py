@@ -12,14 +12,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from wmtp import contract
+from wmtp.checkpoint import CheckpointStore, FileRecord
 from wmtp.cli import app
+from wmtp.eval.command import headline
 from wmtp.eval.decoding import Decoder
-from wmtp.eval.runner import log_to_mlflow
+from wmtp.eval.runner import TRAINING_RUN_TAG, log_to_mlflow, summary
 from wmtp.eval.sandbox import Limits, landlock_abi, run_program
 from wmtp.eval.scoring import pass_at_k
-from wmtp.eval.tasks import humaneval, humaneval_path, mbpp
+from wmtp.eval.tasks import BUNDLED, TASKS, humaneval, humaneval_path, mbpp
 from wmtp.models import MTPModel, load_tokenizer
-from wmtp.storage import Storage
+from wmtp.reporting import Termination, read_termination
+from wmtp.storage import Storage, parse_uri
 
 runner = CliRunner(env={"COLUMNS": "200"})
 needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="the kernel has no Landlock")
@@ -201,3 +205,78 @@ def test_eval_metrics_go_to_the_training_run(tmp_path: Path) -> None:
     logged = client.get_run(training).data.metrics
     assert logged == {"eval/humaneval/pass_at_1": 0.25, "eval/humaneval/problems": 3.0,
                       "eval/speculative/speedup": 1.5, "eval/speculative/mean_accepted": 2.0}  # fmt: skip
+
+
+def test_the_contracts_eval_tasks_are_the_ones_wmtp_eval_scores() -> None:
+    assert list(TASKS) == list(contract.EVAL_TASKS) and tuple(BUNDLED) == contract.EVAL_BUNDLED
+
+
+def test_eval_logs_to_the_training_run_its_final_model_names_and_leaves_its_results(
+    final_model: Path, tmp_path: Path
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(uri)
+    training = client.create_run(client.create_experiment("wmtp")).info.run_id
+    records = {p.name: FileRecord(p.stat().st_size) for p in final_model.iterdir()}
+    store = CheckpointStore(str(tmp_path), Storage())
+    store.mark_committed(parse_uri(str(final_model)), records, mlflow_run_id=training)
+    words = tmp_path / "termination-log"
+    args = ["eval", "--model", str(final_model), "--limit", "1", "--max-new-tokens", "4", "--speed-prompts", "1"]
+    result = runner.invoke(app, args, env={"MLFLOW_TRACKING_URI": uri, "WMTP_TERMINATION_LOG": str(words)})
+    assert result.exit_code == 0, result.output
+    assert client.get_run(training).data.metrics["eval/humaneval/problems"] == 1.0
+    ended = read_termination(words)
+    assert ended is not None and (ended.reason, ended.exit_code) == (contract.STOP_SUCCEEDED, 0)
+    assert ended.eval["tasks"] == {"humaneval": {"problems": 1, "pass@1": 0.0}}
+    assert ended.eval["mlflow_run_id"] == training and ended.eval["speed"]["identical"] is True
+    assert set(ended.eval["speed"]) == set(contract.EVAL_SPEED_FIELDS)
+    assert ended.message.startswith("humaneval pass@1 0.000, self-speculative decoding ")
+
+
+def test_a_training_run_the_store_lost_gets_a_new_eval_run_that_names_it(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report = {"model": "s3://b/final", "tasks": {"humaneval": {"problems": 3, "pass@1": 0.25}}}
+    logged = log_to_mlflow(report, uri, "0123456789abcdef0123456789abcdef", "wmtp")
+    assert logged is not None and logged != "0123456789abcdef0123456789abcdef"
+    run = mlflow.MlflowClient(uri).get_run(logged)
+    assert run.data.tags[TRAINING_RUN_TAG] == "0123456789abcdef0123456789abcdef"
+    assert run.data.metrics["eval/humaneval/pass_at_1"] == 0.25
+
+
+def test_the_termination_message_carries_the_results_and_stays_within_what_the_kubelet_keeps() -> None:
+    report = {"tasks": {"humaneval": {"problems": 164, "pass@1": 0.123456, "pass@10": 0.5}},
+              "speed": {"speedup": 1.75, "mean_accepted": 2.0, "identical": True, "heads": 4,
+                        "tokens": 900}}  # fmt: skip
+    results = summary(report)
+    assert results["tasks"] == {"humaneval": {"problems": 164, "pass@1": 0.1235, "pass@10": 0.5}}
+    assert results["speed"] == {"speedup": 1.75, "mean_accepted": 2.0, "identical": True}
+    back = Termination.from_json(Termination(contract.STOP_SUCCEEDED, 0, headline(report), eval=results).to_json())
+    assert back is not None and back.eval == results
+    huge = summary({"tasks": {f"task{i}": {f"pass@{k}": 0.5 for k in range(1, 100)} for i in range(100)}})
+    assert all(len(scores) == contract.MAX_EVAL_SCORES + 1 for scores in huge["tasks"].values())
+    data = Termination(contract.STOP_SUCCEEDED, 0, "x" * 5000, eval=huge).to_json()
+    assert len(data) <= contract.TERMINATION_MESSAGE_MAX
+    cut = json.loads(data)
+    assert contract.TERMINATION_EVAL not in cut and "did not fit the termination message" in cut["message"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--tasks", "mbpp"], 2, "--dataset mbpp=URI is needed"),
+        (["--k", "one"], 2, "--k: comma-separated integers"),
+        (["--model", "/nowhere/final"], 2, "/nowhere/final"),
+    ],
+)
+def test_a_failing_eval_leaves_a_one_line_failure_and_its_exit_code(
+    final_model: Path, tmp_path: Path, args: list[str], code: int, says: str
+) -> None:
+    words = tmp_path / "termination-log"
+    result = runner.invoke(
+        app, ["eval", "--model", str(final_model), "--speed-prompts", "0", *args],
+        env={"WMTP_TERMINATION_LOG": str(words)},
+    )  # fmt: skip
+    assert result.exit_code == code, result.output
+    ended = read_termination(words)
+    assert ended is not None and (ended.reason, ended.exit_code, ended.eval) == (contract.STOP_FAILED, code, None)
+    assert says in ended.message and "\n" not in ended.message

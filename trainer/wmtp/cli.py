@@ -75,7 +75,8 @@ def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator
     logged only at --log-level debug."""
     try:
         yield
-    except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+    except (typer.Exit, typer.Abort, typer.BadParameter, click.exceptions.Exit, click.exceptions.Abort,
+            click.ClickException):  # fmt: skip
         raise
     except Exception as err:
         if (log_level or "").lower() == "debug":
@@ -287,35 +288,43 @@ def evaluate(
     speed_prompts: int = typer.Option(8, min=0, help="Prompts decoded greedily and self-speculatively; 0 skips."),
     seed: int = typer.Option(0, help="Seed of the sampling."),
     output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
-    mlflow_run_id: str | None = typer.Option(None, help="Log the metrics to this (training) run; else a new run."),
+    mlflow_run_id: str | None = typer.Option(
+        None,
+        help="Log the metrics to this (training) run. Default: the run the final model's COMMITTED marker names, "
+        "else a new run.",
+    ),
     experiment: str = typer.Option("wmtp", help="MLflow experiment of a new eval run."),
     log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning."),
 ) -> None:
     """pass@k on HumanEval and MBPP in a sandbox, and the speed-up of self-speculative decoding.
 
-    Prints a table on stderr and one JSON line on stdout: the per-task scores and the decoding speed.
+    Prints a table on stderr and one JSON line on stdout: the per-task scores and the decoding speed. Leaves a
+    termination message as the trainer does (the scores, or the one-line error).
     """
     setup_logging(log_level)
-    from wmtp.eval.command import datasets, ints, show
-    from wmtp.eval.runner import EvalOptions, log_to_mlflow
+    from wmtp.eval.command import datasets, headline, ints, last_words, show
+    from wmtp.eval.runner import EvalOptions, log_to_mlflow, summary, training_run
     from wmtp.eval.runner import evaluate as run_eval
     from wmtp.storage import Storage
 
-    options = EvalOptions(
-        model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], ks=ints(k, "--k"), samples=samples,
-        temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
-        timeout_s=timeout, speed_prompts=speed_prompts, seed=seed,
-    )  # fmt: skip
-    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-        task = bar.add_task("eval", total=None)
-        with reported(log_level, ValueError):
-            report = run_eval(options, Storage(), progress=lambda: bar.advance(task))
-    if output is not None:
-        output.write_text(json.dumps(report, indent=1))
-    tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if mlflow_run_id or tracking_uri:
-        report["mlflow_run_id"] = log_to_mlflow(report, tracking_uri, mlflow_run_id, experiment)
+    storage = Storage()
+    with reported(log_level, ValueError), last_words(ValueError) as ended:
+        options = EvalOptions(
+            model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], ks=ints(k, "--k"), samples=samples,
+            temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
+            timeout_s=timeout, speed_prompts=speed_prompts, seed=seed,
+        )  # fmt: skip
+        columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+            task = bar.add_task("eval", total=None)
+            report = run_eval(options, storage, progress=lambda: bar.advance(task))
+        if output is not None:
+            output.write_text(json.dumps(report, indent=1))
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if mlflow_run_id or tracking_uri:
+            run_id = mlflow_run_id or training_run(model, storage)
+            report["mlflow_run_id"] = log_to_mlflow(report, tracking_uri, run_id, experiment)
+        ended.eval, ended.message = summary(report), headline(report)
     show(report, options.ks, console)
 
 

@@ -4,6 +4,7 @@
   and CEL rules, the trainer's config checks and `wmtp validate` all derive from this table.
 - The trainer pod: the environment variables it reads, the paths the operator mounts, the status fields rank 0
   reports, and the exit codes with their meanings.
+- Evaluation: the code tasks `wmtp eval` scores, which the WMTPRun's spec.eval offers.
 - The checkpoint layout's names, so that the operator can tell a checkpoint of its run from anything else.
 """
 
@@ -131,6 +132,11 @@ TERMINATION_FIELDS: tuple[str, ...] = (
     TERMINATION_REASON, TERMINATION_STEP, TERMINATION_CHECKPOINT, TERMINATION_MESSAGE, TERMINATION_WARNINGS,
     TERMINATION_EXIT_CODE,
 )  # fmt: skip
+# `wmtp eval` leaves the same message (reason STOP_SUCCEEDED, or STOP_FAILED with its one-line error), and on
+# success adds TERMINATION_EVAL: the headline results, never per-problem data:
+#   {"tasks": {task: {"problems": int, "pass@<k>": float, ...}},
+#    "speed": {"speedup": float, "mean_accepted": float, "identical": bool, ...} | null, "mlflow_run_id": str | null}
+TERMINATION_EVAL = "eval"
 STOP_PREEMPTED = "Preempted"  # stopped on SIGTERM after a committed checkpoint: not a failure
 STOP_FAILED = "Failed"
 STOP_SUCCEEDED = "Succeeded"
@@ -161,6 +167,25 @@ class ExitCode(IntEnum):
     UNREACHABLE = 5  # the S3 endpoint or the MLflow server cannot be reached
     PREEMPTED = 75  # stopped on SIGTERM after saving a checkpoint; resuming continues where it stopped
 
+
+# ----------------------------------------------------------------------------- evaluation
+
+# The code tasks `wmtp eval` scores (`wmtp.eval.tasks` loads them; a WMTPRun's spec.eval offers them), with what
+# each is. The bundled ones ship with the trainer; the others need their dataset's URI.
+EVAL_TASKS: dict[str, str] = {
+    "humaneval": "HumanEval: 164 Python functions from their docstrings (bundled with the trainer)",
+    "mbpp": "MBPP: short Python programs from a description and tests (full or sanitized records; give its URI)",
+}
+EVAL_BUNDLED: tuple[str, ...] = ("humaneval",)
+# The speed headline TERMINATION_EVAL["speed"] carries (`wmtp eval`'s names), with each value's type; the operator
+# copies them into status.eval.speed.
+EVAL_SPEED_FIELDS: dict[str, type] = {
+    "speedup": float, "mean_accepted": float, "tokens_per_pass": float, "identical": bool,
+    "greedy_tokens_per_s": float, "speculative_tokens_per_s": float, "prompts": int,
+}  # fmt: skip
+MAX_EVAL_SCORES = 16  # pass@k values per task in the termination message and status.eval
+# An MLflow run id (32 hex digits by default), as the final model's marker and status.eval name it.
+MLFLOW_RUN_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 # ----------------------------------------------------------------------------- checkpoint layout
 

@@ -9,6 +9,7 @@ effort: a failure logs a warning and training goes on. The operator resumes a fa
 Termination message: one JSON object of at most TERMINATION_MESSAGE_MAX bytes in the file the kubelet copies into
 the container's terminated state: why the process stopped (`wmtp.contract.STOP_*`), the step, the checkpoint to
 resume from, a message, and warnings (a failed MLflow registration, a fallback resume) for the run's Events.
+`wmtp eval` leaves one too, with its headline results.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from wmtp.contract import (
     REPORT_FIELD,
     STATUS_PATH,
     STOP_FAILED,
+    TERMINATION_EVAL,
     TERMINATION_FIELDS,
     TERMINATION_LOG,
     TERMINATION_MESSAGE_MAX,
@@ -143,22 +145,30 @@ class Termination:
     step: int | None = None
     checkpoint: str | None = None
     warnings: list[str] = field(default_factory=list)
+    eval: dict[str, Any] | None = None  # `wmtp eval`'s headline results (contract.TERMINATION_EVAL)
 
     def to_json(self, limit: int = TERMINATION_MESSAGE_MAX) -> bytes:
-        """At most `limit` bytes (the kubelet keeps no more): warnings are dropped from the end, then the message
-        is cut, until it fits."""
+        """At most `limit` bytes (the kubelet keeps no more): warnings are dropped from the end, then the results
+        (the message says so), then the message is cut, until it fits."""
         message, kept = clip(self.message, 1000), [clip(w, 500) for w in self.warnings]
         checkpoint = clip(self.checkpoint, 1000) if self.checkpoint else None
+        results = self.eval
         while True:
             dropped = len(self.warnings) - len(kept)
             warnings = kept + ([f"({dropped} more warnings)"] if dropped else [])
             values = (self.reason, self.step, checkpoint, message, warnings, self.exit_code)
+            fields = dict(zip(TERMINATION_FIELDS, values, strict=True))
+            if results is not None:
+                fields[TERMINATION_EVAL] = results
             # ASCII: json escapes everything else, so characters are bytes.
-            data = json.dumps(dict(zip(TERMINATION_FIELDS, values, strict=True))).encode()
+            data = json.dumps(fields).encode()
             if len(data) <= limit:
                 return data
             if kept:
                 kept.pop()
+            elif results is not None:
+                results = None
+                message = f"{message}; the results did not fit the termination message: see the pod's log"
             else:
                 message = message[: max(0, len(message) - (len(data) - limit) - 10)] + "… (cut)"
 
@@ -174,6 +184,7 @@ class Termination:
                 step=raw.get("step"),
                 checkpoint=raw.get("checkpoint"),
                 warnings=[str(w) for w in raw.get("warnings") or []],
+                eval=raw[TERMINATION_EVAL] if isinstance(raw.get(TERMINATION_EVAL), dict) else None,
             )
         except (ValueError, KeyError, TypeError, AttributeError):
             return None

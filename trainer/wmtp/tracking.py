@@ -30,6 +30,12 @@ CONTINUES_TAG = "wmtp.continues_run"  # on a run started because the store lost 
 _HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
+def bounded_retries() -> None:
+    """A server that is down costs seconds, not minutes (unless the environment asks for more retries)."""
+    for name, value in _HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     """The embedded store: a sqlite file in the run directory gives tracking and the registry, no server."""
     return f"sqlite:///{(run_dir / 'mlflow.db').resolve()}"
@@ -78,8 +84,7 @@ class Tracker:
         """Open a new run, or continue `run_id` so that a resumed training keeps one continuous curve."""
         if not self.enabled:
             return
-        for name, value in _HTTP_DEFAULTS.items():
-            os.environ.setdefault(name, value)
+        bounded_retries()
         try:
             self._start(run_name, params, tags, run_id)
         except Exception as err:  # no MLflow for this attempt, but the training goes on

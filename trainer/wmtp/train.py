@@ -305,7 +305,11 @@ class Trainer:
         beside it, and register a plain MTPModel loaded back from it: what MLflow holds is exactly what the store
         holds, never a sharded module."""
         save_final = self.config.paths.checkpoints.save_final
-        staging = self.checkpoints.save_final() if save_final else tempfile.TemporaryDirectory(dir=self.run_dir)
+        staging = (
+            self.checkpoints.save_final(self.state.mlflow_run_id)
+            if save_final
+            else tempfile.TemporaryDirectory(dir=self.run_dir)
+        )
         with staging as directory:
             model_sd = {k.removeprefix("model."): v for k, v in state_dict.items() if k.startswith("model.")}
             self.model.save_pretrained(directory, state_dict=model_sd)

@@ -1,13 +1,15 @@
 """Pure rendering: a WMTPRun → the trainer's files and the Kubernetes objects of one attempt.
 
 Nothing here talks to the cluster. `files` builds the trainer's config and recipe with the trainer's own models;
-`objects` what a run owns across attempts; `pod` the attempt's Job.
+`objects` what a run owns across attempts; `pod` the attempt's Job; `evaluation` the Job that evaluates the final
+model.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from wmtp_operator.render.evaluation import EVALUATION, eval_job, eval_job_name, final_model, is_evaluation
 from wmtp_operator.render.files import TrainerFiles, has_gpus, pulls, recipe_source, trainer_files
 from wmtp_operator.render.objects import (
     ATTEMPT_LABEL,
@@ -36,6 +38,7 @@ from wmtp_operator.spec import Run
 
 __all__ = [
     "ATTEMPT_LABEL",
+    "EVALUATION",
     "INDEX_ANNOTATION",
     "MANAGED_BY",
     "MASTER_PORT",
@@ -50,9 +53,13 @@ __all__ = [
     "config_map_name",
     "controller_uid",
     "escape",
+    "eval_job",
+    "eval_job_name",
+    "final_model",
     "has_gpus",
     "identity",
     "identity_name",
+    "is_evaluation",
     "job",
     "job_name",
     "labels",

@@ -14,7 +14,7 @@ from wmtp import contract
 from wmtp.contract import CONFIG_DIR, CONFIG_FILE, MODEL_DIR, PULL_FILE, RECIPE_FILE, WORK_DIR
 from wmtp_operator.render.objects import MASTER_PORT, claim_name, config_map_name, job_name, labels, metadata
 from wmtp_operator.render.objects import service_account as pod_service_account
-from wmtp_operator.spec import Run, Spec
+from wmtp_operator.spec import Resources, Run, Spec
 
 # The Job controller writes each pod's completion index here; it is the torchrun node rank.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
@@ -30,6 +30,12 @@ SCANNER_EXCEPTIONS = {
     "CKV_K8S_40": "the trainer image runs as uid 1000 (Dockerfile.trainer), which owns its home directory",
     "CKV_K8S_43": "spec.image is the user's choice; a digest is allowed there but not required",
 }
+
+
+def scanner_annotations() -> dict[str, str]:
+    return {
+        f"checkov.io/skip{i}": f"{check}={reason}" for i, (check, reason) in enumerate(SCANNER_EXCEPTIONS.items(), 1)
+    }
 
 
 def escape(value: str) -> str:
@@ -84,11 +90,17 @@ def _secret(name: str, secret: str, optional: bool) -> dict[str, Any]:
 
 
 def _env(run: Run, attempt: int) -> list[dict[str, Any]]:
-    spec = run.spec
-    env = [
+    return [
         _value(contract.ENV_RUN_NAME, run.name),
         _value(contract.ENV_RUN_NAMESPACE, run.namespace),
         _value(contract.ENV_ATTEMPT, str(attempt)),
+        *services_env(run.spec),
+    ]
+
+
+def services_env(spec: Spec) -> list[dict[str, Any]]:
+    """What any `wmtp` container of the run needs: S3 and MLflow, credentials by reference only."""
+    env = [
         _value("PYTHONUNBUFFERED", "1"),
         # The root filesystem is read-only: caches (HF, torch) go to the scratch volume.
         _value("HOME", WORK_DIR),
@@ -123,7 +135,7 @@ def _token_volume() -> dict[str, Any]:
     }
 
 
-def _volumes(run: Run) -> list[dict[str, Any]]:
+def volumes(run: Run) -> list[dict[str, Any]]:
     volume = run.spec.model_volume
     if volume.type == "persistentVolumeClaim":
         models: dict[str, Any] = {"persistentVolumeClaim": {"claimName": claim_name(run.name)}}
@@ -156,7 +168,7 @@ POD_SECURITY = {
 }
 
 
-def _container(spec: Spec, name: str, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def container(spec: Spec, name: str, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "name": name,
         "image": spec.image,
@@ -174,12 +186,12 @@ def _container(spec: Spec, name: str, env: list[dict[str, Any]], mounts: list[di
     }
 
 
-def _resources(spec: Spec, init: bool) -> dict[str, Any] | None:
-    """The trainer's resources; the puller gets its CPU and memory (a pod's request is the larger of the two, so
-    this costs nothing) but no accelerators."""
-    if spec.resources is None:
+def resources_of(resources: Resources | None, init: bool) -> dict[str, Any] | None:
+    """A container's resources; the puller gets the trainer's CPU and memory (a pod's request is the larger of the
+    two, so this costs nothing) but no accelerators."""
+    if resources is None:
         return None
-    dumped = spec.resources.model_dump(exclude_defaults=True)
+    dumped = resources.model_dump(exclude_defaults=True)
     if init:
         dumped = {
             kind: {key: value for key, value in amounts.items() if key in ("cpu", "memory", "ephemeral-storage")}
@@ -195,7 +207,7 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
         "name": contract.ENV_NODE_RANK,
         "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}},
     }
-    trainer = _container(
+    trainer = container(
         spec,
         "trainer",
         [*_env(run, attempt), node_rank],
@@ -220,15 +232,15 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
         "securityContext": dict(POD_SECURITY),
         "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
         "containers": [trainer],
-        "volumes": _volumes(run),
+        "volumes": volumes(run),
     }
     if pull:
-        puller = _container(spec, "pull", _env(run, attempt), [{"name": "workspace", "mountPath": WORK_DIR}])
+        puller = container(spec, "pull", _env(run, attempt), [{"name": "workspace", "mountPath": WORK_DIR}])
         puller["command"] = ["wmtp", "pull", "--spec", f"{CONFIG_DIR}/{PULL_FILE}"]
         pod["initContainers"] = [puller]
-        if resources := _resources(spec, init=True):
+        if resources := resources_of(spec.resources, init=True):
             puller["resources"] = resources
-    if resources := _resources(spec, init=False):
+    if resources := resources_of(spec.resources, init=False):
         trainer["resources"] = resources
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
@@ -244,7 +256,5 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
     if spec.ttl_seconds_after_finished is not None:
         job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
     meta = metadata(run, job_name(run.name, attempt), attempt)
-    meta["annotations"] = {
-        f"checkov.io/skip{i}": f"{check}={reason}" for i, (check, reason) in enumerate(SCANNER_EXCEPTIONS.items(), 1)
-    }
+    meta["annotations"] = scanner_annotations()
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

@@ -280,9 +280,10 @@ class CheckpointManager:
         return data
 
     @contextlib.contextmanager
-    def save_final(self) -> Iterator[Path]:
+    def save_final(self, mlflow_run_id: str | None = None) -> Iterator[Path]:
         """A local folder to write the final model into (HF save_pretrained layout); on exit it becomes
-        <root>/final, committed like a checkpoint. Rank 0's job alone: the others need not wait for it."""
+        <root>/final, committed like a checkpoint, its marker naming the MLflow run that trained it (where
+        `wmtp eval` logs). Rank 0's job alone: the others need not wait for it."""
         location = self.store.final_location
         self.store.storage.delete(location)
         with self._local_folder(location) as folder:
@@ -290,7 +291,7 @@ class CheckpointManager:
             records = {
                 p.relative_to(folder).as_posix(): FileRecord(p.stat().st_size) for p in folder.rglob("*") if p.is_file()
             }
-        self.store.mark_committed(location, records)
+        self.store.mark_committed(location, records, **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}))
 
     @contextlib.contextmanager
     def _local_folder(self, location: Location) -> Iterator[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.config import clip
-from wmtp.contract import CHECKPOINT_PREFIX, COMMITTED, FINAL_DIR, step_dir_name
+from wmtp.contract import CHECKPOINT_PREFIX, COMMITTED, FINAL_DIR, MLFLOW_RUN_ID, step_dir_name
 from wmtp.storage import Location, Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,7 @@ STATE_FILE = "trainer_state.json"
 FINAL_ALGORITHM = "algorithm.safetensors"  # in final/: the algorithm's trainable modules, by their module keys
 MAX_MARKER_BYTES = 16 * 2**20  # a marker lists files; anything larger is not one
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_RUN_ID = re.compile(MLFLOW_RUN_ID)
 
 __all__ = [
     "COMMITTED",
@@ -63,11 +64,13 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class Marker:
-    """A parsed COMMITTED marker: the files it vouches for, and when it was written."""
+    """A parsed COMMITTED marker: the files it vouches for, when it was written, and (the final model's) the
+    MLflow run that trained it, for `wmtp eval` to log to."""
 
     files: dict[str, FileRecord]
     time: float
     step: int | None = None
+    mlflow_run_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,9 @@ def parse_marker(raw: bytes, where: str) -> Marker:
         # Markers of earlier versions list names only; their sizes cannot be checked.
         entries = files if isinstance(files, dict) else {name: {"size": -1} for name in files}
         records = {str(n): FileRecord(int(e["size"]), e.get("sha256")) for n, e in entries.items()}
-        return Marker(records, float(data["time"]), data.get("step"))
+        run_id = data.get("mlflow_run_id")
+        run_id = run_id if isinstance(run_id, str) and _RUN_ID.fullmatch(run_id) else None
+        return Marker(records, float(data["time"]), data.get("step"), run_id)
     except (ValueError, TypeError, KeyError, AttributeError) as err:
         detail = "empty" if not raw.strip() else f"{type(err).__name__}: {err}"
         raise CheckpointError(

@@ -41,6 +41,7 @@ from wmtp.config.loading import (
     parse_config,
     parse_recipe,
     resolve_checkpointing,
+    run_root,
 )
 from wmtp.config.recipe import (
     DEFAULT_LANGUAGES,
@@ -103,5 +104,6 @@ __all__ = [
     "read_document",
     "redact_uri",
     "resolve_checkpointing",
+    "run_root",
     "substitute_env",
 ]

@@ -113,7 +113,12 @@ def override_checkpointing(recipe: Recipe, **flags: Any) -> Recipe:
 def checkpoint_root(config: Config, recipe: Recipe) -> str:
     """Where this run's checkpoints go: recipe checkpoint_path > config base_path > ./checkpoints."""
     base = resolve_checkpointing(config, recipe).paths.checkpoints.base_path or "./checkpoints"
-    return f"{base.rstrip('/')}/{recipe.run.name}"
+    return run_root(base, recipe.run.name)
+
+
+def run_root(base_path: str, run_name: str) -> str:
+    """<base_path>/<run name>: the run's checkpoints, and its final model in `contract.FINAL_DIR`."""
+    return f"{base_path.rstrip('/')}/{run_name}"
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

@@ -1,13 +1,21 @@
-"""What `wmtp eval` needs besides its options: parsing them, and showing the report."""
+"""What `wmtp eval` needs besides its options: parsing them, showing the report, and its termination message."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from wmtp.config import clip
+from wmtp.contract import STOP_FAILED, STOP_SUCCEEDED, ExitCode
+from wmtp.errors import describe
+from wmtp.reporting import Termination, write_termination
 
 
 def ints(text: str, option: str) -> list[int]:
@@ -46,3 +54,34 @@ def show(report: dict[str, Any], ks: list[int], console: Console) -> None:
         )
     summary = {key: report[key] for key in ("model", "tasks", "speed", "mlflow_run_id") if key in report}
     print(json.dumps(summary), flush=True)
+
+
+def headline(report: dict[str, Any]) -> str:
+    """The scores and the speed-up in one line."""
+    scores = [
+        f"{task} {key} {value:.3f}" for task, values in report["tasks"].items() for key, value in values.items()
+        if key != "problems"
+    ]  # fmt: skip
+    speed = report.get("speed")
+    if speed:
+        scores.append(f"self-speculative decoding {speed['speedup']:.2f}× greedy")
+    return ", ".join(scores)
+
+
+@contextlib.contextmanager
+def last_words(*bad_input: type[BaseException]) -> Iterator[Termination]:
+    """Leave the termination message on the way out, as the trainer does: success once the block ends (the caller
+    sets the results), else the failure's one line and exit code (`wmtp.errors.describe`)."""
+    ended = Termination(STOP_FAILED, ExitCode.ERROR, "wmtp eval stopped before it could say why")
+    try:
+        yield ended
+        ended.reason, ended.exit_code = STOP_SUCCEEDED, ExitCode.OK
+    except (click.ClickException, typer.BadParameter) as err:  # a bad option value (typer's click is its own)
+        ended.message, ended.exit_code = clip(err.format_message(), 2000), err.exit_code
+        raise
+    except Exception as err:
+        message, ended.exit_code = describe(err, bad_input)
+        ended.message = clip(" ".join(message.split()), 2000)
+        raise
+    finally:
+        write_termination(ended)

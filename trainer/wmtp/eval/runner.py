@@ -9,13 +9,16 @@ from typing import Any
 
 import torch
 
+from wmtp.checkpoint import CheckpointError, CheckpointStore
 from wmtp.config import redact_uri
+from wmtp.contract import EVAL_SPEED_FIELDS, MAX_EVAL_SCORES
 from wmtp.eval.decoding import Decoder, Generation
 from wmtp.eval.sandbox import Limits, confinement
 from wmtp.eval.scoring import TaskResult, score
 from wmtp.eval.tasks import Problem, load_task
 from wmtp.models import MTPModel, load_tokenizer
-from wmtp.storage import Storage, parse_uri
+from wmtp.storage import Storage, StorageError, parse_uri
+from wmtp.tracking import bounded_retries
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +127,40 @@ def metrics(report: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The report's headline for the termination message (`contract.TERMINATION_EVAL`): scores, speed and the
+    MLflow run, rounded; never per-problem data."""
+
+    def short(value: Any) -> Any:
+        return float(f"{value:.4g}") if isinstance(value, float) else value
+
+    speed = report.get("speed")
+    return {
+        "tasks": {
+            name: {key: short(value) for key, value in list(scores.items())[: 1 + MAX_EVAL_SCORES]}
+            for name, scores in report["tasks"].items()
+        },
+        "speed": {key: short(speed[key]) for key in EVAL_SPEED_FIELDS if key in speed} if speed else None,
+        "mlflow_run_id": report.get("mlflow_run_id"),
+    }
+
+
+def training_run(model: str, storage: Storage) -> str | None:
+    """The MLflow run that trained `model`, as the final model's COMMITTED marker names it; None for a model
+    without one (a plain HF directory, or a final model saved before markers named it)."""
+    location = parse_uri(model)
+    try:
+        return CheckpointStore(location, storage).read_marker(location).mlflow_run_id
+    except (CheckpointError, StorageError):
+        return None
+
+
+TRAINING_RUN_TAG = "wmtp.training_run"  # on a new eval run, when the training run is not in the store
+
+
 def log_to_mlflow(report: dict[str, Any], tracking_uri: str | None, run_id: str | None, experiment: str) -> str | None:
-    """Log the metrics to the training run `run_id`, or to a new eval run tagged with the model it evaluates.
+    """Log the metrics to the training run `run_id`, or to a new eval run tagged with the model it evaluates (and
+    the training run, when the store has lost it).
 
     Returns the run id; MLflow trouble is a warning (the results are in the report whatever happens)."""
     try:
@@ -134,14 +169,17 @@ def log_to_mlflow(report: dict[str, Any], tracking_uri: str | None, run_id: str 
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
+        bounded_retries()
         client = MlflowClient(tracking_uri)
+        tags = {"wmtp.evaluates": report["model"]}
+        if run_id is not None and not _exists(client, run_id):
+            log.warning("mlflow run %s is not in the store: the evaluation goes to a new run that names it", run_id)
+            run_id, tags = None, {**tags, TRAINING_RUN_TAG: run_id}
         created = run_id is None
         if created:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-            run_id = client.create_run(
-                experiment_id, run_name="eval", tags={"wmtp.evaluates": report["model"]}
-            ).info.run_id
+            run_id = client.create_run(experiment_id, run_name="eval", tags=tags).info.run_id
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics(report).items()])
         if created:
@@ -150,3 +188,15 @@ def log_to_mlflow(report: dict[str, Any], tracking_uri: str | None, run_id: str 
     except Exception as err:  # evaluation results must not be lost to a tracking problem
         log.warning("could not log the evaluation to MLflow at %s: %s", redact_uri(tracking_uri or "(default)"), err)
         return None
+
+
+def _exists(client: Any, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True

@@ -84,7 +84,9 @@ def mbpp(uri: str, storage: Storage) -> list[Problem]:
     return problems
 
 
+# The names, and which are bundled, are `wmtp.contract.EVAL_TASKS` and `EVAL_BUNDLED` (a test keeps them the same).
 TASKS = {"humaneval": humaneval, "mbpp": mbpp}
+BUNDLED = {"humaneval": humaneval_path}
 
 
 def load_task(name: str, uri: str | None, storage: Storage) -> list[Problem]:
@@ -92,7 +94,7 @@ def load_task(name: str, uri: str | None, storage: Storage) -> list[Problem]:
     if name not in TASKS:
         raise ConfigError(f"--tasks: unknown task {name!r}; known: {', '.join(TASKS)}")
     if uri is None:
-        if name != "humaneval":
+        if name not in BUNDLED:
             raise ConfigError(f"--dataset {name}=URI is needed: there is no bundled copy of {name}")
-        uri = str(humaneval_path())
+        uri = str(BUNDLED[name]())
     return TASKS[name](uri, storage)

@@ -1,0 +1,99 @@
+"""The evaluation after training (spec.eval): one Job <run>-eval running `wmtp eval` on the run's final model.
+
+Its pod is a trainer pod without the training: the same image, security context, ServiceAccount (a cloud
+identity for S3 works the same), S3 and MLflow settings with credentials by reference, node placement and model
+volume; no API token (it reports through its termination message alone) and no rendezvous. backoffLimit 0: a
+failed evaluation is reported, not repeated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from wmtp import contract
+from wmtp.config import run_root
+from wmtp.contract import GROUP, WORK_DIR
+from wmtp_operator.render.objects import labels, metadata
+from wmtp_operator.render.objects import service_account as pod_service_account
+from wmtp_operator.render.pod import (
+    POD_SECURITY,
+    container,
+    escape,
+    resources_of,
+    scanner_annotations,
+    services_env,
+    volumes,
+)
+from wmtp_operator.spec import Eval, Run
+
+COMPONENT_LABEL = f"{GROUP}/component"
+EVALUATION = "eval"  # the component label's value, the Job's suffix and the container's name
+
+
+def eval_job_name(run_name: str) -> str:
+    return f"{run_name}-{EVALUATION}"
+
+
+def is_evaluation(obj: Mapping[str, Any]) -> bool:
+    """An evaluation Job or pod (a training attempt's have no component label)."""
+    return (obj.get("metadata", {}).get("labels") or {}).get(COMPONENT_LABEL) == EVALUATION
+
+
+def final_model(run: Run) -> str:
+    """Where the trainer saves the final model: <basePath>/<run>/final (a WMTPRun's recipe cannot move it)."""
+    return f"{run_root(run.spec.checkpoints.base_path, run.name)}/{contract.FINAL_DIR}"
+
+
+def eval_args(run: Run, options: Eval) -> list[str]:
+    """`wmtp eval` arguments, named as its flags; values from the spec are escaped."""
+    args = [
+        "--model", escape(final_model(run)),
+        "--tasks", ",".join(options.tasks),
+        "--k", ",".join(map(str, options.k)),
+        "--samples", str(options.samples),
+        "--temperature", str(options.temperature),
+        "--max-new-tokens", str(options.max_new_tokens),
+        "--speed-prompts", str(options.speed_prompts),
+        "--experiment", escape(run.spec.mlflow.experiment),
+    ]  # fmt: skip
+    if options.limit is not None:
+        args += ["--limit", str(options.limit)]
+    for task, uri in options.datasets.items():
+        args += ["--dataset", escape(f"{task}={uri}")]
+    return args
+
+
+def eval_job(run: Run) -> dict[str, Any]:
+    spec, options = run.spec, run.spec.eval
+    assert options is not None
+    own = {**labels(run), COMPONENT_LABEL: EVALUATION}
+    evaluator = container(spec, EVALUATION, services_env(spec), [{"name": "workspace", "mountPath": WORK_DIR}])
+    evaluator.update(command=["wmtp", "eval"], args=eval_args(run, options), workingDir=WORK_DIR)
+    if resources := resources_of(options.resources or spec.resources, init=False):
+        evaluator["resources"] = resources
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": pod_service_account(run),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": dict(POD_SECURITY),
+        "containers": [evaluator],
+        "volumes": [v for v in volumes(run) if v["name"] in ("config", "models", "workspace", "tmp")],
+    }
+    if spec.node_selector:
+        pod["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
+    job_spec: dict[str, Any] = {
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": 0,
+        "activeDeadlineSeconds": options.timeout_seconds,
+        "template": {"metadata": {"labels": own}, "spec": pod},
+    }
+    if spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    meta = metadata(run, eval_job_name(run.name))
+    meta["labels"], meta["annotations"] = own, scanner_annotations()
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
