@@ -14,15 +14,11 @@ and by the chart's admission policy.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
-from pydantic.alias_generators import to_camel
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
+from pydantic import ConfigDict, Field
 
 from wmtp import config, contract
 from wmtp_operator.formats import (
@@ -33,8 +29,19 @@ from wmtp_operator.formats import (
     MAX_DATASETS,
     MAX_URI,
     NAME,
-    QUANTITY,
     duration_seconds,
+)
+from wmtp_operator.sections import (
+    Camel,
+    Eval,
+    ModelVolume,
+    Resources,
+    Toleration,
+    Uri,
+    cel,
+    derived,
+    immutable,
+    secret,
 )
 
 # Checkpoint references: the keywords the trainer's --resume understands, step_N, or a checkpoint URI.
@@ -45,55 +52,10 @@ _RESUME_RULE = (
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
 
 
-def _cel(*rules: tuple[str, str], **schema: Any) -> dict[str, Any]:
-    return {**schema, "x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
-
-
-def immutable(field: str, why: str = "it defines what is trained") -> tuple[str, str]:
-    """A transition rule: `field` may not change once the run exists."""
-    return "self == oldSelf", f"spec.{field} is immutable ({why}); create a new WMTPRun instead"
-
-
-class Camel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-
-def derived(
-    source: type[BaseModel],
-    name: str,
-    doc: str,
-    *,
-    exclude: tuple[str, ...] = (),
-    required: tuple[str, ...] = (),
-    override: Mapping[str, FieldInfo] | None = None,
-    extra: Mapping[str, tuple[Any, FieldInfo]] | None = None,
-) -> type[Camel]:
-    """A camelCase spec section with the fields of one of the trainer's config models: same names (camelCased),
-    types, defaults, bounds and descriptions. `required` fields lose their default and their None; `override`
-    adds constraints to a field (merged over the trainer's); `extra` adds operator-only fields."""
-    fields: dict[str, Any] = {}
-    for field_name, info in source.model_fields.items():
-        if field_name in exclude:
-            continue
-        info = copy.copy(info)
-        if field_name in required:
-            annotation = Union[tuple(a for a in get_args(info.annotation) if a is not type(None))]  # noqa: UP007
-            info = FieldInfo.merge_field_infos(info, default=PydanticUndefined, annotation=annotation)
-        if override and field_name in override:
-            info = FieldInfo.merge_field_infos(info, override[field_name])
-        fields[field_name] = (info.annotation, info)
-    fields.update(extra or {})
-    return create_model(name, __base__=Camel, __doc__=doc, **fields)
-
-
-def _secret(what: str) -> Any:
-    return Field(None, max_length=253, pattern=NAME, description=what)
-
-
 class RecipeRef(Camel):
     """A recipe YAML stored in a ConfigMap of the run's namespace."""
 
-    model_config = ConfigDict(json_schema_extra=_cel(immutable("recipeRef")))
+    model_config = ConfigDict(json_schema_extra=cel(immutable("recipeRef")))
 
     name: str = Field(min_length=1, max_length=253, pattern=NAME, description="Name of the ConfigMap that holds it.")
     key: str = Field(
@@ -105,13 +67,10 @@ def _needed_by(role: str) -> str:
     return ", ".join(name for name in contract.BUILTIN_ALGORITHMS if role in contract.algorithm(name).frozen)
 
 
-Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI)]
-
-
 class Models(Camel):
     """Model URIs (s3://, file:// or a path inside the image). s3:// models are pulled into the model volume."""
 
-    model_config = ConfigDict(json_schema_extra=_cel(immutable("models")))
+    model_config = ConfigDict(json_schema_extra=cel(immutable("models")))
 
     base: Uri = Field(description="Base causal LM to train (an HF model directory).")
     ref: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['ref']}; required by {_needed_by('ref')}.")
@@ -139,7 +98,7 @@ Checkpoints = derived(
         "base_path": Field(
             max_length=MAX_URI,
             description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-            json_schema_extra=_cel(
+            json_schema_extra=cel(
                 (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
                 immutable("checkpoints.basePath", "the run's checkpoints live there"),
             ),
@@ -157,7 +116,7 @@ S3 = derived(
     extra={
         "credentials_secret": (
             str | None,
-            _secret(
+            secret(
                 "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, "
                 "node role)."
@@ -174,7 +133,7 @@ MLflow = derived(
     extra={
         "credentials_secret": (
             str | None,
-            _secret(
+            secret(
                 "Secret in the run's namespace with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
                 "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
                 "Credentials never belong in trackingUri."
@@ -215,137 +174,12 @@ Devices = derived(
     },
 )
 
-Quantity = int | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
-
-
-class Resources(Camel):
-    """Compute resources of each trainer pod (the trainer container)."""
-
-    limits: dict[str, Quantity] = Field(
-        default_factory=dict, description="Resource limits, e.g. {cpu: 4, memory: 16Gi, nvidia.com/gpu: 8}."
-    )
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
-
-
-class Toleration(Camel):
-    """A toleration copied to every trainer pod."""
-
-    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists: all taints.")
-    operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
-        None, description="Taint effect to tolerate; empty: all effects."
-    )
-    toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
-
-
-class ModelVolume(Camel):
-    """Where `wmtp pull` puts the models: per pod (emptyDir) or one PVC shared by all pods and attempts."""
-
-    model_config = ConfigDict(
-        json_schema_extra=_cel(
-            (
-                "self.type != 'persistentVolumeClaim' || has(self.size)",
-                "modelVolume.size is required when modelVolume.type is persistentVolumeClaim",
-            )
-        )
-    )
-
-    type: Literal["emptyDir", "persistentVolumeClaim"] = Field(
-        "emptyDir",
-        description="emptyDir: each pod pulls into its own volume, every attempt. persistentVolumeClaim: the "
-        "operator creates <run>-models (ReadWriteMany); the first puller fills it, later pulls are no-ops.",
-    )
-    size: Quantity | None = Field(None, description="Volume size, e.g. 80Gi (emptyDir: a limit; PVC: the request).")
-    storage_class_name: str | None = Field(
-        None, max_length=253, pattern=NAME, description="StorageClass of the PVC. Unset: the default class."
-    )
-
-
-_EVAL_TASK = Literal[tuple(contract.EVAL_TASKS)]  # type: ignore[valid-type]
-
-
-def _eval_dataset_rules() -> list[tuple[str, str]]:
-    """A task without a bundled copy needs its dataset's URI (one rule per such task, from the contract)."""
-    return [
-        (f"!('{task}' in self.tasks) || '{task}' in self.datasets", f"eval.datasets.{task} is required when "
-         f"eval.tasks lists {task}: there is no bundled copy of it")
-        for task in contract.EVAL_TASKS
-        if task not in contract.EVAL_BUNDLED
-    ]  # fmt: skip
-
-
-class Eval(Camel):
-    """`wmtp eval` after training succeeds: pass@k on code tasks and the speed-up of self-speculative decoding, in
-    one Job <run>-eval on the final model; results in status.eval and in the training run's MLflow metrics."""
-
-    model_config = ConfigDict(
-        json_schema_extra=_cel(
-            *_eval_dataset_rules(),
-            ("self.k.all(k, k <= self.samples)", "eval.k: every k of pass@k must be at most eval.samples"),
-        )
-    )
-
-    tasks: list[Annotated[_EVAL_TASK, Field(description="A task's name.")]] = Field(
-        default_factory=lambda: ["humaneval"],
-        min_length=1,
-        max_length=len(contract.EVAL_TASKS),
-        description="Code tasks to score: "
-        + "; ".join(f"{name}: {what}" for name, what in contract.EVAL_TASKS.items())
-        + ".",
-        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["humaneval"]},
-    )
-    k: list[Annotated[int, Field(ge=1, le=1000, description="One k of pass@k.")]] = Field(
-        default_factory=lambda: [1],
-        min_length=1,
-        max_length=8,
-        description="The k of pass@k, each at most samples.",
-        json_schema_extra={"default": [1]},
-    )
-    samples: int = Field(1, ge=1, le=1000, description="Completions per problem: 1 is greedy, more are sampled.")
-    limit: int | None = Field(None, ge=1, description="At most this many problems per task. Unset: all of them.")
-    temperature: float = Field(0.8, ge=0.01, le=5.0, description="Sampling temperature when samples > 1.")
-    max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest completion, in tokens.")
-    datasets: dict[_EVAL_TASK, Uri] = Field(
-        default_factory=dict,
-        description="Task → URI of its data (.jsonl/.jsonl.gz, a folder or a prefix); "
-        f"{', '.join(t for t in contract.EVAL_TASKS if t not in contract.EVAL_BUNDLED)} needs one.",
-        json_schema_extra={"maxProperties": len(contract.EVAL_TASKS), "default": {}},
-    )
-    speed_prompts: int = Field(
-        8,
-        ge=0,
-        le=1000,
-        description="Prompts decoded greedily and self-speculatively to measure the speed-up; 0 skips.",
-    )
-    timeout: str = Field(
-        "2h",
-        min_length=2,
-        max_length=16,
-        pattern=DURATION,
-        description="How long the evaluation Job may take, start-up included (its activeDeadlineSeconds), e.g. 2h.",
-    )
-    resources: Resources | None = Field(None, description="Resources of the evaluation pod. Unset: spec.resources.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Eval:
-        if max(self.k) > self.samples:
-            raise ValueError(f"eval.k {max(self.k)} is more than eval.samples {self.samples}: pass@k needs k samples")
-        missing = [t for t in self.tasks if t not in contract.EVAL_BUNDLED and t not in self.datasets]
-        if missing:
-            raise ValueError(f"eval.datasets.{missing[0]} is required: there is no bundled copy of {missing[0]}")
-        return self
-
-    @property
-    def timeout_seconds(self) -> int:
-        return duration_seconds(self.timeout)
-
 
 class Spec(Camel):
     """What to train and on what: one WMTPRun is one training run, restarted as a whole when a pod fails."""
 
     model_config = ConfigDict(
-        json_schema_extra=_cel(
+        json_schema_extra=cel(
             *_model_rules(),
             (
                 "has(self.recipe) != has(self.recipeRef)",
@@ -368,7 +202,7 @@ class Spec(Camel):
     )
     algorithm: Literal[contract.BUILTIN_ALGORITHMS] = Field(  # type: ignore[valid-type]
         description="WMTP algorithm; the recipe's train.algo must match it or be left out. Immutable.",
-        json_schema_extra=_cel(immutable("algorithm")),
+        json_schema_extra=cel(immutable("algorithm")),
     )
     recipe: dict[str, Any] | None = Field(
         None,
@@ -383,7 +217,7 @@ class Spec(Camel):
         default_factory=dict,
         description="Dataset name → URI of a .jsonl/.jsonl.gz file; the recipe's data.sources name these. "
         "Names are one path segment (letters, digits, -, _, .). Immutable.",
-        json_schema_extra=_cel(immutable("datasets"), maxProperties=MAX_DATASETS),
+        json_schema_extra=cel(immutable("datasets"), maxProperties=MAX_DATASETS),
     )
     checkpoints: Checkpoints = Field(description="Checkpoint store and cadence.")
     resume: str = Field(
@@ -391,7 +225,7 @@ class Spec(Camel):
         max_length=MAX_URI,
         description="Where the first attempt starts: auto (the latest checkpoint if any), never, latest, "
         "step_N, or a checkpoint URI. A checkpoint named here that is missing or damaged fails the run.",
-        json_schema_extra=_cel(
+        json_schema_extra=cel(
             (_RESUME_RULE, "resume must be auto, never, latest, step_N, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
@@ -400,7 +234,7 @@ class Spec(Camel):
         max_length=MAX_URI,
         description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
         "next attempt resumes from, falling back to the newest intact one when it is gone.",
-        json_schema_extra=_cel((_RESUME_RULE, "resumeFrom must be a checkpoint URI, step_N, latest, auto or never")),
+        json_schema_extra=cel((_RESUME_RULE, "resumeFrom must be a checkpoint URI, step_N, latest, auto or never")),
     )
     s3: S3 = Field(
         default_factory=S3, description="S3 endpoint, region and credentials.", json_schema_extra={"default": {}}
@@ -421,7 +255,7 @@ class Spec(Camel):
         ge=1,
         le=config.MAX_NODES,
         description="Pods (torchrun nodes) per attempt; all start and restart together.",
-        json_schema_extra=_cel(("self >= 1", "nodes must be at least 1")),
+        json_schema_extra=cel(("self >= 1", "nodes must be at least 1")),
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="Trainer processes per pod (usually the GPUs per pod).")
     resources: Resources | None = Field(None, description="Trainer container resources.")

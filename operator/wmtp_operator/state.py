@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from wmtp import contract
 from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
-from wmtp_operator.spec import Camel, Spec
+from wmtp_operator.sections import Camel
+from wmtp_operator.spec import Spec
 from wmtp_operator.status import Evaluation
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"

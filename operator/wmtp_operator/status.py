@@ -18,7 +18,7 @@ from pydantic import ConfigDict, Field, create_model
 from wmtp import contract
 from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
-from wmtp_operator.spec import Camel
+from wmtp_operator.sections import Camel
 
 Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Evaluating", "Succeeded", "Failed"]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})

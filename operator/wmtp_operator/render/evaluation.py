@@ -25,7 +25,8 @@ from wmtp_operator.render.pod import (
     services_env,
     volumes,
 )
-from wmtp_operator.spec import Eval, Run
+from wmtp_operator.sections import Eval
+from wmtp_operator.spec import Run
 
 COMPONENT_LABEL = f"{GROUP}/component"
 EVALUATION = "eval"  # the component label's value, the Job's suffix and the container's name

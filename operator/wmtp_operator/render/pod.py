@@ -14,7 +14,8 @@ from wmtp import contract
 from wmtp.contract import CONFIG_DIR, CONFIG_FILE, MODEL_DIR, PULL_FILE, RECIPE_FILE, WORK_DIR
 from wmtp_operator.render.objects import MASTER_PORT, claim_name, config_map_name, job_name, labels, metadata
 from wmtp_operator.render.objects import service_account as pod_service_account
-from wmtp_operator.spec import Resources, Run, Spec
+from wmtp_operator.sections import Resources
+from wmtp_operator.spec import Run, Spec
 
 # The Job controller writes each pod's completion index here; it is the torchrun node rank.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
