@@ -46,6 +46,8 @@ def _scanned(directory: Path) -> list[dict[str, Any]]:
         body["metadata"] = {**body["metadata"], "namespace": "team-a", "uid": "5b0e7d1c-0000-4000-8000-000000000001"}
         run = Run.from_body(body)
         objects = render.attempt_objects(run, render.trainer_files(run), 1)
+        if run.spec.eval is not None:
+            objects.append(render.eval_job(run))
         (directory / f"run-{run.name}.yaml").write_text(yaml.safe_dump_all(objects))
     command = [str(_checkov()), "-d", str(directory), "--framework", "kubernetes", "--output", "json", "--compact",
                "--skip-download"]  # fmt: skip

@@ -5,7 +5,8 @@ the emulator, `support.node` running each attempt's pods with `podman kube play`
 server on the host. `make e2e-kind` plays the same story on a kind cluster (KindCluster; tests/e2e/kind.sh sets it
 up). `configs/wmtprun.yaml` is applied as written but for where its image, S3 and MLflow are. Its trainer pods
 pull, train under torchrun, get stopped (SIGTERM: a preemption) and later killed (SIGKILL: a failure), and each
-next attempt resumes from the latest committed checkpoint until the run succeeds.
+next attempt resumes from the latest committed checkpoint until training succeeds; then its evaluation pod scores
+the final model (spec.eval).
 """
 
 from __future__ import annotations
@@ -221,13 +222,19 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert store.is_committed(store.final_location)
     client = mlflow.MlflowClient(tracking_uri=stage.mlflow, registry_uri=stage.mlflow)
     assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
-    # Three attempts, one MLflow run: its loss curve has every logged step once, from the first to the last.
+    # Three attempts, one MLflow run: its loss curve has every logged step once, from the first to the last; the
+    # evaluation found that run through the final model's marker and logged its scores there too.
     (training,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     steps = sorted({m.step for m in client.get_metric_history(training.info.run_id, "loss")})
     assert steps[-1] == max_steps and len(set(map(int.__sub__, steps[1:], steps[:-1]))) == 1, steps
+    evaluated, limit = done["eval"], run["spec"]["eval"]["limit"]
+    assert evaluated["phase"] == "Succeeded" and evaluated["mlflowRunId"] == training.info.run_id, evaluated
+    assert evaluated["tasks"]["humaneval"]["problems"] == limit and evaluated["speed"]["identical"] is True
+    assert training.data.metrics["eval/humaneval/problems"] == limit
 
     assert stopped.get("exitCode") == 75 and '"Preempted"' in stopped.get("message", ""), stopped
     assert (done.get("restarts"), done.get("preemptions")) == (1, 1), done
     # Each restart says twice why: the attempt that ended (and the fence while its pods stop), then the one resuming.
     attempt = ["Pending", "Pulling", "Running"]
-    assert events == [*attempt, "Restarting", "Restarting", *attempt, "Restarting", "Restarting", *attempt, "Succeeded"]
+    assert events == [*attempt, "Restarting", "Restarting", *attempt, "Restarting", "Restarting", *attempt,
+                      "Evaluating", "Succeeded", "Evaluated"]  # fmt: skip

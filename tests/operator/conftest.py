@@ -17,9 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def tiny_run() -> dict[str, Any]:
-    """The tiny CPU example of configs/wmtprun.yaml as the API server would store it."""
+    """The tiny CPU example of configs/wmtprun.yaml as the API server would store it, training only: the tests of
+    spec.eval add their own."""
     documents = yaml.safe_load_all((ROOT / "configs" / "wmtprun.yaml").read_text())
     body = next(doc for doc in documents if doc["kind"] == "WMTPRun")
+    del body["spec"]["eval"]
     body["metadata"].update(namespace="team-a", uid="0d2c1b7e-run-uid", generation=1)
     return body
 
