@@ -63,6 +63,23 @@ class Operators:
         return self.current
 
 
+def watching(
+    emulator: Emulator, operators: Operators, ns: str
+) -> tuple[Callable[[], dict[str, Any]], Callable[[Callable[[], Any], str], Any]]:
+    """The run's status, and a wait that shows the current operator's log when it times out."""
+
+    def status() -> dict[str, Any]:
+        return (emulator.get("WMTPRun", ns, RUN) or {}).get("status") or {}
+
+    def until(check: Callable[[], Any], what: str) -> Any:
+        try:
+            return wait_for(check, timeout=20, what=what)
+        except TimeoutError as err:
+            raise AssertionError(f"{err}\n{operators.current.output()[-3000:]}") from None
+
+    return status, until
+
+
 @pytest.fixture(scope="module")
 def operators(emulator: Emulator, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operators]:
     chain = Operators(emulator, tmp_path_factory.mktemp("operators"))
@@ -76,15 +93,7 @@ def test_an_operator_killed_at_any_point_of_a_restart_ends_where_an_uninterrupte
 ) -> None:
     ns = f"killed-{zlib.crc32(boundary.encode()):08x}"
 
-    def status() -> dict[str, Any]:
-        return (emulator.get("WMTPRun", ns, RUN) or {}).get("status") or {}
-
-    def until(check: Callable[[], Any], what: str) -> Any:
-        try:
-            return wait_for(check, timeout=20, what=what)
-        except TimeoutError as err:
-            raise AssertionError(f"{err}\n{operators.current.output()[-3000:]}") from None
-
+    status, until = watching(emulator, operators, ns)
     body = {**tiny_run, "metadata": {"name": RUN, "namespace": ns}}
     emulator.create(body)
     until(lambda: status().get("phase") == "Running", "attempt 1 running")
@@ -132,15 +141,7 @@ def test_an_operator_killed_during_the_evaluation_creates_one_eval_job_and_keeps
 ) -> None:
     ns = f"killed-eval-{zlib.crc32(boundary.encode()):08x}"
 
-    def status() -> dict[str, Any]:
-        return (emulator.get("WMTPRun", ns, RUN) or {}).get("status") or {}
-
-    def until(check: Callable[[], Any], what: str) -> Any:
-        try:
-            return wait_for(check, timeout=20, what=what)
-        except TimeoutError as err:
-            raise AssertionError(f"{err}\n{operators.current.output()[-3000:]}") from None
-
+    status, until = watching(emulator, operators, ns)
     spec = {**tiny_run["spec"], "eval": {"tasks": ["humaneval"], "speedPrompts": 0}}
     emulator.create({**tiny_run, "metadata": {"name": RUN, "namespace": ns}, "spec": spec})
     until(lambda: status().get("phase") == "Running", "attempt 1 running")
