@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -237,6 +239,42 @@ def test_manager_restores_every_named_part(store: CheckpointStore) -> None:
         for name in saved_opt[key]:
             assert torch.equal(saved_opt[key][name], loaded_opt[key][name])
     assert loader.resumed_from == location and loader.bytes_read > 0
+
+
+def _everything(manager: CheckpointManager) -> dict[str, Any]:
+    optimizer = manager.optimizer.state_dict()
+    lrs = [group["lr"] for group in optimizer["param_groups"]]
+    return {"modules": manager.modules.state_dict(), "optimizer": optimizer["state"], "lr": lrs}
+
+
+def test_each_save_holds_the_state_of_its_moment_before_during_and_after_a_resume(store: CheckpointStore) -> None:
+    # The manager keeps the names of what it saves from save to save; every checkpoint must still hold the values
+    # of the moment it was taken: after steps and lr changes, after a load, and after tensors were replaced.
+    saver = _manager(store)
+    moments: dict[int, dict[str, Any]] = {}
+    for step in range(1, 4):
+        train_a_little(saver)
+        saver.optimizer.param_groups[0]["lr"] = 0.1 / (step + 1)
+        moments[step] = copy.deepcopy(_everything(saver))
+        save(saver, step)
+    saver.load(store.step_location(1))
+    train_a_little(saver)
+    for state in saver.optimizer.state.values():  # an optimizer that replaces its tensors instead of updating them
+        state["exp_avg"] = state["exp_avg"] * 2
+    moments[5] = copy.deepcopy(_everything(saver))
+    save(saver, 5)
+
+    for step, expected in moments.items():
+        loader = _manager(store)
+        loader.load(store.step_location(step))
+        loaded = _everything(loader)
+        assert loaded["lr"] == expected["lr"], step
+        for name, tensor in expected["modules"].items():
+            assert torch.equal(loaded["modules"][name], tensor), (step, name)
+        assert loaded["optimizer"].keys() == expected["optimizer"].keys(), step
+        for index, state in expected["optimizer"].items():
+            for name, tensor in state.items():
+                assert torch.equal(loaded["optimizer"][index][name], tensor), (step, index, name)
 
 
 def test_the_marker_lists_every_file_written_with_its_size_and_digest(store: CheckpointStore) -> None:
