@@ -77,7 +77,10 @@ class _Pass:
             self.files = render.trainer_files(self.run, observed.recipe_text)
         except ValidationError as err:
             self.problems.append(
-                "; ".join(f"spec.{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors(include_input=False))
+                "; ".join(
+                    f"spec.{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in err.errors(include_input=False)
+                )
             )
         except ConfigError as err:
             self.problems.append(str(err))

@@ -9,12 +9,13 @@ import copy
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from wmtp import contract
+from wmtp.config import EvalSettings
 from wmtp_operator.formats import DURATION, MAX_URI, NAME, QUANTITY, duration_seconds
 
 
@@ -111,62 +112,29 @@ class ModelVolume(Camel):
     )
 
 
-_EVAL_TASK = Literal[tuple(contract.EVAL_TASKS)]  # type: ignore[valid-type]
-
-
-def _eval_dataset_rules() -> list[tuple[str, str]]:
-    """A task without a bundled copy needs its dataset's URI (one rule per such task, from the contract)."""
-    return [
-        (f"!('{task}' in self.tasks) || '{task}' in self.datasets", f"eval.datasets.{task} is required when "
-         f"eval.tasks lists {task}: there is no bundled copy of it")
+def _eval_schema(schema: dict[str, Any]) -> None:
+    """What the API server checks of spec.eval: the rules of `EvalSettings`, in CEL (a task without a bundled copy
+    needs its dataset's URI; k at most samples), bounded URIs, and tasks as a set."""
+    rules = [
+        (f"!('{task}' in self.tasks) || '{task}' in self.datasets",
+         f"eval.datasets.{task} is required when eval.tasks lists {task}: there is no bundled copy of it")
         for task in contract.EVAL_TASKS
         if task not in contract.EVAL_BUNDLED
     ]  # fmt: skip
+    rules.append(("self.k.all(k, k <= self.samples)", "eval.k: every k of pass@k must be at most eval.samples"))
+    schema.update(cel(*rules))
+    properties = schema["properties"]
+    properties["tasks"]["x-kubernetes-list-type"] = "set"
+    properties["datasets"]["additionalProperties"].update(minLength=1, maxLength=MAX_URI)
 
 
-class Eval(Camel):
+class Eval(Camel, EvalSettings):
     """`wmtp eval` after training succeeds: pass@k on code tasks and the speed-up of self-speculative decoding, in
-    one Job <run>-eval on the final model; results in status.eval and in the training run's MLflow metrics."""
+    one Job <run>-eval on the final model; results in status.eval and in the training run's MLflow metrics. The
+    fields are `wmtp eval`'s options (`wmtp.config.EvalSettings`), and what the Job is given."""
 
-    model_config = ConfigDict(
-        json_schema_extra=cel(
-            *_eval_dataset_rules(),
-            ("self.k.all(k, k <= self.samples)", "eval.k: every k of pass@k must be at most eval.samples"),
-        )
-    )
+    model_config = ConfigDict(json_schema_extra=_eval_schema)
 
-    tasks: list[Annotated[_EVAL_TASK, Field(description="A task's name.")]] = Field(
-        default_factory=lambda: ["humaneval"],
-        min_length=1,
-        max_length=len(contract.EVAL_TASKS),
-        description="Code tasks to score: "
-        + "; ".join(f"{name}: {what}" for name, what in contract.EVAL_TASKS.items())
-        + ".",
-        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["humaneval"]},
-    )
-    k: list[Annotated[int, Field(ge=1, le=1000, description="One k of pass@k.")]] = Field(
-        default_factory=lambda: [1],
-        min_length=1,
-        max_length=8,
-        description="The k of pass@k, each at most samples.",
-        json_schema_extra={"default": [1]},
-    )
-    samples: int = Field(1, ge=1, le=1000, description="Completions per problem: 1 is greedy, more are sampled.")
-    limit: int | None = Field(None, ge=1, description="At most this many problems per task. Unset: all of them.")
-    temperature: float = Field(0.8, ge=0.01, le=5.0, description="Sampling temperature when samples > 1.")
-    max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest completion, in tokens.")
-    datasets: dict[_EVAL_TASK, Uri] = Field(
-        default_factory=dict,
-        description="Task → URI of its data (.jsonl/.jsonl.gz, a folder or a prefix); "
-        f"{', '.join(t for t in contract.EVAL_TASKS if t not in contract.EVAL_BUNDLED)} needs one.",
-        json_schema_extra={"maxProperties": len(contract.EVAL_TASKS), "default": {}},
-    )
-    speed_prompts: int = Field(
-        8,
-        ge=0,
-        le=1000,
-        description="Prompts decoded greedily and self-speculatively to measure the speed-up; 0 skips.",
-    )
     timeout: str = Field(
         "2h",
         min_length=2,
@@ -175,15 +143,6 @@ class Eval(Camel):
         description="How long the evaluation Job may take, start-up included (its activeDeadlineSeconds), e.g. 2h.",
     )
     resources: Resources | None = Field(None, description="Resources of the evaluation pod. Unset: spec.resources.")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Eval:
-        if max(self.k) > self.samples:
-            raise ValueError(f"eval.k {max(self.k)} is more than eval.samples {self.samples}: pass@k needs k samples")
-        missing = [t for t in self.tasks if t not in contract.EVAL_BUNDLED and t not in self.datasets]
-        if missing:
-            raise ValueError(f"eval.datasets.{missing[0]} is required: there is no bundled copy of {missing[0]}")
-        return self
 
     @property
     def timeout_seconds(self) -> int:

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from support.kubelet import argv, expand, restricted_violations
 from wmtp import contract
-from wmtp.config import ConfigError, load_config, parse_config, parse_recipe, read_document
+from wmtp.config import ConfigError, EvalSettings, load_config, parse_config, parse_recipe, read_document
 from wmtp_operator import render
 from wmtp_operator.spec import Defaults, Run
 
@@ -425,10 +425,14 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert command == [
-        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--tasks", "humaneval,mbpp",
-        "--k", "1,10", "--samples", "20", "--temperature", "0.8", "--max-new-tokens", "256", "--speed-prompts", "8",
-        "--experiment", "wmtp-7b", "--limit", "50", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
+        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "wmtp-7b",
+        "--tasks", "humaneval,mbpp", "--k", "1,10", "--samples", "20", "--limit", "50", "--temperature", "0.8",
+        "--max-new-tokens", "256", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
+        "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0",
     ]  # fmt: skip
+    # Every option is one `wmtp eval` takes: the flags are the settings' names.
+    flags = {f"--{name.replace('_', '-')}" for name in EvalSettings.model_fields} - {"--datasets"} | {"--dataset"}
+    assert {arg for arg in command if arg.startswith("--")} - {"--model", "--experiment"} == flags
     env = {e["name"]: e for e in evaluator["env"]}
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlops:5000"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-prod"
@@ -438,8 +442,8 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
 @pytest.mark.parametrize(
     ("evaluation", "message"),
     [
-        ({"tasks": ["mbpp"]}, "eval.datasets.mbpp is required: there is no bundled copy of mbpp"),
-        ({"k": [10]}, "eval.k 10 is more than eval.samples 1"),
+        ({"tasks": ["mbpp"]}, "spec.eval: datasets.mbpp is required: there is no bundled copy of mbpp"),
+        ({"k": [10]}, "spec.eval: k 10 is more than samples 1"),
         ({"datasets": {"gsm8k": "s3://d/x.jsonl"}}, "spec.eval.datasets.gsm8k.[key]: Input should be"),
         ({"tasks": []}, "spec.eval.tasks: List should have at least 1 item"),
     ],

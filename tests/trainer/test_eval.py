@@ -10,11 +10,13 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from wmtp import contract
 from wmtp.checkpoint import CheckpointStore, FileRecord
 from wmtp.cli import app
+from wmtp.config import EvalSettings
 from wmtp.eval.command import headline
 from wmtp.eval.decoding import Decoder
 from wmtp.eval.runner import TRAINING_RUN_TAG, log_to_mlflow, summary
@@ -185,14 +187,29 @@ def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, 
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--k", "10"], "--k 10 needs --samples of at least 10"),
-        (["--tasks", "mbpp"], "--dataset mbpp=URI is needed"),
-        (["--tasks", "gsm8k"], "unknown task 'gsm8k'"),
+        (["--k", "10"], "k 10 is more than samples 1"),
+        (["--tasks", "mbpp"], "datasets.mbpp is required: there is no bundled copy of mbpp"),
+        (["--tasks", "gsm8k"], "--tasks: Input should be 'humaneval' or 'mbpp'"),
+        (["--program-timeout", "0"], "--program-timeout: Input should be greater than or equal to 0.1"),
     ],
 )
 def test_eval_command_refuses_bad_options_in_one_line(final_model: Path, args: list[str], says: str) -> None:
     result = runner.invoke(app, ["eval", "--model", str(final_model), "--speed-prompts", "0", *args])
     assert result.exit_code == 2 and says in result.output and result.output.count("\n") == 1, result.output
+
+
+def test_every_eval_setting_is_a_flag_of_wmtp_eval_with_its_default() -> None:
+    # spec.eval renders each setting as the flag of its name (wmtp_operator.render.eval_args).
+    command = next(c for c in typer.main.get_command(app).commands.values() if c.name == "eval")
+    flags = {option: param for param in command.params for option in param.opts}
+    for name, field in EvalSettings.model_fields.items():
+        flag = "--dataset" if name == "datasets" else f"--{name.replace('_', '-')}"
+        default = flags[flag].default
+        if isinstance(field.get_default(call_default_factory=True), list):
+            default = default.split(",")
+            assert default == [str(v) for v in field.get_default(call_default_factory=True)], name
+        elif name != "datasets":
+            assert default == field.get_default(), name
 
 
 def test_eval_metrics_go_to_the_training_run(tmp_path: Path) -> None:
@@ -263,7 +280,7 @@ def test_the_termination_message_carries_the_results_and_stays_within_what_the_k
 @pytest.mark.parametrize(
     ("args", "code", "says"),
     [
-        (["--tasks", "mbpp"], 2, "--dataset mbpp=URI is needed"),
+        (["--tasks", "mbpp"], 2, "datasets.mbpp is required"),
         (["--k", "one"], 2, "--k: comma-separated integers"),
         (["--model", "/nowhere/final"], 2, "/nowhere/final"),
     ],

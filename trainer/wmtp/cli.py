@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from wmtp.config import clip
+from wmtp.config import EvalSettings, clip
 from wmtp.contract import LAUNCH_GRACE_FLAG, RESUME_FALLBACK_FLAG, ExitCode
 from wmtp.errors import describe
 from wmtp.launcher import DEFAULT_GRACE_SECONDS
@@ -274,19 +274,26 @@ def pull(
     raise typer.Exit(code)
 
 
+EVAL = EvalSettings()  # the defaults of `wmtp eval`'s options
+
+
+def _eval_help(name: str) -> str:
+    return EvalSettings.model_fields[name].description or ""
+
+
 @app.command("eval")
 def evaluate(
     model: str = typer.Option(..., "--model", "-m", help="The final model: <checkpoints>/<run>/final (path or URI)."),
-    tasks: str = typer.Option("humaneval", help="Comma-separated tasks: humaneval, mbpp."),
-    k: str = typer.Option("1", "--k", help="Comma-separated k of pass@k, each at most --samples."),
-    samples: int = typer.Option(1, min=1, help="Completions per problem: 1 is greedy, more are sampled."),
-    temperature: float = typer.Option(0.8, min=0.01, help="Sampling temperature when --samples > 1."),
-    max_new_tokens: int = typer.Option(256, min=1, help="Longest completion, in tokens."),
-    limit: int | None = typer.Option(None, min=1, help="At most this many problems per task."),
+    tasks: str = typer.Option(",".join(EVAL.tasks), help=f"Comma-separated. {_eval_help('tasks')}"),
+    k: str = typer.Option(",".join(map(str, EVAL.k)), "--k", help=f"Comma-separated. {_eval_help('k')}"),
+    samples: int = typer.Option(EVAL.samples, help=_eval_help("samples")),
+    temperature: float = typer.Option(EVAL.temperature, help=_eval_help("temperature")),
+    max_new_tokens: int = typer.Option(EVAL.max_new_tokens, help=_eval_help("max_new_tokens")),
+    limit: int | None = typer.Option(EVAL.limit, help=_eval_help("limit")),
     dataset: list[str] = typer.Option([], help="NAME=URI of a task's data (mbpp needs one; humaneval is bundled)."),
-    timeout: float = typer.Option(10.0, min=0.1, help="Seconds a program may run against its tests."),
-    speed_prompts: int = typer.Option(8, min=0, help="Prompts decoded greedily and self-speculatively; 0 skips."),
-    seed: int = typer.Option(0, help="Seed of the sampling."),
+    program_timeout: float = typer.Option(EVAL.program_timeout, help=_eval_help("program_timeout")),
+    speed_prompts: int = typer.Option(EVAL.speed_prompts, help=_eval_help("speed_prompts")),
+    seed: int = typer.Option(EVAL.seed, help=_eval_help("seed")),
     output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
     mlflow_run_id: str | None = typer.Option(
         None,
@@ -302,22 +309,22 @@ def evaluate(
     termination message as the trainer does (the scores, or the one-line error).
     """
     setup_logging(log_level)
-    from wmtp.eval.command import datasets, headline, ints, last_words, show
-    from wmtp.eval.runner import EvalOptions, log_to_mlflow, summary, training_run
+    from wmtp.eval.command import datasets, headline, ints, last_words, options, show
     from wmtp.eval.runner import evaluate as run_eval
+    from wmtp.eval.runner import log_to_mlflow, summary, training_run
     from wmtp.storage import Storage
 
     storage = Storage()
     with reported(log_level, ValueError), last_words(ValueError) as ended:
-        options = EvalOptions(
-            model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], ks=ints(k, "--k"), samples=samples,
+        settings = options(
+            model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], k=ints(k, "--k"), samples=samples,
             temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
-            timeout_s=timeout, speed_prompts=speed_prompts, seed=seed,
+            program_timeout=program_timeout, speed_prompts=speed_prompts, seed=seed,
         )  # fmt: skip
         columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
             task = bar.add_task("eval", total=None)
-            report = run_eval(options, storage, progress=lambda: bar.advance(task))
+            report = run_eval(settings, storage, progress=lambda: bar.advance(task))
         if output is not None:
             output.write_text(json.dumps(report, indent=1))
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")
@@ -325,7 +332,7 @@ def evaluate(
             run_id = mlflow_run_id or training_run(model, storage)
             report["mlflow_run_id"] = log_to_mlflow(report, tracking_uri, run_id, experiment)
         ended.eval, ended.message = summary(report), headline(report)
-    show(report, options.ks, console)
+    show(report, settings.k, console)
 
 
 if __name__ == "__main__":

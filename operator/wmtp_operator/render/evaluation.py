@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from wmtp import contract
-from wmtp.config import run_root
+from wmtp.config import EvalSettings, run_root
 from wmtp.contract import GROUP, WORK_DIR
 from wmtp_operator.render.objects import labels, metadata
 from wmtp_operator.render.objects import service_account as pod_service_account
@@ -47,21 +47,16 @@ def final_model(run: Run) -> str:
 
 
 def eval_args(run: Run, options: Eval) -> list[str]:
-    """`wmtp eval` arguments, named as its flags; values from the spec are escaped."""
-    args = [
-        "--model", escape(final_model(run)),
-        "--tasks", ",".join(options.tasks),
-        "--k", ",".join(map(str, options.k)),
-        "--samples", str(options.samples),
-        "--temperature", str(options.temperature),
-        "--max-new-tokens", str(options.max_new_tokens),
-        "--speed-prompts", str(options.speed_prompts),
-        "--experiment", escape(run.spec.mlflow.experiment),
-    ]  # fmt: skip
-    if options.limit is not None:
-        args += ["--limit", str(options.limit)]
-    for task, uri in options.datasets.items():
-        args += ["--dataset", escape(f"{task}={uri}")]
+    """`wmtp eval` arguments: every `EvalSettings` field as its flag (lists comma-joined, one --dataset per task);
+    values from the spec are escaped."""
+    args = ["--model", escape(final_model(run)), "--experiment", escape(run.spec.mlflow.experiment)]
+    for name in EvalSettings.model_fields:
+        value = getattr(options, name)
+        if name == "datasets":
+            args += [arg for task, uri in value.items() for arg in ("--dataset", escape(f"{task}={uri}"))]
+        elif value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            args += [f"--{name.replace('_', '-')}", escape(text)]
     return args
 
 

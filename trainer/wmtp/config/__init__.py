@@ -29,6 +29,7 @@ from wmtp.config.environment import (
     Paths,
     S3Settings,
 )
+from wmtp.config.evaluation import EvalSettings, EvalTask
 from wmtp.config.loading import (
     check_compatible,
     checkpoint_root,
@@ -76,6 +77,8 @@ __all__ = [
     "DatasetFormat",
     "Devices",
     "DistributedSettings",
+    "EvalSettings",
+    "EvalTask",
     "FSDPSettings",
     "LossSection",
     "MLflowSettings",

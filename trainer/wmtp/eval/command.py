@@ -9,12 +9,14 @@ from typing import Any
 
 import click
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from wmtp.config import clip
+from wmtp.config import ConfigError, clip
 from wmtp.contract import STOP_FAILED, STOP_SUCCEEDED, ExitCode
 from wmtp.errors import describe
+from wmtp.eval.runner import EvalOptions
 from wmtp.reporting import Termination, write_termination
 
 
@@ -36,6 +38,18 @@ def datasets(pairs: list[str]) -> dict[str, str]:
             raise typer.BadParameter(f"--dataset {pair!r}: write NAME=URI, e.g. mbpp=s3://data/mbpp.jsonl")
         out[name] = uri
     return out
+
+
+def options(**values: Any) -> EvalOptions:
+    """The options, checked by `EvalSettings`: a bad value is one line naming its flag."""
+    try:
+        return EvalOptions(**values)
+    except ValidationError as err:
+        problems = [
+            (f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "") + e["msg"].removeprefix("Value error, ")
+            for e in err.errors()
+        ]
+        raise ConfigError(clip("; ".join(problems), 500)) from None
 
 
 def show(report: dict[str, Any], ks: list[int], console: Console) -> None:

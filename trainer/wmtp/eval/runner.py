@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from wmtp.checkpoint import CheckpointError, CheckpointStore
-from wmtp.config import redact_uri
+from wmtp.config import EvalSettings, redact_uri
 from wmtp.contract import EVAL_SPEED_FIELDS, MAX_EVAL_SCORES
 from wmtp.eval.decoding import Decoder, Generation
 from wmtp.eval.sandbox import Limits, confinement
@@ -23,19 +22,10 @@ from wmtp.tracking import bounded_retries
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class EvalOptions:
+class EvalOptions(EvalSettings):
+    """What to evaluate (the final model's URI) and how (`EvalSettings`, as `wmtp eval` and spec.eval give it)."""
+
     model: str
-    tasks: list[str]
-    ks: list[int] = field(default_factory=lambda: [1])
-    samples: int = 1  # per problem; 1 means greedy
-    temperature: float = 0.8
-    max_new_tokens: int = 256
-    limit: int | None = None  # problems per task
-    datasets: dict[str, str] = field(default_factory=dict)
-    timeout_s: float = 10.0
-    speed_prompts: int = 8  # prompts decoded both ways to measure self-speculative decoding; 0: skip
-    seed: int = 0
 
 
 def load_model(uri: str, storage: Storage) -> tuple[MTPModel, Any]:
@@ -89,16 +79,14 @@ def measure_speed(decoder: Decoder, tokenizer: Any, problems: list[Problem], sto
 
 def evaluate(options: EvalOptions, storage: Storage, progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
     """Everything `wmtp eval` reports, as one JSON-able dict."""
-    if max(options.ks) > options.samples:
-        raise ValueError(f"--k {max(options.ks)} needs --samples of at least {max(options.ks)}")
     problems = {name: load_task(name, options.datasets.get(name), storage)[: options.limit] for name in options.tasks}
     model, tokenizer = load_model(options.model, storage)
     decoder = Decoder(model, tokenizer, options.max_new_tokens)
-    limits = Limits(timeout_s=options.timeout_s)
+    limits = Limits(timeout_s=options.program_timeout)
     log.info("model=%s sandbox=%s", redact_uri(options.model), confinement())
     complete = _completer(decoder, tokenizer, options)
     results: dict[str, TaskResult] = {
-        name: score(name, task, complete, options.ks, limits, progress=progress) for name, task in problems.items()
+        name: score(name, task, complete, options.k, limits, progress=progress) for name, task in problems.items()
     }
     report: dict[str, Any] = {
         "model": redact_uri(options.model),

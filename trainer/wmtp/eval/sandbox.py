@@ -18,6 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from wmtp.config import EvalSettings
+
 # Landlock system calls (the same numbers on x86-64 and arm64) and their flags, from <linux/landlock.h>.
 _CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
 _CREATE_RULESET_VERSION = 1 << 0
@@ -36,7 +38,7 @@ _SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets and signals outside the s
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock
+    timeout_s: float = EvalSettings.model_fields["program_timeout"].default  # wall clock
     memory_mb: int = 1024  # address space
     file_mb: int = 16  # largest file it may write
 
