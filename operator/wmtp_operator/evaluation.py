@@ -104,7 +104,7 @@ def outcome(job: Obj | None, pods: Sequence[Obj], name: str) -> tuple[dict[str, 
     None while it runs."""
     for pod in pods:
         if (pod.get("status") or {}).get("phase") == "Succeeded":
-            said = podstat.termination(_evaluator(pod))
+            said = podstat.termination(podstat.container(pod, render.EVALUATION))
             if said.get(contract.TERMINATION_REASON) != contract.STOP_SUCCEEDED:
                 return None, f"pod {pod['metadata']['name']} succeeded but left no readable termination message"
             headline = said.get(contract.TERMINATION_MESSAGE)
@@ -118,11 +118,6 @@ def outcome(job: Obj | None, pods: Sequence[Obj], name: str) -> tuple[dict[str, 
     if failed:
         return None, f"Job {name} failed: {failed.get('reason', '')} {failed.get('message', '')}".rstrip()
     return None
-
-
-def _evaluator(pod: Obj) -> Mapping[str, Any]:
-    statuses = (pod.get("status") or {}).get("containerStatuses") or []
-    return next((c for c in statuses if c.get("name") == render.EVALUATION), {})
 
 
 def results(said: Mapping[str, Any]) -> dict[str, Any]:

@@ -91,8 +91,13 @@ def termination(container: Mapping[str, Any]) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def container(pod: Obj, name: str) -> Mapping[str, Any]:
+    """The status of the pod's container `name` ({} before it has one)."""
+    return next((c for c in _containers(pod, init=False) if c.get("name") == name), {})
+
+
 def _trainer(pod: Obj) -> Mapping[str, Any]:
-    return next((c for c in _containers(pod, init=False) if c.get("name") == TRAINER), {})
+    return container(pod, TRAINER)
 
 
 def _preempted_exit(container: Mapping[str, Any]) -> bool:
@@ -223,15 +228,9 @@ def last_checkpoint(pods: Sequence[Obj]) -> str | None:
     return best[1] if best else None
 
 
-def _init_done(pod: Obj) -> bool:
-    inits = _status(pod).get("initContainerStatuses") or []
-    return bool(inits) and all("terminated" in (c.get("state") or {}) for c in inits)
-
-
-def _past_scheduling(pod: Obj) -> bool:
-    """Its init container has started: pulling models, or done and the trainer starting."""
+def _pulling(pod: Obj) -> bool:
     return _status(pod).get("phase") == "Pending" and any(
-        {"running", "terminated"} & set(c.get("state") or {}) for c in _status(pod).get("initContainerStatuses") or []
+        "running" in (c.get("state") or {}) for c in _status(pod).get("initContainerStatuses") or []
     )
 
 
@@ -245,7 +244,7 @@ def progress(pods: Sequence[Obj], nodes: int, attempt: int) -> tuple[str, str]:
     running = phases.count("Running")
     if running and running + phases.count("Succeeded") >= nodes:
         return "Running", f"attempt {attempt}: {running}/{nodes} pods running"
-    pulling = sum(1 for p in pods if _past_scheduling(p) and not _init_done(p))
-    if running or any(_past_scheduling(p) for p in pods):
+    pulling = sum(1 for p in pods if _pulling(p))
+    if any(started(p) for p in pods):
         return "Pulling", f"attempt {attempt}: {pulling}/{nodes} pods pulling models, {running}/{nodes} running"
     return "Pending", f"attempt {attempt}: {running}/{nodes} pods running"
