@@ -55,7 +55,7 @@ def weighted_mtp_loss(ce: Tensor, mask: Tensor, weights: Tensor) -> Tensor:
     return weighted.sum() / mask.sum().clamp_min(1)
 
 
-_BISECTIONS = 64  # halvings of the log-scale bracket (at most ~1400 wide): float64 has nothing more to give
+_BISECTIONS = 64  # halvings of the log-scale bracket (at most 700 wide): float64 has nothing more to give
 _MAX_LOG_SCALE = 700.0  # exp() of it stays finite in float64
 _NEGLIGIBLE = 1e-300  # of the largest weight: 1/_NEGLIGIBLE times max_weight is still below exp(_MAX_LOG_SCALE)
 
