@@ -63,10 +63,11 @@ class Operators:
         return self.current
 
 
-def watching(
-    emulator: Emulator, operators: Operators, ns: str
+def running(
+    emulator: Emulator, operators: Operators, ns: str, body: dict[str, Any]
 ) -> tuple[Callable[[], dict[str, Any]], Callable[[Callable[[], Any], str], Any]]:
-    """The run's status, and a wait that shows the current operator's log when it times out."""
+    """The run created in `ns` and its attempt 1 running; then its status, and a wait that shows the current
+    operator's log when it times out."""
 
     def status() -> dict[str, Any]:
         return (emulator.get("WMTPRun", ns, RUN) or {}).get("status") or {}
@@ -77,6 +78,8 @@ def watching(
         except TimeoutError as err:
             raise AssertionError(f"{err}\n{operators.current.output()[-3000:]}") from None
 
+    emulator.create({**body, "metadata": {"name": RUN, "namespace": ns}})
+    until(lambda: status().get("phase") == "Running", "attempt 1 running")
     return status, until
 
 
@@ -93,10 +96,7 @@ def test_an_operator_killed_at_any_point_of_a_restart_ends_where_an_uninterrupte
 ) -> None:
     ns = f"killed-{zlib.crc32(boundary.encode()):08x}"
 
-    status, until = watching(emulator, operators, ns)
-    body = {**tiny_run, "metadata": {"name": RUN, "namespace": ns}}
-    emulator.create(body)
-    until(lambda: status().get("phase") == "Running", "attempt 1 running")
+    status, until = running(emulator, operators, ns, tiny_run)
     report = {"attempt": 1, "step": 1000, "loss": 2.5, "latestCheckpoint": CKPT}
     emulator.patch("WMTPRun", ns, RUN, {"status": {contract.REPORT_FIELD: report}}, status=True)
     until(lambda: status().get("latestCheckpoint") == CKPT, "the checkpoint accepted")
@@ -141,10 +141,8 @@ def test_an_operator_killed_during_the_evaluation_creates_one_eval_job_and_keeps
 ) -> None:
     ns = f"killed-eval-{zlib.crc32(boundary.encode()):08x}"
 
-    status, until = watching(emulator, operators, ns)
     spec = {**tiny_run["spec"], "eval": {"tasks": ["humaneval"], "speedPrompts": 0}}
-    emulator.create({**tiny_run, "metadata": {"name": RUN, "namespace": ns}, "spec": spec})
-    until(lambda: status().get("phase") == "Running", "attempt 1 running")
+    status, until = running(emulator, operators, ns, {**tiny_run, "spec": spec})
     emulator.after(lambda call: call.namespace == ns and EVAL_BOUNDARIES[boundary](call), kill_on(operators.current))
     for pod in emulator.pods(ns, f"{RUN}-a1"):
         emulator.exit(ns, pod, 0)
