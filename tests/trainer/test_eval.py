@@ -188,6 +188,7 @@ def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, 
     ("args", "says"),
     [
         (["--k", "10"], "k 10 is more than samples 1"),
+        (["--k", "0"], "--k: Input should be greater than or equal to 1"),
         (["--tasks", "mbpp"], "datasets.mbpp is required: there is no bundled copy of mbpp"),
         (["--tasks", "gsm8k"], "--tasks: Input should be 'humaneval' or 'mbpp'"),
         (["--program-timeout", "0"], "--program-timeout: Input should be greater than or equal to 0.1"),

@@ -21,13 +21,11 @@ from wmtp.reporting import Termination, write_termination
 
 
 def ints(text: str, option: str) -> list[int]:
+    """Comma-separated integers (their bounds are `EvalSettings`')."""
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise typer.BadParameter(f"{option}: comma-separated integers, e.g. 1,10") from None
-    if not values or min(values) < 1:
-        raise typer.BadParameter(f"{option}: at least one positive integer")
-    return values
 
 
 def datasets(pairs: list[str]) -> dict[str, str]:
