@@ -17,7 +17,10 @@ TORCH_VERSION := 2.13.0
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup quickstart test e2e-kind images e2e-local
+.PHONY: setup quickstart test test-fast e2e-kind images e2e-local
+
+# Tests run on every core (pytest-xdist); worksteal keeps both busy while a few slow tests run long.
+PYTEST := $(BIN)/pytest -q -n auto --dist worksteal
 
 setup: $(STAMP) $(BIN)/helm
 
@@ -49,7 +52,12 @@ $(CHECKOV_VENV)/bin/checkov:
 
 test: setup $(CHECKOV_VENV)/bin/checkov
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q
+	$(PYTEST)
+
+# The loop while you work: everything but the tests marked slow (training runs, servers), in under 3 minutes.
+test-fast: setup $(CHECKOV_VENV)/bin/checkov
+	$(BIN)/ruff check .
+	$(PYTEST) -m "not slow"
 
 # A real cluster: needs Docker and kind; exits 77 (skipped) without them.
 e2e-kind: setup

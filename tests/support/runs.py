@@ -51,7 +51,7 @@ def write_run_files(
     return config_path, recipe_path
 
 
-SLOW_COMMIT = Path(__file__).parent / "slow_commit"  # a sitecustomize.py: see its docstring
+HOOKS = Path(__file__).parent / "hooks"  # a sitecustomize.py: see its docstring
 
 
 def train_cli(
@@ -71,10 +71,20 @@ def train_cli(
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
+def hooked_env(**hooks: str) -> dict[str, str]:
+    """The environment for a subprocess with the test hooks of `support/hooks` set (see its docstring)."""
+    path = os.pathsep.join(p for p in (str(HOOKS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **hooks}
+
+
 def slow_commit_env(seconds: float, from_step: int, **extra: str) -> dict[str, str]:
     """The environment for a subprocess whose commits of checkpoints from `from_step` on take `seconds` longer."""
-    path = os.pathsep.join(p for p in (str(SLOW_COMMIT), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": path, "WMTP_TEST_COMMIT_DELAY": f"{seconds}:{from_step}", **extra}
+    return hooked_env(WMTP_TEST_COMMIT_DELAY=f"{seconds}:{from_step}", **extra)
+
+
+def kill_at_step_env(step: int) -> dict[str, str]:
+    """The environment for a subprocess that SIGKILLs itself when training reaches `step`, its save done."""
+    return hooked_env(WMTP_TEST_KILL_AT_STEP=str(step))
 
 
 def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:

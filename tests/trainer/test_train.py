@@ -179,3 +179,15 @@ def test_a_failed_registration_is_a_warning_and_the_model_is_kept(run_files, mon
     assert len(trainer.warnings) == 1
     assert "registering the final model as wmtp-baseline-mtp" in trainer.warnings[0]
     assert "registry unavailable" in trainer.warnings[0] and summary["final_model"] in trainer.warnings[0]
+
+
+def test_a_library_call_leaves_the_callers_signal_handlers_alone(run_files, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the `wmtp train` command takes SIGTERM: a Trainer inside another program (a test runner, a notebook)
+    must not turn that program's SIGTERM into a request to checkpoint."""
+    import signal
+
+    installed: list[int] = []
+    real = signal.signal
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(signum) or real(signum, handler))
+    Trainer(*load(*run_files("baseline-mtp", steps=2))).train()
+    assert signal.SIGTERM not in installed

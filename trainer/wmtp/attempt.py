@@ -2,8 +2,8 @@
 
 The operator reads that message from the container's terminated state; `wmtp launch` reads it too, to exit with
 the workers' meaning. Every node's first local worker writes it (each pod has its own), with the warnings of
-this attempt (rank 0's are the MLflow ones). SIGTERM is honoured from the very start: a stop asked for while the
-models load takes effect at the first step boundary, after a checkpoint.
+this attempt (rank 0's are the MLflow ones). The command that owns the process hands in its SIGTERM request, so a
+stop asked for while the models load takes effect at the first step boundary, after a checkpoint.
 """
 
 from __future__ import annotations
@@ -33,21 +33,23 @@ def run(
     allow_config_change: bool = False,
     resume_fallback: bool = False,
     checkpointing: Mapping[str, object] | None = None,
+    stop: StopRequest | None = None,
 ) -> Termination:
     """Train, with the command line's `checkpointing` settings over the recipe's; returns how it ended. A failure
-    ends as one line and its exit code (`wmtp.errors.describe`); its traceback is logged at debug level."""
+    ends as one line and its exit code (`wmtp.errors.describe`); its traceback is logged at debug level. `stop` is
+    the process's SIGTERM request, installed by the command that owns the process (a library call installs no
+    signal handler)."""
     trainer: Trainer | None = None
     termination = Termination(STOP_FAILED, ExitCode.ERROR, "the trainer stopped before it could say why")
     try:
-        with (stop := StopRequest()).installed():
-            config, recipe = load(config_path, recipe_path)
-            recipe = override_checkpointing(recipe, **(checkpointing or {}))
-            trainer = Trainer(
-                config, recipe, resume=resume, allow_config_change=allow_config_change,
-                resume_fallback=resume_fallback, stop=stop,
-            )  # fmt: skip
-            summary = trainer.train()
-            trainer.dist.close()
+        config, recipe = load(config_path, recipe_path)
+        recipe = override_checkpointing(recipe, **(checkpointing or {}))
+        trainer = Trainer(
+            config, recipe, resume=resume, allow_config_change=allow_config_change,
+            resume_fallback=resume_fallback, stop=stop,
+        )  # fmt: skip
+        summary = trainer.train()
+        trainer.dist.close()
         termination = Termination(STOP_SUCCEEDED, ExitCode.OK, f"finished at step {summary['steps']}")
     except Preempted as stopped:
         termination = Termination(STOP_PREEMPTED, ExitCode.PREEMPTED, str(stopped))

@@ -111,9 +111,13 @@ def train(
     setup_logging(log_level)
     from wmtp.attempt import run
     from wmtp.contract import STOP_FAILED, STOP_PREEMPTED
+    from wmtp.stopping import StopRequest
 
     checkpointing = {"save_interval": save_interval, "keep_last": keep_last, "save_final": save_final}
-    ended = run(config, recipe, resume, allow_config_change, resume_fallback, checkpointing)
+    # SIGTERM is honoured from the very start (a stop asked for while the models load takes effect at the first
+    # step boundary), and only here: this command owns the process, a library call never takes its signals.
+    with StopRequest().installed() as stop:
+        ended = run(config, recipe, resume, allow_config_change, resume_fallback, checkpointing, stop)
     if ended.reason == STOP_FAILED:
         fail(ended.message, ended.exit_code)
     if ended.reason == STOP_PREEMPTED:

@@ -19,11 +19,10 @@ class Preempted(Exception):
 class StopRequest:
     """SIGTERM (what Kubernetes sends on eviction, and `wmtp launch` passes on to each worker) asks training to
     stop at the next step boundary, after a checkpoint. Installed for as long as `installed` lasts, in the main
-    thread; nested installs are one."""
+    thread, by the command that owns the process: a library call never takes over its caller's signals."""
 
     def __init__(self) -> None:
         self.requested = False
-        self._depth = 0
 
     def _request(self, signum: int, _frame: Any) -> None:
         log.warning("signal=%d received: saving a checkpoint at the end of this step, then stopping", signum)
@@ -31,11 +30,8 @@ class StopRequest:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        previous = signal.signal(signal.SIGTERM, self._request) if self._depth == 0 else None
-        self._depth += 1
+        previous = signal.signal(signal.SIGTERM, self._request)
         try:
             yield self
         finally:
-            self._depth -= 1
-            if self._depth == 0:
-                signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, previous)

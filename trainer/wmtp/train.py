@@ -186,7 +186,7 @@ class Trainer:
             )
             self.evaluate()
         started, first_tokens = time.perf_counter(), state.tokens
-        with self.progress() as progress, self.stop.installed(), self.tracker.closing(stopped=(Preempted,)):
+        with self.progress() as progress, self.tracker.closing(stopped=(Preempted,)):
             task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
             while state.step < self.total_steps:
                 metrics = self.train_step()
