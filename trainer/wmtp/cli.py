@@ -70,7 +70,7 @@ def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
 
 @contextlib.contextmanager
 def reported(log_level: str | None, *bad_input: type[BaseException]) -> Iterator[None]:
-    """Every failure inside as one unwrapped line on stderr and its exit code (`ExitCode`; the README lists
+    """Every failure inside as one unwrapped line on stderr and its exit code (`ExitCode`; docs/errors.md lists
     them): ConfigError, StorageError and `bad_input` by their kind, anything else as exit 1. The traceback is
     logged only at --log-level debug."""
     try:
