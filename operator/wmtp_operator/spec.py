@@ -46,9 +46,10 @@ from wmtp_operator.sections import (
 
 # Checkpoint references: the keywords the trainer's --resume understands, step_N, or a checkpoint URI.
 _RESUME_RULE = (
-    "self in ['auto', 'never', 'latest'] || self.matches('^step_[0-9]+$') || self.matches('^(s3|file)://.+')"
-    " || self.startsWith('/')"
+    f"self in {list(contract.RESUME_KEYWORDS)} || self.matches('^{contract.RESUME_STEP_PREFIX}[0-9]+$')"
+    " || self.matches('^(s3|file)://.+') || self.startsWith('/')"
 )
+_RESUME_WORDS = f"{', '.join(contract.RESUME_KEYWORDS)}, {contract.RESUME_STEP_PREFIX}N"
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
 
 
@@ -221,12 +222,12 @@ class Spec(Camel):
     )
     checkpoints: Checkpoints = Field(description="Checkpoint store and cadence.")
     resume: str = Field(
-        "auto",
+        contract.RESUME_AUTO,
         max_length=MAX_URI,
-        description="Where the first attempt starts: auto (the latest checkpoint if any), never, latest, "
-        "step_N, or a checkpoint URI. A checkpoint named here that is missing or damaged fails the run.",
+        description=f"Where the first attempt starts: {contract.RESUME_HELP}. A checkpoint named here that is "
+        "missing or damaged fails the run.",
         json_schema_extra=cel(
-            (_RESUME_RULE, "resume must be auto, never, latest, step_N, or a checkpoint URI (s3://, file://, /path)")
+            (_RESUME_RULE, f"resume must be {_RESUME_WORDS}, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
     resume_from: str | None = Field(
@@ -234,7 +235,7 @@ class Spec(Camel):
         max_length=MAX_URI,
         description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
         "next attempt resumes from, falling back to the newest intact one when it is gone.",
-        json_schema_extra=cel((_RESUME_RULE, "resumeFrom must be a checkpoint URI, step_N, latest, auto or never")),
+        json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be {_RESUME_WORDS}, or a checkpoint URI")),
     )
     s3: S3 = Field(
         default_factory=S3, description="S3 endpoint, region and credentials.", json_schema_extra={"default": {}}

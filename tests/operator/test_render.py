@@ -458,3 +458,37 @@ def test_an_invalid_spec_eval_is_one_line_naming_the_field(
     valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
     assert valid["status"] == "False" and message in valid["message"] and "\n" not in valid["message"]
     assert plan.actions == []
+
+
+def _parsed(argv: list[str]) -> dict[str, Any]:
+    """`argv` (after `wmtp`) parsed by the trainer's own CLI, as the container would run it: its parameters."""
+    import typer
+
+    from wmtp.cli import app
+
+    group = typer.main.get_command(app)
+    command = group.get_command(group.context_class(group), argv[0])
+    assert command is not None, argv
+    return command.make_context(argv[0], list(argv[1:])).params
+
+
+@pytest.mark.parametrize("resume_from", [None, "s3://bucket/ckpt/tiny/checkpoint_step_00000010"])
+def test_every_rendered_command_line_parses_with_the_trainers_own_cli(make_run, resume_from: str | None) -> None:
+    """The operator builds argv from `wmtp.contract`; the trainer's CLI must take every flag of it."""
+    evaluation = {"limit": 2, "k": [1, 2], "samples": 2}
+    run = Run.from_body(make_run(**{"spec.resumeFrom": resume_from, "spec.eval": evaluation}))
+    pod = render.job(run, 2, pull=True)["spec"]["template"]["spec"]
+    puller, trainer = pod["initContainers"][0], pod["containers"][0]
+    assert _parsed(puller["command"][1:])["spec"] is not None
+
+    assert trainer["command"] == list(contract.LAUNCH_COMMAND)
+    launch = _parsed([contract.LAUNCH_COMMAND[1], *trainer["args"]])
+    module = launch["torchrun_args"].index("-m")
+    assert launch["torchrun_args"][module + 1] == "wmtp"
+    train = _parsed(launch["torchrun_args"][module + 2 :])
+    assert (train["resume"], train["resume_fallback"]) == ((resume_from, True) if resume_from else ("auto", False))
+    assert str(train["config"]).endswith(contract.CONFIG_FILE) and str(train["recipe"]).endswith(contract.RECIPE_FILE)
+
+    evaluator = render.eval_job(run)["spec"]["template"]["spec"]["containers"][0]
+    evaluated = _parsed([*evaluator["command"][1:], *evaluator["args"]])
+    assert (evaluated["model"], evaluated["limit"], evaluated["k"]) == (render.final_model(run), 2, "1,2")

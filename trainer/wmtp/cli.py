@@ -18,7 +18,19 @@ from rich.table import Table
 from rich.text import Text
 
 from wmtp.config import EvalSettings, clip
-from wmtp.contract import LAUNCH_GRACE_FLAG, RESUME_FALLBACK_FLAG, ExitCode
+from wmtp.contract import (
+    CONFIG_FLAG,
+    EVAL_DATASET_FLAG,
+    EVAL_EXPERIMENT_FLAG,
+    EVAL_MODEL_FLAG,
+    LAUNCH_GRACE_FLAG,
+    PULL_SPEC_FLAG,
+    RECIPE_FLAG,
+    RESUME_FALLBACK_FLAG,
+    RESUME_FLAG,
+    RESUME_HELP,
+    ExitCode,
+)
 from wmtp.errors import describe
 from wmtp.launcher import DEFAULT_GRACE_SECONDS
 
@@ -26,8 +38,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Logs are read line by line: off a terminal, tables are not squeezed to 80 columns.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
-ConfigOpt = typer.Option(..., "--config", "-c", help="Environment config YAML (paths, mlflow, devices).")
-RecipeOpt = typer.Option(..., "--recipe", "-r", help="Experiment recipe YAML (algorithm, data, optim, loss).")
+ConfigOpt = typer.Option(..., CONFIG_FLAG, "-c", help="Environment config YAML (paths, mlflow, devices).")
+RecipeOpt = typer.Option(..., RECIPE_FLAG, "-r", help="Experiment recipe YAML (algorithm, data, optim, loss).")
 LogLevelOpt = typer.Option(
     None,
     "--log-level",
@@ -90,8 +102,8 @@ def train(
     recipe: Path = RecipeOpt,
     resume: str | None = typer.Option(
         None,
-        help="latest | step_N | a checkpoint URI | auto (latest if any) | never. Default: the recipe's "
-        "checkpointing.auto_resume_latest, else start fresh.",
+        RESUME_FLAG,
+        help=f"{RESUME_HELP}. Default: the recipe's checkpointing.auto_resume_latest, else start fresh.",
     ),
     allow_config_change: bool = typer.Option(
         False, help="Resume from a checkpoint written with a different config or recipe."
@@ -255,7 +267,7 @@ def checkpoints_prune(
 def pull(
     sources: list[str] = typer.Argument(None, metavar="SRC_URI...", help="s3:// prefixes (mirrored) or objects."),
     dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
-    spec: Path | None = typer.Option(None, "--spec", help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
+    spec: Path | None = typer.Option(None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
     workers: int = typer.Option(16, min=1, max=32, help="Parallel range requests (the S3 client keeps 32 sockets)."),
     part_size: int = typer.Option(64, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
     verify: bool = typer.Option(False, "--verify", help="Also re-hash files already in place against the marker."),
@@ -287,14 +299,18 @@ def _eval_help(name: str) -> str:
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Option(..., "--model", "-m", help="The final model: <checkpoints>/<run>/final (path or URI)."),
+    model: str = typer.Option(
+        ..., EVAL_MODEL_FLAG, "-m", help="The final model: <checkpoints>/<run>/final (path or URI)."
+    ),
     tasks: str = typer.Option(",".join(EVAL.tasks), help=f"Comma-separated. {_eval_help('tasks')}"),
     k: str = typer.Option(",".join(map(str, EVAL.k)), "--k", help=f"Comma-separated. {_eval_help('k')}"),
     samples: int = typer.Option(EVAL.samples, help=_eval_help("samples")),
     temperature: float = typer.Option(EVAL.temperature, help=_eval_help("temperature")),
     max_new_tokens: int = typer.Option(EVAL.max_new_tokens, help=_eval_help("max_new_tokens")),
     limit: int | None = typer.Option(EVAL.limit, help=_eval_help("limit")),
-    dataset: list[str] = typer.Option([], help="NAME=URI of a task's data (mbpp needs one; humaneval is bundled)."),
+    dataset: list[str] = typer.Option(
+        [], EVAL_DATASET_FLAG, help="NAME=URI of a task's data (mbpp needs one; humaneval is bundled)."
+    ),
     program_timeout: float = typer.Option(EVAL.program_timeout, help=_eval_help("program_timeout")),
     speed_prompts: int = typer.Option(EVAL.speed_prompts, help=_eval_help("speed_prompts")),
     seed: int = typer.Option(EVAL.seed, help=_eval_help("seed")),
@@ -304,7 +320,7 @@ def evaluate(
         help="Log the metrics to this (training) run. Default: the run the final model's COMMITTED marker names, "
         "else a new run.",
     ),
-    experiment: str = typer.Option("wmtp", help="MLflow experiment of a new eval run."),
+    experiment: str = typer.Option("wmtp", EVAL_EXPERIMENT_FLAG, help="MLflow experiment of a new eval run."),
     log_level: str | None = typer.Option(None, "--log-level", help="debug|info|warning."),
 ) -> None:
     """pass@k on HumanEval and MBPP in a sandbox, and the speed-up of self-speculative decoding.

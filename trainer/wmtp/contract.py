@@ -155,6 +155,36 @@ LAUNCH_GRACE_FLAG = "--grace-seconds"
 # resume a user named fails loudly instead (exit 2).
 RESUME_FALLBACK_FLAG = "--resume-fallback"
 
+# What `--resume` (and a WMTPRun's spec.resume) takes besides a checkpoint URI: `auto` (the newest intact
+# checkpoint if any), `never`, `latest` (the newest, which must exist), or RESUME_STEP_PREFIX + a step number.
+RESUME_AUTO, RESUME_NEVER, RESUME_LATEST = "auto", "never", "latest"
+RESUME_KEYWORDS: tuple[str, ...] = (RESUME_AUTO, RESUME_NEVER, RESUME_LATEST)
+RESUME_STEP_PREFIX = "step_"
+RESUME_HELP = "auto (the latest checkpoint if any) | never | latest | step_N | a checkpoint URI"
+
+# The trainer's command lines as the operator renders them. `wmtp.cli` declares its options with these names and
+# a test parses every rendered argv with the CLI itself, so the two sides cannot drift apart.
+PULL_SPEC_FLAG = "--spec"
+CONFIG_FLAG, RECIPE_FLAG, RESUME_FLAG = "--config", "--recipe", "--resume"
+EVAL_COMMAND: tuple[str, ...] = ("wmtp", "eval")
+EVAL_MODEL_FLAG, EVAL_EXPERIMENT_FLAG, EVAL_DATASET_FLAG = "--model", "--experiment", "--dataset"
+
+
+def pull_command(spec_file: str) -> list[str]:
+    """The init container's command: pull what `spec_file` lists."""
+    return ["wmtp", "pull", PULL_SPEC_FLAG, spec_file]
+
+
+def launch_args(grace_seconds: int, torchrun_args: list[str]) -> list[str]:
+    """LAUNCH_COMMAND's arguments: its grace for the workers' save, then torchrun's own."""
+    return [LAUNCH_GRACE_FLAG, str(grace_seconds), "--", *torchrun_args]
+
+
+def train_module_args(config: str, recipe: str, resume: str, fallback: bool) -> list[str]:
+    """torchrun's module and `wmtp train`'s arguments; `fallback` when the operator, not a user, chose `resume`."""
+    args = ["-m", "wmtp", "train", CONFIG_FLAG, config, RECIPE_FLAG, recipe, RESUME_FLAG, resume]
+    return [*args, RESUME_FALLBACK_FLAG] if fallback else args
+
 
 class ExitCode(IntEnum):
     """What a `wmtp` process's exit status means (torchrun reports the worker's in its error file)."""

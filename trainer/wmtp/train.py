@@ -98,7 +98,7 @@ class Trainer:
         self.stop = stop or StopRequest()
         self.config, self.recipe = config, recipe
         # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
-        self.resume = resume or ("auto" if recipe.checkpointing.auto_resume_latest else None)
+        self.resume = resume or (contract.RESUME_AUTO if recipe.checkpointing.auto_resume_latest else None)
         self.allow_config_change, self.resume_fallback = allow_config_change, resume_fallback
         self.warnings: list[str] = []  # what went wrong without stopping training: for the termination message
         self.storage = storage or Storage(config.s3)

@@ -15,16 +15,7 @@ from wmtp import contract
 from wmtp.config import EvalSettings, run_root
 from wmtp.contract import GROUP, WORK_DIR
 from wmtp_operator.render.objects import labels, metadata
-from wmtp_operator.render.objects import service_account as pod_service_account
-from wmtp_operator.render.pod import (
-    POD_SECURITY,
-    container,
-    escape,
-    resources_of,
-    scanner_annotations,
-    services_env,
-    volumes,
-)
+from wmtp_operator.render.pod import batch_job, container, escape, pod_spec, resources_of, services_env, volumes
 from wmtp_operator.sections import Eval
 from wmtp_operator.spec import Run
 
@@ -49,11 +40,13 @@ def final_model(run: Run) -> str:
 def eval_args(run: Run, options: Eval) -> list[str]:
     """`wmtp eval` arguments: every `EvalSettings` field as its flag (lists comma-joined, one --dataset per task);
     values from the spec are escaped."""
-    args = ["--model", escape(final_model(run)), "--experiment", escape(run.spec.mlflow.experiment)]
+    args = [contract.EVAL_MODEL_FLAG, escape(final_model(run))]
+    args += [contract.EVAL_EXPERIMENT_FLAG, escape(run.spec.mlflow.experiment)]
     for name in EvalSettings.model_fields:
         value = getattr(options, name)
         if name == "datasets":
-            args += [arg for task, uri in value.items() for arg in ("--dataset", escape(f"{task}={uri}"))]
+            for task, uri in value.items():
+                args += [contract.EVAL_DATASET_FLAG, escape(f"{task}={uri}")]
         elif value is not None:
             text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
             args += [f"--{name.replace('_', '-')}", escape(text)]
@@ -65,31 +58,10 @@ def eval_job(run: Run) -> dict[str, Any]:
     assert options is not None
     own = {**labels(run), COMPONENT_LABEL: EVALUATION}
     evaluator = container(spec, EVALUATION, services_env(spec), [{"name": "workspace", "mountPath": WORK_DIR}])
-    evaluator.update(command=["wmtp", "eval"], args=eval_args(run, options), workingDir=WORK_DIR)
+    evaluator.update(command=list(contract.EVAL_COMMAND), args=eval_args(run, options), workingDir=WORK_DIR)
     if resources := resources_of(options.resources or spec.resources, init=False):
         evaluator["resources"] = resources
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "serviceAccountName": pod_service_account(run),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": dict(POD_SECURITY),
-        "containers": [evaluator],
-        "volumes": [v for v in volumes(run) if v["name"] in ("config", "models", "workspace", "tmp")],
-    }
-    if spec.node_selector:
-        pod["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
-    job_spec: dict[str, Any] = {
-        "completions": 1,
-        "parallelism": 1,
-        "backoffLimit": 0,
-        "activeDeadlineSeconds": options.timeout_seconds,
-        "template": {"metadata": {"labels": own}, "spec": pod},
-    }
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
+    pod = pod_spec(run, [evaluator], [v for v in volumes(run) if v["name"] in ("config", "models", "workspace", "tmp")])
     meta = metadata(run, eval_job_name(run.name))
-    meta["labels"], meta["annotations"] = own, scanner_annotations()
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
+    meta["labels"] = own
+    return batch_job(run, meta, own, pod, completions=1, parallelism=1, activeDeadlineSeconds=options.timeout_seconds)

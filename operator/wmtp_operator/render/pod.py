@@ -59,27 +59,17 @@ def trainer_args(run: Run, attempt: int) -> list[str]:
     """`wmtp launch` arguments: its grace, then torchrun's, then `wmtp train`'s."""
     spec = run.spec
     resume, chosen = resume_of(spec)
-    return [
-        "--grace-seconds",
-        str(launcher_grace(spec.termination_grace_period_seconds)),
-        "--",
+    torchrun = [
         f"--nnodes={spec.nodes}",
         f"--nproc-per-node={spec.nproc_per_node}",
         f"--node-rank=$({contract.ENV_NODE_RANK})",  # the one expansion the operator wants
         # Indexed Job pods are named <job>-<index> under the headless Service's subdomain.
         f"--master-addr={job_name(run.name, attempt)}-0.{run.name}",
         f"--master-port={MASTER_PORT}",
-        "-m",
-        "wmtp",
-        "train",
-        "--config",
-        f"{CONFIG_DIR}/{CONFIG_FILE}",
-        "--recipe",
-        f"{CONFIG_DIR}/{RECIPE_FILE}",
-        "--resume",
-        escape(resume),
-        *([contract.RESUME_FALLBACK_FLAG] if chosen else []),
     ]
+    files = f"{CONFIG_DIR}/{CONFIG_FILE}", f"{CONFIG_DIR}/{RECIPE_FILE}"
+    torchrun += contract.train_module_args(*files, escape(resume), chosen)
+    return contract.launch_args(launcher_grace(spec.termination_grace_period_seconds), torchrun)
 
 
 def _value(name: str, value: str) -> dict[str, Any]:
@@ -224,38 +214,51 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
         workingDir=WORK_DIR,
         ports=[{"name": "rendezvous", "containerPort": MASTER_PORT}],
     )
-    pod: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "subdomain": run.name,
-        "serviceAccountName": pod_service_account(run),
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": dict(POD_SECURITY),
-        "terminationGracePeriodSeconds": spec.termination_grace_period_seconds,
-        "containers": [trainer],
-        "volumes": volumes(run),
-    }
+    pod = pod_spec(run, [trainer], volumes(run), subdomain=run.name)
+    pod["terminationGracePeriodSeconds"] = spec.termination_grace_period_seconds
     if pull:
         puller = container(spec, "pull", _env(run, attempt), [{"name": "workspace", "mountPath": WORK_DIR}])
-        puller["command"] = ["wmtp", "pull", "--spec", f"{CONFIG_DIR}/{PULL_FILE}"]
+        puller["command"] = contract.pull_command(f"{CONFIG_DIR}/{PULL_FILE}")
         pod["initContainers"] = [puller]
         if resources := resources_of(spec.resources, init=True):
             puller["resources"] = resources
     if resources := resources_of(spec.resources, init=False):
         trainer["resources"] = resources
+    meta = metadata(run, job_name(run.name, attempt), attempt)
+    indexed = {"completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes}
+    return batch_job(run, meta, labels(run, attempt), pod, **indexed)
+
+
+def pod_spec(run: Run, containers: list[dict[str, Any]], volumes: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """What every pod of a run shares, an attempt's or the evaluation's: never restarted by the kubelet (the
+    operator owns retries), the run's identity without an automounted token, the restricted security context and
+    the spec's node placement."""
+    spec = run.spec
+    pod: dict[str, Any] = {
+        "restartPolicy": "Never",
+        **extra,
+        "serviceAccountName": pod_service_account(run),
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": dict(POD_SECURITY),
+        "containers": containers,
+        "volumes": volumes,
+    }
     if spec.node_selector:
         pod["nodeSelector"] = dict(spec.node_selector)
     if spec.tolerations:
         pod["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.tolerations]
-    job_spec: dict[str, Any] = {
-        "completionMode": "Indexed",
-        "completions": spec.nodes,
-        "parallelism": spec.nodes,
-        "backoffLimit": 0,
-        "template": {"metadata": {"labels": labels(run, attempt)}, "spec": pod},
-    }
-    if spec.ttl_seconds_after_finished is not None:
-        job_spec["ttlSecondsAfterFinished"] = spec.ttl_seconds_after_finished
-    meta = metadata(run, job_name(run.name, attempt), attempt)
+    return pod
+
+
+def batch_job(
+    run: Run, meta: dict[str, Any], pod_labels: dict[str, str], pod: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    """The Job around `pod`: never retried by the Job controller (backoffLimit 0: a failed attempt is the
+    operator's to count), kept for the spec's TTL, and carrying the scanner's exceptions."""
+    template = {"metadata": {"labels": pod_labels}, "spec": pod}
+    job_spec: dict[str, Any] = {**fields, "backoffLimit": 0, "template": template}
+    if run.spec.ttl_seconds_after_finished is not None:
+        job_spec["ttlSecondsAfterFinished"] = run.spec.ttl_seconds_after_finished
     meta["annotations"] = scanner_annotations()
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}

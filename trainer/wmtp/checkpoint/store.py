@@ -24,7 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.config import clip
-from wmtp.contract import CHECKPOINT_PREFIX, COMMITTED, FINAL_DIR, MLFLOW_RUN_ID, step_dir_name
+from wmtp.contract import (
+    CHECKPOINT_PREFIX,
+    COMMITTED,
+    FINAL_DIR,
+    MLFLOW_RUN_ID,
+    RESUME_AUTO,
+    RESUME_LATEST,
+    RESUME_NEVER,
+    RESUME_STEP_PREFIX,
+    step_dir_name,
+)
 from wmtp.storage import Location, Storage, StorageError, parse_uri
 
 log = logging.getLogger(__name__)
@@ -222,18 +232,18 @@ class CheckpointStore:
     def resolve(self, spec: str | None) -> Location | None:
         """`never`/None → start fresh; `auto` → the newest intact checkpoint if any; `latest` (the same, but one
         must exist); `step_N`; or a checkpoint URI. A named checkpoint must be intact: CheckpointError otherwise."""
-        if spec is None or spec == "never":
+        if spec is None or spec == RESUME_NEVER:
             return None
-        if spec in ("auto", "latest"):
+        if spec in (RESUME_AUTO, RESUME_LATEST):
             latest = self.newest_intact()
-            if latest is None and spec == "latest":
-                raise CheckpointError(f"--resume latest: no intact committed checkpoint under {self.root.uri}")
+            if latest is None and spec == RESUME_LATEST:
+                raise CheckpointError(f"--resume {spec}: no intact committed checkpoint under {self.root.uri}")
             return latest
-        step_match = re.fullmatch(r"step_(\d+)", spec)
+        step_match = re.fullmatch(rf"{RESUME_STEP_PREFIX}(\d+)", spec)
         if step_match:
             location = self.step_location(int(step_match.group(1)))
             if not self.is_committed(location):
-                have = ", ".join(f"step_{info.step}" for info in self.list()) or "none"
+                have = ", ".join(f"{RESUME_STEP_PREFIX}{info.step}" for info in self.list()) or "none"
                 raise CheckpointError(
                     f"--resume {spec}: no committed checkpoint at that step under {self.root.uri}; "
                     f"committed steps: {have}"
