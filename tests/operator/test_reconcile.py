@@ -566,7 +566,7 @@ def test_invalid_input_sets_valid_false_creates_nothing_and_warns_once(
 
 
 def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -> None:
-    from wmtp_operator.evaluation import outcome, results
+    from wmtp_operator.reconcile.evaluation import outcome, results
 
     hostile = {
         "tasks": {"humaneval": {"problems": 164, "pass@1": 0.5, "pass@2": True, "pass@x": 1.0, "rm -rf": 1.0,

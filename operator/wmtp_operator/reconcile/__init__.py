@@ -21,8 +21,8 @@ from pydantic import ValidationError
 
 from wmtp import contract
 from wmtp.config import ConfigError
-from wmtp_operator import evaluation, render
 from wmtp_operator import pods as podstat
+from wmtp_operator import render
 from wmtp_operator.plan import (
     FOREIGN_RETRY_SECONDS,
     Action,
@@ -38,6 +38,7 @@ from wmtp_operator.plan import (
     say,
     status_of,
 )
+from wmtp_operator.reconcile import evaluation
 from wmtp_operator.spec import Defaults, Run
 from wmtp_operator.state import Ending, State, changed, definition_of, operational_of, seconds_since
 from wmtp_operator.status import in_checkpoint_root, read_report
