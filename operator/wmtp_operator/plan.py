@@ -12,7 +12,7 @@ from typing import Any
 
 from wmtp.config import clip, redact_uri
 from wmtp_operator.state import Refusal, State
-from wmtp_operator.status import TERMINAL, get_condition, set_condition
+from wmtp_operator.status import TERMINAL, Condition, get_condition, set_condition
 
 Obj = Mapping[str, Any]
 FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
@@ -109,7 +109,15 @@ def refused(body: Obj, refusal: Refused, state: State, now: str) -> Plan:
     state = state.model_copy(update={"refused": None if conflict else record})
     old = dict(body.get("status") or {})
     reason = "Conflict" if conflict else "Refused"
-    conditions = set_condition(conditions_of(old), "Applied", "False", reason, text, now, generation)
+    applied = Condition(
+        type="Applied",
+        status="False",
+        reason=reason,
+        message=text,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+    conditions = set_condition(conditions_of(old), applied)
     status = {"phase": old.get("phase") or "Pending", "message": text, "conditions": conditions}
     before = get_condition(old.get("conditions"), "Applied")
     events = [Event("Warning", reason, text)] if (before.get("reason"), before.get("message")) != (reason, text) else []
@@ -135,7 +143,7 @@ class Outcome:
     phase: str
     message: str
     problems: list[str]  # why the spec or recipe cannot be used (Valid=False)
-    conditions: dict[str, tuple[str, str, str]]  # type → (status, reason, message) decided this pass
+    conditions: dict[str, Condition]  # by type, as decided this pass
     max_steps: Any
     reported: Mapping[str, Any]  # step and loss of the accepted report, if any
 
@@ -167,13 +175,23 @@ def status_of(old: Obj, outcome: Outcome, state: State, now: str, generation: in
     new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
     conditions = dict(outcome.conditions)
     valid = ("False", "InvalidSpec", say(problem)) if problem else ("True", "Valid", "spec and recipe are valid")
-    conditions["Valid"] = valid
-    conditions["Progressing"] = ("True" if outcome.phase in PROGRESSING else "False", outcome.phase, new["message"])
-    if outcome.phase in TERMINAL:
-        conditions[outcome.phase] = ("True", outcome.phase, new["message"])
+    derived = {
+        "Valid": valid,
+        "Progressing": ("True" if outcome.phase in PROGRESSING else "False", outcome.phase, new["message"]),
+        **({outcome.phase: ("True", outcome.phase, new["message"])} if outcome.phase in TERMINAL else {}),
+    }
+    for type_, (status, reason, text) in derived.items():
+        conditions[type_] = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=text,
+            last_transition_time=now,
+            observed_generation=generation,
+        )
     merged = conditions_of(old)
-    for type_, (status, reason, text) in conditions.items():
-        merged = set_condition(merged, type_, status, reason, text, now, generation)
+    for condition in conditions.values():
+        merged = set_condition(merged, condition)
     new["conditions"] = merged
     return new
 
@@ -186,9 +204,14 @@ def events_of(old: Obj, new: Mapping[str, Any], outcome: Outcome, decided: Seque
         kind = "Warning" if new["phase"] in WARNING_PHASES else "Normal"
         events.insert(0, Event(kind, str(new["phase"]), say(new["message"])))
     before = old.get("conditions")
-    for type_, (status, reason, text) in outcome.conditions.items():
-        if status == "False" and reason not in QUIET_REASONS and get_condition(before, type_).get("reason") != reason:
-            events.append(Event("Warning", reason, text))
+    for type_, condition in outcome.conditions.items():
+        reason = condition.reason
+        if (
+            condition.status == "False"
+            and reason not in QUIET_REASONS
+            and get_condition(before, type_).get("reason") != reason
+        ):
+            events.append(Event("Warning", reason, condition.message))
     problem = say("; ".join(outcome.problems))
     if problem and get_condition(before, "Valid").get("message") != problem:
         events.append(Event("Warning", "InvalidSpec", problem))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 
@@ -41,7 +41,7 @@ from wmtp_operator.plan import (
 from wmtp_operator.reconcile import evaluation
 from wmtp_operator.spec import Defaults, Run
 from wmtp_operator.state import Ending, State, changed, definition_of, operational_of, seconds_since
-from wmtp_operator.status import in_checkpoint_root, read_report
+from wmtp_operator.status import Condition, in_checkpoint_root, read_report
 
 Obj = Mapping[str, Any]
 
@@ -102,7 +102,7 @@ class _Pass:
         self.phase = "Pending"  # every path below decides it
         self.message: str = ""
         self.requeue: float | None = None
-        self.conditions: dict[str, tuple[str, str, str]] = {}  # type → (status, reason, message) set this pass
+        self.conditions: dict[str, Condition] = {}  # by type, as set this pass
         self.step_reported: dict[str, Any] = {}
         self.deleting: set[str] = {j["metadata"]["name"] for j in self.jobs if j["metadata"].get("deletionTimestamp")}
         self.recorded = self.state
@@ -217,25 +217,21 @@ class _Pass:
             if not pods and previous is not None and previous.cause != "suspend":
                 self.phase = "Restarting"
                 self.message = f"attempt {n} created after attempt {previous.attempt} {self._ended(previous)}"
-            started, reason, why = self.conditions.get("Started", ("True", "", ""))
-            if started == "False" and reason != "Starting":
-                self.message = f"{self.message}; {why}"  # the kubelet's or the scheduler's words
+            started = self.conditions.get("Started")
+            if started is not None and started.status == "False" and started.reason != "Starting":
+                self.message = f"{self.message}; {started.message}"  # the kubelet's or the scheduler's words
             self._spec_applied()
 
     def _startup(self, job: Obj, pods: list[Obj], nodes: int) -> podstat.Stop | None:
         if len(pods) >= nodes and all(map(podstat.started, pods)):
-            self.conditions["Started"] = ("True", "Started", f"all {nodes} pods started")
+            self._condition("Started", "True", "Started", f"all {nodes} pods started")
             return None
         timeout = self.run.spec.startup_timeout_seconds if self.run else 1800
         stop, waiting = podstat.startup_stop(job, pods, nodes, self.now, timeout, self.observed.account_missing)
         if waiting is not None:
-            self.conditions["Started"] = ("False", waiting.reason, say(str(waiting)))
+            self._condition("Started", "False", waiting.reason, say(str(waiting)))
         else:
-            self.conditions["Started"] = (
-                "False",
-                "Starting",
-                f"{sum(map(podstat.started, pods))}/{nodes} pods started",
-            )
+            self._condition("Started", "False", "Starting", f"{sum(map(podstat.started, pods))}/{nodes} pods started")
         age = seconds_since(job["metadata"].get("creationTimestamp"), self.now)
         deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
         self.requeue = min(deadlines, default=None)
@@ -292,12 +288,9 @@ class _Pass:
         if self.foreign:
             names = ", ".join(sorted({o["metadata"]["name"] for o in self.foreign})[:5])
             self.requeue = FOREIGN_RETRY_SECONDS
-            self.conditions["Applied"] = (
-                "False",
-                "Conflict",
-                say(f"objects of an earlier WMTPRun named {self.name} are still being deleted: {names}"),
-            )
-            self._hold(ending, self.conditions["Applied"][2])
+            why = say(f"objects of an earlier WMTPRun named {self.name} are still being deleted: {names}")
+            self._condition("Applied", "False", "Conflict", why)
+            self._hold(ending, why)
             return
         refused = self.state.refused
         if refused is not None and refused.generation == self.generation:
@@ -362,8 +355,8 @@ class _Pass:
             }
         )
         self._write_state()
-        self.conditions["Applied"] = ("True", "Created", f"attempt {n}'s objects exist")
-        self.conditions["SpecApplied"] = ("True", "Current", f"attempt {n} uses generation {self.generation}")
+        self._condition("Applied", "True", "Created", f"attempt {n}'s objects exist")
+        self._condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {self.generation}")
         if ending is None or ending.cause == "suspend":
             self.phase, self.message = "Pending", f"attempt {n} created; resume: {say(resume)}"
         else:
@@ -376,13 +369,9 @@ class _Pass:
         edited = changed(self.state.applied, operational_of(self.run.spec))
         if edited:
             fields = ", ".join(f"spec.{name}" for name in edited)
-            self.conditions["SpecApplied"] = (
-                "False",
-                "NextAttempt",
-                f"{fields} changed: applies from the next attempt",
-            )
+            self._condition("SpecApplied", "False", "NextAttempt", f"{fields} changed: applies from the next attempt")
         else:
-            self.conditions["SpecApplied"] = ("True", "Current", f"attempt {self.state.attempt} uses the current spec")
+            self._condition("SpecApplied", "True", "Current", f"attempt {self.state.attempt} uses the current spec")
 
     def _ended(self, ending: Ending) -> str:
         if ending.cause == "failure":
@@ -395,6 +384,16 @@ class _Pass:
         return self.run.spec.backoff_limit if self.run else _raw_int(self.body, "backoffLimit", 3)
 
     # ------------------------------------------------------------------ output
+
+    def _condition(self, type_: str, status: Literal["True", "False"], reason: str, message: str) -> None:
+        self.conditions[type_] = Condition(
+            type=type_,
+            status=status,
+            reason=reason,
+            message=message,
+            last_transition_time=self.now,
+            observed_generation=self.generation,
+        )
 
     def _write_state(self) -> None:
         self.actions.append(PatchRun(self.state.patch(), self.state))

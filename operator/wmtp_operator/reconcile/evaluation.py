@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic.alias_generators import to_camel
 
@@ -24,7 +24,7 @@ from wmtp_operator import render
 from wmtp_operator.plan import Action, Create, Event, PatchRun, backoff_seconds, say
 from wmtp_operator.spec import Run
 from wmtp_operator.state import State, seconds_since
-from wmtp_operator.status import Evaluation
+from wmtp_operator.status import Condition, Evaluation
 
 Obj = Mapping[str, Any]
 _SCORE = re.compile(r"^(problems|pass@[0-9]{1,4})$")
@@ -39,7 +39,7 @@ class Decision:
     state: State
     actions: list[Action] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
-    conditions: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    conditions: dict[str, Condition] = field(default_factory=dict)
     requeue: float | None = None
     pending: bool = False  # not over: the run needs more passes
 
@@ -53,8 +53,8 @@ def decide(
     if record is None:
         return None if run.spec.eval is None else _start(run, state, now, generation)
     if record.phase == "Running":
-        return _watch(state, record, jobs, pods, now)
-    return Decision("Succeeded", _summary(record), state, conditions={"Evaluated": _condition(record)})
+        return _watch(state, record, jobs, pods, now, generation)
+    return Decision("Succeeded", _summary(record), state, conditions={"Evaluated": _condition(record, now, generation)})
 
 
 def _start(run: Run, state: State, now: str, generation: int) -> Decision:
@@ -73,12 +73,14 @@ def _start(run: Run, state: State, now: str, generation: int) -> Decision:
         say(f"evaluating {render.final_model(run)} in Job {name}"),
         started,
         [Create(job), PatchRun(started.patch(), started)],
-        conditions={"Applied": ("True", "Created", f"Job {name} exists")},
+        conditions={"Applied": _set("Applied", "True", "Created", f"Job {name} exists", now, generation)},
         pending=True,
     )
 
 
-def _watch(state: State, record: Evaluation, jobs: Sequence[Obj], pods: Sequence[Obj], now: str) -> Decision:
+def _watch(
+    state: State, record: Evaluation, jobs: Sequence[Obj], pods: Sequence[Obj], now: str, generation: int
+) -> Decision:
     job = next((j for j in jobs if j["metadata"]["name"] == record.job), None)
     mine = sorted(pods, key=lambda p: p["metadata"]["name"])
     ended = outcome(job, mine, record.job)
@@ -95,7 +97,12 @@ def _watch(state: State, record: Evaluation, jobs: Sequence[Obj], pods: Sequence
     done = Evaluation.model_validate({**record.model_dump(), **update})
     new = state.model_copy(update={"evaluation": done})
     return Decision(
-        "Succeeded", _summary(done), new, [PatchRun(new.patch(), new)], events, {"Evaluated": _condition(done)}
+        "Succeeded",
+        _summary(done),
+        new,
+        [PatchRun(new.patch(), new)],
+        events,
+        {"Evaluated": _condition(done, now, generation)},
     )
 
 
@@ -156,7 +163,20 @@ def _summary(record: Evaluation) -> str:
     return f"evaluation: {record.message}" if record.phase == "Succeeded" else f"evaluation failed: {record.message}"
 
 
-def _condition(record: Evaluation) -> tuple[str, str, str]:
+def _condition(record: Evaluation, now: str, generation: int) -> Condition:
     if record.phase == "Succeeded":
-        return "True", "Evaluated", record.message or ""
-    return "False", "EvaluationFailed", record.message or ""
+        return _set("Evaluated", "True", "Evaluated", record.message or "", now, generation)
+    return _set("Evaluated", "False", "EvaluationFailed", record.message or "", now, generation)
+
+
+def _set(
+    type_: str, status: Literal["True", "False"], reason: str, message: str, now: str, generation: int
+) -> Condition:
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
