@@ -1,5 +1,5 @@
 """What a reconcile pass decides, as data: the actions to apply in order, the status fields that change, the
-Events to post, when to look again; and the plan after the API server refused one of the actions.
+Events to post, when to look again; and what the API server said when it refused one of the actions.
 
 Kept apart from the state machine (`reconcile`) so that the API adapter (`kube`) depends on these shapes alone.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from wmtp.config import clip, redact_uri
-from wmtp_operator.state import Refusal, State
+from wmtp_operator.state import State
 from wmtp_operator.status import TERMINAL, Condition, get_condition, set_condition
 
 Obj = Mapping[str, Any]
@@ -93,37 +93,6 @@ class Refused:
     code: int
     reason: str
     message: str
-
-
-def refused(body: Obj, refusal: Refused, state: State, now: str) -> Plan:
-    """The plan after a refusal stopped a plan part-way: the refusal recorded (the retry waits longer each time
-    until the spec changes), the API server's words in the status and a Warning Event."""
-    generation = body["metadata"].get("generation", 0)
-    previous = state.refused
-    count = previous.count + 1 if previous and previous.generation == generation else 1
-    conflict = refusal.code == 409
-    text = say(
-        f"the API server refused {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason}): {refusal.message}"
-    )
-    record = Refusal(generation=generation, count=count, at=now, reason=refusal.reason[:64], message=text)
-    state = state.model_copy(update={"refused": None if conflict else record})
-    old = dict(body.get("status") or {})
-    reason = "Conflict" if conflict else "Refused"
-    applied = Condition(
-        type="Applied",
-        status="False",
-        reason=reason,
-        message=text,
-        last_transition_time=now,
-        observed_generation=generation,
-    )
-    conditions = set_condition(conditions_of(old), applied)
-    status = {"phase": old.get("phase") or "Pending", "message": text, "conditions": conditions}
-    before = get_condition(old.get("conditions"), "Applied")
-    events = [Event("Warning", reason, text)] if (before.get("reason"), before.get("message")) != (reason, text) else []
-    actions: list[Action] = [] if conflict else [PatchRun(state.patch(), state)]
-    wait = FOREIGN_RETRY_SECONDS if conflict else backoff_seconds(count)
-    return Plan(actions, {k: v for k, v in status.items() if old.get(k) != v}, events, wait)
 
 
 def conditions_of(status: Obj) -> list[Mapping[str, Any]]:

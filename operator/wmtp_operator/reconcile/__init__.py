@@ -33,15 +33,17 @@ from wmtp_operator.plan import (
     Outcome,
     PatchRun,
     Plan,
+    Refused,
     backoff_seconds,
+    conditions_of,
     events_of,
     say,
     status_of,
 )
 from wmtp_operator.reconcile import evaluation
 from wmtp_operator.spec import Defaults, Run
-from wmtp_operator.state import Ending, State, changed, definition_of, operational_of, seconds_since
-from wmtp_operator.status import Condition, in_checkpoint_root, read_report
+from wmtp_operator.state import Ending, Refusal, State, changed, definition_of, operational_of, seconds_since
+from wmtp_operator.status import Condition, get_condition, in_checkpoint_root, read_report, set_condition
 
 Obj = Mapping[str, Any]
 
@@ -50,6 +52,39 @@ def reconcile(body: Obj, observed: Observed, now: str, defaults: Defaults = Defa
     machine = _Pass(body, observed, now, defaults)
     machine.step()
     return machine.plan()
+
+
+def refused(body: Obj, refusal: Refused, written: State | None, now: str) -> Plan:
+    """The plan after the API server refused an action part-way through a pass's plan (`written`: the last state
+    record that plan wrote, if any, else the run's): the refusal recorded (the retry waits longer each time until
+    the spec changes), the API server's words in the status and a Warning Event."""
+    generation = body["metadata"].get("generation", 0)
+    state = written or State.load(body["metadata"])[0]
+    previous = state.refused
+    count = previous.count + 1 if previous and previous.generation == generation else 1
+    conflict = refusal.code == 409
+    text = say(
+        f"the API server refused {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason}): {refusal.message}"
+    )
+    record = Refusal(generation=generation, count=count, at=now, reason=refusal.reason[:64], message=text)
+    state = state.model_copy(update={"refused": None if conflict else record})
+    old = dict(body.get("status") or {})
+    reason = "Conflict" if conflict else "Refused"
+    applied = Condition(
+        type="Applied",
+        status="False",
+        reason=reason,
+        message=text,
+        last_transition_time=now,
+        observed_generation=generation,
+    )
+    conditions = set_condition(conditions_of(old), applied)
+    status = {"phase": old.get("phase") or "Pending", "message": text, "conditions": conditions}
+    before = get_condition(old.get("conditions"), "Applied")
+    events = [Event("Warning", reason, text)] if (before.get("reason"), before.get("message")) != (reason, text) else []
+    actions: list[Action] = [] if conflict else [PatchRun(state.patch(), state)]
+    wait = FOREIGN_RETRY_SECONDS if conflict else backoff_seconds(count)
+    return Plan(actions, {k: v for k, v in status.items() if old.get(k) != v}, events, wait)
 
 
 def _terminated(pod: Obj) -> bool:
