@@ -27,11 +27,10 @@ import kopf
 
 from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.kube import Kube
-from wmtp_operator.plan import Plan, refused, say
-from wmtp_operator.reconcile import reconcile
+from wmtp_operator.plan import Plan, say
+from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
 from wmtp_operator.spec import Defaults
-from wmtp_operator.state import State
 
 RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within 1.5 × this
 ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx)
@@ -94,9 +93,9 @@ class Supervisor:
         plan = reconcile(body, self.kube.observe(body), now, self.defaults)
         stopped = self.kube.apply(namespace, name, meta["uid"], plan)
         if stopped is not None:
-            refusal, state = stopped
+            refusal, written = stopped
             log.warning("%s/%s: %s %s refused: %s", namespace, name, refusal.kind, refusal.name, refusal.message)
-            plan = refused(body, refusal, state or State.load(meta)[0], now)
+            plan = refused(body, refusal, written, now)
             self.kube.apply(namespace, name, meta["uid"], plan)
         self.kube.post_events(body, plan.events, now)
         return body, plan

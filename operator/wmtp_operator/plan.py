@@ -1,5 +1,6 @@
-"""What a reconcile pass decides, as data: the actions to apply in order, the status fields that change, the
-Events to post, when to look again; and the plan after the API server refused one of the actions.
+"""What a reconcile pass decides, as data: each step's decision, and the plan they fold into (the actions to apply
+in order, the status fields that change, the Events to post, when to look again); and what the API server said
+when it refused one of the actions.
 
 Kept apart from the state machine (`reconcile`) so that the API adapter (`kube`) depends on these shapes alone.
 """
@@ -7,19 +8,14 @@ Kept apart from the state machine (`reconcile`) so that the API adapter (`kube`)
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from wmtp.config import clip, redact_uri
-from wmtp_operator.state import Refusal, State
-from wmtp_operator.status import TERMINAL, get_condition, set_condition
+from wmtp_operator.state import State
+from wmtp_operator.status import Condition
 
 Obj = Mapping[str, Any]
-FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
-PROGRESSING = ("Pending", "Pulling", "Running", "Restarting", "Evaluating")
-WARNING_PHASES = ("Restarting", "Failed")
-# A condition turning False for one of these is progress, not a problem: no Warning Event.
-QUIET_REASONS = ("Starting", "NextAttempt")
 
 
 @dataclass(frozen=True)
@@ -79,11 +75,6 @@ def say(text: str) -> str:
     return clip(redact_uri(" ".join(str(text).split())))
 
 
-def backoff_seconds(count: int) -> float:
-    """Delay before retrying a refused child: 30 s, doubling, at most 15 min."""
-    return float(min(30 * 2 ** (count - 1), 900))
-
-
 @dataclass(frozen=True)
 class Refused:
     """What the API server said when it refused to create a child (or a namesake holds its name)."""
@@ -95,101 +86,33 @@ class Refused:
     message: str
 
 
-def refused(body: Obj, refusal: Refused, state: State, now: str) -> Plan:
-    """The plan after a refusal stopped a plan part-way: the refusal recorded (the retry waits longer each time
-    until the spec changes), the API server's words in the status and a Warning Event."""
-    generation = body["metadata"].get("generation", 0)
-    previous = state.refused
-    count = previous.count + 1 if previous and previous.generation == generation else 1
-    conflict = refusal.code == 409
-    text = say(
-        f"the API server refused {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason}): {refusal.message}"
-    )
-    record = Refusal(generation=generation, count=count, at=now, reason=refusal.reason[:64], message=text)
-    state = state.model_copy(update={"refused": None if conflict else record})
-    old = dict(body.get("status") or {})
-    reason = "Conflict" if conflict else "Refused"
-    conditions = set_condition(conditions_of(old), "Applied", "False", reason, text, now, generation)
-    status = {"phase": old.get("phase") or "Pending", "message": text, "conditions": conditions}
-    before = get_condition(old.get("conditions"), "Applied")
-    events = [Event("Warning", reason, text)] if (before.get("reason"), before.get("message")) != (reason, text) else []
-    actions: list[Action] = [] if conflict else [PatchRun(state.patch(), state)]
-    wait = FOREIGN_RETRY_SECONDS if conflict else backoff_seconds(count)
-    return Plan(actions, {k: v for k, v in status.items() if old.get(k) != v}, events, wait)
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """What one step of a pass decided: the state record it leaves, the actions to apply in order (among them the
+    record's write, before what it announces), the Events and conditions it sets, and how soon to look again.
+    Each step's own kind adds what the status needs from it."""
+
+    state: State
+    actions: tuple[Action, ...] = ()
+    events: tuple[Event, ...] = ()
+    conditions: tuple[Condition, ...] = ()
+    requeue: float | None = None
 
 
-def conditions_of(status: Obj) -> list[Mapping[str, Any]]:
-    """The status's conditions, leaving out anything a trainer wrote that is not one."""
-    found = status.get("conditions")
-    return (
-        [c for c in found if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
-        if isinstance(found, list)
-        else []
+D = TypeVar("D", bound=Decision)
+
+
+def chain(earlier: Decision, later: D) -> D:
+    """`later`, decided from the state `earlier` left, with what both do and say in order; a later requeue wins."""
+    return replace(
+        later,
+        actions=earlier.actions + later.actions,
+        events=earlier.events + later.events,
+        conditions=earlier.conditions + later.conditions,
+        requeue=earlier.requeue if later.requeue is None else later.requeue,
     )
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What a pass concluded, before it becomes the status and Events."""
-
-    phase: str
-    message: str
-    problems: list[str]  # why the spec or recipe cannot be used (Valid=False)
-    conditions: dict[str, tuple[str, str, str]]  # type → (status, reason, message) decided this pass
-    max_steps: Any
-    reported: Mapping[str, Any]  # step and loss of the accepted report, if any
-
-
-def status_of(old: Obj, outcome: Outcome, state: State, now: str, generation: int) -> dict[str, Any]:
-    """The whole status the operator owns, rewritten from its state and this pass (whatever a trainer wrote)."""
-    problem = "; ".join(outcome.problems)
-    message = outcome.message
-    if problem and problem not in message:
-        message = f"{message}; {problem}" if message else problem
-    step = outcome.reported.get("step", old.get("step"))
-    loss = outcome.reported.get("loss", old.get("loss"))
-    new: dict[str, Any] = {
-        "phase": outcome.phase,
-        "message": say(message),
-        "attempt": state.attempt,
-        "restarts": state.restarts,
-        "preemptions": state.preemptions,
-        "latestCheckpoint": state.checkpoint,
-        "resumeFrom": state.resume_from,
-        "startTime": state.start_time,
-        "completionTime": state.completion_time,
-        "observedGeneration": generation,
-        "maxSteps": outcome.max_steps if isinstance(outcome.max_steps, int) else None,
-        "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
-        "loss": loss if isinstance(loss, float | int) and not isinstance(loss, bool) else None,
-        "eval": state.evaluation.model_dump(by_alias=True, exclude_none=True) if state.evaluation else None,
-    }
-    new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
-    conditions = dict(outcome.conditions)
-    valid = ("False", "InvalidSpec", say(problem)) if problem else ("True", "Valid", "spec and recipe are valid")
-    conditions["Valid"] = valid
-    conditions["Progressing"] = ("True" if outcome.phase in PROGRESSING else "False", outcome.phase, new["message"])
-    if outcome.phase in TERMINAL:
-        conditions[outcome.phase] = ("True", outcome.phase, new["message"])
-    merged = conditions_of(old)
-    for type_, (status, reason, text) in conditions.items():
-        merged = set_condition(merged, type_, status, reason, text, now, generation)
-    new["conditions"] = merged
-    return new
-
-
-def events_of(old: Obj, new: Mapping[str, Any], outcome: Outcome, decided: Sequence[Event]) -> list[Event]:
-    """The pass's Events: a transition (a new phase or attempt), what it decided, and a Warning when a condition
-    turns False for a new reason or the spec becomes invalid in a new way — once, not on every pass."""
-    events = list(decided)
-    if new.get("phase") != old.get("phase") or new.get("attempt") != old.get("attempt"):
-        kind = "Warning" if new["phase"] in WARNING_PHASES else "Normal"
-        events.insert(0, Event(kind, str(new["phase"]), say(new["message"])))
-    before = old.get("conditions")
-    for type_, (status, reason, text) in outcome.conditions.items():
-        if status == "False" and reason not in QUIET_REASONS and get_condition(before, type_).get("reason") != reason:
-            events.append(Event("Warning", reason, text))
-    problem = say("; ".join(outcome.problems))
-    if problem and get_condition(before, "Valid").get("message") != problem:
-        events.append(Event("Warning", "InvalidSpec", problem))
-    return events
+def write(state: State) -> PatchRun:
+    """The write of the state record (a merge patch of its annotation)."""
+    return PatchRun(state.patch(), state)

@@ -27,7 +27,7 @@ TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 class Condition(Camel):
     """A standard condition (metav1.Condition)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: str = Field(description="Valid, Applied, Started, SpecApplied, Progressing, Evaluated, Succeeded or Failed.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
@@ -168,21 +168,12 @@ def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
 
 
-def set_condition(
-    conditions: Sequence[Mapping[str, Any]],
-    type_: str,
-    status: str,
-    reason: str,
-    message: str,
-    now: str,
-    generation: int | None = None,
-) -> list[dict[str, Any]]:
-    """Conditions with `type_` set; its lastTransitionTime moves only when its status changes."""
-    previous = next((c for c in conditions if c.get("type") == type_), None)
-    since = previous["lastTransitionTime"] if previous and previous.get("status") == status else now
-    updated = {"type": type_, "status": status, "reason": reason, "message": message, "lastTransitionTime": since}
-    if generation is not None:
-        updated["observedGeneration"] = generation
+def set_condition(conditions: Sequence[Mapping[str, Any]], condition: Condition) -> list[dict[str, Any]]:
+    """Conditions with `condition` set; its lastTransitionTime stays the older one while its status holds."""
+    previous = next((c for c in conditions if c.get("type") == condition.type), None)
+    if previous and previous.get("status") == condition.status:
+        condition = condition.model_copy(update={"last_transition_time": previous["lastTransitionTime"]})
+    updated = condition.model_dump(by_alias=True)
     return [updated if c is previous else dict(c) for c in conditions] if previous else [*conditions, updated]
 
 

@@ -13,8 +13,8 @@ import pytest
 from wmtp import contract
 from wmtp.checkpoint import step_dir_name
 from wmtp_operator import render
-from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused, refused
-from wmtp_operator.reconcile import reconcile
+from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
+from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.state import STATE_ANNOTATION, State
 
 NOW = "2026-01-02T03:04:05Z"
@@ -478,6 +478,94 @@ def test_a_refusal_records_a_growing_backoff_and_says_what_the_api_server_said(m
     assert again.requeue_after == 60 and again.events == []  # the same refusal is one Event, not one per retry
 
 
+INVALID_JOB = Refused("Job", "tiny-rho1-a1", 422, "Invalid", "spec.template: Required value")
+REFUSED_WORDS = "the API server refused Job tiny-rho1-a1 (422 Invalid): spec.template: Required value"
+
+
+def refusal(generation: int = 1, count: int = 1, at: str = JUST_NOW) -> dict[str, Any]:
+    return {"generation": generation, "count": count, "at": at, "reason": "Invalid", "message": REFUSED_WORDS}
+
+
+def applied(reason: str, message: str = REFUSED_WORDS) -> dict[str, Any]:
+    return {"type": "Applied", "status": "False", "reason": reason, "message": message, "lastTransitionTime": BEFORE}
+
+
+@dataclass
+class RefusalCase:
+    """The plan after the API server refused one of a pass's actions part-way (`written`: the last record that
+    plan wrote before the refusal, if any)."""
+
+    name: str
+    refusal: Refused
+    state: dict[str, Any] | None = None
+    written: dict[str, Any] | None = None
+    status: dict[str, Any] = field(default_factory=dict)
+    phase: str = "Pending"  # expected
+    requeue: float = 30
+    count: int | None = 1  # the refusal recorded, None: nothing recorded
+    restarts: int = 0  # of the record written
+    events: list[str] = field(default_factory=lambda: ["Warning Refused"])
+    applied: str = "False Refused"
+    message: str = REFUSED_WORDS
+
+
+REFUSALS = [
+    RefusalCase("a refused Job: recorded, the API server's words in the status, a Warning, retried in 30s",
+                INVALID_JOB),
+    RefusalCase("refused again at the same generation: the wait doubles, and the same words are not a new Event",
+                INVALID_JOB, state(0, refused=refusal(count=1)), status={"conditions": [applied("Refused")]},
+                requeue=60, count=2, events=[]),
+    RefusalCase("refused again with other words: a new Event", INVALID_JOB, state(0, refused=refusal(count=2)),
+                status={"conditions": [applied("Refused", "the API server refused Job tiny-rho1-a1: other")]},
+                requeue=120, count=3),
+    RefusalCase("refused after the spec changed: the wait starts again", INVALID_JOB,
+                state(0, refused=refusal(generation=0, count=5))),
+    RefusalCase("the wait is at most 15 minutes", INVALID_JOB, state(0, refused=refusal(count=9)), requeue=900,
+                count=10),
+    RefusalCase("a namesake holds the name (409): nothing recorded, looked at again in 5s",
+                Refused("Job", "tiny-rho1-a1", 409, "Conflict", "controlled by another uid"), requeue=5, count=None,
+                events=["Warning Conflict"], applied="False Conflict", message="(409 Conflict)"),
+    RefusalCase("the record the refused plan wrote is built on, not the one the pass read", INVALID_JOB,
+                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), requeue=240, count=4,
+                restarts=1),
+    RefusalCase("the phase stays what it was", INVALID_JOB, state(ending=ending(), restarts=1),
+                status={"phase": "Restarting"}, phase="Restarting", restarts=1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", REFUSALS, ids=[c.name for c in REFUSALS])
+def test_refusal(case: RefusalCase, make_run: Callable[..., dict[str, Any]]) -> None:
+    body = make_run()
+    if case.state is not None:
+        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(case.state)}
+    body["status"] = copy.deepcopy(case.status)
+    written = State.model_validate(case.written) if case.written is not None else None
+    plan = refused(body, case.refusal, written, NOW)
+    new = {**body["status"], **plan.status}
+    assert plan.requeue_after == case.requeue
+    assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
+    assert new["phase"] == case.phase and case.message in new["message"], new["message"]
+    conditions = {c["type"]: f"{c['status']} {c['reason']}" for c in new["conditions"]}
+    assert conditions["Applied"] == case.applied
+    recorded = [a.state for a in plan.actions if isinstance(a, PatchRun) and a.state is not None]
+    assert [(r.refused.count if r.refused else None, r.restarts) for r in recorded] == (
+        [(case.count, case.restarts)] if case.count else []
+    )
+
+
+@pytest.mark.parametrize("case", [c for c in REFUSALS if c.count], ids=[c.name for c in REFUSALS if c.count])
+def test_after_a_refusal_the_next_pass_waits_out_its_backoff(
+    case: RefusalCase, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    body = make_run()
+    body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(case.state or state(0))}
+    written = State.model_validate(case.written) if case.written is not None else None
+    body, _ = _apply(body, Observed(), refused(body, case.refusal, written, NOW))
+    again = reconcile(body, Observed(), "2026-01-02T03:04:06Z")
+    assert again.actions == []
+    assert again.requeue_after == case.requeue - 1 and "retrying in" in again.status["message"]
+
+
 def test_credentials_in_a_uri_never_reach_the_status(make_run: Callable[..., Any]) -> None:
     body = make_run(
         **{"spec.mlflow": {"trackingUri": "https://user:hunter2@mlflow.example"}, "spec.recipe.optim": {"lr": -1}}
@@ -566,7 +654,7 @@ def test_invalid_input_sets_valid_false_creates_nothing_and_warns_once(
 
 
 def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -> None:
-    from wmtp_operator.evaluation import outcome, results
+    from wmtp_operator.reconcile.evaluation import outcome, results
 
     hostile = {
         "tasks": {"humaneval": {"problems": 164, "pass@1": 0.5, "pass@2": True, "pass@x": 1.0, "rm -rf": 1.0,

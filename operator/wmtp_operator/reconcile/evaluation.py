@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic.alias_generators import to_camel
@@ -21,81 +21,70 @@ from pydantic.alias_generators import to_camel
 from wmtp import contract
 from wmtp_operator import pods as podstat
 from wmtp_operator import render
-from wmtp_operator.plan import Action, Create, Event, PatchRun, backoff_seconds, say
+from wmtp_operator.plan import Create, Decision, Event, say, write
+from wmtp_operator.reconcile.launch import backoff
+from wmtp_operator.reconcile.view import View
 from wmtp_operator.spec import Run
-from wmtp_operator.state import State, seconds_since
-from wmtp_operator.status import Evaluation
+from wmtp_operator.state import State
+from wmtp_operator.status import Condition, Evaluation
 
 Obj = Mapping[str, Any]
 _SCORE = re.compile(r"^(problems|pass@[0-9]{1,4})$")
 
 
-@dataclass
-class Decision:
+@dataclass(frozen=True, kw_only=True)
+class EvalDecision(Decision):
     """What the evaluation adds to a pass over a run whose training succeeded."""
 
-    phase: str  # Evaluating while it runs (or waits to be created), then Succeeded
     message: str  # the evaluation's part of the run's message
-    state: State
-    actions: list[Action] = field(default_factory=list)
-    events: list[Event] = field(default_factory=list)
-    conditions: dict[str, tuple[str, str, str]] = field(default_factory=dict)
-    requeue: float | None = None
-    pending: bool = False  # not over: the run needs more passes
+    pending: bool = False  # not over: the run is Evaluating and needs more passes
 
 
-def decide(
-    run: Run, state: State, jobs: Sequence[Obj], pods: Sequence[Obj], now: str, generation: int
-) -> Decision | None:
-    """For a run whose training succeeded; None when there is nothing to evaluate (no spec.eval, none recorded).
-    `jobs` and `pods` are this run's evaluation Jobs and pods."""
+def decide(view: View, run: Run, state: State) -> EvalDecision | None:
+    """For a run whose training succeeded; None when there is nothing to evaluate (no spec.eval, none recorded)."""
     record = state.evaluation
     if record is None:
-        return None if run.spec.eval is None else _start(run, state, now, generation)
+        return None if run.spec.eval is None else _start(view, run, state)
     if record.phase == "Running":
-        return _watch(state, record, jobs, pods, now)
-    return Decision("Succeeded", _summary(record), state, conditions={"Evaluated": _condition(record)})
+        return _watch(view, state, record)
+    return EvalDecision(state=state, conditions=(_condition(view, record),), message=_summary(record))
 
 
-def _start(run: Run, state: State, now: str, generation: int) -> Decision:
-    refused = state.refused
-    if refused is not None and refused.generation == generation:
-        wait = backoff_seconds(refused.count) - seconds_since(refused.at, now)
-        if wait > 0:
-            why = f"{refused.message}; retrying in {wait:.0f}s, or at once when the spec changes"
-            return Decision("Evaluating", why, state, requeue=wait, pending=True)
+def _start(view: View, run: Run, state: State) -> EvalDecision:
+    waiting = backoff(view, state)
+    if waiting is not None:
+        return EvalDecision(state=state, requeue=waiting[0], message=waiting[1], pending=True)
     job = render.eval_job(run)
     name = job["metadata"]["name"]
-    record = Evaluation(phase="Running", job=name, start_time=now)
+    record = Evaluation(phase="Running", job=name, start_time=view.now)
     started = state.model_copy(update={"evaluation": record, "refused": None})
-    return Decision(
-        "Evaluating",
-        say(f"evaluating {render.final_model(run)} in Job {name}"),
-        started,
-        [Create(job), PatchRun(started.patch(), started)],
-        conditions={"Applied": ("True", "Created", f"Job {name} exists")},
+    return EvalDecision(
+        state=started,
+        actions=(Create(job), write(started)),
+        conditions=(view.condition("Applied", "True", "Created", f"Job {name} exists"),),
+        message=say(f"evaluating {render.final_model(run)} in Job {name}"),
         pending=True,
     )
 
 
-def _watch(state: State, record: Evaluation, jobs: Sequence[Obj], pods: Sequence[Obj], now: str) -> Decision:
-    job = next((j for j in jobs if j["metadata"]["name"] == record.job), None)
-    mine = sorted(pods, key=lambda p: p["metadata"]["name"])
+def _watch(view: View, state: State, record: Evaluation) -> EvalDecision:
+    job = next((j for j in view.eval_jobs if j["metadata"]["name"] == record.job), None)
+    mine = sorted(view.eval_pods, key=lambda p: p["metadata"]["name"])
     ended = outcome(job, mine, record.job)
     if ended is None:
         waiting = next((w for w in map(podstat.waiting, mine) if w), None)
         where = f"; {waiting}" if waiting else ""
-        return Decision("Evaluating", say(f"evaluating in Job {record.job}{where}"), state, pending=True)
+        return EvalDecision(state=state, message=say(f"evaluating in Job {record.job}{where}"), pending=True)
     said, text = ended
-    update: dict[str, Any] = {"phase": "Failed", "message": say(text), "completion_time": now}
-    events = []
+    update: dict[str, Any] = {"phase": "Failed", "message": say(text), "completion_time": view.now}
+    events: tuple[Event, ...] = ()
     if said is not None:
         update.update(phase="Succeeded", **results(said))
-        events.append(Event("Normal", "Evaluated", say(text)))
+        events = (Event("Normal", "Evaluated", say(text)),)
     done = Evaluation.model_validate({**record.model_dump(), **update})
     new = state.model_copy(update={"evaluation": done})
-    return Decision(
-        "Succeeded", _summary(done), new, [PatchRun(new.patch(), new)], events, {"Evaluated": _condition(done)}
+    return EvalDecision(
+        state=new, actions=(write(new),), events=events, conditions=(_condition(view, done),), message=_summary(done)
     )
 
 
@@ -156,7 +145,7 @@ def _summary(record: Evaluation) -> str:
     return f"evaluation: {record.message}" if record.phase == "Succeeded" else f"evaluation failed: {record.message}"
 
 
-def _condition(record: Evaluation) -> tuple[str, str, str]:
+def _condition(view: View, record: Evaluation) -> Condition:
     if record.phase == "Succeeded":
-        return "True", "Evaluated", record.message or ""
-    return "False", "EvaluationFailed", record.message or ""
+        return view.condition("Evaluated", "True", "Evaluated", record.message or "")
+    return view.condition("Evaluated", "False", "EvaluationFailed", record.message or "")

@@ -1,0 +1,213 @@
+"""The next attempt (or the first), and the next try after the API server refused a child.
+
+Gates hold the attempt, in this order, and the first that holds says why: the fence (attempt N+1 starts only once
+no pod of attempt N runs any more: their SIGTERM saves done), spec.suspend, a spec that cannot be used, a
+namesake's objects still being deleted, the backoff after a refusal. Each is one function in GATES, so a new
+reason to wait is one more.
+
+A refusal (of an attempt's objects, of the evaluation's Job) is recorded by `retry`, so that each try waits
+longer than the last until the spec changes; `backoff` is that wait, for whichever step creates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from wmtp_operator import pods as podstat
+from wmtp_operator import render
+from wmtp_operator.plan import Action, Create, Decision, Event, PatchRun, Refused, chain, say, write
+from wmtp_operator.reconcile.view import View
+from wmtp_operator.state import Refusal, State, definition_of, operational_of, seconds_since
+from wmtp_operator.status import get_condition
+
+Obj = Mapping[str, Any]
+FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
+
+
+@dataclass(frozen=True, kw_only=True)
+class Held(Decision):
+    """The next attempt waits (after `state.ending`, or before the first): why."""
+
+    why: str
+    suspended: bool = False  # spec.suspend holds it
+
+
+@dataclass(frozen=True, kw_only=True)
+class Created(Decision):
+    """Attempt `state.attempt` was created (after `state.previous`), resuming from `resume`."""
+
+    resume: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Retry(Decision):
+    """The API server refused a child: its words are the run's message until a retry, which waits longer each
+    time until the spec changes (a namesake's object: until it is gone)."""
+
+    said: str
+
+
+def next_attempt(view: View, state: State) -> Held | Created:
+    """The attempt after `state.ending` (or the first), created once no gate holds it."""
+    ended = _wind_down(view, state)
+    for gate in GATES:
+        held = gate(view, ended.state)
+        if held is not None:
+            return chain(ended, held)
+    return chain(ended, _create(view, ended.state))
+
+
+def _wind_down(view: View, state: State) -> Decision:
+    """The ended attempt's counts corrected (`_reclassify`) and its Jobs deleted (again, if a deletion failed)."""
+    if state.ending is None:
+        return Decision(state=state)
+    reclassified = _reclassify(view, state)
+    written = (write(reclassified),) if reclassified != state else ()
+    return Decision(state=reclassified, actions=(*written, *view.deletes(state.ending.attempt)))
+
+
+def _reclassify(view: View, state: State) -> State:
+    """A failure whose attempt turns out to have been disrupted (a pod evicted a moment after another crashed) is a
+    preemption: the counts move. The operator's own teardown never disrupts (it deletes), so its SIGTERM saves
+    change nothing here."""
+    ending = state.ending
+    if ending is None or ending.cause != "failure" or state.restarts == 0:
+        return state
+    if not any(podstat.disrupted(p) for p in view.pods if render.attempt_of(p) == ending.attempt):
+        return state
+    return state.model_copy(
+        update={
+            "ending": ending.model_copy(update={"cause": "preemption"}),
+            "restarts": state.restarts - 1,
+            "preemptions": state.preemptions + 1,
+        }
+    )
+
+
+def _fence(view: View, state: State) -> Held | None:
+    """Any pod of the ended attempt (or an earlier one) still runs: two attempts never train at once."""
+    ending = state.ending
+    if ending is None:
+        return None
+    alive = [p for p in view.pods if render.attempt_of(p) <= ending.attempt and not _terminated(p)]
+    if not alive:
+        return None
+    return Held(state=state, why=f"waiting for {len(alive)} pod(s) of attempt {ending.attempt} to stop")
+
+
+def _suspended(view: View, state: State) -> Held | None:
+    """spec.suspend: the next attempt waits until it is false again (and resumes from the accepted checkpoint)."""
+    if view.run is None or not view.run.spec.suspend:
+        return None
+    return Held(state=state, why="set spec.suspend to false to resume", suspended=True)
+
+
+def _unusable(view: View, state: State) -> Held | None:
+    """No spec to create from (after the first attempt, a recipe that became unusable keeps the last ConfigMap)."""
+    if view.run is not None and (state.attempt > 0 or view.files is not None):
+        return None
+    return Held(state=state, why=f"waiting for a valid spec: {'; '.join(view.problems)}")
+
+
+def _namesake(view: View, state: State) -> Held | None:
+    """An earlier WMTPRun of the same name whose objects are still being deleted: never touched, waited for."""
+    if not view.foreign:
+        return None
+    names = ", ".join(sorted({o["metadata"]["name"] for o in view.foreign})[:5])
+    why = say(f"objects of an earlier WMTPRun named {view.name} are still being deleted: {names}")
+    conflict = view.condition("Applied", "False", "Conflict", why)
+    return Held(state=state, why=why, conditions=(conflict,), requeue=FOREIGN_RETRY_SECONDS)
+
+
+def _backing_off(view: View, state: State) -> Held | None:
+    """The API server refused the attempt's objects at this generation: not again before the backoff passes."""
+    waiting = backoff(view, state)
+    return None if waiting is None else Held(state=state, why=waiting[1], requeue=waiting[0])
+
+
+GATES: tuple[Callable[[View, State], Held | None], ...] = (_fence, _suspended, _unusable, _namesake, _backing_off)
+
+
+def _backoff_seconds(count: int) -> float:
+    """Delay before retrying a refused child: 30 s, doubling, at most 15 min."""
+    return float(min(30 * 2 ** (count - 1), 900))
+
+
+def backoff(view: View, state: State) -> tuple[float, str] | None:
+    """After a refusal at this generation: how long before the child may be created again, and the words saying
+    so; None once it may be (the backoff passed, or the spec changed)."""
+    refused = state.refused
+    if refused is None or refused.generation != view.generation:
+        return None
+    wait = _backoff_seconds(refused.count) - seconds_since(refused.at, view.now)
+    if wait <= 0:
+        return None
+    return wait, f"{refused.message}; retrying in {wait:.0f}s, or at once when the spec changes"
+
+
+def _create(view: View, state: State) -> Created:
+    """The attempt's objects, from the latest accepted checkpoint (written to spec.resumeFrom first), then the
+    record of the attempt: an operator killed in between finds the Job and recovers the attempt from it."""
+    assert view.run is not None  # `_unusable` holds a run without one
+    run = view.run
+    actions: list[Action] = []
+    checkpoint = state.checkpoint
+    if checkpoint and checkpoint != run.spec.resume_from:
+        actions.append(PatchRun({"spec": {"resumeFrom": checkpoint}}))
+        run = replace(run, spec=run.spec.model_copy(update={"resume_from": checkpoint}))
+    n = state.attempt + 1
+    objects = render.attempt_objects(run, view.files, n)
+    if n > 1:  # what the run owns across attempts was created, and checked to be its own, with attempt 1
+        objects = [obj for obj in objects if obj["kind"] in ("ConfigMap", "Job")]
+    actions += [Create(obj, update=obj["kind"] == "ConfigMap") for obj in objects]
+    resume = render.resume_of(run.spec)[0]
+    definition = state.definition
+    if not definition and view.files is not None:
+        definition = definition_of(run.spec, view.files.recipe)
+    created = state.model_copy(
+        update={
+            "attempt": n,
+            "ending": None,
+            "previous": state.ending,
+            "resume_from": resume,
+            "start_time": state.start_time or view.now,
+            "applied": operational_of(run.spec),
+            "definition": definition,
+            "refused": None,
+        }
+    )
+    conditions = (
+        view.condition("Applied", "True", "Created", f"attempt {n}'s objects exist"),
+        view.condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {view.generation}"),
+    )
+    return Created(state=created, actions=(*actions, write(created)), conditions=conditions, resume=resume)
+
+
+def retry(view: View, refusal: Refused, state: State) -> Retry:
+    """After the API server refused a child: the refusal recorded on `state` (the last record written), so that
+    the retry waits longer each time until the spec changes; a namesake's object is waited for instead."""
+    previous = state.refused
+    count = previous.count + 1 if previous and previous.generation == view.generation else 1
+    conflict = refusal.code == 409
+    said = say(
+        f"the API server refused {refusal.kind} {refusal.name} ({refusal.code} {refusal.reason}): {refusal.message}"
+    )
+    reason = "Conflict" if conflict else "Refused"
+    record = Refusal(generation=view.generation, count=count, at=view.now, reason=refusal.reason[:64], message=said)
+    recorded = state.model_copy(update={"refused": None if conflict else record})
+    before = get_condition(view.old.get("conditions"), "Applied")
+    new = (before.get("reason"), before.get("message")) != (reason, said)
+    return Retry(
+        state=recorded,
+        actions=() if conflict else (write(recorded),),
+        events=(Event("Warning", reason, said),) if new else (),
+        conditions=(view.condition("Applied", "False", reason, said),),
+        requeue=FOREIGN_RETRY_SECONDS if conflict else _backoff_seconds(count),
+        said=said,
+    )
+
+
+def _terminated(pod: Obj) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
