@@ -235,7 +235,7 @@ class Spec(Camel):
         max_length=MAX_URI,
         description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
         "next attempt resumes from, falling back to the newest intact one when it is gone.",
-        json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be {_RESUME_WORDS}, or a checkpoint URI")),
+        json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be a checkpoint URI, or {_RESUME_WORDS}")),
     )
     s3: S3 = Field(
         default_factory=S3, description="S3 endpoint, region and credentials.", json_schema_extra={"default": {}}
