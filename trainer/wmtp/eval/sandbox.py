@@ -5,7 +5,9 @@ What is stopped and what is not, mechanism by mechanism: docs/security.md. In sh
 - a proof token: `HARNESS` runs the candidate's code, then its tests, each compiled on its own (so the code can
   neither swallow the tests in a string nor disable their asserts), and only then reads a per-run random token
   from descriptor 3 and prints it. A pass is exit status 0 *and* that token as the last line of stdout: exit(),
-  SystemExit, os._exit(0), atexit or excepthook tricks, patched builtins and guessed tokens all fail;
+  SystemExit, os._exit(0), atexit or excepthook tricks, patched builtins and guessed tokens all fail. The code
+  shares the harness's process, so code aimed at the harness itself (reading descriptor 3, a result equal to
+  everything) is not stopped;
 - a supervisor (`jail`) that holds the whole process tree and kills all of it at the timeout or the end, and the
   mechanisms this machine allows (Landlock, seccomp, a PID namespace, another uid, a cgroup), named in
   `Outcome.sandbox`;
