@@ -34,6 +34,9 @@ from wmtp.eval import cgroup, landlock, seccomp
 
 OPTIONAL = ("pidns", "cgroup")  # the mechanisms `Limits.without` may turn off
 SANDBOX_UID = 65534  # nobody: owns no file of the evaluator's and can read none of its processes
+# The identities a candidate may run as (Plan.identity): root drops to SANDBOX_UID, or keeps uid 0 without any
+# capability where that uid cannot reach the interpreter; a non-root evaluator's candidates keep its uid.
+AS_SANDBOX_UID, AS_ROOT_WITHOUT_CAPS, OWN_UID = f"uid{SANDBOX_UID}", "uid0-nocaps", "own-uid{}"
 CONFINE_FAILED = 125
 POLL_S = 0.05  # how often the tree is counted where no cgroup or dedicated uid bounds it
 _CLONE_NEWPID = 0x20000000
@@ -46,7 +49,7 @@ class Plan:
     landlock: int  # ABI version, 0 for none
     seccomp: bool
     pidns: bool  # else a child subreaper
-    identity: str  # uid65534 | uid0-nocaps (root whose interpreter uid 65534 cannot reach) | uid<n> (not root)
+    identity: str  # AS_SANDBOX_UID | AS_ROOT_WITHOUT_CAPS | OWN_UID with the evaluator's uid
     group: cgroup.Cgroup | None
     polled: tuple[str, ...]  # limits this process enforces by counting the tree: "pids", "memory"
 
@@ -56,7 +59,7 @@ class Plan:
         parts += ["seccomp"] if self.seccomp else []
         parts += ["pidns" if self.pidns else "subreaper", self.identity]
         parts += [self.group.name] if self.group else []
-        parts += ["rlimit-nproc"] if self.identity == "uid65534" and "pids" not in self.controllers else []
+        parts += ["rlimit-nproc"] if self.identity == AS_SANDBOX_UID and "pids" not in self.controllers else []
         return "+".join([*parts, *(f"polled-{p}" for p in self.polled), "rlimit-as"])
 
     @property
@@ -95,13 +98,13 @@ def plan(config: dict[str, Any]) -> Plan:
     """What this machine allows, minus what `without` names. A PID namespace needs root (CAP_SYS_ADMIN)."""
     without = set(config["without"])
     root = os.geteuid() == 0
-    identity = f"uid{os.geteuid()}"
+    identity = OWN_UID.format(os.geteuid())
     if root:
-        identity = "uid65534" if _others_can_run_python() else "uid0-nocaps"
+        identity = AS_SANDBOX_UID if _others_can_run_python() else AS_ROOT_WITHOUT_CAPS
     group = None if "cgroup" in without else cgroup.create(config["memory_mb"] << 20, config["processes"])
     pidns = root and "pidns" not in without and _libc().unshare(_CLONE_NEWPID) == 0
     controllers = group.controllers if group else ()
-    bounded_pids = "pids" in controllers or identity == "uid65534"
+    bounded_pids = "pids" in controllers or identity == AS_SANDBOX_UID
     polled = (() if bounded_pids else ("pids",)) + (() if "memory" in controllers else ("memory",))
     return Plan(landlock.abi(), seccomp.supported(), pidns, identity, group, polled)
 
@@ -114,18 +117,18 @@ def _set_limits(config: dict[str, Any], plan: Plan) -> None:
         resource.RLIMIT_FSIZE: config["file_mb"] << 20,
         resource.RLIMIT_CORE: 0,
     }
-    if plan.identity == "uid65534":  # counted per uid: meaningful only for a uid the evaluator does not share
+    if plan.identity == AS_SANDBOX_UID:  # counted per uid: meaningful only for a uid the evaluator does not share
         limits[resource.RLIMIT_NPROC] = config["processes"]
     for which, value in limits.items():
         resource.setrlimit(which, (value, value))
 
 
 def _drop_identity(plan: Plan) -> None:
-    if plan.identity == "uid65534":
+    if plan.identity == AS_SANDBOX_UID:
         os.setgroups([])
         os.setresgid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)
         os.setresuid(SANDBOX_UID, SANDBOX_UID, SANDBOX_UID)  # drops every capability with it
-    elif plan.identity == "uid0-nocaps":
+    elif plan.identity == AS_ROOT_WITHOUT_CAPS:
         # An empty bounding set and empty sets now: exec as uid 0 gives back no capability, so the candidate can
         # neither read the evaluator's /proc entries (its capabilities are not a subset) nor override permissions.
         for cap in range(int(Path("/proc/sys/kernel/cap_last_cap").read_text()) + 1):
@@ -224,7 +227,7 @@ def main() -> None:
     os.set_inheritable(config["status_fd"], False)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1, "child subreaper")
     plan_ = plan(config)
-    if plan_.identity == "uid65534":
+    if plan_.identity == AS_SANDBOX_UID:
         os.chown(config["workdir"], SANDBOX_UID, SANDBOX_UID)
     pid = os.fork()
     if pid == 0:
