@@ -114,27 +114,38 @@ def _drain(streams: dict[int, _Tail], deadline: float) -> bool:
         return not selector.get_map()
 
 
-def _supervise(workdir: str, limits: Limits, token: str) -> tuple[dict, _Tail, _Tail]:
-    """Start the supervisor on `workdir` and read its report and the candidate's output, all bounded."""
+def _start(workdir: str, limits: Limits, token: str) -> tuple[subprocess.Popen[bytes], int]:
+    """The supervisor, started on `workdir` with the token in a pipe: its process and its status pipe's read end."""
     token_r, token_w = os.pipe()
-    os.write(token_w, token.encode())
-    os.close(token_w)
+    with open(token_w, "wb") as pipe:  # 32 bytes: the pipe holds them until the harness reads
+        pipe.write(token.encode())
     status_r, status_w = os.pipe()
     config = {"workdir": workdir, "token_fd": token_r, "status_fd": status_w, "timeout_s": limits.timeout_s,
               "memory_mb": limits.memory_mb, "file_mb": limits.file_mb, "processes": limits.processes,
               "without": sorted(limits.without)}  # fmt: skip
-    # An empty environment: nothing of the evaluator's (credentials above all) reaches the supervisor or program.
-    proc = subprocess.Popen(
-        [sys.executable, "-I", "-B", "-m", jail.__name__, json.dumps(config)],
-        cwd="/",
-        env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        pass_fds=(token_r, status_w),
-    )
-    os.close(token_r)
-    os.close(status_w)
+    try:
+        # An empty environment: nothing of the evaluator's (credentials above all) reaches supervisor or program.
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-B", "-m", jail.__name__, json.dumps(config)],
+            cwd="/",
+            env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(token_r, status_w),
+        )
+    except BaseException:
+        os.close(status_r)
+        raise
+    finally:
+        os.close(token_r)
+        os.close(status_w)
+    return proc, status_r
+
+
+def _supervise(workdir: str, limits: Limits, token: str) -> tuple[dict, _Tail, _Tail]:
+    """Run the supervisor and read its report and the candidate's output, all bounded."""
+    proc, status_r = _start(workdir, limits, token)
     out, err, status = _Tail(limits.output_kb << 10), _Tail(limits.output_kb << 10), _Tail(1 << 16)
     assert proc.stdout is not None and proc.stderr is not None
     streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
@@ -146,8 +157,10 @@ def _supervise(workdir: str, limits: Limits, token: str) -> tuple[dict, _Tail, _
         proc.stdout.close()
         proc.stderr.close()
         os.close(status_r)
-    report = json.loads(status.data) if status.data else {}
-    return report, out, err
+    try:
+        return json.loads(status.data), out, err
+    except ValueError:  # nothing, or cut short: the supervisor died before it answered
+        return {}, out, err
 
 
 def _verdict(report: dict, out: _Tail, err: _Tail, token: str, limits: Limits) -> Outcome:
