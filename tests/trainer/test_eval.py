@@ -17,10 +17,11 @@ from wmtp import contract
 from wmtp.checkpoint import CheckpointStore, FileRecord
 from wmtp.cli import app
 from wmtp.config import EvalSettings
+from wmtp.eval import landlock
 from wmtp.eval.command import headline
 from wmtp.eval.decoding import Decoder
 from wmtp.eval.runner import TRAINING_RUN_TAG, log_to_mlflow, summary
-from wmtp.eval.sandbox import Limits, landlock_abi, run_program
+from wmtp.eval.sandbox import Limits, run_program
 from wmtp.eval.scoring import pass_at_k
 from wmtp.eval.tasks import BUNDLED, TASKS, humaneval, humaneval_path, mbpp
 from wmtp.models import MTPModel, load_tokenizer
@@ -28,7 +29,7 @@ from wmtp.reporting import Termination, read_termination
 from wmtp.storage import Storage, parse_uri
 
 runner = CliRunner(env={"COLUMNS": "200"})
-needs_landlock = pytest.mark.skipif(landlock_abi() == 0, reason="the kernel has no Landlock")
+needs_landlock = pytest.mark.skipif(landlock.abi() == 0, reason="the kernel has no Landlock")
 
 
 @pytest.mark.parametrize(
@@ -56,8 +57,8 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail() -> None:
     problems = humaneval(str(humaneval_path()), Storage())[:4]
     assert len(humaneval(str(humaneval_path()), Storage())) == 164
     for problem in problems:
-        assert run_program(problem.program(problem.canonical)).passed, problem.task_id
-        wrong = run_program(problem.program("    return None\n"))
+        assert run_program(problem.solution(problem.canonical), problem.test).passed, problem.task_id
+        wrong = run_program(problem.solution("    return None\n"), problem.test)
         assert (wrong.passed, wrong.reason) == (False, "failed"), problem.task_id
 
 
@@ -92,13 +93,13 @@ def test_mbpp_canonical_solutions_pass_and_wrong_ones_fail(record: dict, tmp_pat
     path.write_text(json.dumps(record) + "\n")
     (problem,) = mbpp(str(path), Storage())
     assert problem.task_id == f"MBPP/{record['task_id']}"
-    assert run_program(problem.program(problem.canonical)).passed
-    assert not run_program(problem.program("def unrelated():\n    pass")).passed
+    assert run_program(problem.solution(problem.canonical), problem.test).passed
+    assert not run_program(problem.solution("def unrelated():\n    pass"), problem.test).passed
 
 
 def test_the_sandbox_stops_an_infinite_loop_and_a_memory_hog() -> None:
-    assert run_program("while True:\n    pass\n", Limits(timeout_s=1)).reason == "timeout"
-    assert run_program("x = bytearray(8 << 30)\n", Limits(memory_mb=512)).reason == "memory"
+    assert run_program("while True:\n    pass\n", limits=Limits(timeout_s=1)).reason == "timeout"
+    assert run_program("x = bytearray(8 << 30)\n", limits=Limits(memory_mb=512)).reason == "memory"
 
 
 @needs_landlock
@@ -179,7 +180,9 @@ def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, 
         "mbpp": {"problems": 2, "pass@1": 0.0, "pass@2": 0.0},
     }
     assert summary["speed"]["identical"] is True and summary["speed"]["mean_accepted"] >= 1.0
-    problems = json.loads(report.read_text())["problems"]
+    written = json.loads(report.read_text())
+    assert "rlimit-as" in written["sandbox"]  # the mechanisms that held the programs, as the runs reported them
+    problems = written["problems"]
     assert [p["task_id"] for p in problems["mbpp"]] == ["MBPP/11", "MBPP/2"]
     assert all(p["n"] == 2 and p["correct"] == 0 for task in problems.values() for p in task)
 

@@ -12,7 +12,7 @@ from wmtp.checkpoint import CheckpointError, CheckpointStore
 from wmtp.config import EvalSettings, redact_uri
 from wmtp.contract import EVAL_SPEED_FIELDS, MAX_EVAL_SCORES
 from wmtp.eval.decoding import Decoder, Generation
-from wmtp.eval.sandbox import Limits, confinement
+from wmtp.eval.sandbox import Limits
 from wmtp.eval.scoring import TaskResult, score
 from wmtp.eval.tasks import Problem, load_task
 from wmtp.models import MTPModel, load_tokenizer
@@ -83,15 +83,17 @@ def evaluate(options: EvalOptions, storage: Storage, progress: Callable[[], None
     model, tokenizer = load_model(options.model, storage)
     decoder = Decoder(model, tokenizer, options.max_new_tokens)
     limits = Limits(timeout_s=options.program_timeout)
-    log.info("model=%s sandbox=%s", redact_uri(options.model), confinement())
+    log.info("model=%s", redact_uri(options.model))
     complete = _completer(decoder, tokenizer, options)
     results: dict[str, TaskResult] = {
         name: score(name, task, complete, options.k, limits, progress=progress) for name, task in problems.items()
     }
+    sandbox = ", ".join(sorted(set().union(*(r.sandboxes() for r in results.values()))))
+    log.info("sandbox=%s", sandbox)
     report: dict[str, Any] = {
         "model": redact_uri(options.model),
         "samples": options.samples,
-        "sandbox": confinement(),
+        "sandbox": sandbox,  # what held the programs, as each run reported it
         "tasks": {name: {"problems": len(r.problems), **r.summary()} for name, r in results.items()},
         "problems": {name: [p.as_dict() for p in r.problems] for name, r in results.items()},
     }

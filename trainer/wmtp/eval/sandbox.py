@@ -1,150 +1,198 @@
-"""Running a generated program against its tests, confined: its own process, time, memory and file-size limits,
-a temporary working directory it alone may write to, no TCP, and an empty environment.
+"""Running a generated program against its tests, confined, and telling a pass from a program that only exited 0.
 
-Filesystem and network confinement use Landlock (Linux ≥ 5.13, unprivileged): writes anywhere but the working
-directory fail, TCP bind and connect fail (ABI ≥ 4), and signals to processes outside the sandbox fail (ABI ≥ 6).
-Where the kernel has no Landlock the program still runs under the resource limits, and `confinement()` says so.
+What is stopped and what is not, mechanism by mechanism: docs/security.md. In short, each run gets
+
+- a proof token: `HARNESS` runs the candidate's code, then its tests, each compiled on its own (so the code can
+  neither swallow the tests in a string nor disable their asserts), and only then reads a per-run random token
+  from descriptor 3 and prints it. A pass is exit status 0 *and* that token as the last line of stdout: exit(),
+  SystemExit, os._exit(0), atexit or excepthook tricks, patched builtins and guessed tokens all fail. The code
+  shares the harness's process, so code aimed at the harness itself (reading descriptor 3, a result equal to
+  everything) is not stopped;
+- a supervisor (`jail`) that holds the whole process tree and kills all of it at the timeout or the end, and the
+  mechanisms this machine allows (Landlock, seccomp, a PID namespace, another uid, a cgroup), named in
+  `Outcome.sandbox`;
+- bounded reading: at most `Limits.output_kb` of each stream is kept (the rest is read and dropped) and the
+  evaluator waits at most the timeout plus `GRACE_S`, whatever the candidate does with its descriptors.
 """
 
 from __future__ import annotations
 
-import ctypes
+import json
 import os
-import resource
+import secrets
+import selectors
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from wmtp.config import EvalSettings
+from wmtp.eval import jail
 
-# Landlock system calls (the same numbers on x86-64 and arm64) and their flags, from <linux/landlock.h>.
-_CREATE_RULESET, _ADD_RULE, _RESTRICT_SELF = 444, 445, 446
-_CREATE_RULESET_VERSION = 1 << 0
-_RULE_PATH_BENEATH = 1
-_PR_SET_NO_NEW_PRIVS = 38
-# Every right that changes the filesystem, by the ABI version that introduced it.
-_FS_WRITE_BY_ABI = {
-    1: (1 << 1) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 9) | (1 << 10) | (1 << 11) | (1 << 12),
-    2: 1 << 13,  # REFER: linking or renaming across directories
-    3: 1 << 14,  # TRUNCATE
-    5: 1 << 15,  # IOCTL_DEV
-}
-_NET_TCP = (1 << 0) | (1 << 1)  # BIND_TCP, CONNECT_TCP (ABI 4)
-_SCOPES = (1 << 0) | (1 << 1)  # abstract unix sockets and signals outside the sandbox (ABI 6)
+GRACE_S = 10.0  # beyond the timeout: interpreter start-up, killing and reaping the tree, removing the cgroup
+_TOKEN_BYTES = 16
+
+# The program that runs: it binds what it needs before the candidate's code can patch builtins or modules, reads
+# and compiles both parts before either runs (the code may rewrite its files), clears any trace or profile
+# function the code left before the tests, and asks for the token only when the tests have returned.
+HARNESS = """\
+import os, sys
+
+
+def _run(read=os.read, write=os.write, exec=exec, compile=compile, settrace=sys.settrace,
+         setprofile=sys.setprofile):
+    units = []
+    for name in ("solution.py", "tests.py"):
+        with open(name, encoding="utf-8") as file:
+            units.append(compile(file.read(), name, "exec", dont_inherit=True, optimize=0))
+    namespace = {"__name__": "__main__"}
+    exec(units[0], namespace)
+    settrace(None)
+    setprofile(None)
+    exec(units[1], namespace)
+    write(1, b"\\n" + read(3, 64) + b"\\n")
+
+
+_run()
+"""
 
 
 @dataclass(frozen=True)
 class Limits:
-    timeout_s: float = EvalSettings.model_fields["program_timeout"].default  # wall clock
-    memory_mb: int = 1024  # address space
+    timeout_s: float = EvalSettings.model_fields["program_timeout"].default  # wall clock, the whole tree
+    memory_mb: int = 1024  # the whole tree where a cgroup bounds it (else counted); address space per process
     file_mb: int = 16  # largest file it may write
+    processes: int = 32  # processes and threads of the tree at once
+    output_kb: int = 1024  # of each of stdout and stderr, kept; the rest is read and dropped
+    # Mechanisms not to use ("pidns", "cgroup"), to exercise the fallbacks or to avoid one that misbehaves.
+    without: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        if unknown := self.without - set(jail.OPTIONAL):
+            raise ValueError(f"Limits.without: unknown {sorted(unknown)}; known: {', '.join(jail.OPTIONAL)}")
 
 
 @dataclass(frozen=True)
 class Outcome:
     passed: bool
-    reason: str  # passed | failed | timeout | memory | error
+    reason: str  # passed | failed | unfinished (exit 0 without the token) | timeout | memory | error
     detail: str = ""
+    sandbox: str = ""  # the mechanisms in force, e.g. "landlock-abi7+seccomp+pidns+uid65534+…"
 
 
-def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(None, use_errno=True)
+class _Tail:
+    """The last `cap` bytes of a stream, however much of it there was."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.data, self.total = cap, bytearray(), 0
+
+    def add(self, chunk: bytes) -> None:
+        self.total += len(chunk)
+        self.data += chunk
+        del self.data[: max(0, len(self.data) - self.cap)]
+
+    def last_line(self) -> str:
+        lines = self.data.decode(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
 
 
-def landlock_abi() -> int:
-    """The kernel's Landlock ABI version, 0 where there is none."""
+def _drain(streams: dict[int, _Tail], deadline: float) -> bool:
+    """Read every descriptor to its end or until the deadline; True when all ended."""
+    with selectors.DefaultSelector() as selector:
+        for fd in streams:
+            selector.register(fd, selectors.EVENT_READ)
+        while selector.get_map() and (left := deadline - time.monotonic()) > 0:
+            for key, _ in selector.select(left):
+                chunk = os.read(key.fd, 1 << 16)
+                if chunk:
+                    streams[key.fd].add(chunk)
+                else:
+                    selector.unregister(key.fd)
+        return not selector.get_map()
+
+
+def _start(workdir: str, limits: Limits, token: str) -> tuple[subprocess.Popen[bytes], int]:
+    """The supervisor, started on `workdir` with the token in a pipe: its process and its status pipe's read end."""
+    token_r, token_w = os.pipe()
+    with open(token_w, "wb") as pipe:  # 32 bytes: the pipe holds them until the harness reads
+        pipe.write(token.encode())
+    status_r, status_w = os.pipe()
+    config = {"workdir": workdir, "token_fd": token_r, "status_fd": status_w, "timeout_s": limits.timeout_s,
+              "memory_mb": limits.memory_mb, "file_mb": limits.file_mb, "processes": limits.processes,
+              "without": sorted(limits.without)}  # fmt: skip
     try:
-        version = _libc().syscall(_CREATE_RULESET, None, ctypes.c_size_t(0), ctypes.c_uint32(_CREATE_RULESET_VERSION))
-    except (OSError, AttributeError):
-        return 0
-    return max(version, 0)
-
-
-def confinement() -> str:
-    """What the sandbox confines on this machine, in words."""
-    abi = landlock_abi()
-    if abi == 0:
-        return "resource limits only (no Landlock in this kernel: files and network are not confined)"
-    parts = ["resource limits", "writes outside the working directory"]
-    parts += ["TCP"] if abi >= 4 else []
-    parts += ["signals to other processes"] if abi >= 6 else []
-    return f"Landlock ABI {abi}: " + ", ".join(parts)
-
-
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
-                ("scoped", ctypes.c_uint64)]  # fmt: skip
-
-
-class _PathBeneathAttr(ctypes.Structure):
-    _pack_ = 1
-    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-def _restrict_to(workdir: str, abi: int) -> None:
-    """In the child, before exec: allow filesystem changes beneath `workdir` alone, and no TCP."""
-    libc = _libc()
-    writes = sum(bits for version, bits in _FS_WRITE_BY_ABI.items() if version <= abi)
-    attr = _RulesetAttr(writes, _NET_TCP if abi >= 4 else 0, _SCOPES if abi >= 6 else 0)
-    # Older kernels reject a struct larger than they know: pass only the fields of this ABI.
-    size = 24 if abi >= 6 else 16 if abi >= 4 else 8
-    ruleset = libc.syscall(_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size), ctypes.c_uint32(0))
-    if ruleset < 0:
-        os._exit(120)
-    fd = os.open(workdir, os.O_PATH | os.O_DIRECTORY)
-    beneath = _PathBeneathAttr(writes, fd)
-    if libc.syscall(_ADD_RULE, ruleset, _RULE_PATH_BENEATH, ctypes.byref(beneath), ctypes.c_uint32(0)) < 0:
-        os._exit(121)
-    if libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 or libc.syscall(_RESTRICT_SELF, ruleset, 0) < 0:
-        os._exit(122)
-
-
-def _confine(workdir: str, limits: Limits, abi: int) -> None:
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_mb << 20,) * 2)
-    cpu = int(limits.timeout_s) + 1
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_mb << 20,) * 2)
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if abi:
-        _restrict_to(workdir, abi)
-
-
-def run_program(source: str, limits: Limits = Limits()) -> Outcome:
-    """Run `source` as a Python program in a fresh confined process; it passes when it exits 0 in time."""
-    abi = landlock_abi()
-    with tempfile.TemporaryDirectory(prefix="wmtp-sandbox-") as workdir:
-        (Path(workdir) / "main.py").write_text(source)
-        # An empty environment: nothing of the trainer's (credentials above all) reaches the program.
+        # An empty environment: nothing of the evaluator's (credentials above all) reaches supervisor or program.
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-B", "main.py"],
-            cwd=workdir,
+            [sys.executable, "-I", "-B", "-m", jail.__name__, json.dumps(config)],
+            cwd="/",
             env={"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir},
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=lambda: _confine(workdir, limits, abi),
+            pass_fds=(token_r, status_w),
         )
-        try:
-            _, stderr = proc.communicate(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            return Outcome(False, "timeout", f"still running after {limits.timeout_s:g} s")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-    if proc.returncode == 0:
-        return Outcome(True, "passed")
-    if proc.returncode == -signal.SIGXCPU:
-        return Outcome(False, "timeout", "CPU time limit")
-    if "MemoryError" in last[0]:
-        return Outcome(False, "memory", last[0][:200])
-    if "AssertionError" in last[0]:
-        return Outcome(False, "failed", last[0][:200])
-    return Outcome(False, "error", last[0][:200] or f"exit code {proc.returncode}")
+    except BaseException:
+        os.close(status_r)
+        raise
+    finally:
+        os.close(token_r)
+        os.close(status_w)
+    return proc, status_r
+
+
+def _supervise(workdir: str, limits: Limits, token: str) -> tuple[dict, _Tail, _Tail]:
+    """Run the supervisor and read its report and the candidate's output, all bounded."""
+    proc, status_r = _start(workdir, limits, token)
+    out, err, status = _Tail(limits.output_kb << 10), _Tail(limits.output_kb << 10), _Tail(1 << 16)
+    assert proc.stdout is not None and proc.stderr is not None
+    streams = {proc.stdout.fileno(): out, proc.stderr.fileno(): err, status_r: status}
+    try:
+        if not _drain(streams, time.monotonic() + limits.timeout_s + GRACE_S):
+            proc.send_signal(signal.SIGKILL)  # a wedged supervisor; its child dies with it (parent-death signal)
+    finally:
+        proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+        os.close(status_r)
+    try:
+        return json.loads(status.data), out, err
+    except ValueError:  # nothing, or cut short: the supervisor died before it answered
+        return {}, out, err
+
+
+def _verdict(report: dict, out: _Tail, err: _Tail, token: str, limits: Limits) -> Outcome:
+    sandbox = report.get("sandbox", "")
+    last = err.last_line()[:200]
+    code = report.get("returncode")
+    if not report:
+        return Outcome(False, "error", f"the sandbox did not report: {last}", sandbox)
+    if report["killed"] == "timeout":
+        return Outcome(False, "timeout", f"still running after {limits.timeout_s:g} s", sandbox)
+    if code == 0 and out.last_line() == token:
+        return Outcome(True, "passed", "", sandbox)
+    if report["killed"] == "memory" or report["oom_kills"] or "MemoryError" in last:
+        return Outcome(False, "memory", last or f"over {limits.memory_mb} MiB", sandbox)
+    if report["killed"] == "processes":
+        return Outcome(False, "error", f"more than {limits.processes} processes", sandbox)
+    if code == 0:
+        return Outcome(False, "unfinished", "exit status 0 without the harness's token: its tests did not finish",
+                       sandbox)  # fmt: skip
+    if code == -signal.SIGXCPU:
+        return Outcome(False, "timeout", "CPU time limit", sandbox)
+    if "AssertionError" in last:
+        return Outcome(False, "failed", last, sandbox)
+    return Outcome(False, "error", last or f"exit code {code}", sandbox)
+
+
+def run_program(code: str, tests: str = "", limits: Limits = Limits()) -> Outcome:
+    """Run `code` then `tests` as one Python program in a fresh confined process tree; it passes when the tests
+    return, the harness prints this run's token, and the program exits 0, all within the limits."""
+    token = secrets.token_hex(_TOKEN_BYTES)
+    with tempfile.TemporaryDirectory(prefix="wmtp-sandbox-") as workdir:
+        for name, text in (("main.py", HARNESS), ("solution.py", code), ("tests.py", tests)):
+            (Path(workdir) / name).write_text(text, encoding="utf-8")
+        report, out, err = _supervise(workdir, limits, token)
+    return _verdict(report, out, err, token, limits)

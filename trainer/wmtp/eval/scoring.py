@@ -57,6 +57,10 @@ class TaskResult:
         scores = [pass_at_k(len(p.outcomes), p.correct, k) for p in self.problems]
         return float(np.mean(scores)) if scores else 0.0
 
+    def sandboxes(self) -> set[str]:
+        """The mechanisms that held its programs (`Outcome.sandbox`): one value unless the machine changed."""
+        return {o.sandbox for p in self.problems for o in p.outcomes}
+
     def summary(self) -> dict[str, float]:
         return {f"pass@{k}": self.pass_at(k) for k in self.ks}
 
@@ -77,7 +81,7 @@ def score(
             completions = complete(problem)
             if max(ks) > len(completions):
                 raise ValueError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, not {len(completions)}")
-            outcomes = list(pool.map(lambda c, p=problem: run_program(p.program(c), limits), completions))
+            outcomes = list(pool.map(lambda c, p=problem: run_program(p.solution(c), p.test, limits), completions))
             result.problems.append(ProblemResult(problem.task_id, outcomes, completions[0]))
             progress()
     log.info("task=%s problems=%d %s", task, len(result.problems), result.summary())

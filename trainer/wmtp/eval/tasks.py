@@ -26,13 +26,14 @@ MBPP_STOP = ('\n"""', "\nassert ", "\nif __name__", "\nprint(")
 class Problem:
     task_id: str
     prompt: str
-    test: str  # runs after the completion; fails (non-zero exit) when the completion is wrong
+    test: str  # runs after the solution, compiled on its own (`sandbox.HARNESS`); raises when it is wrong
     canonical: str  # a completion known to pass
     stop: tuple[str, ...]
     preamble: str = ""  # imports the tests need, before everything
 
-    def program(self, completion: str) -> str:
-        return f"{self.preamble}{self.prompt}{completion}\n\n{self.test}\n"
+    def solution(self, completion: str) -> str:
+        """The code a completion makes; `test` is run after it (`sandbox.run_program(solution, test)`)."""
+        return f"{self.preamble}{self.prompt}{completion}\n"
 
 
 def humaneval_path() -> Path:
