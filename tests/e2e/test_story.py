@@ -146,7 +146,7 @@ def terminated(status: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
-    stage: Stage, tiny_models: dict[str, Path]
+    stage: Stage, tiny_models: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     cluster, storage = stage.cluster, stage.storage
     upload_inputs(storage, tiny_models)
@@ -222,11 +222,15 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert store.is_committed(store.final_location)
     client = mlflow.MlflowClient(tracking_uri=stage.mlflow, registry_uri=stage.mlflow)
     assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
-    # Three attempts, one MLflow run: its loss curve has every logged step once, from the first to the last; the
-    # evaluation found that run through the final model's marker and logged its scores there too.
+    # Three attempts, one MLflow run: its loss curve has every logged step from the first to the last, each once but
+    # those attempt 2 logged after its last reported checkpoint and attempt 3 trained again; the evaluation found
+    # that run through the final model's marker and logged its scores there too.
     (training,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    steps = sorted({m.step for m in client.get_metric_history(training.info.run_id, "loss")})
-    assert steps[-1] == max_steps and len(set(map(int.__sub__, steps[1:], steps[:-1]))) == 1, steps
+    steps = sorted(m.step for m in client.get_metric_history(training.info.run_id, "loss"))
+    interval = steps[0]
+    assert sorted(set(steps)) == list(range(interval, max_steps + 1, interval)), steps
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert all(steps.count(s) == 2 and s > step_of(reported) for s in repeated), (repeated, reported)
     evaluated, limit = done["eval"], run["spec"]["eval"]["limit"]
     assert evaluated["phase"] == "Succeeded" and evaluated["mlflowRunId"] == training.info.run_id, evaluated
     assert evaluated["tasks"]["humaneval"]["problems"] == limit and evaluated["speed"]["identical"] is True
@@ -234,7 +238,41 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
 
     assert stopped.get("exitCode") == 75 and '"Preempted"' in stopped.get("message", ""), stopped
     assert (done.get("restarts"), done.get("preemptions")) == (1, 1), done
+    assert_history(history.seen)
     # Each restart says twice why: the attempt that ended (and the fence while its pods stop), then the one resuming.
     attempt = ["Pending", "Pulling", "Running"]
     assert events == [*attempt, "Restarting", "Restarting", *attempt, "Restarting", "Restarting", *attempt,
                       "Evaluating", "Succeeded", "Evaluated"]  # fmt: skip
+
+    # What passed, in the CI log: a green story leaves its evidence, not only a dot.
+    (version,) = client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")
+    with capsys.disabled():
+        print(
+            f"\nstory: phases {' → '.join(phases_of(history.seen))}; attempts {done['attempt']}, restarts "
+            f"{done['restarts']}, preemptions {done['preemptions']}; preempted at step {preempted.step}, resumed from "
+            f"{step_of(reported)} after the kill; events {', '.join(events)}; registered {version.name} version "
+            f"{version.version}; eval {evaluated['tasks']['humaneval']}"
+        )
+
+
+def phases_of(seen: list[dict[str, Any]]) -> list[str]:
+    """The phases in the order the run went through them, each stay once."""
+    phases = [s["phase"] for s in seen if s["phase"]]
+    return [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
+
+
+def assert_history(seen: list[dict[str, Any]]) -> None:
+    """Every status the run showed, in order: never Failed; Running, then a preemption, Running again, a failure,
+    Running a third time, then Succeeded; counters, attempts and the reported checkpoint never go backwards."""
+    phases = phases_of(seen)
+    assert "Failed" not in phases, phases
+    story = iter(phases)
+    wanted = ["Running", "Restarting", "Running", "Restarting", "Running", "Succeeded"]
+    assert all(phase in story for phase in wanted), phases  # in this order, other phases between them
+    for field in ("attempt", "restarts", "preemptions"):
+        values = [s[field] or 0 for s in seen]
+        assert values == sorted(values), (field, values)
+    counted = [(s["preemptions"] or 0, s["restarts"] or 0) for s in seen]
+    assert (1, 0) in counted, counted  # the preemption was counted as one before the kill was counted as a restart
+    checkpoints = [step_of(s["latestCheckpoint"]) for s in seen if s["latestCheckpoint"]]
+    assert checkpoints == sorted(checkpoints), checkpoints

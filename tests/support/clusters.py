@@ -161,8 +161,8 @@ class LocalCluster:
 
     def diagnosis(self) -> str:
         lines = ["operator log (tail):", self.operator.output()[-4000:]]
-        for pod in self.node.pod_names():
-            lines += [f"pod {pod} trainer log (tail):", self.node.logs(pod)[-3000:]]
+        for container, log in self.node.every_log().items():
+            lines += [f"{container} log (tail):", log[-3000:]]
         return "\n".join(lines)
 
     def close(self) -> None:

@@ -109,6 +109,17 @@ class Node:
         with self._lock:
             return sorted(self._pods)
 
+    def every_log(self) -> dict[str, str]:
+        """`pod/container` → output, for every container of every pod this node ran: those gone (their saved logs,
+        the evaluation's included) and those still running."""
+        logs = {f"{path.parent.name}/{path.stem}": path.read_text() for path in sorted(self.workdir.glob("*/*.log"))}
+        with self._lock:
+            running = list(self._pods.items())
+        for pod, record in running:
+            for container in record.runnable.termination_logs:
+                logs.setdefault(f"{pod}/{container}", self.runtime.logs(record.runnable.manifest, container))
+        return logs
+
     def close(self) -> None:
         """Stop the loop and every pod still running (without grace: the test is over)."""
         self._closing.set()

@@ -60,6 +60,9 @@ def _rfc3339(stamp: str | None) -> str | None:
     return datetime.fromisoformat(stamp[:19]).replace(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+INIT_CONTAINER_TYPE = "io.podman.annotations.init.container.type"
+
+
 class PodmanRuntime:
     """`podman kube play --network host`: the pods share the host's network, as with `hostNetwork: true`."""
 
@@ -72,7 +75,11 @@ class PodmanRuntime:
 
     def start(self, manifest: dict[str, Any], directory: Path) -> None:
         path = directory / "pod.yaml"
-        path.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        # `kube play` removes an init container once it has succeeded ("once"); "always" keeps it, so its exit code
+        # comes from the engine, as a kubelet reports it, instead of being inferred.
+        annotations = {**manifest["metadata"].get("annotations", {}), INIT_CONTAINER_TYPE: "always"}
+        played = {**manifest, "metadata": {**manifest["metadata"], "annotations": annotations}}
+        path.write_text(yaml.safe_dump(played, sort_keys=False))
         with open(directory / "play.log", "wb") as out:
             self._plays[manifest["metadata"]["name"]] = subprocess.Popen(
                 ["podman", "kube", "play", "--network", "host", str(path)],
@@ -110,12 +117,6 @@ class PodmanRuntime:
                     container["name"], "waiting", reason="CreateContainerError", message=message
                 )
             return states
-        # kube play creates every container of the pod up front and removes an init container once it has
-        # succeeded (a failed one stays): an init container missing beside the others has succeeded.
-        created = any(name in states for name in self._main(manifest))
-        for container in manifest["spec"].get("initContainers", []):
-            if container["name"] not in states and created:
-                states[container["name"]] = ContainerState(container["name"], "terminated", exit_code=0)
         return states
 
     def signal(self, manifest: dict[str, Any], container: str, signum: int, grace: float | None = None) -> None:
@@ -140,6 +141,3 @@ class PodmanRuntime:
     def _containers(manifest: dict[str, Any]) -> list[dict[str, Any]]:
         return [*manifest["spec"].get("initContainers", []), *manifest["spec"]["containers"]]
 
-    @staticmethod
-    def _main(manifest: dict[str, Any]) -> set[str]:
-        return {c["name"] for c in manifest["spec"]["containers"]}
