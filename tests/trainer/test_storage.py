@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,10 +99,10 @@ TRAVERSAL_KEYS = ["m/../../escape.txt", "m//abs.txt", "m/./dot.txt", "m/a/../../
 
 @pytest.mark.parametrize("bad_key", TRAVERSAL_KEYS)
 def test_download_of_a_prefix_refuses_a_traversal_key_before_writing_anything(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path, bad_key: str
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path, bad_key: str
 ) -> None:
     for key in ("m/ok.txt", bad_key):
-        s3_storage.s3.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     dest = tmp_path / "a" / "b" / "dest"
     with pytest.raises(UnsafePath) as err:
         s3_storage.download(parse_uri(f"s3://{s3_bucket}/m"), dest)
@@ -110,31 +111,31 @@ def test_download_of_a_prefix_refuses_a_traversal_key_before_writing_anything(
 
 
 def test_download_of_the_bucket_root_refuses_an_absolute_key(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="/etc/passwd", Body=b"x")
+    s3_client.put_object(Bucket=s3_bucket, Key="/etc/passwd", Body=b"x")
     with pytest.raises(UnsafePath, match="/etc/passwd"):
         s3_storage.download(parse_uri(f"s3://{s3_bucket}"), tmp_path / "dest")
     assert files_in(tmp_path) == {}
 
 
 def test_local_copy_mirrors_a_prefix_and_refuses_a_dot_dot_object_name(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/sub/w.bin", Body=b"weights")
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/empty/", Body=b"")  # a console's folder marker
+    s3_client.put_object(Bucket=s3_bucket, Key="m/sub/w.bin", Body=b"weights")
+    s3_client.put_object(Bucket=s3_bucket, Key="m/empty/", Body=b"")  # a console's folder marker
     with s3_storage.local_copy(parse_uri(f"s3://{s3_bucket}/m")) as local:
         assert files_in(local) == {"sub/w.bin": b"weights"}
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="x/..", Body=b"x")
+    s3_client.put_object(Bucket=s3_bucket, Key="x/..", Body=b"x")
     with pytest.raises(UnsafePath), s3_storage.local_copy(parse_uri(f"s3://{s3_bucket}/x/..")):
         pass
 
 
 def test_download_of_one_object_replaces_a_link_planted_at_its_name(
-    s3_storage: Storage, s3_bucket: str, planted: tuple[Path, Path]
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, planted: tuple[Path, Path]
 ) -> None:
     root, outside = planted
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/config.json", Body=b"{}")
+    s3_client.put_object(Bucket=s3_bucket, Key="m/config.json", Body=b"{}")
     (root / "config.json").symlink_to(outside / "victim")
     s3_storage.download(parse_uri(f"s3://{s3_bucket}/m/config.json"), root / "config.json")
     assert (root / "config.json").read_bytes() == b"{}"
