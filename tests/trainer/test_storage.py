@@ -9,11 +9,67 @@ from typing import Any
 import pytest
 
 from wmtp.contract import ExitCode
-from wmtp.storage import LocalTree, Storage, UnsafePath, parse_uri, safe_relative
+from wmtp.storage import BACKENDS, Backend, LocalTree, Location, Storage, UnsafePath, parse_uri, safe_relative
 
 
 def files_in(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b/", Location("s3", "a/b", "bucket")),
+        ("s3://bucket", Location("s3", "", "bucket")),
+        ("file:///x/y", Location("file", "/x/y")),
+        ("/x/./y", Location("file", "/x/y")),
+    ],
+)
+def test_parse_uri_hands_the_rest_of_a_uri_to_its_schemes_backend(uri: str, expected: Location) -> None:
+    assert parse_uri(uri) == expected
+    assert parse_uri(expected.uri) == expected  # a Location's URI reads back as the same Location
+
+
+def test_parse_uri_refuses_an_unknown_scheme_and_an_s3_uri_without_a_bucket() -> None:
+    with pytest.raises(ValueError, match="unknown URI scheme 'gs'; use a path, file:// or s3://"):
+        parse_uri("gs://bucket/key")
+    with pytest.raises(ValueError, match="needs a bucket"):
+        parse_uri("s3:///key")
+
+
+def test_every_registered_backend_implements_the_whole_protocol() -> None:
+    protocol = {name for name in vars(Backend) if not name.startswith("_")}
+    for scheme, backend in BACKENDS.items():
+        assert protocol <= set(dir(backend)), f"{scheme}: lacks {sorted(protocol - set(dir(backend)))}"
+
+
+class MemoryBackend:
+    """The smallest backend a test needs: bytes in a dict, its settings kept to show they arrive."""
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings, self.blobs = settings, {}
+
+    @staticmethod
+    def parse(rest: str, uri: str) -> Location:
+        bucket, _, key = rest.partition("/")
+        return Location("mem", key, bucket)
+
+    def write_bytes(self, loc: Location, data: bytes) -> None:
+        self.blobs[loc.uri] = data
+
+    def read_bytes(self, loc: Location) -> bytes:
+        return self.blobs[loc.uri]
+
+
+def test_a_new_backend_is_one_class_and_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BACKENDS, "mem", MemoryBackend)
+    storage = Storage(mem="its settings")
+    loc = parse_uri("mem://box/a/b")
+    storage.write_bytes(loc, b"x")
+    assert loc == Location("mem", "a/b", "box") and storage.read_bytes(loc) == b"x"
+    assert storage.backend(loc).settings == "its settings" and storage.backend(loc).blobs == {"mem://box/a/b": b"x"}
+    with pytest.raises(TypeError, match="no storage backend for the scheme"):
+        Storage(gs="settings for a scheme nobody registered")
 
 
 @pytest.mark.parametrize("key", ["a.txt", "a/b/c.bin", "..a/b..", "a/.b", "a\\..\\b", "ünï/cødé"])
