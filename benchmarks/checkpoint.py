@@ -89,8 +89,8 @@ def main() -> None:
                 "busy_step": statistics.mean(busy_steps), "steps": len(busy_steps) / args.repeats}  # fmt: skip
 
     with moto() as endpoint, tempfile.TemporaryDirectory() as tmp:
-        s3 = Storage(S3Settings(endpoint_url=endpoint))
-        s3.s3.create_bucket(Bucket="bench")
+        s3 = Storage(s3=S3Settings(endpoint_url=endpoint))
+        s3.backends["s3"].client.create_bucket(Bucket="bench")
         stores = {"local": CheckpointStore(f"{tmp}/run", Storage()), "s3": CheckpointStore("s3://bench/run", s3)}
         results = {name: measure(store) for name, store in stores.items()}
 

@@ -31,7 +31,7 @@ def worker(args: argparse.Namespace) -> None:
     from wmtp.storage import Storage
 
     dist = init_distributed(DistributedSettings(enabled=True), torch.device("cpu"))
-    store = CheckpointStore(f"s3://bench/resume-{dist.world_size}", Storage(S3Settings(endpoint_url=args.endpoint)))
+    store = CheckpointStore(f"s3://bench/resume-{dist.world_size}", Storage(s3=S3Settings(endpoint_url=args.endpoint)))
     group = dist.new_group()
 
     def manager() -> CheckpointManager:

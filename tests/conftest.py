@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,12 +41,18 @@ def s3_storage(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Storage:
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     monkeypatch.setenv("AWS_REGION", "us-east-1")
     monkeypatch.delenv("AWS_PROFILE", raising=False)
-    return Storage(S3Settings(endpoint_url=s3_endpoint))
+    return Storage(s3=S3Settings(endpoint_url=s3_endpoint))
 
 
 @pytest.fixture
-def s3_bucket(s3_storage: Storage) -> str:
+def s3_client(s3_storage: Storage) -> Any:
+    """The boto3 client of `s3_storage`'s S3 backend: for putting objects in place behind the code under test."""
+    return s3_storage.backends["s3"].client
+
+
+@pytest.fixture
+def s3_bucket(s3_client: Any) -> str:
     """A fresh, empty bucket, so tests sharing the session's server never see each other's objects."""
     name = f"test-{uuid.uuid4().hex[:12]}"
-    s3_storage.s3.create_bucket(Bucket=name)
+    s3_client.create_bucket(Bucket=name)
     return name

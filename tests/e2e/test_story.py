@@ -58,7 +58,7 @@ def stage(images: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     if KIND:
         env = os.environ
         cluster: StoryCluster = KindCluster(env["WMTP_E2E_NAMESPACE"], env.get("KUBECTL", "kubectl"))
-        storage = Storage(S3Settings(endpoint_url=env["WMTP_E2E_S3_LOCAL"]))
+        storage = Storage(s3=S3Settings(endpoint_url=env["WMTP_E2E_S3_LOCAL"]))
         with contextlib.closing(cluster):
             yield Stage(cluster, images.trainer, env["WMTP_E2E_S3_URL"], storage, env["WMTP_E2E_MLFLOW_URL"],
                         env["WMTP_E2E_MLFLOW_LOCAL"])  # fmt: skip
@@ -77,8 +77,9 @@ def stage(images: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
 
 def upload_inputs(storage: Storage, models: dict[str, Path]) -> None:
     """What the run's spec names: the tiny models and HumanEval, in the bucket `configs/wmtprun.yaml` uses."""
-    with contextlib.suppress(storage.s3.exceptions.BucketAlreadyOwnedByYou):
-        storage.s3.create_bucket(Bucket="wmtp")
+    s3 = storage.backends["s3"].client
+    with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
+        s3.create_bucket(Bucket="wmtp")
     for role in ("base", "ref"):
         storage.upload(models[role], parse_uri(f"s3://wmtp/models/tiny/{role}"))
     storage.upload(HUMANEVAL, parse_uri("s3://wmtp/datasets/HumanEval.jsonl.gz"))

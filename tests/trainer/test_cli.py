@@ -95,7 +95,7 @@ class Ctx:
         return str(path)
 
     def put(self, key: str, data: bytes) -> str:
-        self.storage.s3.put_object(Bucket=self.bucket, Key=key, Body=data)
+        self.storage.backends["s3"].client.put_object(Bucket=self.bucket, Key=key, Body=data)
         return f"s3://{self.bucket}/{key}"
 
 

@@ -195,7 +195,7 @@ def test_a_folder_of_shards_loads_every_format_in_name_order_and_ignores_the_res
     assert len(load_examples(f"file://{folder}", "jsonl", Storage(), max_samples=3)) == 3
 
 
-def test_an_s3_prefix_of_shards_loads_like_a_folder(s3_storage, s3_bucket):
+def test_an_s3_prefix_of_shards_loads_like_a_folder(s3_storage, s3_client, s3_bucket):
     objects = {
         "sets/mbpp/train-0.jsonl.gz": gzip.compress(json.dumps(MBPP).encode()),
         "sets/mbpp/train-1.jsonl": (json.dumps(MBPP_SANITIZED) + "\n").encode(),
@@ -203,7 +203,7 @@ def test_an_s3_prefix_of_shards_loads_like_a_folder(s3_storage, s3_bucket):
         "sets/mbpp-other/x.jsonl": b"{}",
     }
     for key, body in objects.items():
-        s3_storage.s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=body)
     examples, stats = load_source(f"s3://{s3_bucket}/sets/mbpp", "mbpp", s3_storage)
     assert [e.solution for e in examples] == [MBPP["code"], MBPP_SANITIZED["code"]]
     assert stats.shards == 2

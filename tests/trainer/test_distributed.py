@@ -283,8 +283,8 @@ def test_a_two_rank_resume_from_s3_reads_only_its_own_shards_and_ends_bit_identi
     for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
                         "AWS_DEFAULT_REGION": "us-east-1"}.items():  # fmt: skip
         monkeypatch.setenv(name, value)
-    storage = Storage(S3Settings(endpoint_url=counting_s3.url))
-    storage.s3.create_bucket(Bucket="resume")
+    storage = Storage(s3=S3Settings(endpoint_url=counting_s3.url))
+    storage.backends["s3"].client.create_bucket(Bucket="resume")
     roots = {name: f"s3://resume/{name}" for name in ("straight", "resumed")}
     runs = {
         name: scenario_files(work, tiny_models, "baseline-mtp", f"s3-{name}", 2, **{

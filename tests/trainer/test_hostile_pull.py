@@ -17,15 +17,14 @@ import pytest
 from wmtp.pull import main
 from wmtp.pull import state as pull_state
 from wmtp.pull.state import STATE_DIR
-from wmtp.storage import Storage
 
 MODEL = {"config.json": b'{"n_heads": 4}', "tokenizer/vocab.json": b"v" * 3000, "w/model.bin": os.urandom(70_000)}
 
 
 @pytest.fixture
-def source(s3_storage: Storage, s3_bucket: str) -> str:
+def source(s3_client: Any, s3_bucket: str) -> str:
     for rel, data in MODEL.items():
-        s3_storage.s3.put_object(Bucket=s3_bucket, Key=f"m/{rel}", Body=data)
+        s3_client.put_object(Bucket=s3_bucket, Key=f"m/{rel}", Body=data)
     return f"s3://{s3_bucket}/m"
 
 
@@ -68,11 +67,11 @@ def untouched(outside: Path) -> bool:
     ],
 )
 def test_a_traversal_key_is_refused_before_anything_is_written(
-    s3_storage: Storage, s3_bucket: str, s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture,
+    s3_client: Any, s3_bucket: str, s3_endpoint: str, tmp_path: Path, capsys: pytest.CaptureFixture,
     key: str, pulled_uri: str,
 ) -> None:  # fmt: skip
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/ok.txt", Body=b"ok")
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key=key, Body=b"evil")
+    s3_client.put_object(Bucket=s3_bucket, Key="m/ok.txt", Body=b"ok")
+    s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"evil")
     dest = tmp_path / "a" / "b" / "dest"
 
     rc, out, err = pull_cli(f"s3://{s3_bucket}/{pulled_uri}".rstrip("/"), dest, s3_endpoint, capsys)

@@ -28,8 +28,20 @@ from wmtp.pull import state as pull_state
 from wmtp.pull.fetch import MiB, expected_digest
 from wmtp.pull.state import STATE_DIR, DestLock
 from wmtp.storage import LocalTree, Storage, StorageError
+from wmtp.storage.s3 import S3Backend
 
 SECRET = "s3cr3t-never-printed"
+
+
+def through(client: Any) -> Storage:
+    """A Storage whose S3 backend talks through `client` (a spy, or a client with stubbed answers)."""
+    storage = Storage()
+    storage.backends["s3"] = S3Backend(client=client)
+    return storage
+
+
+def client_of(storage: Storage) -> Any:
+    return storage.backends["s3"].client  # type: ignore[attr-defined]
 
 
 class Spy:
@@ -72,7 +84,7 @@ def blob(size: int, seed: int) -> bytes:
 
 def put(storage: Storage, bucket: str, objects: dict[str, bytes]) -> None:
     for key, data in objects.items():
-        storage.s3.put_object(Bucket=bucket, Key=key, Body=data)
+        client_of(storage).put_object(Bucket=bucket, Key=key, Body=data)
 
 
 def files_under(dest: Path) -> dict[str, bytes]:
@@ -116,13 +128,13 @@ def test_prefix_is_mirrored_with_nested_layout_and_large_objects_in_ranges(
 ) -> None:
     line = b'{"text": "x"}\n'
     put(s3_storage, s3_bucket, {"data/train.jsonl": line})
-    spy = Spy(s3_storage.s3)
+    spy = Spy(client_of(s3_storage))
     jobs = [
         Job(f"s3://{s3_bucket}/models/base", str(tmp_path)),
         Job(f"s3://{s3_bucket}/data/train.jsonl", str(tmp_path)),
     ]
 
-    summary = pull(jobs, Storage(client=spy), workers=4, part_size=MiB)
+    summary = pull(jobs, through(spy), workers=4, part_size=MiB)
 
     assert files_under(tmp_path) == {**model, "train.jsonl": line}
     assert summary["files"] == 5 and summary["skipped"] == 0
@@ -137,9 +149,9 @@ def test_rerun_on_a_complete_destination_fetches_nothing_in_under_a_second(
 ) -> None:
     jobs = [Job(f"s3://{s3_bucket}/models/base", str(tmp_path))]
     pull(jobs, s3_storage, part_size=MiB)
-    spy = Spy(s3_storage.s3)
+    spy = Spy(client_of(s3_storage))
 
-    summary = pull(jobs, Storage(client=spy), part_size=MiB)
+    summary = pull(jobs, through(spy), part_size=MiB)
 
     assert spy.gets == []
     assert summary["files"] == 0 and summary["skipped"] == len(model)
@@ -253,25 +265,26 @@ def test_a_corrupted_download_is_fetched_again_then_fails_naming_the_file(
     uploader = boto3.client("s3", endpoint_url=s3_endpoint, config=BotoConfig(request_checksum_calculation=calculation))
     data = os.urandom(size)
     uploader.put_object(Bucket=s3_bucket, Key="m/w.bin", Body=data)
-    expected = expected_digest(s3_storage.s3.head_object(Bucket=s3_bucket, Key="m/w.bin", ChecksumMode="ENABLED"))
+    head = client_of(s3_storage).head_object(Bucket=s3_bucket, Key="m/w.bin", ChecksumMode="ENABLED")
+    expected = expected_digest(head)
     assert expected is not None and expected[0] == checksum
     jobs = [Job(f"s3://{s3_bucket}/m", str(tmp_path))]
 
     def flip(data: bytes) -> bytes:
         return bytes([data[0] ^ 1]) + data[1:]
 
-    once = Spy(s3_storage.s3, lambda n, args, body: flip(body) if n == 1 else body)
-    assert pull(jobs, Storage(client=once), part_size=MiB)["files"] == 1
+    once = Spy(client_of(s3_storage), lambda n, args, body: flip(body) if n == 1 else body)
+    assert pull(jobs, through(once), part_size=MiB)["files"] == 1
     assert (tmp_path / "w.bin").read_bytes() == data
     assert len(once.gets) == 2 * -(-size // MiB)
 
     always = Spy(
-        s3_storage.s3,
+        client_of(s3_storage),
         lambda n, args, body: flip(body) if args.get("Range", "bytes=0-").startswith("bytes=0-") else body,
     )
     dest = tmp_path / "again"
     with pytest.raises(StorageError) as err:
-        pull([Job(f"s3://{s3_bucket}/m", str(dest))], Storage(client=always), part_size=MiB)
+        pull([Job(f"s3://{s3_bucket}/m", str(dest))], through(always), part_size=MiB)
     assert err.value.code == 1
     assert all(part in str(err.value) for part in (f"s3://{s3_bucket}/m/w.bin", checksum)), err.value
     assert files_under(dest) == {}
@@ -280,9 +293,9 @@ def test_a_corrupted_download_is_fetched_again_then_fails_naming_the_file(
 def test_a_stream_cut_mid_range_is_retried(s3_storage: Storage, s3_bucket: str, tmp_path: Path) -> None:
     data = os.urandom(2 * MiB + 7)
     put(s3_storage, s3_bucket, {"m/w.bin": data})
-    spy = Spy(s3_storage.s3, lambda n, args, body: BrokenBody(body) if n == 1 else body)
+    spy = Spy(client_of(s3_storage), lambda n, args, body: BrokenBody(body) if n == 1 else body)
 
-    summary = pull([Job(f"s3://{s3_bucket}/m", str(tmp_path))], Storage(client=spy), part_size=MiB)
+    summary = pull([Job(f"s3://{s3_bucket}/m", str(tmp_path))], through(spy), part_size=MiB)
 
     assert summary["files"] == 1 and len(spy.gets) == 4
     assert (tmp_path / "w.bin").read_bytes() == data
@@ -325,7 +338,7 @@ def denied(monkeypatch: pytest.MonkeyPatch) -> None:
     stubber.add_client_error("list_objects_v2", "AccessDenied", "Access Denied", http_status_code=403)
     stubber.add_client_error("head_object", "403", "Forbidden", http_status_code=403)  # the single-object try
     stubber.activate()
-    monkeypatch.setattr("wmtp.pull.Storage", lambda settings: Storage(client=client))
+    monkeypatch.setattr("wmtp.pull.Storage", lambda **settings: through(client))
 
 
 @pytest.mark.parametrize(

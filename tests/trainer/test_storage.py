@@ -4,15 +4,72 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from wmtp.contract import ExitCode
-from wmtp.storage import LocalTree, Storage, UnsafePath, parse_uri, safe_relative
+from wmtp.storage import BACKENDS, Backend, LocalTree, Location, Storage, UnsafePath, parse_uri, safe_relative
 
 
 def files_in(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        ("s3://bucket/a/b/", Location("s3", "a/b", "bucket")),
+        ("s3://bucket", Location("s3", "", "bucket")),
+        ("file:///x/y", Location("file", "/x/y")),
+        ("/x/./y", Location("file", "/x/y")),
+    ],
+)
+def test_parse_uri_hands_the_rest_of_a_uri_to_its_schemes_backend(uri: str, expected: Location) -> None:
+    assert parse_uri(uri) == expected
+    assert parse_uri(expected.uri) == expected  # a Location's URI reads back as the same Location
+
+
+def test_parse_uri_refuses_an_unknown_scheme_and_an_s3_uri_without_a_bucket() -> None:
+    with pytest.raises(ValueError, match="unknown URI scheme 'gs'; use a path, file:// or s3://"):
+        parse_uri("gs://bucket/key")
+    with pytest.raises(ValueError, match="needs a bucket"):
+        parse_uri("s3:///key")
+
+
+def test_every_registered_backend_implements_the_whole_protocol() -> None:
+    protocol = {name for name in vars(Backend) if not name.startswith("_")}
+    for scheme, backend in BACKENDS.items():
+        assert protocol <= set(dir(backend)), f"{scheme}: lacks {sorted(protocol - set(dir(backend)))}"
+
+
+class MemoryBackend:
+    """The smallest backend a test needs: bytes in a dict, its settings kept to show they arrive."""
+
+    def __init__(self, settings: Any = None) -> None:
+        self.settings, self.blobs = settings, {}
+
+    @staticmethod
+    def parse(rest: str, uri: str) -> Location:
+        bucket, _, key = rest.partition("/")
+        return Location("mem", key, bucket)
+
+    def write_bytes(self, loc: Location, data: bytes) -> None:
+        self.blobs[loc.uri] = data
+
+    def read_bytes(self, loc: Location) -> bytes:
+        return self.blobs[loc.uri]
+
+
+def test_a_new_backend_is_one_class_and_one_registry_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(BACKENDS, "mem", MemoryBackend)
+    storage = Storage(mem="its settings")
+    loc = parse_uri("mem://box/a/b")
+    storage.write_bytes(loc, b"x")
+    assert loc == Location("mem", "a/b", "box") and storage.read_bytes(loc) == b"x"
+    assert storage.backend(loc).settings == "its settings" and storage.backend(loc).blobs == {"mem://box/a/b": b"x"}
+    with pytest.raises(TypeError, match="no storage backend for the scheme"):
+        Storage(gs="settings for a scheme nobody registered")
 
 
 @pytest.mark.parametrize("key", ["a.txt", "a/b/c.bin", "..a/b..", "a/.b", "a\\..\\b", "ünï/cødé"])
@@ -98,10 +155,10 @@ TRAVERSAL_KEYS = ["m/../../escape.txt", "m//abs.txt", "m/./dot.txt", "m/a/../../
 
 @pytest.mark.parametrize("bad_key", TRAVERSAL_KEYS)
 def test_download_of_a_prefix_refuses_a_traversal_key_before_writing_anything(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path, bad_key: str
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path, bad_key: str
 ) -> None:
     for key in ("m/ok.txt", bad_key):
-        s3_storage.s3.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
+        s3_client.put_object(Bucket=s3_bucket, Key=key, Body=b"x")
     dest = tmp_path / "a" / "b" / "dest"
     with pytest.raises(UnsafePath) as err:
         s3_storage.download(parse_uri(f"s3://{s3_bucket}/m"), dest)
@@ -110,31 +167,31 @@ def test_download_of_a_prefix_refuses_a_traversal_key_before_writing_anything(
 
 
 def test_download_of_the_bucket_root_refuses_an_absolute_key(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="/etc/passwd", Body=b"x")
+    s3_client.put_object(Bucket=s3_bucket, Key="/etc/passwd", Body=b"x")
     with pytest.raises(UnsafePath, match="/etc/passwd"):
         s3_storage.download(parse_uri(f"s3://{s3_bucket}"), tmp_path / "dest")
     assert files_in(tmp_path) == {}
 
 
 def test_local_copy_mirrors_a_prefix_and_refuses_a_dot_dot_object_name(
-    s3_storage: Storage, s3_bucket: str, tmp_path: Path
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, tmp_path: Path
 ) -> None:
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/sub/w.bin", Body=b"weights")
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/empty/", Body=b"")  # a console's folder marker
+    s3_client.put_object(Bucket=s3_bucket, Key="m/sub/w.bin", Body=b"weights")
+    s3_client.put_object(Bucket=s3_bucket, Key="m/empty/", Body=b"")  # a console's folder marker
     with s3_storage.local_copy(parse_uri(f"s3://{s3_bucket}/m")) as local:
         assert files_in(local) == {"sub/w.bin": b"weights"}
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="x/..", Body=b"x")
+    s3_client.put_object(Bucket=s3_bucket, Key="x/..", Body=b"x")
     with pytest.raises(UnsafePath), s3_storage.local_copy(parse_uri(f"s3://{s3_bucket}/x/..")):
         pass
 
 
 def test_download_of_one_object_replaces_a_link_planted_at_its_name(
-    s3_storage: Storage, s3_bucket: str, planted: tuple[Path, Path]
+    s3_storage: Storage, s3_client: Any, s3_bucket: str, planted: tuple[Path, Path]
 ) -> None:
     root, outside = planted
-    s3_storage.s3.put_object(Bucket=s3_bucket, Key="m/config.json", Body=b"{}")
+    s3_client.put_object(Bucket=s3_bucket, Key="m/config.json", Body=b"{}")
     (root / "config.json").symlink_to(outside / "victim")
     s3_storage.download(parse_uri(f"s3://{s3_bucket}/m/config.json"), root / "config.json")
     assert (root / "config.json").read_bytes() == b"{}"

@@ -101,7 +101,7 @@ class Trainer:
         self.resume = resume or (contract.RESUME_AUTO if recipe.checkpointing.auto_resume_latest else None)
         self.allow_config_change, self.resume_fallback = allow_config_change, resume_fallback
         self.warnings: list[str] = []  # what went wrong without stopping training: for the termination message
-        self.storage = storage or Storage(config.s3)
+        self.storage = storage or Storage(s3=config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
         self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
@@ -321,7 +321,7 @@ class Trainer:
             model_sd.clear()
             model = MTPModel.from_pretrained(directory)
         final = self.store.final_location if save_final else None
-        if final is not None and final.is_s3:
+        if final is not None and self.storage.local_path(final) is None:  # a URI others can reach
             self.tracker.log_param("final_checkpoint_uri", final.uri)
         return final, self.tracker.register_model(model, self.recipe.train.algo, final.uri if final else None)
 

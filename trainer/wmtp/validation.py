@@ -14,7 +14,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from wmtp import contract
 from wmtp.config import (
@@ -79,13 +78,13 @@ def _failure(err: Exception) -> Problem:
 
 def check_model(storage: Storage, what: str, uri: str, report: Report) -> None:
     try:
-        found = storage.exists(parse_uri(uri))
+        loc = parse_uri(uri)
+        found = storage.exists(loc)
     except Exception as err:  # unreachable, denied: a problem to report, not a crash
         failure = _failure(err)
         report.add(what, uri, f"ERROR: {failure.text}", failure)
         return
-    code = ExitCode.NOT_FOUND if parse_uri(uri).is_s3 else ExitCode.BAD_INPUT
-    missing = Problem(f"{uri}: no such file, folder or prefix", code)
+    missing = Problem(f"{uri}: no such file, folder or prefix", storage.missing(loc).code)
     report.add(what, uri, "found" if found else "MISSING", None if found else missing)
 
 
@@ -117,8 +116,9 @@ def check_checkpoint_store(storage: Storage, root: str, report: Report) -> None:
     """Write and delete a probe object where checkpoints go: a missing bucket or a read-only store shows now.
     A local folder that does not exist yet is not made: its nearest existing parent must be writable."""
     loc = parse_uri(root)
-    if not loc.is_s3 and not Path(loc.path).exists():
-        parent = next(p for p in Path(loc.path).parents if p.exists())
+    path = storage.local_path(loc)
+    if path is not None and not path.exists():
+        parent = next(p for p in path.parents if p.exists())
         if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
             report.add("checkpoints", root, f"will be created in {parent}")
         else:
@@ -206,7 +206,7 @@ def validate_run(config_path: str, recipe_path: str, storage: Storage | None = N
         check_compatible(config, recipe, config_path)
     except ConfigError as err:
         report.problems.append(Problem(str(err)))
-    storage = storage or Storage(config.s3)
+    storage = storage or Storage(s3=config.s3)
     models = config.paths.models
     check_model(storage, "base model", models.base, report)
     for role in contract.algorithm(recipe.train.algo).frozen:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import logging
 import random
-import tempfile
 import threading
 import time
 import warnings
@@ -303,20 +302,9 @@ class CheckpointManager:
         `wmtp eval` logs). Rank 0's job alone: the others need not wait for it."""
         location = self.store.final_location
         self.store.storage.delete(location)
-        with self._local_folder(location) as folder:
+        with self.store.storage.local_folder(location) as folder:
             yield folder
             records = {
                 p.relative_to(folder).as_posix(): FileRecord(p.stat().st_size) for p in folder.rglob("*") if p.is_file()
             }
         self.store.mark_committed(location, records, **({"mlflow_run_id": mlflow_run_id} if mlflow_run_id else {}))
-
-    @contextlib.contextmanager
-    def _local_folder(self, location: Location) -> Iterator[Path]:
-        if not location.is_s3:
-            path = Path(location.path)
-            path.mkdir(parents=True, exist_ok=True)
-            yield path
-            return
-        with tempfile.TemporaryDirectory(prefix="wmtp-final-") as tmp:
-            yield Path(tmp)
-            self.store.storage.upload(Path(tmp), location)

@@ -1,31 +1,29 @@
-"""torch.distributed.checkpoint (DCP) straight to and from the store, on disk or S3, with nothing staged whole.
+"""torch.distributed.checkpoint (DCP) straight to and from the store, whichever backend holds it, with nothing
+staged whole.
 
-`ShardWriter` streams each rank's shard files to their final place (S3: a multipart upload, one part in memory
-at a time) and records every file it wrote with its size and SHA-256, computed on the way: the commit marker is
-made from these records. `ShardReader` reads only the byte ranges of the tensors its rank needs (one ranged GET
-per tensor slice on S3), and checks `.metadata` against the marker before unpickling it. Both count their bytes.
+`ShardWriter` streams each rank's shard files to their final place through the store's `Writer` (S3: a
+multipart upload, one part in memory at a time) and records every file it wrote with its size and SHA-256,
+computed on the way: the commit marker is made from these records. `ShardReader` reads only the byte ranges of
+the tensors its rank needs (`read_range`: one ranged GET per tensor slice on S3), and checks `.metadata` against
+the marker before unpickling it. Both count their bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import pickle
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from wmtp.checkpoint.store import CheckpointError, FileRecord
-from wmtp.storage import Location, Storage
+from wmtp.storage import Location, Storage, Writer
 
-PART_SIZE = 64 * 2**20  # multipart upload part; S3 wants at least 5 MiB for every part but the last
-READ_BUFFER = 8 * 2**20  # buffered reads of whole small files (.metadata): one GET for most of them
 METADATA = ".metadata"
 
 
@@ -49,11 +47,12 @@ class FileLog:
             return dict(self._records)
 
 
-class _HashingWriter(io.RawIOBase):
-    """Counts and hashes what passes through `write` to `sink`; `finish` returns the record."""
+class _RecordedStream(io.RawIOBase):
+    """What DCP writes, passed on to a store's `Writer` while it is counted and hashed for the marker's record."""
 
-    def __init__(self) -> None:
+    def __init__(self, sink: Writer) -> None:
         super().__init__()
+        self._sink = sink
         self._hash = hashlib.sha256()
         self._size = 0
 
@@ -65,113 +64,20 @@ class _HashingWriter(io.RawIOBase):
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._sink(view)
+        self._sink.write(view)
         self._hash.update(view)
         self._size += len(view)
         return len(view)
-
-    def _sink(self, data: memoryview) -> None:
-        raise NotImplementedError
 
     def record(self) -> FileRecord:
         return FileRecord(self._size, self._hash.hexdigest())
 
 
-class _LocalFile(_HashingWriter):
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by finish or abort
-
-    def _sink(self, data: memoryview) -> None:
-        self._file.write(data)
-
-    def finish(self) -> None:
-        self._file.flush()
-        os.fsync(self._file.fileno())  # the marker will vouch for this file: it must be on disk first
-        self._file.close()
-
-    def abort(self) -> None:
-        self._file.close()
-
-
-class _S3Upload(_HashingWriter):
-    """A multipart upload fed part by part (a single PUT when the object is smaller than one part)."""
-
-    def __init__(self, client: Any, location: Location, part_size: int = PART_SIZE) -> None:
-        super().__init__()
-        self._client, self._location, self._part_size = client, location, part_size
-        self._buffer = bytearray()
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
-
-    def _sink(self, data: memoryview) -> None:
-        self._buffer += data
-        while len(self._buffer) >= self._part_size:
-            self._send(bytes(self._buffer[: self._part_size]))
-            del self._buffer[: self._part_size]
-
-    def _send(self, part: bytes) -> None:
-        where = {"Bucket": self._location.bucket, "Key": self._location.path}
-        if self._upload_id is None:
-            self._upload_id = self._client.create_multipart_upload(**where)["UploadId"]
-        number = len(self._parts) + 1
-        answer = self._client.upload_part(**where, UploadId=self._upload_id, PartNumber=number, Body=part)
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"]})
-
-    def finish(self) -> None:
-        where = {"Bucket": self._location.bucket, "Key": self._location.path}
-        if self._upload_id is None:
-            self._client.put_object(**where, Body=bytes(self._buffer))
-            return
-        if self._buffer:
-            self._send(bytes(self._buffer))
-        self._client.complete_multipart_upload(
-            **where, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts}
-        )
-
-    def abort(self) -> None:
-        if self._upload_id is not None:
-            where = {"Bucket": self._location.bucket, "Key": self._location.path}
-            self._client.abort_multipart_upload(**where, UploadId=self._upload_id)
-
-
-class _S3Ranges(io.RawIOBase):
-    """An S3 object read by ranged GETs; `read_range` fetches exactly one slice."""
-
-    def __init__(self, client: Any, location: Location, counter: list[int]) -> None:
-        super().__init__()
-        self._client, self._location, self._counter = client, location, counter
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def read_range(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        from botocore.exceptions import ClientError
-
-        try:
-            body = self._client.get_object(
-                Bucket=self._location.bucket, Key=self._location.path, Range=f"bytes={offset}-{offset + length - 1}"
-            )["Body"].read()
-        except ClientError as err:
-            if err.response.get("Error", {}).get("Code") == "InvalidRange":  # at or past the end
-                return b""
-            raise
-        self._counter[0] += len(body)
-        return body
-
-    def readinto(self, buffer: Any) -> int:
-        data = self.read_range(self._position, len(buffer))
-        buffer[: len(data)] = data
-        self._position += len(data)
-        return len(data)
-
-
 class StoreFileSystem(FileSystemBase):
-    """DCP's file operations on `Location`s through `Storage`; writes are recorded in `written`."""
+    """DCP's file operations on `Location`s through `Storage`; writes are recorded in `written`.
+
+    A stream opened for reading is its Location alone: `ShardReader` reads exactly the byte range of each tensor
+    slice (one ranged GET on S3), never through a buffer."""
 
     def __init__(self, storage: Storage, written: FileLog | None = None) -> None:
         self.storage = storage
@@ -182,20 +88,16 @@ class StoreFileSystem(FileSystemBase):
     def create_stream(self, path: Any, mode: str) -> Iterator[Any]:
         location: Location = path
         if "r" in mode:
-            if location.is_s3:
-                raw = _S3Ranges(self.storage.s3, location, self.bytes_read)
-                yield io.BufferedReader(raw, buffer_size=READ_BUFFER)
-            else:
-                with open(location.path, "rb") as file:
-                    yield file
+            yield location
             return
-        stream = _S3Upload(self.storage.s3, location) if location.is_s3 else _LocalFile(Path(location.path))
+        sink = self.storage.open_writer(location)
+        stream = _RecordedStream(sink)
         try:
             yield stream
         except BaseException:
-            stream.abort()
+            sink.abort()
             raise
-        stream.finish()
+        sink.finish()  # the marker will vouch for this file: it must be whole in the store first
         self.written.add(location.name, stream.record())
 
     def concat_path(self, path: Any, suffix: str) -> Location:
@@ -205,18 +107,11 @@ class StoreFileSystem(FileSystemBase):
         return path
 
     def rename(self, path: Any, new_path: Any) -> None:
-        old, new = path, new_path
-        if old.is_s3:
-            source = {"Bucket": old.bucket, "Key": old.path}
-            self.storage.s3.copy_object(Bucket=new.bucket, Key=new.path, CopySource=source)
-            self.storage.s3.delete_object(**source)
-        else:
-            os.replace(old.path, new.path)
-        self.written.move(old.name, new.name)
+        self.storage.rename(path, new_path)
+        self.written.move(path.name, new_path.name)
 
     def mkdir(self, path: Any) -> None:
-        if not path.is_s3:
-            Path(path.path).mkdir(parents=True, exist_ok=True)
+        """Nothing to do: every writer makes the folders its file needs (and an object store has none)."""
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
@@ -257,13 +152,8 @@ class ShardReader(FileSystemReader):
         return self.fs.bytes_read[0]
 
     def _slice_file(self, file: Any, sinfo: Any) -> io.BytesIO:
-        raw = getattr(file, "raw", None)
-        if isinstance(raw, _S3Ranges):
-            data = raw.read_range(sinfo.offset, sinfo.length)
-        else:
-            file.seek(sinfo.offset)
-            data = file.read(sinfo.length)
-            self.fs.bytes_read[0] += len(data)
+        data = self.fs.storage.read_range(file, sinfo.offset, sinfo.length)
+        self.fs.bytes_read[0] += len(data)
         if len(data) != sinfo.length:
             raise CheckpointError(f"{self.path.uri}: damaged checkpoint: {sinfo.relative_path} ends early")
         return io.BytesIO(data)

@@ -20,7 +20,6 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from wmtp.config import clip
@@ -155,10 +154,7 @@ class CheckpointStore:
         return marker
 
     def _sizes(self, location: Location) -> dict[str, int]:
-        if location.is_s3:
-            return {info.rel: info.size for info in self.storage.objects(location)}
-        root = Path(location.path)
-        return {p.relative_to(root).as_posix(): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+        return {info.rel: info.size for info in self.storage.objects(location)}
 
     def list(self, include_uncommitted: bool = False) -> list[CheckpointInfo]:
         """Checkpoints by ascending step, those with an unreadable marker included (with their problem);

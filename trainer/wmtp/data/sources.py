@@ -9,7 +9,6 @@ import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from wmtp.config import DEFAULT_LANGUAGES
@@ -52,20 +51,12 @@ def shards(uri: str, storage: Storage) -> list[Location]:
     """The files a dataset URI names: itself if it is a file or an object, else the `.jsonl`, `.jsonl.gz` and
     `.parquet` files below it (hidden folders, such as the puller's state, left out), in name order."""
     loc = parse_uri(uri)
-    if loc.is_s3:
-        objects = storage.objects(loc)
-        if not objects:
-            raise DataError(f"{uri}: no such object or prefix")
-        if len(objects) == 1 and objects[0].loc == loc:
-            return [loc]
-        found = [o.loc for o in objects if _is_shard(o.rel)]
-    else:
-        path = Path(loc.path)
-        if path.is_file():
-            return [loc]
-        if not path.is_dir():
-            raise DataError(f"{uri}: no such file or folder")
-        found = [parse_uri(p) for p in path.rglob("*") if p.is_file() and _is_shard(p.relative_to(path).as_posix())]
+    objects = storage.objects(loc)
+    if not objects and not storage.exists(loc):  # an empty local folder exists; an empty prefix does not
+        raise DataError(str(storage.missing(loc, uri)))
+    if len(objects) == 1 and objects[0].loc == loc:
+        return [loc]
+    found = [o.loc for o in objects if _is_shard(o.rel)]
     if not found:
         raise DataError(f"{uri}: no {', '.join(SUFFIXES)} files in it")
     return sorted(found, key=lambda shard: shard.path)

@@ -59,11 +59,12 @@ def is_weights(name: str) -> bool:
 
 @contextlib.contextmanager
 def model_directory(uri: str, storage: Storage, weights: bool = True) -> Iterator[tuple[Path, list[str]]]:
-    """A local directory for the model at `uri` and the names of every file it has. On disk it is the directory
-    itself; from S3 a temporary copy, without the weight files unless `weights`."""
+    """A local directory for the model at `uri` and the names of every file it has. On this machine it is the
+    directory itself, read in place (a missing one fails in the loader, which names what it looked for); from a
+    store elsewhere a temporary copy, without the weight files unless `weights`."""
     location = parse_uri(uri)
-    if not location.is_s3:
-        path = Path(location.path)
+    path = storage.local_path(location)
+    if path is not None:
         yield path, sorted(p.name for p in path.iterdir()) if path.is_dir() else []
         return
     if weights:

@@ -50,6 +50,7 @@ from wmtp.pull.fetch import Fetcher, Meter, MiB
 from wmtp.pull.plan import Job, list_sources, load_spec, plan
 from wmtp.pull.state import DestLock, DestState
 from wmtp.storage import Location, ObjectInfo, Storage, StorageError, parse_uri
+from wmtp.storage.s3 import S3Backend
 
 __all__ = ["Job", "MiB", "load_spec", "main", "pull"]
 
@@ -57,12 +58,12 @@ log = logging.getLogger(__name__)
 
 
 def _pull_dest(
-    storage: Storage, pool: ThreadPoolExecutor, meter: Meter, dest: Path, sources: list[Location], part_size: int,
+    s3: S3Backend, pool: ThreadPoolExecutor, meter: Meter, dest: Path, sources: list[Location], part_size: int,
     verify: bool,
 ) -> Counter[str]:  # fmt: skip
     objs: dict[str, ObjectInfo] = {}
     for loc in sources:
-        for obj in list_sources(storage, loc):
+        for obj in list_sources(s3, loc):
             if objs.setdefault(obj.rel, obj) is not obj:
                 raise StorageError(
                     f"{dest / obj.rel} would come from {objs[obj.rel].loc.uri} and {obj.loc.uri}", ExitCode.BAD_INPUT
@@ -81,7 +82,7 @@ def _pull_dest(
         log.info("%s: fetching %d files (%.2f GB), %d already in place", dest, len(fetch), size / 1e9, len(keep))
         state.begin(uris, keep)
         meter.start(str(dest), size)
-        entries = Fetcher(storage.s3, pool, state, part_size, meter).run(fetch)
+        entries = Fetcher(s3.client, pool, state, part_size, meter).run(fetch)
         state.commit(uris, {**keep, **entries})
     skipped_bytes = sum(e["size"] for e in keep.values())
     return Counter(files=len(fetch), bytes=size, skipped=len(keep), skipped_bytes=skipped_bytes)
@@ -93,21 +94,23 @@ def pull(
 ) -> dict[str, float]:  # fmt: skip
     """Run every job (grouped by destination, one after another) and return the summary."""
     started = time.monotonic()
-    groups: dict[Path, list[Location]] = {}
+    groups: dict[Path, tuple[S3Backend, list[Location]]] = {}
     for job in jobs:
         try:
             src, dest = parse_uri(job.uri), parse_uri(job.dest)
         except ValueError as err:
             raise StorageError(str(err), ExitCode.BAD_INPUT) from err
-        if not src.is_s3 or dest.is_s3:
+        # The fetcher speaks S3's own API (ranged GETs pinned by ETag, S3's checksums) and writes to this machine.
+        s3, folder = storage.backend(src), storage.local_path(dest)
+        if not isinstance(s3, S3Backend) or folder is None:
             message = f"{job.uri} → {job.dest}: pull copies from s3:// into a local folder"
             raise StorageError(message, ExitCode.BAD_INPUT)
-        groups.setdefault(Path(dest.path), []).append(src)
+        groups.setdefault(folder, (s3, []))[1].append(src)
     totals: Counter[str] = Counter()
     meter = Meter(progress)
     with ThreadPoolExecutor(workers, thread_name_prefix="wmtp-pull") as pool, meter.bar:
-        for dest, sources in groups.items():
-            totals += _pull_dest(storage, pool, meter, dest, sources, part_size, verify)
+        for dest, (s3, sources) in groups.items():
+            totals += _pull_dest(s3, pool, meter, dest, sources, part_size, verify)
     seconds = time.monotonic() - started
     return {
         "files": totals["files"],
@@ -133,7 +136,7 @@ def main(
             jobs = [Job(uri, str(dest)) for uri in sources]
         else:
             raise StorageError("give SRC_URI... with --dest DIR, or --spec FILE", ExitCode.BAD_INPUT)
-        storage = Storage(S3Settings(endpoint_url=endpoint_url, region=region))
+        storage = Storage(s3=S3Settings(endpoint_url=endpoint_url, region=region))
         summary = pull(jobs, storage, workers=workers, part_size=part_size_mb * MiB, verify=verify,
                        progress=sys.stderr.isatty())  # fmt: skip
     except StorageError as err:

@@ -13,7 +13,7 @@ from typing import Any
 from wmtp.config.documents import ConfigError, parse_yaml
 from wmtp.contract import ExitCode
 from wmtp.pull.state import STATE_DIR, digest
-from wmtp.storage import LocalTree, Location, ObjectInfo, Storage, StorageError, UnsafePath, safe_relative
+from wmtp.storage import Backend, LocalTree, Location, ObjectInfo, StorageError, UnsafePath, safe_relative
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +43,11 @@ def _is_job(item: object) -> bool:
     return isinstance(item, dict) and set(item) == {"uri", "dest"} and all(isinstance(v, str) for v in item.values())
 
 
-def list_sources(storage: Storage, loc: Location) -> list[ObjectInfo]:
+def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
     """The objects a URI names, each with the path it takes under the destination."""
-    found = storage.objects(loc)
+    found = store.objects(loc)
     if not found:
-        raise StorageError(f"{loc.uri}: no such object or prefix", ExitCode.NOT_FOUND)
+        raise store.missing(loc.uri)
     return [ObjectInfo(o.loc, o.size, o.etag, _relative(o.rel, loc)) for o in found]
 
 
