@@ -117,16 +117,21 @@ class History:
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+                self._record()
             except OSError:
                 return  # the cluster is gone: the test ended before it stopped the history
-            current = {key: status.get(key) for key in self.FIELDS}
-            if not self.seen or self.seen[-1] != current:
-                self.seen.append(current)
+
+    def _record(self) -> None:
+        status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+        current = {key: status.get(key) for key in self.FIELDS}
+        if not self.seen or self.seen[-1] != current:
+            self.seen.append(current)
 
     def stop(self) -> None:
+        """Stop polling, with the status as it is now as the last entry (the one the test waited for)."""
         self._stop.set()
         self._thread.join()
+        self._record()
 
 
 def trainer_pods(cluster: StoryCluster, run: str, attempt: int) -> list[dict[str, Any]]:
