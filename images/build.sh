@@ -4,13 +4,13 @@
 # Where no registry answers, the base is a local Python image made from Debian packages (images/debian-base.sh).
 # The host's pip configuration (indexes, find-links, constraints, CA bundle) is given to pip inside the build, and
 # with podman the local directories it names are mounted read-only, so the build installs what `make setup` does.
-# Environment: ENGINE, TAG (dev), BASE_IMAGE, TORCH_VERSION, TORCH_INDEX_URL, IMAGES (operator trainer).
+# Environment: ENGINE, REGISTRY and TAG (dev) naming them (engine.sh's image_ref), BASE_IMAGE, TORCH_VERSION,
+# TORCH_INDEX_URL, IMAGES (operator trainer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source images/engine.sh
 
 TAG=${TAG:-dev}
-IMAGES=${IMAGES:-operator trainer}
 REGISTRY_BASE=python:3.11-slim-bookworm
 LOCAL_BASE=localhost/wmtp-python:3.11-bookworm
 

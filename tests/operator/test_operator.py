@@ -262,7 +262,7 @@ FAULTS = [
           {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
     Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
           {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
-          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/trainer:0.1.0"')},
+          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/wmtp-trainer:0.1.0"')},
           spec={"startupTimeout": "2s", "backoffLimit": 1}),
     Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
           {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
@@ -373,7 +373,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
 ) -> None:
     cluster.create(tiny_run)
     pods = cluster.running()
-    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/trainer:0.2.0", "nodes": 3}})
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/wmtp-trainer:0.2.0", "nodes": 3}})
     generation = cluster.run()["metadata"]["generation"]
     cluster.until(lambda: cluster.condition("SpecApplied") == "False NextAttempt", "SpecApplied=False")
     status = cluster.status()
@@ -385,7 +385,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
     )
     job = cluster.api.get("Job", cluster.ns, f"{RUN}-a2")
     assert job["spec"]["completions"] == 3
-    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/trainer:0.2.0"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/wmtp-trainer:0.2.0"
 
 
 BOMBS = {
