@@ -19,6 +19,8 @@ TORCH_VERSION := 2.13.0
 REGISTRY ?= ghcr.io/wmtp
 VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
 TAG ?= $(VERSION)
+# The trainer image's PyTorch build: cpu or cu126 (CUDA 12.6, for GPU nodes; it runs CPU runs too).
+TORCH_VARIANT ?= cpu
 
 # checkov lives in a venv of its own: its pins fight the project's.
 CHECKOV_VENV := .venv-checkov
@@ -73,7 +75,7 @@ e2e-kind: setup
 # Both images, built with the engine this host has: docker, else podman with images/containers.conf; a local
 # Debian base where no registry answers (images/build.sh). BASE_IMAGE and TORCH_INDEX_URL may be given too.
 images:
-	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VERSION=$(TORCH_VERSION) bash images/build.sh
+	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VERSION=$(TORCH_VERSION) TORCH_VARIANT=$(TORCH_VARIANT) bash images/build.sh
 
 # Both images pushed to $(REGISTRY) with the same engine (log in first: docker login / podman login).
 push:
