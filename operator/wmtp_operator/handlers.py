@@ -27,6 +27,7 @@ import kopf
 
 from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.kube import Kube
+from wmtp_operator.metrics import Metrics
 from wmtp_operator.plan import Plan, say
 from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
@@ -43,8 +44,8 @@ class Supervisor:
     """Runs reconcile passes: one at a time per run, with triggers that arrive while one waits folded into it,
     and a pass for each unfinished run when it is due (its requeue, else the resync)."""
 
-    def __init__(self, kube: Kube, defaults: Defaults) -> None:
-        self.kube, self.defaults = kube, defaults
+    def __init__(self, kube: Kube, defaults: Defaults, metrics: Metrics) -> None:
+        self.kube, self.defaults, self.metrics = kube, defaults, metrics
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._waiting: set[tuple[str, str]] = set()
         self._due: dict[tuple[str, str], float] = {}
@@ -54,6 +55,7 @@ class Supervisor:
         self._due.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self.kube.written.pop((namespace, name), None)
+        self.metrics.forget(namespace, name)
 
     def own_echo(self, namespace: str, name: str, resource_version: str | None) -> bool:
         """The run as this operator's last write left it: nothing a pass would not already know."""
@@ -66,13 +68,16 @@ class Supervisor:
         self._waiting.add(key)
         async with self._locks[key]:
             self._waiting.discard(key)
+            started = time.monotonic()
             try:
                 result = await asyncio.to_thread(self.reconcile_now, namespace, name)
             except Exception as err:  # an API error or timeout: this pass is lost, a later one redoes it
+                self.metrics.observe(namespace, name, time.monotonic() - started, err)
                 log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, ERROR_RETRY_SECONDS,
                             say(str(err)))  # fmt: skip
                 self._due[key] = time.monotonic() + ERROR_RETRY_SECONDS
                 return
+        self.metrics.observe(namespace, name, time.monotonic() - started, result)
         if result is None:
             self.forget(namespace, name)
             return
@@ -125,7 +130,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.enabled = False
     # A pass waits on the API server most of its time: as many at once as there are API connections.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(PASSES_AT_ONCE, "reconcile"))
-    memo.supervisor = Supervisor(Kube.from_environment(PASSES_AT_ONCE), Defaults.from_env(os.environ))
+    kube, defaults = Kube.from_environment(PASSES_AT_ONCE), Defaults.from_env(os.environ)
+    memo.supervisor = Supervisor(kube, defaults, Metrics())
     memo.resync = asyncio.create_task(memo.supervisor.resync())
 
 

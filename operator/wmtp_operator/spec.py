@@ -196,7 +196,7 @@ class Spec(Camel):
     image: str = Field(
         max_length=512,
         pattern=IMAGE,
-        description="Trainer image, e.g. ghcr.io/wmtp/trainer:0.1.0: runs `wmtp pull` (init) and `wmtp launch`.",
+        description="Trainer image, e.g. ghcr.io/wmtp/wmtp-trainer:0.1.0: runs `wmtp pull` (init) and `wmtp launch`.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the trainer image."

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
 import celpy
 import kubernetes_validate
 import pytest
+from prometheus_client import CollectorRegistry
 
 from support.chart import CHART, NAMESPACED, ROOT, helm, render, rules_of
 from wmtp_operator.formats import DATASET
 from wmtp_operator.kube import ACCESS
+from wmtp_operator.metrics import Metrics
 
 K8S_VERSION = "1.33.0"
 VALUE_SETS = {
@@ -23,6 +27,7 @@ VALUE_SETS = {
     "mlflow-external-stores": ["--set", "mlflow.databaseUriSecret.name=mlflow-db",
                                "--set", "mlflow.artifacts.s3Uri=s3://mlflow/artifacts",
                                "--set", "mlflow.artifacts.s3CredentialsSecret=wmtp-s3"],
+    "metrics-off": ["--set", "metrics.enabled=false"],
 }  # fmt: skip
 # What kopf needs besides the adapter's table: CRD discovery, and the namespaces when it watches them all.
 DISCOVERY = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -140,6 +145,71 @@ def test_no_rbac_no_service_account_renders_none() -> None:
     pod = _pod(objects, "wmtp")["spec"]
     assert pod["serviceAccountName"] == "ops"
     assert pod["containers"][0]["args"] == ["--verbose"]
+
+
+def _object(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return next(o for o in objects if o["kind"] == kind and o["metadata"]["name"] == name)
+
+
+def test_metrics_have_a_port_a_service_a_way_through_the_network_policy_and_a_dashboard() -> None:
+    objects = render()
+    pod = _pod(objects, "wmtp")
+    container = pod["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["WMTP_OPERATOR_METRICS_PORT"] == "8000"
+    assert {"name": "metrics", "containerPort": 8000} in container["ports"]
+    service = _object(objects, "Service", "wmtp-metrics")
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 8000, "targetPort": "metrics", "protocol": "TCP"}]
+    ingress = _object(objects, "NetworkPolicy", "wmtp")["spec"]["ingress"]
+    assert {"ports": [{"port": 8000, "protocol": "TCP"}]} in ingress
+    assert not any(o["kind"] == "ServiceMonitor" for o in objects)  # it needs the Prometheus Operator: opt in
+    dashboard = _object(objects, "ConfigMap", "wmtp-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["wmtp-operator.json"])["uid"] == "wmtp-operator"
+
+
+def test_a_service_monitor_scrapes_the_metrics_service_and_scrapes_may_be_limited_to_some_peers() -> None:
+    peers = '[{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]'
+    values = ["--set", "metrics.serviceMonitor.enabled=true", "--set", "metrics.serviceMonitor.labels.release=kps",
+              "--set-json", f"metrics.from={peers}"]  # fmt: skip
+    assert helm("lint", "--strict", str(CHART), *values).returncode == 0
+    objects = render(*values)
+    monitor, service = _object(objects, "ServiceMonitor", "wmtp"), _object(objects, "Service", "wmtp-metrics")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["wmtp-system"]}
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    rule = {"ports": [{"port": 8000, "protocol": "TCP"}], "from": json.loads(peers)}
+    assert rule in _object(objects, "NetworkPolicy", "wmtp")["spec"]["ingress"]
+
+
+def test_metrics_can_be_turned_off() -> None:
+    objects = render("--set", "metrics.enabled=false")
+    container = _pod(objects, "wmtp")["spec"]["containers"][0]
+    assert {"name": "WMTP_OPERATOR_METRICS_PORT", "value": "0"} in container["env"]
+    assert [port["name"] for port in container["ports"]] == ["health"]
+    ingress = _object(objects, "NetworkPolicy", "wmtp")["spec"]["ingress"]
+    assert ingress == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    assert not {"wmtp-metrics", "wmtp-dashboard"} & {o["metadata"]["name"] for o in objects}
+
+
+def _exported() -> dict[str, set[str]]:
+    """Each metric the operator defines → the names its samples have."""
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    families = CollectorRegistry()
+    Metrics(families)
+    return {f.name: {f.name + suffix for suffix in suffixes[f.type]} for f in families.collect()}
+
+
+def test_the_dashboard_charts_every_metric_the_operator_exports_and_nothing_else() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "wmtp-operator.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    used = {name for query in queries for name in re.findall(r"\bwmtp_\w+", query)}
+    exported = _exported()
+    assert used <= set().union(*exported.values()), used - set().union(*exported.values())
+    assert [metric for metric, names in exported.items() if not names & used] == []
+    assert all(panel["datasource"]["uid"] == "${datasource}" for panel in dashboard["panels"])
 
 
 def test_helm_test_hook_exists() -> None:

@@ -3,7 +3,7 @@
 The emulator plays the cluster (`support.controllers`): the Job controller creates an attempt's pods, the kubelet
 runs them (or makes them wait, as a test asks), the garbage collector follows ownerReferences. The tests play
 trainer rank 0 (a patch of `status.report`, as the trainer's reporter does) and the faults: crashes, SIGTERM
-saves, evictions, refusals, a pod that cannot start.
+saves, evictions, refusals, a pod that cannot start. The operator's /metrics is scraped along the way.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ from wmtp.config import MAX_MESSAGE
 
 RUN = "tiny-rho1"
 CKPT = f"s3://wmtp/checkpoints/{RUN}/{step_dir_name(1000)}"
+
+
+Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 class Cluster:
@@ -71,6 +74,15 @@ class Cluster:
     def events(self, name: str = RUN) -> list[dict[str, Any]]:
         return [e for e in self.api.list("Event", self.ns) if e["involvedObject"]["name"] == name]
 
+    def metrics(self, check: Callable[[Scraped], bool], what: str) -> Scraped:
+        """The operator's /metrics once `check` holds: a pass updates them a moment after it writes the status."""
+
+        def scraped() -> Scraped | None:
+            found = self.operator.scrape()
+            return found if check(found) else None
+
+        return self.until(scraped, what)
+
     def condition(self, type_: str, name: str = RUN) -> str:
         found = next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
         return f"{found.get('status')} {found.get('reason')}"
@@ -81,6 +93,15 @@ def cluster(emulator: Emulator, operator_process: OperatorProcess, request: pyte
     # One namespace per test keeps the tests' runs, children and events apart on the shared emulator.
     name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
     return Cluster(emulator, operator_process, f"{name[:40].strip('-')}-{zlib.crc32(name.encode()):08x}")
+
+
+def sample(scraped: Scraped, name: str, **labels: str) -> float:
+    return scraped.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(scraped: Scraped, name: str) -> float:
+    """A counter summed over its labels."""
+    return sum(value for (sample_name, _), value in scraped.items() if sample_name == name)
 
 
 def _column(obj: dict[str, Any], json_path: str) -> Any:
@@ -94,6 +115,7 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     cluster: Cluster, tiny_run: dict[str, Any], crd: dict[str, Any]
 ) -> None:
     api, ns = cluster.api, cluster.ns
+    before = cluster.operator.scrape()
     api.kubelet(ns, start="pull")
     uid = cluster.create(tiny_run)
     cluster.until(lambda: cluster.status().get("phase") == "Pulling", "phase Pulling")
@@ -112,8 +134,21 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
 
     cluster.report(1, 1000, CKPT)
     cluster.until(lambda: cluster.status().get("latestCheckpoint") == CKPT, "the reported checkpoint accepted")
+    age_of = {"namespace": ns, "run": RUN}
+    age = cluster.metrics(lambda m: ("wmtp_seconds_since_checkpoint", frozenset(age_of.items())) in m, "its age")
     api.exit(ns, pods[1], 1)
     pods = cluster.running(2)
+    restarted = cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Running") == sample(before, "wmtp_runs",
+                                phase="Running") + 1, "attempt 2 counted as running")  # fmt: skip
+    assert sample(restarted, "wmtp_restarts_total", reason="Error") - sample(before, "wmtp_restarts_total",
+                                                                               reason="Error") == 1  # fmt: skip
+    assert total(restarted, "wmtp_preemptions_total") == total(before, "wmtp_preemptions_total")
+    assert sample(restarted, "wmtp_seconds_since_checkpoint", **age_of) >= sample(
+        age, "wmtp_seconds_since_checkpoint", **age_of)  # fmt: skip
+    for counter in ("wmtp_reconcile_total", "wmtp_reconcile_duration_seconds_count"):
+        assert total(before, counter) < total(age, counter) < total(restarted, counter)
+    assert sample(restarted, "wmtp_reconcile_total", result="error") == sample(before, "wmtp_reconcile_total",
+                                                                                result="error")  # fmt: skip
     run = cluster.run()
     assert run["spec"]["resumeFrom"] == CKPT
     assert (run["status"]["attempt"], run["status"]["restarts"], run["status"]["preemptions"]) == (2, 1, 0)
@@ -148,6 +183,13 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     # Deleting a run never needs the operator: no finalizer, and none of kopf's bookkeeping.
     assert not run["metadata"].get("finalizers")
     assert set(run["metadata"].get("annotations") or {}) == {"wmtp.io/state"}
+    succeeded = cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Succeeded") == sample(
+        before, "wmtp_runs", phase="Succeeded") + 1, "the run counted as succeeded")  # fmt: skip
+    assert sample(succeeded, "wmtp_runs", phase="Running") == sample(before, "wmtp_runs", phase="Running")
+    assert ("wmtp_seconds_since_checkpoint", frozenset(age_of.items())) not in succeeded
+    api.delete("WMTPRun", ns, RUN)
+    cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Succeeded") == sample(before, "wmtp_runs",
+                    phase="Succeeded"), "the deleted run no longer counted")  # fmt: skip
 
 
 def _reported_then(inject: Callable[[Cluster, list[dict[str, Any]]], None]) -> Callable[[Cluster], None]:
@@ -220,7 +262,7 @@ FAULTS = [
           {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
     Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
           {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
-          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/trainer:0.1.0"')},
+          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/wmtp-trainer:0.1.0"')},
           spec={"startupTimeout": "2s", "backoffLimit": 1}),
     Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
           {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
@@ -244,6 +286,7 @@ FAULTS = [
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> None:
+    before = cluster.operator.scrape()
     cluster.api.kubelet(cluster.ns, **fault.kubelet)
     cluster.create(make_run(**{f"spec.{key}": value for key, value in fault.spec.items()}))
     fault.inject(cluster)
@@ -261,6 +304,9 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
     for type_, expected in fault.conditions.items():
         assert cluster.condition(type_) == expected, type_
     cluster.until(lambda: fault.events <= {e["reason"] for e in cluster.events()}, f"events {fault.events}")
+    counts = {"wmtp_restarts_total": fault.restarts, "wmtp_preemptions_total": fault.preemptions}
+    # The record's counts, never a trainer's: one that writes restarts 7 counts nothing.
+    cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts, f"counters {counts}")
     if fault.inject is _stale_and_foreign_reports:
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
@@ -327,7 +373,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
 ) -> None:
     cluster.create(tiny_run)
     pods = cluster.running()
-    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/trainer:0.2.0", "nodes": 3}})
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/wmtp-trainer:0.2.0", "nodes": 3}})
     generation = cluster.run()["metadata"]["generation"]
     cluster.until(lambda: cluster.condition("SpecApplied") == "False NextAttempt", "SpecApplied=False")
     status = cluster.status()
@@ -339,7 +385,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
     )
     job = cluster.api.get("Job", cluster.ns, f"{RUN}-a2")
     assert job["spec"]["completions"] == 3
-    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/trainer:0.2.0"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/wmtp-trainer:0.2.0"
 
 
 BOMBS = {
@@ -515,6 +561,9 @@ def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_sta
     assert (columns["Phase"], columns["Eval"]) == ("Succeeded", line)
     assert columns["Message"] == f"attempt 1 succeeded; evaluation: {line}"
     assert cluster.condition("Evaluated") == "True Evaluated"
+    scores = {"humaneval": 0.25, "mbpp": 0.5}
+    cluster.metrics(lambda m: {task: sample(m, "wmtp_eval_pass_at_k", namespace=ns, run=RUN, task=task, k="1")
+                               for task in scores} == scores, "pass@1 exported")  # fmt: skip
     cluster.until(
         lambda: any(e["reason"] == "Evaluated" and e["message"] == line for e in cluster.events()), "Evaluated"
     )
