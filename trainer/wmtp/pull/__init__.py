@@ -63,9 +63,9 @@ __all__ = ["Job", "MiB", "load_spec", "main", "pull"]
 log = logging.getLogger(__name__)
 
 
-def _list(s3: S3Backend, dest: Path, sources: list[tuple[Location, Job]], node_rank: int | None) -> tuple[
-    dict[str, ObjectInfo], dict[str, ObjectInfo]
-]:  # fmt: skip
+def _list(
+    s3: S3Backend, dest: Path, sources: list[tuple[Location, Job]], node_rank: int | None
+) -> tuple[dict[str, ObjectInfo], dict[str, ObjectInfo]]:
     """(objects to have in `dest`, objects this node rank leaves to rank 0), by relative path."""
     objs: dict[str, ObjectInfo] = {}
     left: dict[str, ObjectInfo] = {}
