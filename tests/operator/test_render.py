@@ -108,10 +108,46 @@ def test_trainer_files_round_trip_through_the_trainers_own_models(make_run: Call
     assert config.paths.checkpoints.base_path == "s3://wmtp/checkpoints"
     assert config.devices.distributed.enabled and config.devices.fsdp.enabled
     assert yaml.safe_load(config_map["data"]["pull.yaml"]) == [
-        {"uri": "s3://wmtp/models/tiny/base", "dest": "/models/base"},
-        {"uri": "s3://wmtp/models/tiny/ref", "dest": "/models/ref"},
+        {"uri": "s3://wmtp/models/tiny/base", "dest": "/models/base", "weights": "rank0"},
+        {"uri": "s3://wmtp/models/tiny/ref", "dest": "/models/ref", "weights": "rank0"},
         {"uri": "s3://wmtp/datasets/HumanEval.jsonl.gz", "dest": "/models/data/humaneval"},
     ]
+
+
+def test_on_emptydir_volumes_only_node_rank_0_pulls_the_weights_and_the_others_wait_for_it(
+    make_run: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    from wmtp.pull import load_spec
+
+    objects = _rendered(make_run(**{"spec.nodes": 4, "spec.startupTimeout": "45m"}), None, 1)
+    spec = tmp_path / contract.PULL_FILE
+    spec.write_text(objects[0]["data"][contract.PULL_FILE])
+    rank0, everything = contract.PULL_WEIGHTS_RANK0, contract.PULL_WEIGHTS_ALL
+    # The trainer's own reading of the rendered spec: the models' weights on node rank 0 alone, data on every rank.
+    assert [(job.dest, job.weights) for job in load_spec(spec)] == [
+        ("/models/base", rank0),
+        ("/models/ref", rank0),
+        ("/models/data/humaneval", everything),
+    ]
+    pod = objects[-1]["spec"]["template"]["spec"]
+    puller, trainer = pod["initContainers"][0], pod["containers"][0]
+    rank = next(e for e in puller["env"] if e["name"] == contract.ENV_NODE_RANK)
+    assert rank == next(e for e in trainer["env"] if e["name"] == contract.ENV_NODE_RANK)
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{render.INDEX_ANNOTATION}']"
+    # The nodes that pulled only small files wait at the rendezvous while node 0 pulls the weights.
+    assert "--rdzv-conf=timeout=2700" in trainer["args"]
+
+
+@pytest.mark.parametrize("case", ["shared PVC", "one node"])
+def test_a_shared_volume_or_a_single_pod_pulls_everything(case: str, make_run: Callable[..., dict[str, Any]]) -> None:
+    if case == "shared PVC":  # the first puller fills it for every pod and attempt; the others find it complete
+        objects = _rendered(gpu_run(make_run), GPU_RECIPE, 3)
+    else:
+        objects = _rendered(make_run(**{"spec.nodes": 1}), None, 1)
+    pulled = yaml.safe_load(objects[0]["data"][contract.PULL_FILE])
+    assert len(pulled) >= 3 and all(contract.PULL_WEIGHTS not in item for item in pulled)
+    args = objects[-1]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [arg for arg in args if arg.startswith("--rdzv-conf")]
 
 
 def _job(body: dict[str, Any], attempt: int = 1) -> dict[str, Any]:

@@ -20,11 +20,14 @@ from rich.text import Text
 from wmtp.config import EvalSettings, clip
 from wmtp.contract import (
     CONFIG_FLAG,
+    ENV_NODE_RANK,
     EVAL_DATASET_FLAG,
     EVAL_EXPERIMENT_FLAG,
     EVAL_MODEL_FLAG,
     LAUNCH_GRACE_FLAG,
     PULL_SPEC_FLAG,
+    PULL_WEIGHTS,
+    PULL_WEIGHTS_RANK0,
     RECIPE_FLAG,
     RESUME_FALLBACK_FLAG,
     RESUME_FLAG,
@@ -267,12 +270,22 @@ def checkpoints_prune(
 def pull(
     sources: list[str] = typer.Argument(None, metavar="SRC_URI...", help="s3:// prefixes (mirrored) or objects."),
     dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
-    spec: Path | None = typer.Option(None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
+    spec: Path | None = typer.Option(
+        None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest[, weights]}, instead of SRC_URI..."
+    ),
     workers: int = typer.Option(16, min=1, max=32, help="Parallel range requests (the S3 client keeps 32 sockets)."),
     part_size: int = typer.Option(64, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
     verify: bool = typer.Option(False, "--verify", help="Also re-hash files already in place against the marker."),
     endpoint_url: str | None = typer.Option(None, help="S3 endpoint. Default: AWS_ENDPOINT_URL, else AWS."),
     region: str | None = typer.Option(None, help="S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION."),
+    node_rank: int | None = typer.Option(
+        None,
+        "--node-rank",
+        envvar=ENV_NODE_RANK,
+        min=0,
+        help=f"This pod's node rank: other than 0, spec entries with {PULL_WEIGHTS}: {PULL_WEIGHTS_RANK0} leave "
+        "out their weight files. Unset: pull everything.",
+    ),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Copy models and datasets from S3: parallel, resumable, verified, safe to run concurrently.
@@ -284,7 +297,7 @@ def pull(
     setup_logging(log_level)
     from wmtp.pull import main
 
-    options = {"workers": workers, "part_size_mb": part_size, "verify": verify}
+    options = {"workers": workers, "part_size_mb": part_size, "verify": verify, "node_rank": node_rank}
     with reported(log_level):
         code = main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region)
     raise typer.Exit(code)

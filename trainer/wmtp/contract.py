@@ -170,6 +170,22 @@ EVAL_COMMAND: tuple[str, ...] = ("wmtp", "eval")
 EVAL_MODEL_FLAG, EVAL_EXPERIMENT_FLAG, EVAL_DATASET_FLAG = "--model", "--experiment", "--dataset"
 
 
+# Files that hold a model's weights, by how their names end; everything else in a model folder (config.json,
+# tokenizer files, Meta's params.json, mtp.json, the safetensors index) is what every rank reads. Distributed,
+# global rank 0 alone reads weights: the other ranks build each model on the meta device from those small files
+# and receive their shards from rank 0 (`wmtp.distributed.load_weights`). So a pull-spec entry may carry
+# PULL_WEIGHTS: PULL_WEIGHTS_RANK0, and `wmtp pull` then leaves these files out on any node rank (ENV_NODE_RANK)
+# but 0, whose pod holds global rank 0; without a node rank it pulls everything.
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+PULL_WEIGHTS = "weights"  # the pull-spec key
+PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0 = "all", "rank0"  # its values; PULL_WEIGHTS_ALL is the default
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether the file `name` (a path or a key) holds weights that only rank 0 reads."""
+    return name.endswith(WEIGHT_SUFFIXES)
+
+
 def pull_command(spec_file: str) -> list[str]:
     """The init container's command: pull what `spec_file` lists."""
     return ["wmtp", "pull", PULL_SPEC_FLAG, spec_file]

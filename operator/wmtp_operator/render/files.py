@@ -41,14 +41,23 @@ MAX_RECIPE_BYTES = 32 * 1024
 class TrainerFiles:
     config: Config
     recipe: Recipe
-    pulls: list[dict[str, str]]  # {uri, dest} for `wmtp pull --spec`
+    pulls: list[dict[str, str]]  # {uri, dest[, weights]} for `wmtp pull --spec`
+
+
+def weights_on_rank0_only(spec: Spec) -> bool:
+    """Whether the pods of node ranks other than 0 leave the models' weight files out of their pulls. Distributed,
+    global rank 0 alone reads weights (the others build on the meta device and receive their shards), so a pod with
+    its own volume needs only the config and tokenizer files unless it is node rank 0's. On a shared PVC every pod
+    pulls everything: the first puller fills it for all pods and attempts, the others find it complete."""
+    return spec.nodes > 1 and spec.model_volume.type == "emptyDir"
 
 
 def pulls(spec: Spec) -> list[dict[str, str]]:
     """What `wmtp pull` fetches into the model volume: the s3:// models and datasets (other URIs are paths the pod
-    can already read)."""
+    can already read); models marked for their weights on node rank 0 alone where `weights_on_rank0_only`."""
+    weights = {contract.PULL_WEIGHTS: contract.PULL_WEIGHTS_RANK0} if weights_on_rank0_only(spec) else {}
     found = [
-        {"uri": uri, "dest": f"{MODEL_DIR}/{role}"}
+        {"uri": uri, "dest": f"{MODEL_DIR}/{role}", **weights}
         for role in ("base", *contract.MODEL_ROLES)
         if (uri := getattr(spec.models, role)) is not None and uri.startswith("s3://")
     ]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.config.documents import ConfigError, parse_yaml
-from wmtp.contract import ExitCode
+from wmtp.contract import PULL_WEIGHTS, PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0, ExitCode, is_weight_file
 from wmtp.pull.state import STATE_DIR, digest
 from wmtp.storage import Backend, LocalTree, Location, ObjectInfo, StorageError, UnsafePath, safe_relative
 
@@ -20,14 +20,23 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """Copy what `uri` names (a prefix or one object) into the folder `dest`."""
+    """Copy what `uri` names (a prefix or one object) into the folder `dest`; with `weights` PULL_WEIGHTS_RANK0,
+    its weight files (`contract.is_weight_file`) only on node rank 0."""
 
     uri: str
     dest: str
+    weights: str = PULL_WEIGHTS_ALL
+
+    def leaves_out(self, rel: str, node_rank: int | None) -> bool:
+        """Whether the puller on `node_rank` (None: unknown) leaves the file `rel` to rank 0."""
+        return self.weights == PULL_WEIGHTS_RANK0 and node_rank not in (None, 0) and is_weight_file(rel)
+
+
+_REQUIRED, _OPTIONAL = {"uri", "dest"}, {PULL_WEIGHTS: (PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0)}
 
 
 def load_spec(path: Path) -> list[Job]:
-    """The `--spec` file: a YAML or JSON list of {uri, dest} mappings."""
+    """The `--spec` file: a YAML or JSON list of {uri, dest} mappings, each with an optional `weights`."""
     try:
         items = parse_yaml(path.read_bytes(), str(path))
     except OSError as err:
@@ -35,12 +44,19 @@ def load_spec(path: Path) -> list[Job]:
     except ConfigError as err:
         raise StorageError(str(err), ExitCode.BAD_INPUT) from err
     if not (isinstance(items, list) and items and all(_is_job(item) for item in items)):
-        raise StorageError(f"{path}: expected a non-empty list of {{uri, dest}} mappings", ExitCode.BAD_INPUT)
-    return [Job(item["uri"], item["dest"]) for item in items]
+        weights = f"{PULL_WEIGHTS}: {' | '.join(_OPTIONAL[PULL_WEIGHTS])}"
+        message = f"{path}: expected a non-empty list of {{uri, dest}} mappings (each may add {weights})"
+        raise StorageError(message, ExitCode.BAD_INPUT)
+    return [Job(**item) for item in items]
 
 
 def _is_job(item: object) -> bool:
-    return isinstance(item, dict) and set(item) == {"uri", "dest"} and all(isinstance(v, str) for v in item.values())
+    return (
+        isinstance(item, dict)
+        and _REQUIRED <= set(item) <= _REQUIRED | set(_OPTIONAL)
+        and all(isinstance(item[key], str) for key in _REQUIRED)
+        and all(item[key] in allowed for key, allowed in _OPTIONAL.items() if key in item)
+    )
 
 
 def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
