@@ -219,7 +219,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 )
 def test_yaml_is_bounded_and_every_failure_is_one_config_error(data: str | bytes, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
-        parse_yaml(data, "recipe.yaml")
+        parse_yaml(data, source="recipe.yaml")
     assert str(err.value).startswith("recipe.yaml: ") and len(str(err.value)) < 600
 
 

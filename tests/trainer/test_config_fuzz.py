@@ -103,7 +103,7 @@ YAML_TEXT = st.text(alphabet=string.ascii_letters[:6] + "[]{}:&*!|>-?,#'\"\n \t%
 @FUZZ
 @given(text=YAML_TEXT | st.text(max_size=100))
 def test_any_text_parses_to_data_or_one_config_error(text: str) -> None:
-    only_config_errors(lambda: parse_yaml(text, "fuzz.yaml"))
+    only_config_errors(lambda: parse_yaml(text, source="fuzz.yaml"))
 
 
 @FUZZ
@@ -142,14 +142,14 @@ def test_one_wrong_field_in_a_good_pair_is_one_config_error(
 @given(recipe_field=st.sampled_from(DOTTED_RECIPE), value=VALUES)
 def test_one_wrong_field_through_yaml_text_is_one_config_error(recipe_field: str, value: Any) -> None:
     text = yaml.safe_dump(with_value(RECIPE, recipe_field, value))
-    data = only_config_errors(lambda: parse_yaml(text, "recipe.yaml"))
+    data = only_config_errors(lambda: parse_yaml(text, source="recipe.yaml"))
     if isinstance(data, dict):
         only_config_errors(lambda: parse_recipe(data))
 
 
 @pytest.mark.parametrize("depth", [10, 1_000, 100_000])
 def test_deep_nesting_is_one_config_error_or_data(depth: int) -> None:
-    only_config_errors(lambda: parse_yaml("[" * depth + "]" * depth, "deep.yaml"))
+    only_config_errors(lambda: parse_yaml("[" * depth + "]" * depth, source="deep.yaml"))
     only_config_errors(lambda: parse_recipe(nested(depth if depth < 10_000 else 5_000)))
 
 
