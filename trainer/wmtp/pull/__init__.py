@@ -47,7 +47,7 @@ from pathlib import Path
 from wmtp.config.documents import clip
 from wmtp.contract import ExitCode
 from wmtp.pull.fetch import Fetcher, Meter, MiB
-from wmtp.pull.plan import Job, list_sources, load_spec, plan
+from wmtp.pull.plan import Job, check_job, list_sources, load_spec, plan
 from wmtp.pull.state import DestLock, DestState
 from wmtp.storage import Location, ObjectInfo, Storage, StorageError, parse_uri
 
@@ -95,6 +95,7 @@ def pull(
     started = time.monotonic()
     groups: dict[Path, list[Location]] = {}
     for job in jobs:
+        check_job(job)
         try:
             src, dest = parse_uri(job.uri), parse_uri(job.dest)
         except ValueError as err:
