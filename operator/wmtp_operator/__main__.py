@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import wmtp_operator.handlers  # noqa: F401  (registers the handlers with kopf)
+    from wmtp_operator.decoding import install
+
+    install()  # kopf decodes every object it lists and watches: never into a RecursionError
 
     kopf.configure(verbose=args.verbose)
     if not args.verbose:
