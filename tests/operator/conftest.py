@@ -58,9 +58,14 @@ def run_schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema with unknown fields refused: the API server would prune them, silently losing the setting."""
-    out = {key: value for key, value in schema.items() if not key.startswith("x-kubernetes-")}
+    out = {key: value for key, value in schema.items() if not key.startswith("x-kubernetes-") and key != "nullable"}
     if schema.get("x-kubernetes-int-or-string"):
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable"):
+        out["type"] = [schema["type"], "null"]
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if schema.get(exclusive) is True:  # OpenAPI v3's flag → the JSON Schema draft 7 number
+            out[exclusive] = out.pop(bound)
     if "properties" in schema:
         out["properties"] = {name: _strict(sub) for name, sub in schema["properties"].items()}
         if not schema.get("x-kubernetes-preserve-unknown-fields"):

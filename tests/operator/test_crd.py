@@ -187,7 +187,7 @@ def test_schema_rejects_wrong_types_enums_and_unknown_fields(
 def test_valid_resume_forms_are_admitted(
     make_run: Callable[..., Any], admit: Callable[[dict[str, Any]], list[str]]
 ) -> None:
-    for resume in ("auto", "never", "latest", "step_1000", "s3://b/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
+    for resume in ("auto", "never", "latest", "step_1000", "s3://bkt/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
         assert admit(make_run(**{"spec.resume": resume})) == [], resume
 
 
