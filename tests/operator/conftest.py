@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -153,9 +154,14 @@ def crd_defaults(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], dict[
 def emulator() -> Iterator[Any]:
     from support.emulator import Emulator
 
+    # The API server it plays (Go) stores and serves objects nested ~1000 levels deep; in this process that takes a
+    # deeper stack than Python's default. The operator runs in its own process, with the default.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
     server = Emulator()
     yield server
     server.close()
+    sys.setrecursionlimit(limit)
 
 
 @pytest.fixture(scope="module")
