@@ -66,6 +66,8 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _keep(schema: dict[str, Any]) -> dict[str, Any]:
+    if "const" in schema:  # a Literal of one value
+        schema = {**schema, "enum": [schema["const"]]}
     out = {k: schema[k] for k in _KEEP if k in schema and not (k == "default" and schema[k] is None)}
     for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
         if not isinstance(out.get(exclusive), bool | None):  # JSON Schema's number → OpenAPI v3's flag

@@ -232,6 +232,12 @@ class ModelVolume(Camel):
             raise ValueError("modelVolume.size must be more than 0")
         return value
 
+    @model_validator(mode="after")
+    def _sized_claim(self) -> ModelVolume:
+        if self.type == "persistentVolumeClaim" and self.size is None:
+            raise ValueError("modelVolume.size is required when modelVolume.type is persistentVolumeClaim")
+        return self
+
 
 MIN_EVAL_TIMEOUT = "1m"
 

@@ -27,7 +27,7 @@ from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
 from wmtp import config, contract
 from wmtp.config import check_tree
-from wmtp.config.uris import MAX_URI, POD_ROOT, Url, shaped
+from wmtp.config.uris import POD_ROOT, PodRoot, Url, shaped
 from wmtp_operator.formats import (
     CONFIG_KEY,
     DATASET,
@@ -111,14 +111,15 @@ Checkpoints = derived(
     config.CheckpointPaths,
     "Checkpoints",
     "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
-    required=("base_path",),
-    override={
-        "base_path": Field(
-            max_length=MAX_URI,
-            description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-            json_schema_extra=cel(
-                (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
-                immutable("checkpoints.basePath", "the run's checkpoints live there"),
+    extra={  # required, and where every pod sees the same place: never a relative path
+        "base_path": (
+            PodRoot,
+            Field(
+                description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
+                json_schema_extra=cel(
+                    (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+                    immutable("checkpoints.basePath", "the run's checkpoints live there"),
+                ),
             ),
         )
     },

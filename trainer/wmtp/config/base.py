@@ -33,4 +33,4 @@ def empty_is_unset(value: Any) -> Any:
 LocalPath = shaped(f"{ABSOLUTE}|{RELATIVE}", "a local path")
 # A dataset's name: it names a pull destination and MLflow metrics (`data/<name>/...`), so plain characters only.
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=63)]

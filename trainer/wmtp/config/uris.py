@@ -89,6 +89,7 @@ def shaped(pattern: str, what: str) -> Any:
 Location = shaped(LOCATION, "s3://bucket/key, file:///path or a path")
 Root = shaped(ROOT, "s3://bucket[/prefix], file:///path or a path")
 PodLocation = shaped(POD_LOCATION, "s3://bucket/key, file:///path or an absolute path")
+PodRoot = shaped(POD_ROOT, "s3://bucket[/prefix], file:///path or an absolute path")
 Url = shaped(HTTP_URL, "an http:// or https:// URL without credentials")
 TrackingUri = shaped(TRACKING, "an http(s):// URL without credentials, sqlite:///path or file:///path")
 Region = Annotated[str, Field(min_length=1, max_length=64, pattern=REGION)]
