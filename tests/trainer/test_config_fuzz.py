@@ -1,29 +1,39 @@
 """Bounded fuzzing of the config and recipe loaders: whatever the text or the data, only `ConfigError` escapes,
-with a bounded message. A few thousand cases in all, in seconds (derandomized, so every run tries the same)."""
+with a bounded message; and of the files the CLIs read (config, recipe, pull spec) with hostile values in real
+documents: exit 2 (never 1), each within 2 s. A few thousand cases in all, in seconds (derandomized, so every run
+tries the same)."""
 
 from __future__ import annotations
 
 import copy
 import string
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import hostile
+from wmtp import pull
 from wmtp.config import (
     Config,
     ConfigError,
     Recipe,
     check_compatible,
+    load_config,
+    load_recipe,
     parse_config,
     parse_recipe,
     parse_yaml,
     read_document,
 )
 from wmtp.contract import RENDERED_MARKER
+from wmtp.errors import describe
 
 FUZZ = settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 MESSAGE_BOUND = 10_000  # a whole report: at most 20 clipped problems
@@ -158,3 +168,46 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         data = {"run": data}
     return data
+
+
+LOADERS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def exit_code(call: Any) -> int:
+    """The exit code the CLI gives for what `call` raises (`wmtp.errors.describe`, as `reported` does); 0 if none."""
+    try:
+        code = call()
+    except Exception as err:
+        return describe(err)[1]
+    return code if isinstance(code, int) else 0
+
+
+def loaded_in_time(tmp: Path, text: str, load: Any) -> int:
+    path = tmp / "document.yaml"
+    path.write_text(text, errors="surrogatepass")
+    started = time.perf_counter()
+    code = exit_code(lambda: load(path))
+    assert time.perf_counter() - started < 2.0
+    return code
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.CONFIG))
+def test_a_hostile_config_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    assert loaded_in_time(tmp_path_factory.mktemp("config"), text, load_config) in (0, 2), text[:300]
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.RECIPE))
+def test_a_hostile_recipe_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    assert loaded_in_time(tmp_path_factory.mktemp("recipe"), text, load_recipe) in (0, 2), text[:300]
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.PULL_SPEC))
+def test_a_hostile_pull_spec_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    def pull_without_s3(path: Path) -> int:  # every check `wmtp pull` makes before it reaches S3
+        return pull.main([], None, path, workers=1, part_size_mb=1, verify=False, endpoint_url=None, region=None)
+
+    with mock.patch.object(pull, "_pull_dest", return_value=Counter()):
+        assert loaded_in_time(tmp_path_factory.mktemp("pull"), text, pull_without_s3) in (0, 2), text[:300]
