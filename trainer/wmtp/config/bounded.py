@@ -6,10 +6,11 @@ annotation and the trainer's reports. A refusal is a `DocumentError` (a `ConfigE
 
 Why before the work: a parser's cost grows with what it builds, and a Python parser recurses, so a limit checked
 afterwards comes too late (a 1 MiB `[1,1,…]` took 15 s and 364 MB before a count refused it; `"[" * 4000` raised
-RecursionError). So the size is checked first; JSON's nesting, value count and longest string come from a scan
-of its brackets that builds nothing; YAML is read as an event stream (libyaml's where PyYAML has it) that stops at
-the first event past a limit, counting what aliases expand to without expanding them. Integers are bounded by
-digits (Python refuses past 4,300 with a ValueError, after quadratic work). Only then is the document built.
+RecursionError). So the size is checked first; JSON's nesting and value count come from its brackets and commas
+(one C-speed pass, strings skipped only when they could matter); YAML is read as an event stream (libyaml's where
+PyYAML has it) that stops at the first event past a limit, counting what aliases expand to without expanding them.
+Integers are bounded by digits (Python refuses past 4,300 with a ValueError, after quadratic work). Only then is
+the document built, and JSON's strings measured (the size already bounds their total).
 
 `check_tree` applies the same limits to data that arrived already parsed (a field of an API object).
 """
@@ -95,34 +96,52 @@ def _int_digits(text: str) -> int:
 
 # A JSON string, or an unterminated one up to the end (possessive: linear on any input).
 _JSON_STRING = re.compile(r'"(?:[^"\\]++|\\.)*+"?', re.S)
-_NOT_STRUCTURE = re.compile(r"[^\[\]{},]++")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1, ",": 0}
+_STRUCTURE = b"[]{},"
+_NOT_STRUCTURE = bytes(set(range(256)) - set(_STRUCTURE))
+_STEP = [0] * 256
+_STEP[ord("[")] = _STEP[ord("{")] = 1
+_STEP[ord("]")] = _STEP[ord("}")] = -1
+
+
+def _skeleton(text: str) -> bytes:
+    """The brackets and commas of `text`, in order: one C-speed pass."""
+    return text.encode("utf-8", "surrogatepass").translate(None, _NOT_STRUCTURE)
 
 
 def _json_shape(text: str, limits: Limits, source: str) -> None:
-    """Nesting, value count and longest string of a JSON text, from its brackets and commas alone."""
-    longest = max(map(len, _JSON_STRING.findall(text)), default=2) - 2
-    if longest > limits.max_string:
-        raise _fail(source, f"a string of {longest} characters, more than the {limits.max_string} allowed")
-    skeleton = _NOT_STRUCTURE.sub("", _JSON_STRING.sub("", text))
-    if _depth_over(skeleton, limits.max_depth):
-        raise _fail(source, f"nested more than {limits.max_depth} levels deep")
-    # Every value but the first follows a comma or opens a container: an upper bound, exact for most documents.
-    if skeleton.count(",") + skeleton.count("[") + skeleton.count("{") + 1 > limits.max_nodes:
-        raise _fail(source, f"more than {limits.max_nodes} values")
+    """Nesting and value count of a JSON text, from its brackets and commas alone: first counting those inside
+    strings too (an over-estimate, enough for nearly every document), then, only if that is over a limit, those
+    outside strings."""
+    skeleton = _skeleton(text)
+    if _over(skeleton, limits):
+        skeleton = _skeleton(_JSON_STRING.sub("", text))
+        if _depth_over(skeleton, limits.max_depth):
+            raise _fail(source, f"nested more than {limits.max_depth} levels deep")
+        if _values(skeleton) > limits.max_nodes:
+            raise _fail(source, f"more than {limits.max_nodes} values")
+
+
+def _values(skeleton: bytes) -> int:
+    """Every value but the first follows a comma or opens a container: an upper bound, exact for most documents."""
+    return skeleton.count(b",") + skeleton.count(b"[") + skeleton.count(b"{") + 1
+
+
+def _over(skeleton: bytes, limits: Limits) -> bool:
+    return skeleton.count(b"[") + skeleton.count(b"{") > limits.max_depth or _values(skeleton) > limits.max_nodes
 
 
 def json_nested_over(text: str, limit: int) -> bool:
     """Whether the JSON `text` nests deeper than `limit` (strings skipped), without parsing it."""
-    return text.count("[") + text.count("{") > limit and _depth_over(
-        _NOT_STRUCTURE.sub("", _JSON_STRING.sub("", text)), limit
+    skeleton = _skeleton(text)
+    return skeleton.count(b"[") + skeleton.count(b"{") > limit and _depth_over(
+        _skeleton(_JSON_STRING.sub("", text)), limit
     )
 
 
-def _depth_over(skeleton: str, limit: int) -> bool:
+def _depth_over(skeleton: bytes, limit: int) -> bool:
     """Whether the brackets nest deeper than `limit`: running sums a chunk at a time, so that a deep document is
     refused at its first chunk."""
-    if skeleton.count("[") + skeleton.count("{") <= limit:
+    if skeleton.count(b"[") + skeleton.count(b"{") <= limit:
         return False
     depth, chunk = 0, 1 << 16
     for start in range(0, len(skeleton), chunk):
@@ -131,6 +150,21 @@ def _depth_over(skeleton: str, limit: int) -> bool:
             return True
         depth = sums[-1]
     return False
+
+
+def _longest_string(data: Any) -> int:
+    """The longest key or string value in parsed data (at most `max_nodes` of them: counted before parsing)."""
+    longest, stack = 0, [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            longest = max(longest, len(value))
+        elif isinstance(value, dict):
+            stack += value.values()
+            longest = max(longest, max(map(len, value), default=0))
+        elif isinstance(value, list):
+            stack += value
+    return longest
 
 
 def parse_json(data: str | bytes, limits: Limits = DOCUMENT, *, source: str = "") -> Any:
@@ -144,11 +178,15 @@ def parse_json(data: str | bytes, limits: Limits = DOCUMENT, *, source: str = ""
         return int(digits)
 
     try:
-        return json.loads(text, parse_int=bounded_int)
+        data = json.loads(text, parse_int=bounded_int)
     except json.JSONDecodeError as err:
         raise _fail(source, f"not valid JSON: {err.msg} (line {err.lineno} column {err.colno})") from None
     except RecursionError:  # only below a caller already deep in its own stack
         raise _fail(source, "nested too deeply to read") from None
+    longest = _longest_string(data)  # after: the total is bounded by the size, and this costs a pass per value
+    if longest > limits.max_string:
+        raise _fail(source, f"a string of {longest} characters, more than the {limits.max_string} allowed")
+    return data
 
 
 # libyaml's parser when PyYAML has it: about fifteen times faster than the pure-Python one, the same documents.
