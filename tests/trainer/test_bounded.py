@@ -69,6 +69,8 @@ HOSTILE: dict[str, tuple[Callable[..., Any], str, Limits, str]] = {
     "not UTF-8": (parse_yaml, b"a: caf\xe9", DOCUMENT, "not UTF-8 text (byte 6)"),
     "a control character": (parse_yaml, "a: \x1b[31m", DOCUMENT, "not valid YAML"),
     "python tags": (parse_yaml, "!!python/object/apply:os.system [ls]", DOCUMENT, "not valid YAML"),
+    "a timestamp that is none": (parse_yaml, "a: !!timestamp x", DOCUMENT, "not valid YAML"),
+    "a date out of range": (parse_yaml, "a: 2001-13-40", DOCUMENT, "not valid YAML: month must be in 1..12"),
 }
 
 

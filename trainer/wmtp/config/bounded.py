@@ -262,8 +262,8 @@ def parse_yaml(data: str | bytes, limits: Limits = DOCUMENT, *, source: str = ""
             loader.dispose()
     except DocumentError:
         raise
-    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as err:  # and a constructor's: a date out of range
-        said = " ".join(str(err).split())
+    except Exception as err:  # YAMLError, and whatever a constructor raises (`!!timestamp x`: AttributeError)
+        said = " ".join(str(err).split()) or type(err).__name__
         if "exceeded maximum nesting depth" in said:  # libyaml's own limit, met while it looks ahead
             raise _fail(source, f"nested more than {limits.max_depth} levels deep") from None
         raise _fail(source, f"not valid YAML: {clip(said)}") from None
