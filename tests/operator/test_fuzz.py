@@ -95,8 +95,8 @@ def test_a_reconcile_pass_raises_nothing_and_says_little_whatever_it_reads(
 def test_a_hostile_recipe_config_map_is_valid_false_in_time(text: str) -> None:
     body = {**TINY_RUN, "spec": {**TINY_RUN["spec"], "recipe": None, "recipeRef": {"name": "recipes"}}}
     del body["spec"]["recipe"]
-    started = time.perf_counter()
+    started = time.process_time()  # CPU: the machine running the tests is shared
     plan = reconcile(body, Observed(recipe_text=text), "2026-01-02T03:04:05Z")
-    assert time.perf_counter() - started < 2.0
+    assert time.process_time() - started < 2.0
     valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
     assert valid["status"] == "True" or len(valid["message"]) <= MAX_MESSAGE

@@ -132,8 +132,8 @@ def test_yaml_within_the_limits_reads_as_safe_load_reads_it() -> None:
     ids=["deep", "wide", "long string", "long key", "huge int", "large", "deeper than a recipe"],
 )
 def test_parsed_data_is_held_to_the_same_limits(data: Any, limits: Limits, says: str) -> None:
-    started = time.perf_counter()
+    started = time.process_time()
     with pytest.raises(DocumentError, match=says):
         check_tree(data, limits, "spec.recipe")
-    assert time.perf_counter() - started < 0.5
+    assert time.process_time() - started < 0.5
     check_tree({"run": {"tags": {"a": "b"}}, "optim": {"betas": [0.9, 0.95], "lr": 1e-3}}, limits)

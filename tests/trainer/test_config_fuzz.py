@@ -185,9 +185,9 @@ def exit_code(call: Any) -> int:
 def loaded_in_time(tmp: Path, text: str, load: Any) -> int:
     path = tmp / "document.yaml"
     path.write_text(text, errors="surrogatepass")
-    started = time.perf_counter()
+    started = time.process_time()  # CPU: the machine running the tests is shared
     code = exit_code(lambda: load(path))
-    assert time.perf_counter() - started < 2.0
+    assert time.process_time() - started < 2.0
     return code
 
 
