@@ -53,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import wmtp_operator.handlers  # noqa: F401  (registers the handlers with kopf)
     from wmtp_operator import metrics
+    from wmtp_operator.decoding import install
 
+    install()  # kopf decodes every object it lists and watches: never into a RecursionError
     if args.metrics_port:
         metrics.serve(args.metrics_port)
 

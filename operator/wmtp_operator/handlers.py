@@ -34,7 +34,8 @@ from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
 from wmtp_operator.spec import Defaults
 
 RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within 1.5 × this
-ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx)
+ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx), doubling while it repeats
+MAX_ERROR_RETRY_SECONDS = 300.0
 TICK_SECONDS = 0.2
 PASSES_AT_ONCE = 32
 log = logging.getLogger(__name__)
@@ -49,10 +50,12 @@ class Supervisor:
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._waiting: set[tuple[str, str]] = set()
         self._due: dict[tuple[str, str], float] = {}
+        self._failed: dict[tuple[str, str], int] = {}  # passes failed in a row
         self._tasks: set[asyncio.Task[None]] = set()  # held so that the event loop does not drop them
 
     def forget(self, namespace: str, name: str) -> None:
         self._due.pop((namespace, name), None)
+        self._failed.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self.kube.written.pop((namespace, name), None)
         self.metrics.forget(namespace, name)
@@ -73,10 +76,12 @@ class Supervisor:
                 result = await asyncio.to_thread(self.reconcile_now, namespace, name)
             except Exception as err:  # an API error or timeout: this pass is lost, a later one redoes it
                 self.metrics.observe(namespace, name, time.monotonic() - started, err)
-                log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, ERROR_RETRY_SECONDS,
-                            say(str(err)))  # fmt: skip
-                self._due[key] = time.monotonic() + ERROR_RETRY_SECONDS
+                self._failed[key] = failed = self._failed.get(key, 0) + 1
+                wait = min(ERROR_RETRY_SECONDS * 2 ** (failed - 1), MAX_ERROR_RETRY_SECONDS)
+                log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, wait, say(str(err)))
+                self._due[key] = time.monotonic() + wait
                 return
+        self._failed.pop(key, None)
         self.metrics.observe(namespace, name, time.monotonic() - started, result)
         if result is None:
             self.forget(namespace, name)

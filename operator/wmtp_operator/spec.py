@@ -9,31 +9,43 @@ descriptions exist once.
 
 CEL rules stay cheap: the API server refuses a CRD whose rules it estimates too costly, so they only touch
 bounded strings and collections (`maxLength`, `maxProperties`); map keys, which it cannot bound, are checked here
-and by the chart's admission policy.
+and by the chart's admission policy. URIs and paths have the shapes of `wmtp.config.uris`, the trainer's own.
+
+The inline recipe's schema is the trainer's `Recipe`, every part of it bounded, so the API server itself keeps a
+recipe small and shallow; the operator checks the same bounds (`formats.RECIPE`) before any other work, for a
+recipeRef's text and for a spec that never met this CRD.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
 from wmtp import config, contract
+from wmtp.config import check_tree
+from wmtp.config.uris import POD_ROOT, PodRoot, Url, shaped
 from wmtp_operator.formats import (
     CONFIG_KEY,
     DATASET,
     DURATION,
     IMAGE,
     MAX_DATASETS,
-    MAX_URI,
+    MAX_PODS,
     NAME,
+    QUALIFIED_NAME,
+    RECIPE,
+    check_duration,
+    duration_rule,
     duration_seconds,
 )
 from wmtp_operator.sections import (
     Camel,
     Eval,
+    LabelValue,
     ModelVolume,
     Resources,
     Toleration,
@@ -41,6 +53,7 @@ from wmtp_operator.sections import (
     cel,
     derived,
     immutable,
+    inline_recipe_schema,
     secret,
 )
 
@@ -51,6 +64,12 @@ _RESUME_RULE = (
 )
 _RESUME_WORDS = f"{', '.join(contract.RESUME_KEYWORDS)}, {contract.RESUME_STEP_PREFIX}N"
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
+_KEYWORDS = "|".join(map(re.escape, contract.RESUME_KEYWORDS))
+_RESUME_SHAPE = f"^(?:{_KEYWORDS})$|^{contract.RESUME_STEP_PREFIX}[0-9]{{1,18}}$|{POD_ROOT}"
+Resume = shaped(_RESUME_SHAPE, f"{_RESUME_WORDS} or a checkpoint URI (s3://, file:///, /path)")
+MIN_STARTUP_TIMEOUT = "30s"  # the kubelet's image pull alone takes longer
+# The operator itself refuses only a zero wait: tests against the emulator (which skips the CRD) bound it in seconds.
+OPERATOR_MIN_STARTUP_TIMEOUT = "1s"
 
 
 class RecipeRef(Camel):
@@ -94,14 +113,15 @@ Checkpoints = derived(
     config.CheckpointPaths,
     "Checkpoints",
     "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
-    required=("base_path",),
-    override={
-        "base_path": Field(
-            max_length=MAX_URI,
-            description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-            json_schema_extra=cel(
-                (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
-                immutable("checkpoints.basePath", "the run's checkpoints live there"),
+    extra={  # required, and where every pod sees the same place: never a relative path
+        "base_path": (
+            PodRoot,
+            Field(
+                description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
+                json_schema_extra=cel(
+                    (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+                    immutable("checkpoints.basePath", "the run's checkpoints live there"),
+                ),
             ),
         )
     },
@@ -113,7 +133,6 @@ S3 = derived(
     "S3 endpoint and credentials for pulls, datasets and checkpoints.",
     # Keys never go into a spec: the pods read them from the Secret named here.
     exclude=("access_key_id", "secret_access_key"),
-    override={"endpoint_url": Field(max_length=MAX_URI), "region": Field(max_length=64)},
     extra={
         "credentials_secret": (
             str | None,
@@ -126,12 +145,19 @@ S3 = derived(
     },
 )
 
+
+def _server(field: str) -> tuple[Any, Any]:
+    """An MLflow URI of the spec: a server the pods reach, http(s) only (the trainer also takes local stores)."""
+    return Url | None, Field(None, description=config.MLflowSettings.model_fields[field].description)
+
+
 MLflow = derived(
     config.MLflowSettings,
     "MLflow",
     "MLflow tracking for metrics and the final model.",
-    override={"tracking_uri": Field(max_length=MAX_URI), "registry_uri": Field(max_length=MAX_URI)},
     extra={
+        "tracking_uri": _server("tracking_uri"),
+        "registry_uri": _server("registry_uri"),
         "credentials_secret": (
             str | None,
             secret(
@@ -139,7 +165,7 @@ MLflow = derived(
                 "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
                 "Credentials never belong in trackingUri."
             ),
-        )
+        ),
     },
 )
 
@@ -190,6 +216,14 @@ class Spec(Camel):
                 "has(self.recipe) == has(oldSelf.recipe)",
                 "spec.recipe and spec.recipeRef are immutable (they define what is trained); create a new WMTPRun",
             ),
+            (
+                "!has(self.recipe) || !has(self.recipe.train.algo) || self.recipe.train.algo == self.algorithm",
+                "recipe.train.algo must be spec.algorithm (or left out)",
+            ),
+            (
+                "!has(self.recipe) || (has(self.datasets) && self.recipe.data.sources.all(s, s.name in self.datasets))",
+                "recipe.data.sources names a dataset that spec.datasets does not define",
+            ),
         )
     )
 
@@ -205,12 +239,11 @@ class Spec(Camel):
         description="WMTP algorithm; the recipe's train.algo must match it or be left out. Immutable.",
         json_schema_extra=cel(immutable("algorithm")),
     )
-    recipe: dict[str, Any] | None = Field(
+    recipe: Annotated[dict[str, Any], WithJsonSchema(inline_recipe_schema())] | None = Field(
         None,
         description="The recipe inline (the schema of recipe.yaml: run, train, data, optim, loss, ...). "
-        "run.name is replaced by the WMTPRun's name. Exactly one of recipe and recipeRef; immutable, the content "
-        "of a recipeRef ConfigMap too (the operator refuses a changed one).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        "run.name is replaced by the WMTPRun's name, a left-out train.algo is spec.algorithm. Exactly one of recipe "
+        "and recipeRef; immutable, the content of a recipeRef ConfigMap too (the operator refuses a changed one).",
     )
     recipe_ref: RecipeRef | None = Field(None, description="The recipe from a ConfigMap instead of inline.")
     models: Models = Field(description="Model URIs by role. Immutable.")
@@ -221,20 +254,19 @@ class Spec(Camel):
         json_schema_extra=cel(immutable("datasets"), maxProperties=MAX_DATASETS),
     )
     checkpoints: Checkpoints = Field(description="Checkpoint store and cadence.")
-    resume: str = Field(
+    resume: Resume = Field(
         contract.RESUME_AUTO,
-        max_length=MAX_URI,
         description=f"Where the first attempt starts: {contract.RESUME_HELP}. A checkpoint named here that is "
         "missing or damaged fails the run.",
         json_schema_extra=cel(
             (_RESUME_RULE, f"resume must be {_RESUME_WORDS}, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
-    resume_from: str | None = Field(
+    resume_from: Resume | None = Field(
         None,
-        max_length=MAX_URI,
-        description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
-        "next attempt resumes from, falling back to the newest intact one when it is gone.",
+        description="Written by the operator alone: the checkpoint the next attempt resumes from, falling back to "
+        "the newest intact one when it is gone. The chart's admission policy refuses anyone else's write, and the "
+        "operator ignores a value it did not write (a Warning says so).",
         json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be a checkpoint URI, or {_RESUME_WORDS}")),
     )
     s3: S3 = Field(
@@ -254,14 +286,20 @@ class Spec(Camel):
     nodes: int = Field(
         1,
         ge=1,
-        le=config.MAX_NODES,
+        le=MAX_PODS,
         description="Pods (torchrun nodes) per attempt; all start and restart together.",
         json_schema_extra=cel(("self >= 1", "nodes must be at least 1")),
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="Trainer processes per pod (usually the GPUs per pod).")
     resources: Resources | None = Field(None, description="Trainer container resources.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the trainer pods.")
+    node_selector: dict[Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=317)], LabelValue] = Field(
+        default_factory=dict,
+        description="Node labels the pods must match.",
+        json_schema_extra={"maxProperties": 32},
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the trainer pods."
+    )
     service_account_name: str | None = Field(
         None,
         max_length=253,
@@ -275,7 +313,10 @@ class Spec(Camel):
         json_schema_extra={"default": {}},
     )
     backoff_limit: int = Field(
-        3, ge=0, description="Restarts (new attempts after a failure) before the run fails; preemptions do not count."
+        3,
+        ge=0,
+        le=1000,
+        description="Restarts (new attempts after a failure) before the run fails; preemptions do not count.",
     )
     startup_timeout: str = Field(
         "30m",
@@ -283,18 +324,21 @@ class Spec(Camel):
         max_length=16,
         pattern=DURATION,
         description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
-        "attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s.",
+        f"attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s; at least "
+        f"{MIN_STARTUP_TIMEOUT}.",
+        json_schema_extra=cel(duration_rule("startupTimeout", MIN_STARTUP_TIMEOUT)),
     )
     termination_grace_period_seconds: int = Field(
         300,
         ge=10,
+        le=86_400,
         description="How long a stopping pod may take: the trainer saves a checkpoint on SIGTERM within it.",
     )
     suspend: bool = Field(
         False, description="true: delete the running attempt and keep everything else; false again: resume."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete a finished attempt's Job and pods this long after it ends."
+        None, ge=0, le=2**31 - 1, description="Delete a finished attempt's Job and pods this long after it ends."
     )
 
     eval: Eval | None = Field(
@@ -306,6 +350,19 @@ class Spec(Camel):
     @property
     def startup_timeout_seconds(self) -> int:
         return duration_seconds(self.startup_timeout)
+
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _small(cls, value: Any) -> Any:
+        """Bounded before anything else reads it: a deep or huge inline recipe is one line, not seconds of CPU."""
+        if value is not None:
+            check_tree(value, RECIPE)
+        return value
+
+    @field_validator("startup_timeout")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        return check_duration(value, "startupTimeout", OPERATOR_MIN_STARTUP_TIMEOUT)
 
 
 @dataclass(frozen=True)

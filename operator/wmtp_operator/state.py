@@ -12,17 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wmtp import contract
-from wmtp.config import MAX_MESSAGE
+from wmtp.config import DOCUMENT, MAX_MESSAGE, clip, parse_json, redact_uri
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
-from wmtp_operator.spec import Spec
-from wmtp_operator.status import Evaluation
+from wmtp_operator.spec import Run, Spec
+from wmtp_operator.status import Evaluation, in_checkpoint_root
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a
@@ -33,6 +34,8 @@ _NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout"
                     "models", "datasets", "eval"}  # fmt: skip
 
 Cause = Literal["failure", "preemption", "suspend"]
+# The record is small; anyone who may edit the run may edit its annotations, so it is read as untrusted text.
+STATE_LIMITS = DOCUMENT.within(max_bytes=65536, max_depth=8)
 
 
 class Ending(Camel):
@@ -86,7 +89,7 @@ class State(Camel):
         if not text:
             return cls(), None
         try:
-            return cls.model_validate(json.loads(text[:65536])), None
+            return cls.model_validate(parse_json(text, STATE_LIMITS)), None
         except (ValueError, ValidationError):
             return cls(), f"annotation {STATE_ANNOTATION} is unreadable; it was rebuilt from the run's Jobs"
 
@@ -95,6 +98,25 @@ class State(Camel):
 
     def patch(self) -> dict[str, Any]:
         return {"metadata": {"annotations": {STATE_ANNOTATION: self.dump()}}}
+
+
+def trusted_resume_from(run: Run | None, state: State) -> tuple[Run | None, str | None]:
+    """The run with spec.resumeFrom only as this operator wrote it, and why not when it differs.
+
+    The operator writes there only a checkpoint of this run that it accepted (`state.checkpoint`), and records
+    the one each attempt started from (`state.resume_from`); a value that is neither, or not under the run's own
+    checkpoint root, came from someone else (without the chart's admission policy, anyone who may edit the run):
+    it is treated as unset, and the returned words go to the status and a Warning Event."""
+    if run is None or run.spec.resume_from is None:
+        return run, None
+    value, spec = run.spec.resume_from, run.spec
+    if value in (state.checkpoint, state.resume_from) and in_checkpoint_root(
+        value, spec.checkpoints.base_path, run.name
+    ):
+        return run, None
+    ignored = replace(run, spec=spec.model_copy(update={"resume_from": None}))
+    why = f"spec.resumeFrom {redact_uri(value)!r} was not written by the operator and is ignored (set spec.resume)"
+    return ignored, clip(why)
 
 
 def fingerprint(value: Any) -> str:

@@ -586,3 +586,46 @@ def test_a_failed_evaluation_leaves_the_run_succeeded_with_a_warning(
                     for e in cluster.events()), "a Warning EvaluationFailed"
     )  # fmt: skip
     assert cluster.jobs() == [f"{RUN}-a1", f"{RUN}-eval"]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_deep_recipe_and_a_bracket_bomb_for_last_words_stop_nothing(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    # kopf decodes every object it lists and watches before any handler: ~990 levels used to end kopf.run.
+    deep = make_run()
+    deep["metadata"] = {"name": "deep", "namespace": cluster.ns}
+    deep["spec"]["recipe"]["optim"] = {"lr": _nested(990)}  # set after the copies: deepcopy recurses
+    cluster.api.create(deep)
+    cluster.create(make_run(), name="bombed")
+    pods = cluster.running(name="bombed")
+    last_words = {"exitCode": 1, "reason": "Error", "message": "[" * 4000}  # what a trainer could write there
+    failed = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": last_words}}]}
+    cluster.api.set_status(cluster.ns, pods[0], failed)
+    cluster.until(lambda: cluster.status("bombed").get("restarts") == 1, "the bombed run restarted")
+    cluster.until(lambda: cluster.condition("Valid", "deep") == "False InvalidSpec", "the deep run refused")
+    assert "spec.recipe: nested more than 16 levels deep" in cluster.status("deep")["message"]
+    cluster.create(make_run(), name="neighbour")
+    for pod in cluster.running(name="neighbour"):
+        cluster.api.exit(cluster.ns, pod, 0, {"reason": "Succeeded", "step": 60})
+    cluster.until(lambda: cluster.status("neighbour").get("phase") == "Succeeded", "the neighbour succeeded")
+    assert cluster.operator.alive() and cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "deep"}) == []
+    cluster.api.delete("WMTPRun", cluster.ns, "deep")
+
+
+def test_a_child_too_large_for_the_api_server_is_the_runs_status_once(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.api.refuse("ConfigMap", 413, "RequestEntityTooLarge", "the request is too large", namespace=cluster.ns)
+    cluster.create(tiny_run)
+    cluster.until(lambda: cluster.condition("Applied") == "False Refused", "Applied=False Refused")
+    assert "(413 RequestEntityTooLarge)" in cluster.status()["message"]
+    time.sleep(2)  # backing off: no retry every few seconds
+    assert cluster.api.calls("create", "ConfigMap", cluster.ns) == 1
+    assert [e["reason"] for e in cluster.events()].count("Refused") == 1

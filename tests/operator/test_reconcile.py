@@ -436,6 +436,31 @@ def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callab
     assert again.status["observedGeneration"] == body["metadata"]["generation"]
 
 
+FOREIGN_CKPT = f"s3://wmtp/checkpoints/someone-else/{step_dir_name(5000)}"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "resume"),
+    [
+        (None, ["--resume", "auto"]),
+        (state(ending=ending(), **AT_1200), ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]),
+    ],
+    ids=["first attempt", "after an accepted checkpoint"],
+)
+def test_a_resume_from_the_operator_did_not_write_is_ignored_with_a_warning(
+    recorded: dict[str, Any] | None, resume: list[str], make_run: Callable[..., Any]
+) -> None:
+    body = make_run(**{"spec.resumeFrom": FOREIGN_CKPT})  # no admission policy stopped it
+    if recorded is not None:
+        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(recorded)}
+    plan = reconcile(body, Observed(), NOW)
+    args = _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-len(resume) :] == resume and FOREIGN_CKPT not in args
+    valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and "was not written by the operator and is ignored" in valid["message"]
+    assert ("Warning", "InvalidSpec") in [(e.type, e.reason) for e in plan.events]
+
+
 def test_a_report_is_copied_and_its_checkpoint_kept_where_trainers_cannot_write(make_run: Callable[..., Any]) -> None:
     body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
     body["status"] = {"phase": "Running", "report": report()}

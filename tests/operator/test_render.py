@@ -190,11 +190,11 @@ def test_attempt_job_runs_torchrun_across_all_pods_with_rank_from_the_completion
     [
         ({}, ["--resume", "auto"]),
         ({"spec.resume": "never"}, ["--resume", "never"]),
-        ({"spec.resume": "s3://b/c/tiny-rho1/checkpoint_step_00000500"},
-         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00000500"]),
+        ({"spec.resume": "s3://bkt/c/tiny-rho1/checkpoint_step_00000500"},
+         ["--resume", "s3://bkt/c/tiny-rho1/checkpoint_step_00000500"]),
         # the operator's choice may fall back to the newest intact checkpoint; the user's never does
-        ({"spec.resume": "step_500", "spec.resumeFrom": "s3://b/c/tiny-rho1/checkpoint_step_00001000"},
-         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00001000", contract.RESUME_FALLBACK_FLAG]),
+        ({"spec.resume": "step_500", "spec.resumeFrom": "s3://bkt/c/tiny-rho1/checkpoint_step_00001000"},
+         ["--resume", "s3://bkt/c/tiny-rho1/checkpoint_step_00001000", contract.RESUME_FALLBACK_FLAG]),
     ],
 )  # fmt: skip
 def test_trainer_resumes_from_resume_from_with_fallback_else_from_resume(
@@ -344,8 +344,8 @@ SECRET = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "NODE_RANK": "1"}
     ("overrides", "literal"),
     [
         ({"spec.resume": "/$(AWS_SECRET_ACCESS_KEY)"}, "/$(AWS_SECRET_ACCESS_KEY)"),
-        ({"spec.resume": "s3://b/$$(AWS_SECRET_ACCESS_KEY)"}, "s3://b/$$(AWS_SECRET_ACCESS_KEY)"),
-        ({"spec.resumeFrom": "s3://b/$(AWS_SECRET_ACCESS_KEY)$"}, "s3://b/$(AWS_SECRET_ACCESS_KEY)$"),
+        ({"spec.resume": "s3://bkt/$$(AWS_SECRET_ACCESS_KEY)"}, "s3://bkt/$$(AWS_SECRET_ACCESS_KEY)"),
+        ({"spec.resumeFrom": "s3://bkt/$(AWS_SECRET_ACCESS_KEY)$"}, "s3://bkt/$(AWS_SECRET_ACCESS_KEY)$"),
     ],
 )
 def test_no_spec_value_is_expanded_by_kubernetes_in_argv(
@@ -359,12 +359,12 @@ def test_no_spec_value_is_expanded_by_kubernetes_in_argv(
 
 def test_no_spec_value_is_expanded_by_kubernetes_in_env(make_run: Callable[..., dict[str, Any]]) -> None:
     body = make_run(
-        **{"spec.s3.endpointUrl": "http://$(AWS_SECRET_ACCESS_KEY)", "spec.mlflow.trackingUri": "http://m/$(X)"}
+        **{"spec.s3.endpointUrl": "http://minio/$(AWS_SECRET_ACCESS_KEY)", "spec.mlflow.trackingUri": "http://m/$(X)"}
     )
     env = _job(body)["spec"]["template"]["spec"]["containers"][0]["env"]
     values = {e["name"]: expand(e["value"], SECRET) for e in env if "value" in e}
     assert (
-        values["AWS_ENDPOINT_URL"] == "http://$(AWS_SECRET_ACCESS_KEY)"
+        values["AWS_ENDPOINT_URL"] == "http://minio/$(AWS_SECRET_ACCESS_KEY)"
         and values["MLFLOW_TRACKING_URI"] == "http://m/$(X)"
     )
 

@@ -175,18 +175,19 @@ def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt, log_level: str 
 
     with reported(log_level):
         report = validate_run(str(config), str(recipe))
-    if report.rows:
+    if report.rows:  # what was checked, on stdout; the problems and the verdict on stderr, as every command's
         table = Table(title="What would run", show_lines=False)
         for column in ("item", "value", "detail"):
             table.add_column(column)
         for row in report.rows:
             table.add_row(*row)
-        console.print(table)
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s):[/red]")
         for problem in report.problems:
             console.print(f"  - {one_line(problem.text)}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(report.exit_code)
+        first = report.problems[0].text
+        fail(f"not valid: {len(report.problems)} problem(s), the first: {first}", report.exit_code)
     console.print("[green]valid[/green]")
 
 

@@ -18,7 +18,7 @@ from wmtp_operator import render
 from wmtp_operator.formats import duration_seconds
 from wmtp_operator.plan import Delete, Observed
 from wmtp_operator.spec import Defaults, Run, Spec
-from wmtp_operator.state import State, changed, definition_of
+from wmtp_operator.state import State, changed, definition_of, trusted_resume_from
 from wmtp_operator.status import Condition
 
 Obj = Mapping[str, Any]
@@ -71,6 +71,7 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
     uid = meta.get("uid", "")
     recorded, unreadable = State.load(meta)
     run, files, problem = _spec(body, observed, defaults, recorded)
+    run, ignored = trusted_resume_from(run, recorded)
     jobs = [j for j in observed.jobs if render.controller_uid(j) == uid]
     pods = [p for p in observed.pods if (p["metadata"].get("labels") or {}).get(render.RUN_UID_LABEL) == uid]
     foreign = [j for j in observed.jobs if render.controller_uid(j) != uid]
@@ -83,7 +84,7 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
         recorded=recorded,
         run=run,
         files=files,
-        problems=tuple(p for p in (unreadable, problem) if p),
+        problems=tuple(p for p in (unreadable, problem, ignored) if p),
         jobs=tuple(j for j in jobs if not render.is_evaluation(j)),
         pods=tuple(p for p in pods if not render.is_evaluation(p)),
         eval_jobs=tuple(filter(render.is_evaluation, jobs)),

@@ -30,11 +30,8 @@ from wmtp.config import (
     parse_yaml,
 )
 from wmtp.contract import MODEL_DIR, WORK_DIR
+from wmtp_operator.formats import RECIPE
 from wmtp_operator.spec import Run, Spec
-
-# A recipe is a few KB; the YAML parser spends about 15 µs of CPU, shared by every run the operator serves, per byte
-# of a hostile document.
-MAX_RECIPE_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
@@ -146,24 +143,22 @@ def _recipe_data(run: Run, recipe_text: str | None) -> dict[str, Any]:
 
 
 def _parsed(text: str, source: str) -> dict[str, Any]:
-    """A recipe ConfigMap's YAML, parsed once per content: every pass of the run reads it again, and a hostile
-    one costs seconds of the CPU that all runs share."""
-    if len(text) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{source}: {len(text)} characters, more than the {MAX_RECIPE_BYTES} a recipe may have")
+    """A recipe ConfigMap's YAML within `formats.RECIPE`, parsed once per content: every pass of the run reads it
+    again."""
+    if len(text) > RECIPE.max_bytes:
+        raise ConfigError(f"{source}: {len(text)} characters, more than the {RECIPE.max_bytes} a recipe may have")
     ok, result = _parse_cached(text, source)
     if not ok:
         raise ConfigError(result)
     return copy.deepcopy(result)
 
 
-@functools.lru_cache(maxsize=64)  # at most 64 × MAX_RECIPE_BYTES of keys
+@functools.lru_cache(maxsize=64)  # at most 64 × RECIPE.max_bytes of keys
 def _parse_cached(text: str, source: str) -> tuple[bool, Any]:
     try:
-        data = parse_yaml(text, source, MAX_RECIPE_BYTES)
+        data = parse_yaml(text, RECIPE, source=source)
     except ConfigError as err:
         return False, str(err)
-    except RecursionError:  # nested thousands deep
-        return False, f"{source}: nested too deeply to read (a recipe has a few levels)"
     if not isinstance(data, dict):
         return False, f"{source}: expected a mapping at the top level"
     return True, data

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from wmtp import contract
+from wmtp.config.uris import Location
 
 EvalTask = Literal[tuple(contract.EVAL_TASKS)]  # type: ignore[valid-type]
 _NEEDS_DATA = [task for task in contract.EVAL_TASKS if task not in contract.EVAL_BUNDLED]
@@ -35,7 +36,7 @@ class EvalSettings(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many problems per task. Unset: all of them.")
     temperature: float = Field(0.8, ge=0.01, le=5.0, description="Sampling temperature when samples > 1.")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest completion, in tokens.")
-    datasets: dict[EvalTask, str] = Field(
+    datasets: dict[EvalTask, Location] = Field(
         default_factory=dict,
         description=f"Task → URI of its data (.jsonl/.jsonl.gz, a folder or a prefix); {', '.join(_NEEDS_DATA)} "
         "needs one.",

@@ -53,7 +53,7 @@ from pathlib import Path
 from wmtp.config.documents import clip
 from wmtp.contract import ExitCode
 from wmtp.pull.fetch import Fetcher, Meter, MiB
-from wmtp.pull.plan import Job, list_sources, load_spec, plan
+from wmtp.pull.plan import Job, check_job, list_sources, load_spec, plan
 from wmtp.pull.state import DestLock, DestState
 from wmtp.storage import Location, ObjectInfo, Storage, StorageError, parse_uri
 from wmtp.storage.s3 import S3Backend
@@ -122,6 +122,7 @@ def pull(
     started = time.monotonic()
     groups: dict[Path, tuple[S3Backend, list[tuple[Location, Job]]]] = {}
     for job in jobs:
+        check_job(job)
         try:
             src, dest = parse_uri(job.uri), parse_uri(job.dest)
         except ValueError as err:

@@ -10,12 +10,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wmtp.config.documents import ConfigError, parse_yaml
+from wmtp.config import uris
+from wmtp.config.documents import ConfigError, clip, parse_yaml
 from wmtp.contract import PULL_WEIGHTS, PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0, ExitCode, is_weight_file
 from wmtp.pull.state import STATE_DIR, digest
 from wmtp.storage import Backend, LocalTree, Location, ObjectInfo, StorageError, UnsafePath, safe_relative
 
 log = logging.getLogger(__name__)
+MAX_NAME_BYTES = 255  # of one file name on every local file system the puller writes to
+_SOURCE = re.compile(uris.S3_ROOT)
+_DEST = re.compile(f"{uris.ABSOLUTE}|{uris.RELATIVE}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ _REQUIRED, _OPTIONAL = {"uri", "dest"}, {PULL_WEIGHTS: (PULL_WEIGHTS_ALL, PULL_W
 def load_spec(path: Path) -> list[Job]:
     """The `--spec` file: a YAML or JSON list of {uri, dest} mappings, each with an optional `weights`."""
     try:
-        items = parse_yaml(path.read_bytes(), str(path))
+        items = parse_yaml(path.read_bytes(), source=str(path))
     except OSError as err:
         raise StorageError(f"cannot read the spec {path}: {err.strerror}", ExitCode.BAD_INPUT) from err
     except ConfigError as err:
@@ -59,6 +63,25 @@ def _is_job(item: object) -> bool:
     )
 
 
+def check_job(job: Job) -> None:
+    """A job the puller can do: an s3:// source (a valid bucket, no `..` key segment) and a local folder (no `..`,
+    no `~user` of nobody, no name longer than a file system takes); StorageError (bad input) otherwise."""
+    if not _SOURCE.fullmatch(job.uri):
+        raise StorageError(
+            f"{clip(job.uri, 200)!r}: pull copies from s3://bucket[/prefix] (no `..`)", ExitCode.BAD_INPUT
+        )
+    if not _DEST.fullmatch(job.dest) or not _short_names(job.dest):
+        raise StorageError(f"{clip(job.dest, 200)!r}: not a local folder to pull into", ExitCode.BAD_INPUT)
+    try:
+        Path(job.dest).expanduser()
+    except RuntimeError as err:  # ~user of a user that does not exist
+        raise StorageError(f"{clip(job.dest, 200)!r}: {err}", ExitCode.BAD_INPUT) from None
+
+
+def _short_names(path: str) -> bool:
+    return all(len(part.encode()) <= MAX_NAME_BYTES for part in path.split("/"))
+
+
 def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
     """The objects a URI names, each with the path it takes under the destination."""
     found = store.objects(loc)
@@ -69,6 +92,8 @@ def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
 
 def _relative(rel: str, loc: Location) -> str:
     safe_relative(rel, loc.uri)
+    if not _short_names(rel):
+        raise UnsafePath(f"{loc.uri}: key {clip(rel, 200)!r} has a name longer than {MAX_NAME_BYTES} bytes")
     if rel.split("/")[0] == STATE_DIR:
         raise UnsafePath(f"{loc.uri}: key {rel!r} would land in the puller's own state folder {STATE_DIR}/")
     return rel
