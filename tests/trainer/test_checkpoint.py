@@ -277,6 +277,79 @@ def test_each_save_holds_the_state_of_its_moment_before_during_and_after_a_resum
                 assert torch.equal(loaded["optimizer"][index][name], tensor), (step, index, name)
 
 
+def train_value_head_then_model(manager: CheckpointManager, steps: range, model_from: int) -> None:
+    """Optimizer steps `steps`, the model updated only from step `model_from` on: as in a head warm-up, it gets
+    no gradient, and so no optimizer state, until then. Each step's input depends on the step alone."""
+    module, optimizer = manager.modules, manager.optimizer
+    for step in steps:
+        inputs = torch.randn(2, 4, generator=torch.Generator().manual_seed(step))
+        module["value_head"](module["model"](inputs)).sum().backward()
+        if step < model_from:
+            for param in module["model"].parameters():
+                param.grad = None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_saves_before_across_and_after_the_optimizer_gains_state_resume_exactly(store: CheckpointStore) -> None:
+    # The host copy kept from save to save matches the first save's state; once the model trains, the optimizer
+    # holds state for it too, and the next saves must hold that. A checkpoint from before resumes without any.
+    saver = _manager(store)
+    moments: dict[int, dict[str, Any]] = {}
+    for step in (2, 4, 6):
+        train_value_head_then_model(saver, range(step - 2, step), model_from=3)
+        moments[step] = copy.deepcopy(_everything(saver))
+        save(saver, step)
+
+    for step, expected in moments.items():
+        loader = _manager(store)
+        loader.load(store.step_location(step))
+        loaded = _everything(loader)
+        assert loaded["optimizer"].keys() == expected["optimizer"].keys(), step
+        for index, state in expected["optimizer"].items():
+            assert loaded["optimizer"][index].keys() == state.keys(), (step, index)
+            assert all(torch.equal(loaded["optimizer"][index][k], v) for k, v in state.items()), (step, index)
+    assert len(moments[2]["optimizer"]) == 2 and len(moments[4]["optimizer"]) == 4  # the value head's, then all
+
+    resumed = _manager(store)
+    resumed.load(store.step_location(2))
+    assert not any(param in resumed.optimizer.state for param in resumed.modules["model"].parameters())
+    train_value_head_then_model(resumed, range(2, 6), model_from=3)
+    for a, b in zip(saver.modules.state_dict().values(), resumed.modules.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the model's first updates, from fresh optimizer state, as in the run that went on
+
+
+def _saved_tensor(location: Location, key: str) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(location.path).read_metadata().state_dict_metadata[key]
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "expected"),
+    [("a new state name", "optimizer.state.value_head.bias.extra", (3,)),
+     ("a shape", "optimizer.state.value_head.weight.exp_avg", (1,)),
+     ("a dtype", "optimizer.state.value_head.weight.exp_avg", torch.float64)],
+)  # fmt: skip
+def test_the_host_copy_is_made_again_when_the_optimizer_states_layout_changes(
+    tmp_path: Path, change: str, key: str, expected: object
+) -> None:
+    store = CheckpointStore(str(tmp_path / "run"), Storage())
+    manager = _manager(store)
+    train_a_little(manager)
+    save(manager, 1)
+    head = manager.modules["value_head"]
+    state = manager.optimizer.state
+    if change == "a new state name":
+        state[head.bias]["extra"] = torch.ones(3)
+    elif change == "a shape":  # a copy into the old host tensor would broadcast, silently
+        state[head.weight]["exp_avg"] = torch.ones(1)
+    else:  # a copy into the old host tensor would convert, silently
+        state[head.weight]["exp_avg"] = state[head.weight]["exp_avg"].double()
+    saved = _saved_tensor(save(manager, 2), key)
+    assert (saved.properties.dtype if isinstance(expected, torch.dtype) else tuple(saved.size)) == expected
+
+
 def test_the_marker_lists_every_file_written_with_its_size_and_digest(store: CheckpointStore) -> None:
     location = save(_manager(store), 3)
     marker = store.verify(location)

@@ -91,6 +91,12 @@ def test_every_example_config_and_recipe_loads(recipe: Path, monkeypatch: pytest
             id="wrong-type",
         ),
         pytest.param(
+            GOOD_CONFIG,
+            with_change(with_change(GOOD_RECIPE, "train.train_only_extra_heads", True), "train.head_warmup_steps", 5),
+            ["train", "head_warmup_steps has no use with train_only_extra_heads"],
+            id="warmup-and-heads-only",
+        ),
+        pytest.param(
             with_change(GOOD_CONFIG, "paths.models.ref", None),
             GOOD_RECIPE,
             ["paths.models.ref", "rho1-wmtp"],

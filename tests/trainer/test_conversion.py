@@ -12,8 +12,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from support.runs import checkpoint_tensors
 from wmtp.algorithms import head_cross_entropy
-from wmtp.config import parse_config, parse_recipe
+from wmtp.checkpoint import step_dir_name
+from wmtp.config import load, parse_config, parse_recipe
 from wmtp.conversion import Conversion
 from wmtp.data import head_labels
 from wmtp.models import MTPModel, build_tiny_tokenizer
@@ -114,8 +116,54 @@ def test_the_warmup_drops_only_pretrained_gradients_and_only_during_its_steps() 
         pretrained.grad, new.grad = torch.ones(2, 2), torch.ones(2)
         conversion.hold(step)
         assert (pretrained.grad is None) is held and new.grad is not None
+    whole_run = Conversion([pretrained], whole_run=True)
+    pretrained.grad, new.grad = torch.ones(2, 2), torch.ones(2)
+    whole_run.hold(10**6)
+    assert pretrained.grad is None and new.grad is not None
     optimizer = build_optimizer([pretrained, new], parse_recipe(
         {"run": {"name": "r"}, "train": {"algo": "baseline-mtp"}, "data": {"sources": [{"name": "d"}]},
          "optim": {"lr": 0.1}}).optim, conversion)  # fmt: skip
     lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     assert lrs == {id(pretrained): pytest.approx(0.025), id(new): pytest.approx(0.1)}
+
+
+def base_and_heads(model: MTPModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(the base's parameters: embeddings, trunk, head 0, unembedding; the extra heads'), copied."""
+    params = {name: param.detach().clone() for name, param in model.named_parameters()}
+    return {k: v for k, v in params.items() if k.startswith("base.")}, {
+        k: v for k, v in params.items() if k.startswith("extra_heads.")
+    }
+
+
+@pytest.mark.slow
+def test_training_only_the_extra_heads_leaves_every_base_parameter_bit_identical(run_files) -> None:
+    config, recipe = load(*run_files("baseline-mtp", steps=4, **{"train.train_only_extra_heads": True}))
+    trainer = Trainer(config, recipe)
+    base, heads = base_and_heads(trainer.model)
+    summary = trainer.train()
+
+    trained_base, trained_heads = base_and_heads(trainer.model)
+    published_base, _ = base_and_heads(MTPModel.from_pretrained(summary["final_model"].removeprefix("file://")))
+    assert base.keys() == trained_base.keys() == published_base.keys() and len(base) > 10
+    assert all(torch.equal(base[k], trained_base[k]) and torch.equal(base[k], published_base[k]) for k in base)
+    assert all(not torch.equal(heads[k], trained_heads[k]) for k in heads)
+
+
+@pytest.mark.slow
+def test_a_heads_only_checkpoint_resumes_into_full_training_with_fresh_trunk_state(run_files) -> None:
+    every_2 = {"paths.checkpoints.save_interval": 2}
+    heads_only = load(*run_files("baseline-mtp", steps=2, **{"train.train_only_extra_heads": True, **every_2}))
+    Trainer(*heads_only).train()
+    config, recipe = load(*run_files("baseline-mtp", steps=4, **every_2))  # the same run, now training everything
+    full = Trainer(config, recipe, resume="latest", allow_config_change=True)
+    base, _ = base_and_heads(full.model)
+    full.train()
+
+    trained, _ = base_and_heads(full.model)
+    assert full.state.step == 4 and all(not torch.equal(base[k], trained[k]) for k in base)
+    root = Path(config.paths.checkpoints.base_path) / recipe.run.name
+    embed = "/optimizer/state/model.base.model.embed_tokens.weight/step"
+    head = "/optimizer/state/model.extra_heads.0.mlp.down_proj.weight/step"
+    at_2, at_4 = (checkpoint_tensors(root / step_dir_name(step)) for step in (2, 4))
+    assert embed not in at_2 and at_2[head] == 2
+    assert at_4[embed] == 2 and at_4[head] == 4  # the trunk's first two updates, from fresh state

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -103,6 +104,23 @@ def test_crash_before_commit_resumes_from_the_previous_checkpoint(
     assert store.latest().step == 10
     Trainer(*load(config, recipe), resume="latest").train()
     assert_identical(straight_root / step_dir_name(30), root / step_dir_name(30))
+
+
+def test_a_run_resumed_during_the_head_warmup_ends_as_one_that_never_stopped(run_files, tmp_path: Path) -> None:
+    # Checkpoints during the warm-up (step 2), across its end (4: the trunk now has optimizer state) and after (6).
+    warmup = {"train.max_steps": 6, "train.head_warmup_steps": 3, "paths.checkpoints.save_interval": 2}
+    config, recipe, straight_root = files_for(run_files, tmp_path, "baseline-mtp", "straight", **warmup)
+    Trainer(*load(config, recipe)).train()
+    trunk_state = [
+        any(key.startswith("/optimizer/state/model.base.") for key in checkpoint_tensors(straight_root / name))
+        for name in map(step_dir_name, (2, 4, 6))
+    ]
+    assert trunk_state == [False, True, True]
+
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "resumed", **warmup)
+    shutil.copytree(straight_root / step_dir_name(2), root / step_dir_name(2))
+    Trainer(*load(config, recipe), resume="latest").train()
+    assert_identical(straight_root / step_dir_name(6), root / step_dir_name(6))
 
 
 def test_resume_from_s3_store(run_files, tmp_path: Path, s3_endpoint: str, s3_storage: Storage, s3_bucket: str) -> None:

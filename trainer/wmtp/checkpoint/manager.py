@@ -22,8 +22,9 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -82,6 +83,28 @@ def _split(state: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return parts
 
 
+def _layout(state: Any) -> Any:
+    """What a host copy of `state` must match: every key, and every tensor's type, local shape and dtype."""
+    if isinstance(state, dict):
+        return tuple((key, _layout(value)) for key, value in state.items())
+    if isinstance(state, list | tuple):
+        return tuple(_layout(value) for value in state)
+    if isinstance(state, torch.Tensor):
+        local = state.to_local() if hasattr(state, "to_local") else state  # a DTensor: this rank's shard
+        return type(state).__name__, tuple(local.shape), local.dtype
+    return type(state).__name__
+
+
+def _with_saved_state(optim_sd: dict[str, Any], saved_keys: Iterable[str]) -> dict[str, Any]:
+    """`optim_sd` with per-parameter state only for the parameters the checkpoint holds state for. An optimizer
+    gives a parameter state at its first update: a checkpoint of a head warm-up has none for the trunk, and the
+    trunk must start the phase after it without any, exactly as the run that never stopped did."""
+    prefix = "optimizer.state."
+    saved = {key.removeprefix(prefix) for key in saved_keys if key.startswith(prefix)}
+    state = {fqn: value for fqn, value in optim_sd["state"].items() if any(f"{fqn}.{name}" in saved for name in value)}
+    return {**optim_sd, "state": state}
+
+
 def _first_failure(err: BaseException) -> str:
     """One line for DCP's CheckpointException, which carries every rank's exception and traceback."""
     failures = getattr(err, "failures", None) or {}
@@ -94,6 +117,16 @@ def _dcp() -> Any:
     import torch.distributed.checkpoint as dcp
 
     return dcp
+
+
+@dataclass
+class _Live:
+    """`get_state_dict`'s answer as the parts to save, kept from save to save (see `_live_state`)."""
+
+    tensors: list[torch.Tensor]  # every tensor it refers to, in order: a new object means it must be made again
+    optimizer_keys: list[tuple[str, ...]]  # each parameter's optimizer state names
+    state: dict[str, Any]
+    layout: Any  # _layout(state)
 
 
 class CheckpointManager:
@@ -127,8 +160,8 @@ class CheckpointManager:
         self.latest: Location | None = None  # the newest committed checkpoint of this process (or resumed from)
         self.bytes_read = 0  # by the last load, from the store, on this rank
         self._in_flight: Future[Location] | None = None
-        self._host_copy: Any = None  # this rank's state in host memory, allocated once and refilled per save
-        self._live: tuple[list[torch.Tensor], dict[str, Any], dict[str, Any]] | None = None  # see _live_state
+        self._host_copy: tuple[Any, dict[str, Any]] | None = None  # (layout, this rank's state in host memory)
+        self._live: _Live | None = None  # see _live_state
 
     def due(self, step: int) -> bool:
         return step % self.save_interval == 0
@@ -137,8 +170,7 @@ class CheckpointManager:
         """Stage checkpoint `step` in host memory and write it in the background (after the previous save)."""
         self.wait()
         started = time.perf_counter()
-        modules_sd, optim_sd = self._live_state()
-        staged = self._stage({**_split(modules_sd), "optimizer": optim_sd})
+        staged = self._stage(self._live_state())
         trainer_state = {"step": step, "fingerprint": self.fingerprint}
         trainer_state |= {name: part.state_dict() for name, part in self.states.items()}
         files = {f"rng_rank{self.rank}.json": json.dumps(rng_state()).encode()}
@@ -152,33 +184,44 @@ class CheckpointManager:
         )
         thread.start()
 
-    def _live_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _live_state(self) -> _Live:
         """`get_state_dict`'s answer, kept from save to save: it holds the live tensors (training changes them in
         place), and walking every name in Python was most of a save's stall (~30 ms for 1,000 tensors). Made again
-        when any tensor is a new object (an optimizer may create or replace its state rather than update it in
-        place); the param groups' values (the scheduler's lr) are refreshed every time."""
+        when any tensor is a new object or a parameter's optimizer state gains or loses a name (an optimizer may
+        create or replace its state rather than update it in place; a parameter gets state at its first update, so
+        the trunk's appears when a head warm-up ends); the param groups' values (the scheduler's lr) are refreshed
+        every time."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        optimizer_state = self.optimizer.state.values()
+        optimizer_state = list(self.optimizer.state.values())
         tensors = [*self.modules.parameters(), *self.modules.buffers()]
         tensors += [value for state in optimizer_state for value in state.values() if isinstance(value, torch.Tensor)]
-        kept = self._live
-        if kept is None or len(kept[0]) != len(tensors) or any(a is not b for a, b in zip(kept[0], tensors)):  # noqa: B905
-            kept = self._live = (tensors, *get_state_dict(self.modules, self.optimizer))
-        _, modules_sd, optim_sd = kept
-        for saved, group in zip(optim_sd["param_groups"], self.optimizer.param_groups, strict=True):
+        keys = [tuple(state) for state in optimizer_state]
+        live = self._live
+        if (
+            live is None
+            or live.optimizer_keys != keys
+            or len(live.tensors) != len(tensors)
+            or any(a is not b for a, b in zip(live.tensors, tensors))  # noqa: B905
+        ):
+            modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
+            state = {**_split(modules_sd), "optimizer": optim_sd}
+            live = self._live = _Live(tensors, keys, state, _layout(state))
+        for saved, group in zip(live.state["optimizer"]["param_groups"], self.optimizer.param_groups, strict=True):
             saved.update((key, value) for key, value in group.items() if key != "params")
-        return modules_sd, optim_sd
+        return live
 
-    def _stage(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Copy `state` into the host copy, allocated on the first save (pinned with CUDA) and refilled in place
-        after: fresh memory would cost a page fault per page on every save. Safe because the previous save has
-        finished writing by the time the next one stages (one in flight)."""
+    def _stage(self, live: _Live) -> dict[str, Any]:
+        """Copy the live state into the host copy, allocated on the first save (pinned with CUDA) and refilled in
+        place after: fresh memory would cost a page fault per page on every save. Allocated again whenever the
+        state's layout (names, shapes, dtypes) changes, as the optimizer's does when a head warm-up ends. Safe
+        because the previous save has finished writing by the time the next one stages (one in flight)."""
         from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
 
-        if self._host_copy is None:
-            self._host_copy = _create_cpu_state_dict(state, pin_memory=torch.cuda.is_available())
-        return _copy_state_dict(state, self._host_copy)
+        if self._host_copy is None or self._host_copy[0] != live.layout:
+            host = _create_cpu_state_dict(live.state, pin_memory=torch.cuda.is_available())
+            self._host_copy = (live.layout, host)
+        return _copy_state_dict(live.state, self._host_copy[1])
 
     def _write(self, future: Future[Location], step: int, staged: Any, files: dict[str, bytes], stall: float) -> None:
         """The background half of a save: every rank's files, then (rank 0) the marker listing them all."""
@@ -257,7 +300,12 @@ class CheckpointManager:
 
     def load(self, location: Location, allow_fingerprint_change: bool = False) -> int:
         """Restore every part and this rank's RNG from an intact checkpoint; returns its step."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
 
         marker = self.store.verify(location)
         storage = self.store.storage
@@ -267,21 +315,25 @@ class CheckpointManager:
                 f"{location.uri} was written with a different config or recipe (fingerprint {saved['fingerprint']}, "
                 f"now {self.fingerprint}); pass --allow-config-change to resume from it anyway"
             )
-        modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
-        target = {**_split(modules_sd), "optimizer": optim_sd}
         reader = ShardReader(location, storage, marker.files)
+        # Every parameter gets optimizer state to load into (get_state_dict makes it for an empty optimizer); the
+        # target keeps only what the checkpoint holds, and parameters without saved state are left without.
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.state.clear()
+        modules_sd, optim_sd = get_state_dict(self.modules, self.optimizer)
         try:
+            saved_keys = reader.read_metadata().state_dict_metadata
+            target = {**_split(modules_sd), "optimizer": _with_saved_state(optim_sd, saved_keys)}
             _dcp().load(target, storage_reader=reader, process_group=self.group, no_dist=self.group is None)
         except (Exception, _dcp().api.CheckpointException) as err:
             raise CheckpointError(f"{location.uri}: cannot be loaded: {clip(_first_failure(err), 500)}") from err
         # A run resumed on more ranks than saved it: the new ranks reuse rank 0's generator state.
         rng_file = f"rng_rank{self.rank}.json" if f"rng_rank{self.rank}.json" in marker.files else "rng_rank0.json"
         set_rng_state(json.loads(self._read_checked(location, rng_file, marker.files)))
-        set_state_dict(
-            self.modules,
-            self.optimizer,
-            model_state_dict={**target["model"], **target["algorithm"]},
-            optim_state_dict=target["optimizer"],
+        set_model_state_dict(self.modules, {**target["model"], **target["algorithm"]})
+        # Not strict: a parameter the checkpoint holds no optimizer state for has none after loading.
+        set_optimizer_state_dict(
+            self.modules, self.optimizer, target["optimizer"], options=StateDictOptions(strict=False)
         )
         for name, part in self.states.items():
             part.load_state_dict(saved[name])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, get_args
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from wmtp import contract
 from wmtp.config.base import Name, Strict, check_uri
@@ -44,12 +44,24 @@ class TrainSection(Strict):
         description="Converting a next-token model: the first this many optimizer steps train only the new heads "
         "(and the algorithm's own modules); the trunk and the shared unembedding get no update.",
     )
+    train_only_extra_heads: bool = Field(
+        False,
+        description="Train only the new heads (and the algorithm's own modules) for the whole run: the trunk, head "
+        "0 and the shared unembedding stay exactly as loaded, so the model predicts the next token as before and "
+        "heads 1.. learn to draft for it (self-speculative decoding). Replaces head_warmup_steps.",
+    )
 
     @field_validator("algo")
     @classmethod
     def _registered(cls, value: str) -> str:
         contract.algorithm(value)
         return value
+
+    @model_validator(mode="after")
+    def _one_way_to_hold_the_base(self) -> TrainSection:
+        if self.train_only_extra_heads and self.head_warmup_steps:
+            raise ValueError("head_warmup_steps has no use with train_only_extra_heads: the base never trains")
+        return self
 
 
 class OptimSection(Strict):
