@@ -32,8 +32,9 @@ def clip(text: str, limit: int = MAX_MESSAGE) -> str:
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` with any user:password@ (or token@) part replaced, for logs, statuses and Events."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
+    """`uri` (or a text quoting URIs) with any user:password@ (or token@) part replaced, for logs, records, statuses
+    and Events. Up to the authority's last `@`: a password with an unescaped `@` in it is hidden whole."""
+    return re.sub(r"(?<=://)[^/?#\s]*@", "***@", uri)
 
 
 def _expanded_size(root: yaml.Node) -> int:
