@@ -130,6 +130,7 @@ MLflow = derived(
     config.MLflowSettings,
     "MLflow",
     "MLflow tracking for metrics and the final model.",
+    exclude=("registered_model",),  # the operator names it after the run's namespace (render.files)
     override={"tracking_uri": Field(max_length=MAX_URI), "registry_uri": Field(max_length=MAX_URI)},
     extra={
         "credentials_secret": (

@@ -60,6 +60,12 @@ class MLflowSettings(Strict):
     )
     registry_uri: str | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
     experiment: str = Field("wmtp", min_length=1, description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        description="Name the final model is registered under. Unset: wmtp-<algorithm>; the operator sets "
+        "wmtp-<namespace>-<algorithm>, so that runs of different namespaces never share a registered model.",
+    )
 
 
 class S3Settings(Strict):
