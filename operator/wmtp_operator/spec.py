@@ -155,6 +155,7 @@ MLflow = derived(
     config.MLflowSettings,
     "MLflow",
     "MLflow tracking for metrics and the final model.",
+    exclude=("registered_model",),  # the operator names it after the run's namespace (render.files)
     extra={
         "tracking_uri": _server("tracking_uri"),
         "registry_uri": _server("registry_uri"),
@@ -371,14 +372,19 @@ class Defaults:
 
     s3_credentials_secret: str | None = None
     mlflow_tracking_uri: str | None = None
+    mlflow_credentials_secret: str | None = None  # for runs that use the default tracking URI: it is that server's
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Defaults:
-        return cls(env.get("WMTP_DEFAULT_S3_SECRET") or None, env.get("WMTP_DEFAULT_MLFLOW_URI") or None)
+        names = ("WMTP_DEFAULT_S3_SECRET", "WMTP_DEFAULT_MLFLOW_URI", "WMTP_DEFAULT_MLFLOW_SECRET")
+        return cls(*(env.get(name) or None for name in names))
 
     def apply(self, spec: Spec) -> Spec:
         s3 = spec.s3.model_copy(update={"credentials_secret": spec.s3.credentials_secret or self.s3_credentials_secret})
-        mlflow = spec.mlflow.model_copy(update={"tracking_uri": spec.mlflow.tracking_uri or self.mlflow_tracking_uri})
+        mlflow = spec.mlflow
+        if mlflow.tracking_uri is None and self.mlflow_tracking_uri:  # the default server, and its default Secret
+            secret = mlflow.credentials_secret or self.mlflow_credentials_secret
+            mlflow = mlflow.model_copy(update={"tracking_uri": self.mlflow_tracking_uri, "credentials_secret": secret})
         return spec.model_copy(update={"s3": s3, "mlflow": mlflow})
 
 

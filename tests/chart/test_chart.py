@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import configparser
 import json
 import re
 from typing import Any
@@ -15,6 +17,8 @@ from support.chart import CHART, NAMESPACED, ROOT, helm, render, rules_of
 from wmtp_operator.formats import DATASET
 from wmtp_operator.kube import ACCESS
 from wmtp_operator.metrics import Metrics
+from wmtp_operator.render import MANAGED_BY
+from wmtp_operator.render import OPERATOR as MADE_BY_OPERATOR
 
 K8S_VERSION = "1.33.0"
 VALUE_SETS = {
@@ -129,7 +133,11 @@ def test_mlflow_stores_may_live_outside_the_cluster_with_credentials_from_secret
     env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
     assert env["MLFLOW_BACKEND_STORE_URI"] == {"name": "mlflow-db", "key": "uri"}
     assert env["AWS_SECRET_ACCESS_KEY"] == {"name": "wmtp-s3", "key": "AWS_SECRET_ACCESS_KEY"}
-    assert not any(o["kind"] == "PersistentVolumeClaim" for o in objects)
+    # The volume then holds the users and permissions alone; without authentication there is none.
+    assert [o["kind"] for o in objects].count("PersistentVolumeClaim") == 1
+    assert {"name": "data", "mountPath": "/mlflow"} in container["volumeMounts"]
+    no_auth = render(*VALUE_SETS["mlflow-external-stores"], "--set", "mlflow.auth.enabled=false")
+    assert not any(o["kind"] == "PersistentVolumeClaim" for o in no_auth)
 
 
 def test_mlflow_can_be_disabled() -> None:
@@ -137,6 +145,74 @@ def test_mlflow_can_be_disabled() -> None:
     assert not any("mlflow" in o["metadata"]["name"] for o in objects if o["kind"] != "CustomResourceDefinition")
     env = {e["name"]: e["value"] for e in _pod(objects, "wmtp")["spec"]["containers"][0]["env"]}
     assert env["WMTP_DEFAULT_MLFLOW_URI"] == ""
+
+
+def _auth_ini(objects: list[dict[str, Any]]) -> configparser.ConfigParser:
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "wmtp-mlflow-auth")
+    ini = configparser.ConfigParser()
+    ini.read_string(config_map["data"]["basic_auth.ini"])
+    return ini
+
+
+def test_the_mlflow_server_requires_a_login_with_an_admin_password_the_chart_makes_once() -> None:
+    objects = render()
+    pod = _pod(objects, "wmtp-mlflow")["spec"]
+    container = pod["containers"][0]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e.get("value") or e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "auth")
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == f"{mount['mountPath']}/basic_auth.ini"
+    ini = _auth_ini(objects)["mlflow"]
+    assert ini["default_permission"] == "READ" and ini["admin_username"] == "admin" and "admin_password" not in ini
+    assert ini["database_uri"] == "sqlite:////mlflow/basic_auth.db"  # on the volume: users outlive the pod
+    # The password and the Flask key come from a Secret that helm generates once (`lookup` keeps it on upgrade).
+    secret = next(o for o in objects if o["kind"] == "Secret")
+    assert env["MLFLOW_AUTH_ADMIN_PASSWORD"] == {"name": secret["metadata"]["name"], "key": "MLFLOW_TRACKING_PASSWORD"}
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["name"] == secret["metadata"]["name"]
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    password = base64.b64decode(secret["data"]["MLFLOW_TRACKING_PASSWORD"]).decode()
+    assert len(password) == 32 and password.isalnum()
+    assert password != base64.b64decode(render()[objects.index(secret)]["data"]["MLFLOW_TRACKING_PASSWORD"]).decode()
+    assert base64.b64decode(secret["data"]["MLFLOW_TRACKING_USERNAME"]).decode() == ini["admin_username"]
+    mlflow_template = (CHART / "templates" / "mlflow.yaml").read_text()
+    assert 'lookup "v1" "Secret" .Release.Namespace $authSecret' in mlflow_template
+
+
+def test_an_admin_secret_of_ones_own_replaces_the_generated_one_and_auth_can_be_turned_off() -> None:
+    objects = render("--set", "mlflow.auth.secret=mlflow-admin")
+    assert not any(o["kind"] == "Secret" for o in objects)
+    container = _pod(objects, "wmtp-mlflow")["spec"]["containers"][0]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in container["env"] if "valueFrom" in e}
+    assert refs == {"mlflow-admin"}
+    off = render("--set", "mlflow.auth.enabled=false")
+    kept = [o for o in off if o["kind"] in ("Secret", "ConfigMap")]
+    auth = [o for o in kept if "grafana_dashboard" not in o["metadata"].get("labels", {})]
+    assert not auth, auth  # no admin Secret, no auth ini (the Grafana dashboard is not MLflow's)
+    assert not any(a.startswith("--app-name") for a in _pod(off, "wmtp-mlflow")["spec"]["containers"][0]["args"])
+
+
+@pytest.mark.parametrize("values", [[], NAMESPACED], ids=["cluster-wide", "namespaced"])
+def test_only_the_operators_namespace_and_the_pods_it_makes_reach_the_mlflow_server(values: list[str]) -> None:
+    objects = render(*values)
+    policy = next(o for o in objects if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "wmtp-mlflow")
+    (rule,) = policy["spec"]["ingress"]
+    release, made = rule["from"]
+    assert release == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "wmtp-system"}}}
+    assert made["podSelector"] == {"matchLabels": {MANAGED_BY: MADE_BY_OPERATOR}}
+    watched = made["namespaceSelector"]
+    if values:
+        expected = [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["team-a", "team-b"]}]
+        assert watched == {"matchExpressions": expected}
+    else:
+        assert watched == {}
+    assert rule["ports"] == [{"port": 5000, "protocol": "TCP"}]
+
+
+def test_runs_on_the_default_server_get_the_namespaces_credentials_secret_and_no_uri_may_carry_them() -> None:
+    env = {e["name"]: e["value"] for e in _pod(render(), "wmtp")["spec"]["containers"][0]["env"]}
+    assert env["WMTP_DEFAULT_MLFLOW_SECRET"] == "wmtp-mlflow"
+    refused = helm("lint", "--strict", str(CHART), "--set", "defaults.mlflowTrackingUri=http://u:pw@mlflow:5000")
+    assert refused.returncode != 0 and "mlflowTrackingUri" in refused.stdout + refused.stderr
 
 
 def test_no_rbac_no_service_account_renders_none() -> None:

@@ -227,7 +227,8 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert cluster.operator_user() == "1000"
     assert store.is_committed(store.final_location)
     client = mlflow.MlflowClient(tracking_uri=stage.mlflow, registry_uri=stage.mlflow)
-    assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
+    model = f"wmtp-{stage.cluster.namespace}-{run['spec']['algorithm']}"  # the operator names it per namespace
+    assert len(client.search_model_versions(f"name='{model}'")) == 1
     # Three attempts, one MLflow run: its loss curve has every logged step from the first to the last, each once but
     # those attempt 2 logged after its last reported checkpoint and attempt 3 trained again; the evaluation found
     # that run through the final model's marker and logged its scores there too.
@@ -251,7 +252,7 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
                       "Evaluating", "Succeeded", "Evaluated"]  # fmt: skip
 
     # What passed, in the CI log: a green story leaves its evidence, not only a dot.
-    (version,) = client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")
+    (version,) = client.search_model_versions(f"name='{model}'")
     with capsys.disabled():
         print(
             f"\nstory: phases {' → '.join(phases_of(history.seen))}; attempts {done['attempt']}, restarts "

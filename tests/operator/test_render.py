@@ -220,20 +220,36 @@ def test_s3_credentials_come_from_the_named_secret_and_never_appear_in_the_spec(
 def test_operator_defaults_fill_only_what_the_run_leaves_unset(make_run: Callable[..., dict[str, Any]]) -> None:
     defaults = Defaults.from_env(
         {"WMTP_DEFAULT_S3_SECRET": "team-s3", "WMTP_DEFAULT_MLFLOW_URI": "http://mlflow:5000",
-         "WMTP_OPERATOR_STANDALONE": "true"}
+         "WMTP_DEFAULT_MLFLOW_SECRET": "wmtp-mlflow", "WMTP_OPERATOR_STANDALONE": "true"}
     )  # fmt: skip
     unset = Run.from_body(make_run(**{"spec.s3.credentialsSecret": None}), defaults)
     assert unset.spec.s3.credentials_secret == "team-s3"
     assert unset.spec.mlflow.tracking_uri == "http://mlflow:5000"
+    assert unset.spec.mlflow.credentials_secret == "wmtp-mlflow"
     env = {
-        e["name"]: e.get("value")
+        e["name"]: e.get("value") or e["valueFrom"].get("secretKeyRef", {}).get("name")
         for e in render.job(unset, 1, pull=True)["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["MLFLOW_TRACKING_PASSWORD"] == "wmtp-mlflow"
     own = Run.from_body(make_run(**{"spec.mlflow": {"trackingUri": "http://own:5000"}}), defaults)
     assert own.spec.s3.credentials_secret == "wmtp-s3"
     assert own.spec.mlflow.tracking_uri == "http://own:5000"
+    # The default Secret holds the default server's credentials: a run's own server never receives them.
+    assert own.spec.mlflow.credentials_secret is None
+    named = Run.from_body(make_run(**{"spec.mlflow": {"credentialsSecret": "team-mlflow"}}), defaults)
+    assert named.spec.mlflow.credentials_secret == "team-mlflow"
     assert Defaults.from_env({}) == Defaults()
+
+
+@pytest.mark.parametrize("namespace", ["team-a", "team-b"])
+def test_a_runs_mlflow_experiment_and_registered_model_are_its_namespaces(
+    make_run: Callable[..., dict[str, Any]], namespace: str
+) -> None:
+    body = make_run(**{"metadata.namespace": namespace, "spec.mlflow": {"experiment": "wmtp-7b"}})
+    run = Run.from_body(body)
+    config = parse_config(yaml.safe_load(_rendered(body, None, 1)[0]["data"]["config.yaml"]))
+    assert config.mlflow.experiment == f"{namespace}/wmtp-7b"
+    assert config.mlflow.registered_model == f"wmtp-{namespace}-{run.spec.algorithm}"
 
 
 def test_local_models_are_not_pulled_and_a_single_pod_run_is_not_distributed(
@@ -461,7 +477,7 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert command == [
-        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "wmtp-7b",
+        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "team-a/wmtp-7b",
         "--tasks", "humaneval,mbpp", "--k", "1,10", "--samples", "20", "--limit", "50", "--temperature", "0.8",
         "--max-new-tokens", "256", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
         "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0",

@@ -281,6 +281,8 @@ def test_rendered_files_are_data_while_user_files_expand_variables(tmp_path: Pat
         ("http://token@host:5000", "http://***@host:5000"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
         ("http://mlflow:5000", "http://mlflow:5000"),
+        ("http://u:p@ss@host:5000/x@y", "http://***@host:5000/x@y"),
+        ("MLflow at http://u:pw@a:1: failed (http://t@b/c)", "MLflow at http://***@a:1: failed (http://***@b/c)"),
     ],
 )
 def test_credentials_in_a_uri_are_redacted(uri: str, shown: str) -> None:

@@ -100,7 +100,7 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
             "checkpoints": _trainer_section(spec.checkpoints, CheckpointPaths),
             "output_dir": f"{WORK_DIR}/runs",
         },
-        "mlflow": _trainer_section(spec.mlflow, MLflowSettings),
+        "mlflow": {**_trainer_section(spec.mlflow, MLflowSettings), **mlflow_names(run)},
         "s3": _trainer_section(spec.s3, S3Settings),
         "devices": {
             "mixed_precision": spec.devices.mixed_precision or ("bf16" if has_gpus(spec) else "no"),
@@ -111,6 +111,16 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
     parsed = parse_config(config, source="WMTPRun spec")
     check_compatible(parsed, recipe, "WMTPRun spec", datasets="spec.datasets", models="spec.models")
     return TrainerFiles(parsed, recipe, pulls(spec))
+
+
+def mlflow_names(run: Run) -> dict[str, str]:
+    """The run's MLflow experiment and registered model, its namespace's own: `<namespace>/<experiment>` and
+    `wmtp-<namespace>-<algorithm>`. On a server with authentication (the chart's) whoever creates an experiment or a
+    registered model owns it and others may only read it, so each namespace's credentials write to their own."""
+    return {
+        "experiment": f"{run.namespace}/{run.spec.mlflow.experiment}",
+        "registered_model": f"wmtp-{run.namespace}-{run.spec.algorithm}",
+    }
 
 
 def _trainer_section(section: BaseModel, model: type[BaseModel]) -> dict[str, Any]:

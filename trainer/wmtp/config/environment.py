@@ -65,6 +65,12 @@ class MLflowSettings(Strict):
     )
     registry_uri: TrackingUri | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
     experiment: str = Field("wmtp", min_length=1, max_length=256, description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        description="Name the final model is registered under. Unset: wmtp-<algorithm>; the operator sets "
+        "wmtp-<namespace>-<algorithm>, so that runs of different namespaces never share a registered model.",
+    )
 
     _unset = field_validator("tracking_uri", "registry_uri", mode="before")(empty_is_unset)
 

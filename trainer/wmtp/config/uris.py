@@ -48,14 +48,16 @@ TRACKING = f"{HTTP_URL}|{LOCAL_TRACKING}"
 
 
 def redact_uri(uri: str) -> str:
-    """`uri` with any user:password@ (or token@) part replaced, for logs, statuses and Events."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
+    """`uri` (or a text quoting URIs) with any user:password@ (or token@) part replaced, for logs, records, statuses
+    and Events. Up to the authority's last `@`: a password with an unescaped `@` in it is hidden whole."""
+    return re.sub(r"(?<=://)[^/?#\s]*@", "***@", uri)
 
 
 def _problem(value: str) -> str:
     """What is wrong with a URI that matched none of the shapes it may have, in a few words."""
     if re.search(r"://[^/@\s]*@", value):
-        return "credentials do not belong in a URI: use the environment or a Secret"
+        return ("credentials do not belong in a URI: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for S3), or name a Secret")
     if re.search(r"(^|/)\.\.(/|$)", value):
         return "a `..` segment leaves the folder it names"
     scheme = value.split("://", 1)[0] if "://" in value else ""

@@ -137,11 +137,14 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def training_run(model: str, storage: Storage) -> str | None:
     """The MLflow run that trained `model`, as the final model's COMMITTED marker names it; None for a model
-    without one (a plain HF directory, or a final model saved before markers named it)."""
+    without one (a plain HF directory, or a final model saved before markers named it), and, with a warning, for
+    a marker that cannot be read."""
     location = parse_uri(model)
+    store = CheckpointStore(location, storage)
     try:
-        return CheckpointStore(location, storage).read_marker(location).mlflow_run_id
-    except (CheckpointError, StorageError):
+        return store.read_marker(location).mlflow_run_id if store.is_committed(location) else None
+    except (CheckpointError, StorageError) as err:
+        log.warning("%s; the evaluation goes to a new MLflow run", err)
         return None
 
 

@@ -102,7 +102,8 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
 def _load(cls: type, uri: str, storage: Storage, empty: bool, **config: object) -> PreTrainedModel:
     with model_directory(uri, storage, weights=not empty) as (directory, _):
         if not empty:
-            return _frozen(cls.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE, **config))
+            weights = {"dtype": LOAD_DTYPE, "use_safetensors": True}  # never a pickled pytorch_model.bin
+            return _frozen(cls.from_pretrained(directory, local_files_only=True, **weights, **config))
         with empty_weights():
             settings = AutoConfig.from_pretrained(directory, local_files_only=True, **config)
             return _frozen(cls.from_config(settings, dtype=LOAD_DTYPE))

@@ -182,7 +182,10 @@ class MTPModel(nn.Module):
             with empty_weights():
                 config = AutoConfig.from_pretrained(directory, local_files_only=True)
                 return cls(AutoModelForCausalLM.from_config(config, dtype=LOAD_DTYPE), n_heads, head_type)
-        base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE)
+        # safetensors only: a pickled pytorch_model.bin from a store is never unpickled, not even weights-only.
+        base = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, dtype=LOAD_DTYPE, use_safetensors=True
+        )
         model = cls(base, n_heads, head_type)
         if meta_path.is_file() and n_heads > 1:
             model.extra_heads.load_state_dict(load_file(directory / MTP_HEADS))
