@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import json
 from collections.abc import Iterator
@@ -130,7 +131,7 @@ class MTPModel(nn.Module):
         inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
                                   "position_ids": position_ids, "use_cache": cache is not None}  # fmt: skip
         if cache is not None:
-            inputs[_cache_keyword(trunk)] = cache.trunk
+            inputs[_cache_keyword(type(trunk))] = cache.trunk
         if self.head_type == "linear" or n_heads == 1:
             hidden = trunk(**inputs).last_hidden_state
             return [hidden, *(head(hidden) for head in self.extra_heads[: n_heads - 1])]
@@ -211,8 +212,10 @@ class MTPModel(nn.Module):
         return model
 
 
-def _cache_keyword(trunk: nn.Module) -> str:
-    # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40).
+@functools.cache
+def _cache_keyword(trunk: type[nn.Module]) -> str:
+    # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40). Once per class:
+    # reading a signature costs a good part of a tiny model's decoding step.
     return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
 
 
