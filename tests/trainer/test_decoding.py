@@ -3,7 +3,7 @@ speed-up report flags what the passes saved cannot explain."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,7 @@ PROMPTS = ("def fib(n):\n", "import os\nclass Path:", "while True:")
 MAX_NEW = 24
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # A tiny model gains nothing from threads, and on a shared machine spinning threads make each step 10-50x
-    # slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mtp(tiny_models: dict[str, Path], perturb: float, head_type: str = "block") -> tuple[MTPModel, object]:
@@ -140,3 +133,4 @@ def test_a_speed_up_the_passes_saved_cannot_explain_is_flagged(
     assert report["speedup"] == pytest.approx(speedup, rel=0.02) and report["speedup_suspect"] is suspect
     assert report["rounds"] == 3 and report["speedup_spread"][0] <= report["speedup"] <= report["speedup_spread"][1]
     assert report["tokens_per_pass"] == pytest.approx(100 / passes)
+    assert report["pass_cost"] == pytest.approx(report["tokens_per_pass"] / report["speedup"])

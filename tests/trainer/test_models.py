@@ -111,6 +111,7 @@ def test_no_head_sees_future_tokens(arch: str) -> None:
 
 
 @pytest.mark.parametrize(("arch", "head_type"), [("llama", "block"), ("gpt2", "block"), ("llama", "linear")])
+@pytest.mark.usefixtures("one_thread")
 @torch.no_grad()
 def test_a_cache_cropped_after_a_rejected_draft_continues_like_one_full_forward(arch: str, head_type: str) -> None:
     model = MTPModel(tiny_base(arch), n_heads=4, head_type=head_type).eval()
@@ -131,6 +132,7 @@ def test_a_cache_cropped_after_a_rejected_draft_continues_like_one_full_forward(
 
 
 @pytest.mark.parametrize(("arch", "head_type"), [("llama", "block"), ("gpt2", "block")])
+@pytest.mark.usefixtures("one_thread")
 @torch.no_grad()
 def test_a_left_padded_row_gives_what_it_gives_alone(arch: str, head_type: str) -> None:
     model = MTPModel(tiny_base(arch), n_heads=3, head_type=head_type).eval()

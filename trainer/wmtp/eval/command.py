@@ -117,7 +117,7 @@ def speed_line(speed: dict[str, Any]) -> str:
         f"self-speculative decoding: {speed['speedup']:.2f}× cached greedy tokens/s (median of {speed['rounds']} "
         f"rounds, {low:.2f}–{high:.2f}×; {speed['greedy_tokens_per_s']:.1f} → {speed['speculative_tokens_per_s']:.1f}"
         f" tokens/s); {speed['tokens_per_pass']:.2f} tokens per forward pass, {speed['mean_accepted']:.2f} per "
-        f"verifying pass; identical output: {speed['identical']}"
+        f"verifying pass, which costs {speed['pass_cost']:.2f} greedy passes; identical output: {speed['identical']}"
     )
     if speed["speedup_suspect"]:
         line += "; SUSPECT: more than the passes saved can explain, the measurement is wrong"

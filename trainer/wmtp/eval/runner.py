@@ -3,6 +3,7 @@ report."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -85,19 +86,12 @@ def evaluate(
     decoder = Decoder(model, tokenizer, options.max_new_tokens)
     complete = Completer(decoder, prompting, options)
     limits = Limits(timeout_s=options.program_timeout)
-    total = sum(len(task) for task in problems.values())
-    done = 0
-
-    def advance() -> None:
-        nonlocal done
-        done += 1
-        progress(done, total)
-
+    total, done = sum(len(task) for task in problems.values()), itertools.count(1)
     results: dict[str, TaskResult] = {}
     for name, task in problems.items():
         log.info("task=%s problems=%d samples=%d batch_size=%d", name, len(task), options.samples, options.batch_size)
         results[name] = score(name, task, complete, options.k, limits, group=complete.problems_per_call,
-                              progress=advance)  # fmt: skip
+                              progress=lambda: progress(next(done), total))  # fmt: skip
     sandbox = ", ".join(sorted(set().union(*(r.sandboxes() for r in results.values()))))
     log.info("sandbox=%s", sandbox)
     report: dict[str, Any] = {

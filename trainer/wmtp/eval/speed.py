@@ -81,5 +81,8 @@ def speed_report(
         "mean_accepted": tokens / max(passes["speculative"] - len(runs["speculative"]), 1),
         "passes": passes,
         "speedup_suspect": suspect,
+        # What a self-speculative pass costs in greedy passes (speedup = tokens_per_pass / pass_cost): about 1 where
+        # decoding is memory-bound (a GPU), about the tokens verified where it is compute-bound (a CPU).
+        "pass_cost": tokens_per_pass / max(speedup, 1e-9),
         "heads": heads,
     }
