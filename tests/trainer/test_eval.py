@@ -303,6 +303,8 @@ def test_the_termination_message_carries_the_results_and_stays_within_what_the_k
     results = summary(report)
     assert results["tasks"] == {"humaneval": {"problems": 164, "pass@1": 0.1235, "pass@10": 0.5}}
     assert results["speed"] == {"speedup": 1.75, "mean_accepted": 2.0, "identical": True}
+    assert "SUSPECT" not in headline(report)
+    assert "SUSPECT" in headline({**report, "speed": {**report["speed"], "speedup_suspect": True}})
     back = Termination.from_json(Termination(contract.STOP_SUCCEEDED, 0, headline(report), eval=results).to_json())
     assert back is not None and back.eval == results
     huge = summary({"tasks": {f"task{i}": {f"pass@{k}": 0.5 for k in range(1, 100)} for i in range(100)}})

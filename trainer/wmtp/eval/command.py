@@ -132,7 +132,8 @@ def headline(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     speed = report.get("speed")
     if speed:
-        scores.append(f"self-speculative decoding {speed['speedup']:.2f}× greedy")
+        suspect = " (SUSPECT: more than the passes saved explain)" if speed.get("speedup_suspect") else ""
+        scores.append(f"self-speculative decoding {speed['speedup']:.2f}× greedy{suspect}")
     return ", ".join(scores)
 
 
