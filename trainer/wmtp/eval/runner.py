@@ -64,8 +64,10 @@ class Completer:
             stops = [self.prompting.stop(p) for p in batch]
             started = time.perf_counter()
             runs = self.decoder.generate([self.prompting.ids(p) for p in batch], stops, temperature, self.generator)
-            self.seconds += time.perf_counter() - started
-            self.tokens += sum(len(run.tokens) for run in runs)
+            seconds, tokens = time.perf_counter() - started, sum(len(run.tokens) for run in runs)
+            self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens
+            # A batch of a large model may take minutes: a line per batch shows that decoding goes on.
+            log.info("decoded %d sequences: %d tokens in %.1f s", len(batch), tokens, seconds)
             for run, stop in zip(runs, stops, strict=True):
                 texts.append(self.prompting.completion(self.decoder.text(run.tokens, stop)))
         return [texts[i * samples : (i + 1) * samples] for i in range(len(problems))]
