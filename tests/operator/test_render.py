@@ -480,7 +480,8 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
         "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "team-a/wmtp-7b",
         "--tasks", "humaneval,mbpp", "--k", "1,10", "--samples", "20", "--limit", "50", "--temperature", "0.8",
         "--max-new-tokens", "256", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
-        "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0",
+        "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0", "--batch-size", "8",
+        "--chat-template", "False", "--extract-code", "False",
     ]  # fmt: skip
     # Every option is one `wmtp eval` takes: the flags are the settings' names.
     flags = {f"--{name.replace('_', '-')}" for name in EvalSettings.model_fields} - {"--datasets"} | {"--dataset"}

@@ -13,7 +13,6 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
@@ -328,6 +327,11 @@ def evaluate(
     program_timeout: float = typer.Option(EVAL.program_timeout, help=_eval_help("program_timeout")),
     speed_prompts: int = typer.Option(EVAL.speed_prompts, help=_eval_help("speed_prompts")),
     seed: int = typer.Option(EVAL.seed, help=_eval_help("seed")),
+    batch_size: int = typer.Option(EVAL.batch_size, help=_eval_help("batch_size")),
+    chat_template: str = typer.Option(
+        str(EVAL.chat_template).lower(), help=f"true|false. {_eval_help('chat_template')}"
+    ),
+    extract_code: str = typer.Option(str(EVAL.extract_code).lower(), help=f"true|false. {_eval_help('extract_code')}"),
     output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
     mlflow_run_id: str | None = typer.Option(
         None,
@@ -343,7 +347,7 @@ def evaluate(
     termination message as the trainer does (the scores, or the one-line error).
     """
     setup_logging(log_level)
-    from wmtp.eval.command import datasets, headline, ints, last_words, options, show
+    from wmtp.eval.command import boolean, datasets, headline, ints, last_words, options, progress, show
     from wmtp.eval.runner import evaluate as run_eval
     from wmtp.eval.runner import log_to_mlflow, summary, training_run
     from wmtp.storage import Storage
@@ -353,12 +357,12 @@ def evaluate(
         settings = options(
             model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], k=ints(k, "--k"), samples=samples,
             temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
-            program_timeout=program_timeout, speed_prompts=speed_prompts, seed=seed,
+            program_timeout=program_timeout, speed_prompts=speed_prompts, seed=seed, batch_size=batch_size,
+            chat_template=boolean(chat_template, "--chat-template"),
+            extract_code=boolean(extract_code, "--extract-code"),
         )  # fmt: skip
-        columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task("eval", total=None)
-            report = run_eval(settings, storage, progress=lambda: bar.advance(task))
+        with progress(console) as advance:
+            report = run_eval(settings, storage, progress=advance)
         if output is not None:
             output.write_text(json.dumps(report, indent=1))
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")

@@ -47,6 +47,13 @@ class EvalSettings(BaseModel):
         8, ge=0, le=1000, description="Prompts decoded greedily and self-speculatively for the speed-up; 0 skips."
     )
     seed: int = Field(0, ge=0, description="Seed of the sampling.")
+    batch_size: int = Field(
+        8, ge=1, le=256, description="Sequences decoded together: a problem's samples, or several problems."
+    )
+    chat_template: bool = Field(
+        False, description="Ask in the tokenizer's chat template (instruct models); the answer ends at its end of turn."
+    )
+    extract_code: bool = Field(False, description="Score the first code block of each answer, not the whole answer.")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalSettings:
