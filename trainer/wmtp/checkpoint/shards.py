@@ -61,7 +61,17 @@ class MetadataUnpickler(pickle.Unpickler):
         dtype = module == "torch" and isinstance(vars(torch).get(name), torch.dtype)  # no lazy import
         if (module, name) in METADATA_GLOBALS or dtype:
             return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # DCP pickles enum members as getattr(EnumClass, "NAME")
+            return _member
         raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def _member(owner: Any, name: str) -> Any:
+    """getattr for a pickle, limited to a public attribute of a class the allow-list already admitted."""
+    allowed = any(owner is vars(__import__(m, fromlist=[n])).get(n) for m, n in METADATA_GLOBALS)
+    if not allowed or not isinstance(name, str) or name.startswith("_"):
+        raise pickle.UnpicklingError(f"getattr({owner!r}, {name!r}) is not part of checkpoint metadata")
+    return getattr(owner, name)
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
