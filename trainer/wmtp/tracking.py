@@ -184,7 +184,10 @@ class Tracker:
                 log.info("the final model of mlflow run %s is registered already as %s v%s", self.run_id, name,
                          version.version)  # fmt: skip
                 return str(version.version)
-            model = mlflow.initialize_logged_model(name="model", source_run_id=self.run_id, model_type=MODEL_TYPE)
+            experiment = client.get_run(self.run_id).info.experiment_id  # the run's, where its user may write
+            model = mlflow.initialize_logged_model(
+                name="model", source_run_id=self.run_id, model_type=MODEL_TYPE, experiment_id=experiment
+            )
             client.log_model_artifacts(model.model_id, str(folder))
             client.finalize_logged_model(model.model_id, "READY")
             return str(mlflow.register_model(f"models:/{model.model_id}", name).version)
