@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,7 +21,7 @@ from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
 from wmtp_operator.spec import Spec
-from wmtp_operator.status import Evaluation
+from wmtp_operator.status import Evaluation, parse_time
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a
@@ -126,13 +125,6 @@ def operational_of(spec: Spec) -> dict[str, str]:
 def changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
     """Keys whose hashes differ (a key missing on one side counts as changed, unless `old` is empty)."""
     return sorted(key for key in new if old and old.get(key) != new[key])
-
-
-def parse_time(text: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
 
 
 def seconds_since(then: str | None, now: str) -> float:

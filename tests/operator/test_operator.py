@@ -71,6 +71,20 @@ class Cluster:
     def events(self, name: str = RUN) -> list[dict[str, Any]]:
         return [e for e in self.api.list("Event", self.ns) if e["involvedObject"]["name"] == name]
 
+    def wait(self, condition: str, timeout: float, name: str = RUN) -> dict[str, Any] | None:
+        """`kubectl wait wr/<name> --for=condition=<condition> --timeout=<timeout>s`: the run as soon as the
+        condition is True, None when the timeout passes first."""
+
+        def true() -> dict[str, Any] | None:
+            run = self.run(name)
+            found = [c for c in (run.get("status") or {}).get("conditions", []) if c.get("type") == condition]
+            return run if found and found[0].get("status") == "True" else None
+
+        try:
+            return wait_for(true, timeout=timeout, what=f"condition {condition}")
+        except TimeoutError:
+            return None
+
     def condition(self, type_: str, name: str = RUN) -> str:
         found = next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
         return f"{found.get('status')} {found.get('reason')}"
@@ -265,6 +279,29 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
         assert status["resumeFrom"] == CKPT == status["latestCheckpoint"]
+
+
+def test_kubectl_wait_for_a_verdict_returns_for_the_operators_verdict_never_for_a_trainers(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    forged = [{"type": kind, "status": "True", "reason": "Forged", "message": "by a trainer",
+               "lastTransitionTime": "2026-01-01T00:00:00Z"}
+              for kind in ("Succeeded", "Failed", "Complete")]  # fmt: skip
+    patch = {"status": {"phase": "Succeeded", "conditions": forged}}
+    written = int(cluster.api.patch("WMTPRun", cluster.ns, RUN, patch, status=True)["metadata"]["resourceVersion"])
+    # The operator's next pass rewrites the status whole: from then on no verdict is True while the run runs.
+    cluster.until(lambda: int(cluster.run()["metadata"]["resourceVersion"]) > written, "the operator's next write")
+    assert cluster.wait("Succeeded", timeout=1.5) is None and cluster.wait("Failed", timeout=0.5) is None
+    status = cluster.status()
+    assert status["phase"] == "Running" and "Complete" not in {c["type"] for c in status["conditions"]}
+    for pod in pods:
+        cluster.api.exit(cluster.ns, pod, 0)
+    run = cluster.wait("Succeeded", timeout=15)
+    assert run is not None and run["status"]["phase"] == "Succeeded"
+    assert cluster.condition("Failed") == "False Succeeded"
+    assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
 
 
 def test_a_refused_child_is_the_runs_status_and_an_event_without_a_retry_storm(

@@ -16,6 +16,7 @@ from wmtp_operator import render
 from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
 from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.state import STATE_ANNOTATION, State
+from wmtp_operator.status import CONDITION_TYPES
 
 NOW = "2026-01-02T03:04:05Z"
 BEFORE = "2026-01-01T00:00:00Z"
@@ -108,6 +109,11 @@ UNSCHEDULABLE = {
     ]
 }
 PREEMPTED_WORDS = {"reason": contract.STOP_PREEMPTED, "step": 1300, "checkpoint": LATER_CKPT}
+
+
+def forged(type_: str, status: str = "True") -> dict[str, Any]:
+    """A condition a trainer wrote into its run's status."""
+    return {"type": type_, "status": status, "reason": "Forged", "message": "a trainer's", "lastTransitionTime": BEFORE}
 
 
 def state(attempt: int = 1, **extra: Any) -> dict[str, Any]:
@@ -294,6 +300,17 @@ CASES = [
          phase="Running", actions=["patch state"], events=["Warning CheckpointRejected"]),
     Case("a trainer writing phase Succeeded ends nothing: the status is rewritten", state(), [job(1)], RUNNING,
          status={"phase": "Succeeded", "restarts": 0}, phase="Running", events=["Normal Running"]),
+    Case("a trainer's Succeeded=True and Failed=True on a running run are dropped, and a type not the operator's",
+         state(), [job(1)], RUNNING,
+         status={"phase": "Running", "conditions": [forged("Succeeded"), forged("Failed"), forged("Complete")]},
+         phase="Running", conditions={"Succeeded": "False Running", "Failed": "False Running"}),
+    Case("a trainer's Succeeded=True on a failed run is dropped", state(final="Failed", message="attempt 1 failed"),
+         status={"phase": "Failed", "conditions": [forged("Succeeded"), forged("Failed", "False")]}, phase="Failed",
+         conditions={"Succeeded": "False Failed", "Failed": "True Failed"}),
+    Case("a trainer's Failed=True on a succeeded run is dropped",
+         state(final="Succeeded", message="attempt 1 succeeded"), status={"phase": "Succeeded",
+         "conditions": [forged("Failed"), forged("Valid", "False")]}, phase="Succeeded",
+         conditions={"Succeeded": "True Succeeded", "Failed": "False Succeeded", "Valid": "True Valid"}),
     # -------------------------------------------------------------- ownership and refusals
     Case("a namesake's Job still being deleted: wait, never touch it", None, [job(1, uid="old-uid", deleting=True)],
          [pod(1, 0, uid="old-uid")], phase="Pending", attempt=0, events=["Normal Pending", "Warning Conflict"],
@@ -404,6 +421,30 @@ def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None
     assert case.message in new.get("message", ""), new.get("message")
     conditions = {c["type"]: f"{c['status']} {c['reason']}" for c in new.get("conditions", [])}
     assert case.conditions.items() <= conditions.items(), conditions
+    # The status is the operator's: its own condition types alone, and the verdicts say what the phase says.
+    assert set(conditions) <= set(CONDITION_TYPES)
+    assert (conditions["Succeeded"].startswith("True"), conditions["Failed"].startswith("True")) == (
+        case.phase == "Succeeded",
+        case.phase == "Failed",
+    )
+
+
+def _conditions(status: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status["conditions"]]
+
+
+@pytest.mark.parametrize("status", ["True", "False"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_conditions_a_trainer_wrote_change_no_condition_and_no_action(
+    case: Case, status: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    body = _body(make_run, case)
+    clean = reconcile(body, _observed(case), case.now)
+    expected = _conditions({**body["status"], **clean.status})
+    body["status"]["conditions"] = [forged(type_, status) for type_ in (*CONDITION_TYPES, "Ready", "Complete")]
+    tampered = reconcile(copy.deepcopy(body), _observed(case), case.now)
+    assert _conditions({**body["status"], **tampered.status}) == expected
+    assert [_summary(a) for a in tampered.actions] == [_summary(a) for a in clean.actions]
 
 
 def _job_of(plan: Plan) -> dict[str, Any]:
@@ -526,10 +567,10 @@ REFUSALS = [
                 Refused("Job", "tiny-rho1-a1", 409, "Conflict", "controlled by another uid"), requeue=5, count=None,
                 events=["Warning Conflict"], applied="False Conflict", message="(409 Conflict)"),
     RefusalCase("the record the refused plan wrote is built on, not the one the pass read", INVALID_JOB,
-                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), requeue=240, count=4,
-                restarts=1),
-    RefusalCase("the phase stays what it was", INVALID_JOB, state(ending=ending(), restarts=1),
-                status={"phase": "Restarting"}, phase="Restarting", restarts=1),
+                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), phase="Restarting",
+                requeue=240, count=4, restarts=1),
+    RefusalCase("the phase is the record's, whatever a trainer wrote", INVALID_JOB, state(ending=ending(), restarts=1),
+                status={"phase": "Succeeded"}, phase="Restarting", restarts=1),
 ]  # fmt: skip
 
 

@@ -61,7 +61,6 @@ def _start(view: View, run: Run, state: State) -> EvalDecision:
     return EvalDecision(
         state=started,
         actions=(Create(job), write(started)),
-        conditions=(view.condition("Applied", "True", "Created", f"Job {name} exists"),),
         message=say(f"evaluating {render.final_model(run)} in Job {name}"),
         pending=True,
     )

@@ -178,10 +178,7 @@ def _create(view: View, state: State) -> Created:
             "refused": None,
         }
     )
-    conditions = (
-        view.condition("Applied", "True", "Created", f"attempt {n}'s objects exist"),
-        view.condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {view.generation}"),
-    )
+    conditions = (view.condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {view.generation}"),)
     return Created(state=created, actions=(*actions, write(created)), conditions=conditions, resume=resume)
 
 
