@@ -225,7 +225,8 @@ class Spec(Camel):
         contract.RESUME_AUTO,
         max_length=MAX_URI,
         description=f"Where the first attempt starts: {contract.RESUME_HELP}. A checkpoint named here that is "
-        "missing or damaged fails the run.",
+        "missing or damaged fails the run. Every later attempt resumes from the newest checkpoint the operator "
+        "accepted (spec.resumeFrom), never from this again.",
         json_schema_extra=cel(
             (_RESUME_RULE, f"resume must be {_RESUME_WORDS}, or a checkpoint URI (s3://, file://, /path)")
         ),
@@ -234,7 +235,8 @@ class Spec(Camel):
         None,
         max_length=MAX_URI,
         description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
-        "next attempt resumes from, falling back to the newest intact one when it is gone.",
+        "next attempt resumes from, or auto when it accepted none; the trainer falls back to the newest intact one "
+        "under the run's checkpoint root when it is gone.",
         json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be a checkpoint URI, or {_RESUME_WORDS}")),
     )
     s3: S3 = Field(

@@ -157,15 +157,16 @@ def read_report(status: Mapping[str, Any]) -> Reported | None:
     )
 
 
-def in_checkpoint_root(uri: str, base_path: str, run_name: str) -> bool:
-    """`uri` is one of this run's step checkpoints: <basePath>/<run>/checkpoint_step_N (a plain path and its
-    file:// form are the same place)."""
+def checkpoint_step(uri: str, base_path: str, run_name: str) -> int | None:
+    """The step of `uri` when it is one of this run's step checkpoints, <basePath>/<run>/checkpoint_step_N (a plain
+    path and its file:// form are the same place); None for anything else."""
 
     def norm(text: str) -> str:
         return f"file://{text}" if text.startswith("/") else text
 
     root = f"{norm(base_path).rstrip('/')}/{run_name}/{contract.CHECKPOINT_PREFIX}"
-    return re.fullmatch(re.escape(root) + r"[0-9]+/?", norm(uri)) is not None
+    found = re.fullmatch(re.escape(root) + r"([0-9]{1,15})/?", norm(uri))
+    return int(found.group(1)) if found else None
 
 
 def _integer(value: Any) -> bool:

@@ -154,6 +154,7 @@ CHILDREN = ["create Service tiny-rho1", "create NetworkPolicy tiny-rho1", "creat
 CREATE_A1 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a1", "patch state"]
 CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Job tiny-rho1-a2", "patch state"]
 RESUME = f"patch resumeFrom={CKPT}"
+AUTO = f"patch resumeFrom={contract.RESUME_AUTO}"  # a retry with no accepted checkpoint: never spec.resume's `never`
 AT_1200 = {"checkpoint": CKPT}
 RUNNING = [pod(1, 0), pod(1, 1)]
 
@@ -210,6 +211,11 @@ CASES = [
          actions=["patch state"], events=["Warning Failed"],
          message="container trainer OOMKilled (exit code 137); backoffLimit 3 reached",
          conditions={"Failed": "True Failed"}),
+    Case("the trainer's exit 2 (its input is wrong): Failed at once, no restart, the Job kept for its logs", state(),
+         [job(1)], [pod(1, 0), pod(1, 1, "Failed", **ended(2, "Error", {"reason": "Failed", "exitCode": 2,
+         "message": "s3://wmtp/checkpoints/tiny-rho1 already holds committed checkpoints"}))], phase="Failed",
+         restarts=0, actions=["patch state"], events=["Warning Failed"],
+         message="already holds committed checkpoints; the trainer says its input is wrong (exit code 2)"),
     Case("backoffLimit 0 fails at once", state(), [job(1)], [pod(1, 0, "Failed")], spec={"backoffLimit": 0},
          phase="Failed", restarts=0, actions=["patch state"], events=["Warning Failed"], message="failed"),
     Case("Restarting lasts until the new attempt's pods show up", state(2, restarts=1, previous=ending()), [job(2)],
@@ -245,7 +251,7 @@ CASES = [
     Case("the operator's own teardown (exit 75 after its delete) does not make a failure a preemption",
          state(ending=ending(), restarts=1), [], [pod(1, 0, "Failed", deleting=True, **ended(75, "Error"))],
          status={"phase": "Restarting"}, phase="Restarting", restarts=1, preemptions=0,
-         actions=CREATE_A2, events=["Warning Restarting"]),
+         actions=[AUTO, *CREATE_A2], events=["Warning Restarting"]),
     # -------------------------------------------------------------- start-up
     Case("image pull back-off: reason in the message, a condition and a Warning Event", state(), [job(1)],
          [pod(1, 0, "Pending", **waiting("ImagePullBackOff", 'Back-off pulling image "x"')), pod(1, 1, "Pending")],
@@ -333,7 +339,7 @@ CASES = [
     Case("...and the next attempt keeps the ConfigMap the last valid recipe rendered",
          state(ending=ending(), restarts=1), [], [], spec={"recipe": None, "recipeRef": {"name": "r"}},
          recipe_text="a: [", status={"phase": "Restarting"}, phase="Restarting", attempt=2,
-         actions=CREATE_A2[1:], events=["Warning Restarting", "Warning InvalidSpec"]),
+         actions=[AUTO, *CREATE_A2[1:]], events=["Warning Restarting", "Warning InvalidSpec"]),
     # -------------------------------------------------------------- evaluation (spec.eval)
     Case("training succeeded with spec.eval: the eval Job, phase Evaluating", state(), [job(1)],
          [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], spec={"eval": EVAL}, status={"phase": "Running"},
@@ -464,6 +470,74 @@ def test_the_next_attempt_resumes_from_the_accepted_checkpoint_with_fallback(mak
     assert plan.status["resumeFrom"] == CKPT and _state_of(plan).resume_from == CKPT
     env = {e["name"]: e.get("value") for e in _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env[contract.ENV_ATTEMPT] == "2"
+
+
+def ckpt(step: int, run: str = "tiny-rho1") -> str:
+    return f"s3://wmtp/checkpoints/{run}/{step_dir_name(step)}"
+
+
+def last_words(step: int | None, checkpoint: str | None) -> dict[str, Any]:
+    """A trainer pod that crashed: its termination message naming `checkpoint`, or none (SIGKILL) when None."""
+    if checkpoint is None:
+        return ended(137, "Error")
+    return ended(1, "Error", {"reason": contract.STOP_FAILED, "step": step, "checkpoint": checkpoint})
+
+
+@dataclass
+class ResumeCase:
+    """Attempt 1 fails; the sources that name a checkpoint, each possibly lost, stale or foreign; where attempt 2
+    resumes (its --resume, always with the fallback)."""
+
+    name: str
+    reported: str | None  # status.report.latestCheckpoint of attempt 1 (None: no report, lost)
+    said: str | None  # the crashed pod's termination message (None: SIGKILL, no last words)
+    resume: str  # expected
+    record: dict[str, Any] = field(default_factory=dict)  # the record before: its accepted checkpoint, resume
+    spec: dict[str, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+
+RESUME_CASES = [
+    ResumeCase("report and last words agree", ckpt(1000), ckpt(1000), ckpt(1000)),
+    ResumeCase("report lost: the last words'", None, ckpt(1300), ckpt(1300)),
+    ResumeCase("last words lost (SIGKILL): the report's", ckpt(1000), None, ckpt(1000)),
+    ResumeCase("a stale report never moves the resume point back behind the last words", ckpt(1000), ckpt(1300),
+               ckpt(1300)),
+    ResumeCase("last words older than the report: the report's", ckpt(1300), ckpt(1000), ckpt(1300)),
+    ResumeCase("an accepted checkpoint newer than both stays", ckpt(1000), ckpt(1000), ckpt(1500),
+               record={"checkpoint": ckpt(1500)}),
+    ResumeCase("the checkpoint the attempt started from, newer than both, stays", ckpt(1000), None, ckpt(1500),
+               record={"resumeFrom": ckpt(1500)}),
+    ResumeCase("spec.resume step_N the attempt started from counts as that checkpoint", None, None, ckpt(900),
+               record={"resumeFrom": "step_900"}, spec={"resume": "step_900"}),
+    ResumeCase("a foreign report is refused: the last words'", ckpt(9000, "other"), ckpt(1000), ckpt(1000),
+               events=["Warning CheckpointRejected"]),
+    ResumeCase("foreign last words are refused: the report's", ckpt(1000), "s3://evil/tiny-rho1/checkpoint_step_9",
+               ckpt(1000), events=["Warning CheckpointRejected"]),
+    ResumeCase("all lost after spec.resume never: auto with the fallback, never `never`", None, None, "auto",
+               record={"resumeFrom": "never"}, spec={"resume": "never"}),
+    ResumeCase("all lost after resuming another run's checkpoint: that one again", None, None, ckpt(500, "other"),
+               record={"resumeFrom": ckpt(500, "other")}, spec={"resume": ckpt(500, "other")}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.name for c in RESUME_CASES])
+def test_the_resume_point_only_moves_forward(case: ResumeCase, make_run: Callable[..., Any]) -> None:
+    body = make_run(**{f"spec.{key}": value for key, value in case.spec.items()})
+    body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(state(**case.record))}
+    body["status"] = {"attempt": 1, "phase": "Running"}
+    if case.reported is not None:
+        body["status"]["report"] = report(checkpoint=case.reported)
+    crashed = pod(1, 1, "Failed", **last_words(1300, case.said))
+    # Pass 1: the attempt ends; its other pod still saves (the fence), and the stale report is still there.
+    first = reconcile(body, Observed([job(1)], [pod(1, 0), crashed]), NOW)
+    assert [f"{e.type} {e.reason}" for e in first.events] == ["Warning Restarting", *case.events]
+    body, observed = _apply(body, Observed([job(1)], [pod(1, 0), crashed]), first)
+    # Pass 2, once that pod is gone: attempt 2, from the newest checkpoint any validated source named.
+    second = reconcile(body, Observed(observed.jobs, [crashed]), "2026-01-02T03:04:06Z")
+    args = _job_of(second)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-3:] == ["--resume", case.resume, contract.RESUME_FALLBACK_FLAG]
+    assert {**body["status"], **second.status}["resumeFrom"] == case.resume == _state_of(second).resume_from
 
 
 def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callable[..., Any]) -> None:

@@ -11,10 +11,13 @@ longer than the last until the spec changes; `backoff` is that wait, for whichev
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from wmtp import contract
+from wmtp.config import run_root
 from wmtp_operator import pods as podstat
 from wmtp_operator import render
 from wmtp_operator.plan import Action, Create, Decision, Event, PatchRun, Refused, chain, say, write
@@ -147,16 +150,41 @@ def backoff(view: View, state: State) -> tuple[float, str] | None:
     return wait, f"{refused.message}; retrying in {wait:.0f}s, or at once when the spec changes"
 
 
+def resume_point(view: View, state: State) -> str | None:
+    """Where the next attempt resumes, when the operator chooses it; None for the first attempt, which starts where
+    spec.resume says. spec.resume decides the first attempt alone: every later one (after a failure, a preemption
+    or a suspend) resumes from the newest, by step, of the checkpoints the operator validated as this run's — the
+    accepted one (from a report or a termination message) and the one the ended attempt started from; with none,
+    from a checkpoint the user named outside the run's root, else `auto`. The trainer falls back to the newest
+    intact checkpoint under the run's own prefix either way, and a retry never starts over."""
+    if state.attempt == 0 or view.run is None:
+        return None
+    started = _as_checkpoint(view, state.resume_from)
+    validated = [c for c in (state.checkpoint, started) if view.checkpoint_step(c) is not None]
+    if validated:
+        return max(validated, key=lambda c: view.checkpoint_step(c) or 0)
+    named = started is not None and started not in contract.RESUME_KEYWORDS
+    return started if named else contract.RESUME_AUTO
+
+
+def _as_checkpoint(view: View, resume: str | None) -> str | None:
+    """`step_N` as the URI of the run's checkpoint it names (the trainer's layout), anything else as it is."""
+    found = re.fullmatch(rf"{contract.RESUME_STEP_PREFIX}([0-9]{{1,15}})", resume or "")
+    if found is None or view.run is None:
+        return resume
+    return f"{run_root(view.run.spec.checkpoints.base_path, view.name)}/{contract.step_dir_name(int(found.group(1)))}"
+
+
 def _create(view: View, state: State) -> Created:
-    """The attempt's objects, from the latest accepted checkpoint (written to spec.resumeFrom first), then the
-    record of the attempt: an operator killed in between finds the Job and recovers the attempt from it."""
+    """The attempt's objects, resuming from `resume_point` (written to spec.resumeFrom first), then the record of
+    the attempt: an operator killed in between finds the Job and recovers the attempt from it."""
     assert view.run is not None  # `_unusable` holds a run without one
     run = view.run
     actions: list[Action] = []
-    checkpoint = state.checkpoint
-    if checkpoint and checkpoint != run.spec.resume_from:
-        actions.append(PatchRun({"spec": {"resumeFrom": checkpoint}}))
-        run = replace(run, spec=run.spec.model_copy(update={"resume_from": checkpoint}))
+    chosen = resume_point(view, state)
+    if chosen is not None and chosen != run.spec.resume_from:
+        actions.append(PatchRun({"spec": {"resumeFrom": chosen}}))
+    run = replace(run, spec=run.spec.model_copy(update={"resume_from": chosen}))
     n = state.attempt + 1
     objects = render.attempt_objects(run, view.files, n)
     if n > 1:  # what the run owns across attempts was created, and checked to be its own, with attempt 1

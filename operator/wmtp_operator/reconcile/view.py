@@ -19,7 +19,7 @@ from wmtp_operator.formats import duration_seconds
 from wmtp_operator.plan import Delete, Observed
 from wmtp_operator.spec import Defaults, Run, Spec
 from wmtp_operator.state import State, changed, definition_of
-from wmtp_operator.status import Condition
+from wmtp_operator.status import Condition, checkpoint_step
 
 Obj = Mapping[str, Any]
 
@@ -55,6 +55,11 @@ class View:
             last_transition_time=self.now,
             observed_generation=self.generation,
         )
+
+    def checkpoint_step(self, uri: str | None) -> int | None:
+        """The step of `uri` when it is one of this run's checkpoints (<basePath>/<run>/checkpoint_step_N)."""
+        base = self.run.spec.checkpoints.base_path if self.run else None
+        return checkpoint_step(uri, base, self.name) if uri and base else None
 
     def deletes(self, up_to: int) -> tuple[Delete, ...]:
         """Deleting this run's attempt Jobs up to attempt `up_to`, but for those already being deleted."""
