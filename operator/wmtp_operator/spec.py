@@ -268,8 +268,10 @@ class Spec(Camel):
         None,
         max_length=253,
         pattern=NAME,
-        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3. The operator "
-        "lets it patch this run's status (nothing more). Unset: <run>-trainer, which the operator creates.",
+        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3; it must be "
+        f'labelled {contract.TRAINER_ACCOUNT_LABEL}: "true" (never the operator\'s own), else the run waits with '
+        "Valid=False. The operator lets it patch this run's status (nothing more). Unset: <run>-trainer, which the "
+        "operator creates.",
     )
     model_volume: ModelVolume = Field(
         default_factory=ModelVolume,
@@ -312,14 +314,20 @@ class Spec(Camel):
 
 @dataclass(frozen=True)
 class Defaults:
-    """Operator-wide values for fields a run leaves unset (the Helm chart sets them in the environment)."""
+    """Operator-wide values for fields a run leaves unset, and the operator's own ServiceAccount (namespace/name),
+    which no run may name (the Helm chart sets them in the environment)."""
 
     s3_credentials_secret: str | None = None
     mlflow_tracking_uri: str | None = None
+    operator_account: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Defaults:
-        return cls(env.get("WMTP_DEFAULT_S3_SECRET") or None, env.get("WMTP_DEFAULT_MLFLOW_URI") or None)
+        return cls(
+            env.get("WMTP_DEFAULT_S3_SECRET") or None,
+            env.get("WMTP_DEFAULT_MLFLOW_URI") or None,
+            env.get("WMTP_OPERATOR_SERVICE_ACCOUNT") or None,
+        )
 
     def apply(self, spec: Spec) -> Spec:
         s3 = spec.s3.model_copy(update={"credentials_secret": spec.s3.credentials_secret or self.s3_credentials_secret})

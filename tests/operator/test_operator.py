@@ -243,10 +243,12 @@ FAULTS = [
           {"CreateContainerConfigError", "Failed"}, message='secret "wmtp-s3" not found',
           kubelet={"waiting": ("CreateContainerConfigError", 'secret "wmtp-s3" not found')},
           spec={"startupTimeout": "2s"}),
-    Fault("missing ServiceAccount past the grace period: Failed, no restart", lambda c: None, "Failed", 0, 0, [],
-          {"ServiceAccountNotFound", "Failed"}, message="'irsa-s3' not found",
-          spec={"serviceAccountName": "irsa-s3", "startupTimeout": "2s"}),
-    Fault("unschedulable: the scheduler's message", lambda c: time.sleep(0.5), "Pending", 0, 0, A1, {"Unschedulable"},
+    Fault("a ServiceAccount that does not exist: Valid=False, no Job", lambda c: time.sleep(0.5), "Pending", 0, 0,
+          [], {"ServiceAccountNotFound"}, {"Valid": "False ServiceAccountNotFound"}, "no such ServiceAccount",
+          spec={"serviceAccountName": "irsa-s3"}),
+    Fault("unschedulable: the scheduler's message",
+          lambda c: c.until(lambda: c.condition("Started") == "False Unschedulable", "Started"), "Pending", 0, 0, A1,
+          {"Unschedulable"},
           {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
@@ -302,6 +304,35 @@ def test_kubectl_wait_for_a_verdict_returns_for_the_operators_verdict_never_for_
     assert run is not None and run["status"]["phase"] == "Succeeded"
     assert cluster.condition("Failed") == "False Succeeded"
     assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
+
+
+def _account(cluster: Cluster, name: str, **labels: str) -> None:
+    body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": cluster.ns}}
+    cluster.api.create({**body, "metadata": {**body["metadata"], "labels": labels}})
+
+
+def test_a_run_may_name_only_a_service_account_that_opted_in_and_never_the_operators(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    _account(cluster, "deployer")  # a privileged identity that never agreed to train
+    _account(cluster, "irsa", **{"wmtp.io/trainer": "true"})
+    cluster.create(make_run(**{"spec.serviceAccountName": "deployer"}), name="borrower")
+    cluster.create(make_run(**{"spec.serviceAccountName": "irsa"}), name="opted-in")
+    cluster.running(name="opted-in")
+    job = cluster.api.get("Job", cluster.ns, "opted-in-a1")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "irsa"
+    cluster.until(lambda: cluster.condition("Valid", "borrower") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "deployer has not opted in" in cluster.status("borrower")["message"]
+    assert cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "borrower"}) == []
+    cluster.until(lambda: "ServiceAccountNotAllowed" in {e["reason"] for e in cluster.events("borrower")}, "Event")
+    # The operator's own, in its own namespace: refused even when someone labelled it.
+    namespace, name = cluster.operator.env["WMTP_OPERATOR_SERVICE_ACCOUNT"].split("/")
+    own = Cluster(cluster.api, cluster.operator, namespace)
+    _account(own, name, **{"wmtp.io/trainer": "true"})
+    own.create(make_run(**{"spec.serviceAccountName": name}), name="usurper")
+    own.until(lambda: own.condition("Valid", "usurper") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "is the operator's own ServiceAccount" in own.status("usurper")["message"]
+    assert cluster.api.list("Job", namespace) == []
 
 
 def test_a_refused_child_is_the_runs_status_and_an_event_without_a_retry_storm(

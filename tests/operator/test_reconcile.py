@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from wmtp.checkpoint import step_dir_name
 from wmtp_operator import render
 from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
 from wmtp_operator.reconcile import reconcile, refused
+from wmtp_operator.spec import Defaults
 from wmtp_operator.state import STATE_ANNOTATION, State
 from wmtp_operator.status import CONDITION_TYPES
 
@@ -116,6 +118,15 @@ def forged(type_: str, status: str = "True") -> dict[str, Any]:
     return {"type": type_, "status": status, "reason": "Forged", "message": "a trainer's", "lastTransitionTime": BEFORE}
 
 
+def account(name: str, **labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "team-a", "labels": labels}}
+
+
+OPTED_IN = {"wmtp.io/trainer": "true"}
+OPERATOR_ACCOUNT = "wmtp-operator"
+DEFAULTS = Defaults(operator_account=f"team-a/{OPERATOR_ACCOUNT}")  # the chart's WMTP_OPERATOR_SERVICE_ACCOUNT
+
+
 def state(attempt: int = 1, **extra: Any) -> dict[str, Any]:
     return {"attempt": attempt, "startTime": BEFORE, **extra}
 
@@ -146,6 +157,7 @@ class Case:
     conditions: dict[str, str] = field(default_factory=dict)  # type → "status reason"
     now: str = NOW
     account_missing: str | None = None
+    account: dict[str, Any] | None = None  # the ServiceAccount spec.serviceAccountName names, as read
     recipe_text: str | None = None
 
 
@@ -317,6 +329,31 @@ CASES = [
          state(final="Succeeded", message="attempt 1 succeeded"), status={"phase": "Succeeded",
          "conditions": [forged("Failed"), forged("Valid", "False")]}, phase="Succeeded",
          conditions={"Succeeded": "True Succeeded", "Failed": "False Succeeded", "Valid": "True Valid"}),
+    # -------------------------------------------------------------- identities: opted in, or no Job
+    Case("a ServiceAccount labelled wmtp.io/trainer: \"true\" may be named (and is bound, not created)", None,
+         spec={"serviceAccountName": "irsa"}, account=account("irsa", **OPTED_IN), phase="Pending", attempt=1,
+         actions=[a for a in CREATE_A1 if a != "create ServiceAccount tiny-rho1-trainer"], events=["Normal Pending"],
+         conditions={"Valid": "True Valid"}),
+    Case("a ServiceAccount not opted in: Valid=False, no Job", None, spec={"serviceAccountName": "deployer"},
+         account=account("deployer", **{"wmtp.io/trainer": "yes"}), phase="Pending", attempt=0,
+         events=["Normal Pending", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="deployer has not opted in"),
+    Case("the operator's own ServiceAccount, even labelled: Valid=False, no Job", None,
+         spec={"serviceAccountName": OPERATOR_ACCOUNT}, account=account(OPERATOR_ACCOUNT, **OPTED_IN),
+         phase="Pending", attempt=0, events=["Normal Pending", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="is the operator's own ServiceAccount"),
+    Case("a ServiceAccount that does not exist: Valid=False, no Job", None, spec={"serviceAccountName": "irsa"},
+         account_missing="irsa", phase="Pending", attempt=0,
+         events=["Normal Pending", "Warning ServiceAccountNotFound"],
+         conditions={"Valid": "False ServiceAccountNotFound"}, message="no such ServiceAccount in namespace team-a"),
+    Case("the label removed between attempts: the next one waits", state(ending=ending(), restarts=1), [], [],
+         spec={"serviceAccountName": "irsa"}, account=account("irsa"), status={"phase": "Restarting"},
+         phase="Restarting", attempt=1, events=["Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}),
+    Case("...and so does the evaluation", state(final="Succeeded", message="attempt 1 succeeded"),
+         spec={"eval": EVAL, "serviceAccountName": "irsa"}, account=account("irsa"), status={"phase": "Succeeded"},
+         phase="Evaluating", events=["Normal Evaluating", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="irsa has not opted in"),
     # -------------------------------------------------------------- ownership and refusals
     Case("a namesake's Job still being deleted: wait, never touch it", None, [job(1, uid="old-uid", deleting=True)],
          [pod(1, 0, uid="old-uid")], phase="Pending", attempt=0, events=["Normal Pending", "Warning Conflict"],
@@ -410,13 +447,15 @@ def _body(make_run: Callable[..., dict[str, Any]], case: Case) -> dict[str, Any]
 
 
 def _observed(case: Case) -> Observed:
-    return Observed(copy.deepcopy(case.jobs), copy.deepcopy(case.pods), case.recipe_text, case.account_missing)
+    return Observed(
+        copy.deepcopy(case.jobs), copy.deepcopy(case.pods), case.recipe_text, case.account_missing, case.account
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None:
     body = _body(make_run, case)
-    plan = reconcile(body, _observed(case), case.now)
+    plan = reconcile(body, _observed(case), case.now, DEFAULTS)
     new = {**body["status"], **plan.status}
     assert [_summary(a) for a in plan.actions] == case.actions
     assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
@@ -445,10 +484,10 @@ def test_conditions_a_trainer_wrote_change_no_condition_and_no_action(
     case: Case, status: str, make_run: Callable[..., dict[str, Any]]
 ) -> None:
     body = _body(make_run, case)
-    clean = reconcile(body, _observed(case), case.now)
+    clean = reconcile(body, _observed(case), case.now, DEFAULTS)
     expected = _conditions({**body["status"], **clean.status})
     body["status"]["conditions"] = [forged(type_, status) for type_ in (*CONDITION_TYPES, "Ready", "Complete")]
-    tampered = reconcile(copy.deepcopy(body), _observed(case), case.now)
+    tampered = reconcile(copy.deepcopy(body), _observed(case), case.now, DEFAULTS)
     assert _conditions({**body["status"], **tampered.status}) == expected
     assert [_summary(a) for a in tampered.actions] == [_summary(a) for a in clean.actions]
 
@@ -706,14 +745,14 @@ def _apply(body: dict[str, Any], observed: Observed, plan: Plan) -> tuple[dict[s
             created = copy.deepcopy(action.obj)
             created["metadata"]["creationTimestamp"] = NOW
             jobs[created["metadata"]["name"]] = created
-    return body, Observed(list(jobs.values()), observed.pods, observed.recipe_text, observed.account_missing)
+    return body, dataclasses.replace(observed, jobs=list(jobs.values()))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.actions], ids=[c.name for c in CASES if c.actions])
 def test_reconciling_again_after_applying_changes_nothing(case: Case, make_run: Callable[..., Any]) -> None:
     body, observed = _body(make_run, case), _observed(case)
-    body, observed = _apply(body, observed, reconcile(body, observed, case.now))
-    again = reconcile(body, observed, "2026-01-02T03:04:06Z")
+    body, observed = _apply(body, observed, reconcile(body, observed, case.now, DEFAULTS))
+    again = reconcile(body, observed, "2026-01-02T03:04:06Z", DEFAULTS)
     assert ([_summary(a) for a in again.actions], again.events) == ([], [])
     assert set(again.status) <= {"message", "conditions"}  # progress wording only; no new transition
 

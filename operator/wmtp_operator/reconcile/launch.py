@@ -2,8 +2,11 @@
 
 Gates hold the attempt, in this order, and the first that holds says why: the fence (attempt N+1 starts only once
 no pod of attempt N runs any more: their SIGTERM saves done), spec.suspend, a spec that cannot be used, a
-namesake's objects still being deleted, the backoff after a refusal. Each is one function in GATES, so a new
-reason to wait is one more.
+ServiceAccount the run may not use, a namesake's objects still being deleted, the backoff after a refusal. Each is
+one function in GATES, so a new reason to wait is one more.
+
+The resume point of every attempt but the first is the operator's (`resume_point`): the newest checkpoint it
+validated, never behind one it accepted, and never spec.resume's `never` again.
 
 A refusal (of an attempt's objects, of the evaluation's Job) is recorded by `retry`, so that each try waits
 longer than the last until the spec changes; `backoff` is that wait, for whichever step creates.
@@ -27,6 +30,8 @@ from wmtp_operator.status import get_condition
 
 Obj = Mapping[str, Any]
 FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
+# How soon to look again at a ServiceAccount a run may not use: labelling or creating one is no event of the run's.
+ACCOUNT_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +119,41 @@ def _unusable(view: View, state: State) -> Held | None:
     return Held(state=state, why=f"waiting for a valid spec: {'; '.join(view.problems)}")
 
 
+def _identity(view: View, state: State) -> Held | None:
+    """The ServiceAccount the spec names may not be used (`account_refused`): Valid=False, and no Job until it may."""
+    refused = account_refused(view)
+    if refused is None:
+        return None
+    reason, why = refused
+    invalid = view.condition("Valid", "False", reason, why)
+    return Held(state=state, why=why, conditions=(invalid,), requeue=ACCOUNT_RETRY_SECONDS)
+
+
+def account_refused(view: View) -> tuple[str, str] | None:
+    """Why the run's pods may not run as the ServiceAccount its spec names, as (reason, message); None when it names
+    none (its own, `<run>-trainer`) or one it may: labelled wmtp.io/trainer: "true" by whoever controls it, and
+    never the operator's own, labelled or not."""
+    name = view.run.spec.service_account_name if view.run else None
+    if view.run is None or not name:
+        return None
+    opted_in = f'labelled {contract.TRAINER_ACCOUNT_LABEL}: "true"'
+    if view.operator_account == f"{view.run.namespace}/{name}":
+        return "ServiceAccountNotAllowed", say(
+            f"spec.serviceAccountName {name} is the operator's own ServiceAccount; name one {opted_in}"
+        )
+    if view.account is None:
+        return "ServiceAccountNotFound", say(
+            f"spec.serviceAccountName {name}: no such ServiceAccount in namespace {view.run.namespace}; create it "
+            f"{opted_in}, or name another"
+        )
+    labels = (view.account.get("metadata") or {}).get("labels") or {}
+    if labels.get(contract.TRAINER_ACCOUNT_LABEL) != "true":
+        return "ServiceAccountNotAllowed", say(
+            f"spec.serviceAccountName {name} has not opted in: a run may name only a ServiceAccount {opted_in}"
+        )
+    return None
+
+
 def _namesake(view: View, state: State) -> Held | None:
     """An earlier WMTPRun of the same name whose objects are still being deleted: never touched, waited for."""
     if not view.foreign:
@@ -130,7 +170,9 @@ def _backing_off(view: View, state: State) -> Held | None:
     return None if waiting is None else Held(state=state, why=waiting[1], requeue=waiting[0])
 
 
-GATES: tuple[Callable[[View, State], Held | None], ...] = (_fence, _suspended, _unusable, _namesake, _backing_off)
+GATES: tuple[Callable[[View, State], Held | None], ...] = (
+    _fence, _suspended, _unusable, _identity, _namesake, _backing_off
+)  # fmt: skip
 
 
 def _backoff_seconds(count: int) -> float:

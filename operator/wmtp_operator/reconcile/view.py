@@ -42,6 +42,8 @@ class View:
     eval_pods: tuple[Obj, ...]
     foreign: tuple[Obj, ...]  # a namesake's Jobs and pods
     account_missing: str | None  # the ServiceAccount the spec names, when it does not exist
+    account: Obj | None  # the ServiceAccount the spec names, as read
+    operator_account: str | None  # namespace/name of the operator's own ServiceAccount
     backoff_limit: int  # the spec's, or its raw value when the spec cannot be parsed
     startup_timeout: int  # seconds
 
@@ -95,6 +97,8 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
         eval_pods=tuple(filter(render.is_evaluation, pods)),
         foreign=tuple(foreign),
         account_missing=observed.account_missing,
+        account=observed.account,
+        operator_account=defaults.operator_account,
         backoff_limit=run.spec.backoff_limit if run else _raw_int(body, "backoffLimit", _default("backoff_limit")),
         startup_timeout=run.spec.startup_timeout_seconds if run else duration_seconds(_default("startup_timeout")),
     )
