@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from wmtp import config, contract
 from wmtp_operator.formats import (
@@ -51,6 +51,7 @@ _RESUME_RULE = (
 )
 _RESUME_WORDS = f"{', '.join(contract.RESUME_KEYWORDS)}, {contract.RESUME_STEP_PREFIX}N"
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
+MIN_IMAGE_PULL_DEADLINE = "30s"
 
 
 class RecipeRef(Camel):
@@ -289,6 +290,21 @@ class Spec(Camel):
         description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
         "attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s.",
     )
+    image_pull_deadline: str = Field(
+        "10m",
+        min_length=2,
+        max_length=16,
+        pattern=DURATION,
+        description="How long the run waits for a trainer image the kubelet cannot pull (ErrImagePull, "
+        "ImagePullBackOff, ErrImageNeverPull), the reason in its status, before it fails: no new attempt would pull "
+        f"it either, so none starts and no restart is used. At least {MIN_IMAGE_PULL_DEADLINE}, e.g. 10m.",
+        json_schema_extra=cel(
+            (
+                f"duration(self) >= duration('{MIN_IMAGE_PULL_DEADLINE}')",
+                f"imagePullDeadline must be at least {MIN_IMAGE_PULL_DEADLINE}",
+            )
+        ),
+    )
     termination_grace_period_seconds: int = Field(
         300,
         ge=10,
@@ -310,6 +326,17 @@ class Spec(Camel):
     @property
     def startup_timeout_seconds(self) -> int:
         return duration_seconds(self.startup_timeout)
+
+    @property
+    def image_pull_deadline_seconds(self) -> int:
+        return duration_seconds(self.image_pull_deadline)
+
+    @field_validator("image_pull_deadline")
+    @classmethod
+    def _at_least(cls, value: str) -> str:
+        if duration_seconds(value) < duration_seconds(MIN_IMAGE_PULL_DEADLINE):
+            raise ValueError(f"imagePullDeadline must be at least {MIN_IMAGE_PULL_DEADLINE}")
+        return value
 
 
 @dataclass(frozen=True)

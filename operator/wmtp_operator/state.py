@@ -28,8 +28,8 @@ STATE_ANNOTATION = f"{contract.GROUP}/state"
 # recipeRef ConfigMap it cannot see, so the operator compares hashes).
 DEFINITION = ("algorithm", "models", "datasets", "recipe", "checkpoints.basePath")
 # Spec fields that act at once rather than on the next attempt, or that only the operator writes.
-_NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "algorithm", "recipe", "recipe_ref",
-                    "models", "datasets", "eval"}  # fmt: skip
+_NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "image_pull_deadline", "algorithm",
+                    "recipe", "recipe_ref", "models", "datasets", "eval"}  # fmt: skip
 
 Cause = Literal["failure", "preemption", "suspend"]
 

@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -187,6 +188,20 @@ def _trainer_writes_phase(cluster: Cluster) -> None:
     time.sleep(0.5)  # the operator rewrites its fields at once
 
 
+def _pull_fails_for_long(cluster: Cluster) -> None:
+    pods = cluster.until(lambda: cluster.pods(1), "attempt 1's pods")
+    time.sleep(2.5)  # past startupTimeout: a new attempt would not pull the image either, so none starts
+    cluster.until(lambda: "unless the image can be pulled" in cluster.status().get("message", ""), "the deadline")
+    status = cluster.status()
+    assert (status["phase"], status["restarts"], cluster.jobs()) == ("Pending", 0, [f"{RUN}-a1"])
+    assert cluster.condition("Started") == "False ImagePullBackOff"
+    # The pods were scheduled, and began pulling, longer ago than imagePullDeadline.
+    then = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in pods:
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": then}
+        cluster.api.set_status(cluster.ns, pod, {"conditions": [scheduled]})
+
+
 def _stale_and_foreign_reports(cluster: Cluster) -> None:
     pods = cluster.running()
     cluster.api.exit(cluster.ns, pods[0], 1)
@@ -232,10 +247,11 @@ FAULTS = [
     Fault("past backoffLimit: Failed, the Job kept for its logs",
           _reported_then(lambda c, pods: c.api.exit(c.ns, pods[1], 1)), "Failed", 0, 0, A1, {"Failed"},
           {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
-    Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
-          {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
+    Fault("image pull back-off: visible, waited out past startupTimeout, Failed at imagePullDeadline, no restart",
+          _pull_fails_for_long, "Failed", 0, 0, [], {"ImagePullBackOff", "Failed"}, {"Failed": "True Failed"},
+          "not pulled within imagePullDeadline (30s); no retry fixes this",
           kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/trainer:0.1.0"')},
-          spec={"startupTimeout": "2s", "backoffLimit": 1}),
+          spec={"startupTimeout": "2s", "imagePullDeadline": "30s", "backoffLimit": 1}),
     Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
           {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
           kubelet={"waiting": ("InvalidImageName", "couldn't parse image name")}),

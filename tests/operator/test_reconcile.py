@@ -16,6 +16,7 @@ from wmtp.checkpoint import step_dir_name
 from wmtp_operator import render
 from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
 from wmtp_operator.reconcile import reconcile, refused
+from wmtp_operator.reconcile.attempt import PULL_FAILURES
 from wmtp_operator.spec import Defaults
 from wmtp_operator.state import STATE_ANNOTATION, State
 from wmtp_operator.status import CONDITION_TYPES
@@ -271,11 +272,33 @@ CASES = [
          conditions={"Started": "False ImagePullBackOff"},
          message='0/2 pods running; pod tiny-rho1-a1-0-x: ImagePullBackOff: container trainer: Back-off pulling'),
     Case("pods not started within startupTimeout: the attempt fails with the last reason", state(),
-         [job(1, created=BEFORE)],
-         [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off")), pod(1, 1, "Pending")], phase="Restarting",
+         [job(1, created=BEFORE)], [pod(1, 0, "Pending", **UNSCHEDULABLE), pod(1, 1, "Pending")], phase="Restarting",
          restarts=1, actions=["patch state", "delete Job tiny-rho1-a1"],
-         events=["Warning Restarting", "Warning ImagePullBackOff"],
-         message="pods did not start within startupTimeout (1800s): pod tiny-rho1-a1-0-x: ImagePullBackOff"),
+         events=["Warning Restarting", "Warning Unschedulable"],
+         message="pods did not start within startupTimeout (1800s): pod tiny-rho1-a1-0-x: Unschedulable"),
+    *(Case(f"{reason} within imagePullDeadline: waiting, the reason and when the run fails in the status", state(),
+           [job(1, created=JUST_NOW)], [pod(1, 0, "Pending", **waiting(reason, 'pulling "x"')), pod(1, 1, "Pending")],
+           status={"phase": "Pending"}, phase="Pending", restarts=0, events=[f"Warning {reason}"],
+           conditions={"Started": f"False {reason}"},
+           message=f"{reason}: container trainer: pulling \"x\"; the run fails at 2026-01-02T03:14:00Z unless the "
+                   "image can be pulled")
+      for reason in sorted(PULL_FAILURES)),
+    *(Case(f"{reason} past imagePullDeadline: Failed, no new attempt, no restart", state(),
+           [job(1, created="2026-01-02T02:50:00Z")], [pod(1, 0, "Pending", **waiting(reason, "no")), pod(1, 1)],
+           phase="Failed", restarts=0, actions=["patch state", "delete Job tiny-rho1-a1"],
+           events=["Warning Failed", f"Warning {reason}"],
+           message="not pulled within imagePullDeadline (600s); no retry fixes this",
+           conditions={"Failed": "True Failed"})
+      for reason in sorted(PULL_FAILURES)),
+    Case("a pull failing past startupTimeout but within imagePullDeadline: still waiting, no restart", state(),
+         [job(1, created="2026-01-02T02:58:00Z")], [pod(1, 0, "Pending", **waiting("ErrImagePull", "denied"))],
+         spec={"startupTimeout": "5m"}, status={"phase": "Pending"}, phase="Pending", restarts=0,
+         events=["Warning ErrImagePull"], message="the run fails at 2026-01-02T03:08:00Z"),
+    Case("imagePullDeadline counts from when the pod was scheduled: its pull began there", state(),
+         [job(1, created=BEFORE)], [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off"), conditions=[
+             {"type": "PodScheduled", "status": "True", "lastTransitionTime": JUST_NOW}])],
+         spec={"startupTimeout": "48h", "imagePullDeadline": "30s"}, status={"phase": "Pending"}, phase="Pending",
+         events=["Warning ImagePullBackOff"], message="the run fails at 2026-01-02T03:04:30Z"),
     Case("an invalid image name fails the run at once, without a restart", state(), [job(1, created=JUST_NOW)],
          [pod(1, 0, "Pending", **waiting("InvalidImageName", "bad"))], phase="Failed", restarts=0,
          actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Failed", "Warning InvalidImageName"],

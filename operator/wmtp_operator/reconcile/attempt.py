@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 from wmtp import contract
@@ -18,9 +19,13 @@ from wmtp_operator import render
 from wmtp_operator.plan import Decision, Event, chain, say, write
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State, changed, operational_of, seconds_since
-from wmtp_operator.status import Condition, Reported, read_report
+from wmtp_operator.status import Condition, Reported, parse_time, read_report
 
 Obj = Mapping[str, Any]
+# The kubelet's words for an image it cannot pull. No new attempt would pull it either, so none starts: the run waits
+# up to spec.imagePullDeadline, the reason in its status, then fails without using a restart. (An invalid image name
+# fails the run at once: `pods.FATAL_AT_ONCE`.)
+PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,13 +157,20 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
         )
     timeout = view.startup_timeout
     stop, waiting = podstat.startup_stop(job, pods, nodes, view.now, timeout, view.account_missing)
+    age = seconds_since(job["metadata"].get("creationTimestamp"), view.now)
+    deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
+    words = str(waiting) if waiting else None
+    pull = _pull_failure(view, job, pods)
+    if pull is not None and (stop is None or stop.reason == podstat.STARTUP_TIMEOUT):
+        # The pull deadline decides, not startupTimeout: a new attempt would not pull the image either.
+        waiting, left, words = pull
+        stop = None if left > 0 else podstat.Stop(waiting.reason, words, fatal=True)
+        deadlines = [left] if left > 0 else []
     if waiting is None:
         count = f"{sum(map(podstat.started, pods))}/{nodes} pods started"
         started = view.condition("Started", "False", "Starting", count)
     else:
-        started = view.condition("Started", "False", waiting.reason, say(str(waiting)))
-    age = seconds_since(job["metadata"].get("creationTimestamp"), view.now)
-    deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
+        started = view.condition("Started", "False", waiting.reason, say(words or ""))
     return Startup(
         state=state,
         conditions=(started,),
@@ -166,6 +178,26 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
         stop=stop,
         waiting=started.message if started.reason != "Starting" else None,
     )
+
+
+def _pull_failure(view: View, job: Obj, pods: list[Obj]) -> tuple[podstat.Waiting, float, str] | None:
+    """A pod whose image the kubelet cannot pull (PULL_FAILURES), the seconds left of spec.imagePullDeadline —
+    counted from when the pod was scheduled, where its pull began (else from the Job's creation) — and the
+    words for the status, which say when the run fails."""
+    failing = [(pod, w) for pod in pods if (w := podstat.waiting(pod)) and w.reason in PULL_FAILURES]
+    if not failing:
+        return None
+    pod, waiting = failing[0]
+    scheduled = podstat.condition(pod, "PodScheduled") or {}
+    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(job["metadata"].get("creationTimestamp"))
+    now, deadline = parse_time(view.now), view.image_pull_deadline
+    if since is None or now is None:
+        return waiting, float(deadline), f"{waiting}; imagePullDeadline {deadline}s"
+    left = deadline - (now - since).total_seconds()
+    if left <= 0:
+        return waiting, left, f"{waiting}; not pulled within imagePullDeadline ({deadline}s)"
+    at = (since + timedelta(seconds=deadline)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return waiting, left, f"{waiting}; the run fails at {at} unless the image can be pulled (imagePullDeadline)"
 
 
 def _stopped(view: View, state: State, stop: podstat.Stop, pods: list[Obj]) -> Ended | Finished:

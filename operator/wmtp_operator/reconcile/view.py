@@ -46,6 +46,7 @@ class View:
     operator_account: str | None  # namespace/name of the operator's own ServiceAccount
     backoff_limit: int  # the spec's, or its raw value when the spec cannot be parsed
     startup_timeout: int  # seconds
+    image_pull_deadline: int  # seconds
 
     def condition(self, type_: str, status: Literal["True", "False"], reason: str, message: str) -> Condition:
         """A condition as this pass sets it (an unchanged status keeps its older transition time)."""
@@ -101,6 +102,9 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
         operator_account=defaults.operator_account,
         backoff_limit=run.spec.backoff_limit if run else _raw_int(body, "backoffLimit", _default("backoff_limit")),
         startup_timeout=run.spec.startup_timeout_seconds if run else duration_seconds(_default("startup_timeout")),
+        image_pull_deadline=(
+            run.spec.image_pull_deadline_seconds if run else duration_seconds(_default("image_pull_deadline"))
+        ),
     )
 
 
