@@ -194,19 +194,20 @@ class Kube:
                 raise
 
     def observe(self, run: Mapping[str, Any]) -> Observed:
-        """The run's Jobs and pods (by label), its recipeRef's text, and whether the ServiceAccount it names is
-        missing."""
+        """The run's Jobs and pods (by label), its recipeRef's text, and the ServiceAccount it names (or that it is
+        missing)."""
         meta = run["metadata"]
         namespace, selector = meta["namespace"], {MANAGED_BY: OPERATOR, RUN_LABEL: meta["name"]}
         spec = run.get("spec") or {}
         account = spec.get("serviceAccountName")
         named = isinstance(account, str) and re.fullmatch(NAME, account) is not None
-        missing = account if named and self.get("ServiceAccount", namespace, account) is None else None
+        found = self.get("ServiceAccount", namespace, account) if named else None
         return Observed(
             jobs=self.list("Job", namespace, selector),
             pods=self.list("Pod", namespace, selector),
             recipe_text=self._recipe_text(namespace, spec.get("recipeRef")) if spec.get("recipeRef") else None,
-            account_missing=missing,
+            account_missing=account if named and found is None else None,
+            account=found,
         )
 
     def _recipe_text(self, namespace: str, ref: Any) -> str | None:

@@ -27,6 +27,7 @@ FATAL_AT_ONCE = frozenset({"InvalidImageName"})
 # A missing Secret, ConfigMap or key: fatal unless someone creates it within the grace period.
 FATAL_AFTER_GRACE = frozenset({"CreateContainerConfigError"})
 MISSING_GRACE_SECONDS = 120
+STARTUP_TIMEOUT = "StartupTimeout"  # the reason when pods did not start within spec.startupTimeout
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def startup_stop(
         return Stop(blocked.reason, f"{blocked}; still missing after {grace}s", fatal=True), blocked
     if age >= timeout:
         last = str(blocked) if blocked else f"{sum(map(started, pods))}/{nodes} pods started"
-        return Stop("StartupTimeout", clip(f"pods did not start within startupTimeout ({timeout}s): {last}")), blocked
+        return Stop(STARTUP_TIMEOUT, clip(f"pods did not start within startupTimeout ({timeout}s): {last}")), blocked
     return None, blocked
 
 

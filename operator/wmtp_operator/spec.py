@@ -70,6 +70,7 @@ Resume = shaped(_RESUME_SHAPE, f"{_RESUME_WORDS} or a checkpoint URI (s3://, fil
 MIN_STARTUP_TIMEOUT = "30s"  # the kubelet's image pull alone takes longer
 # The operator itself refuses only a zero wait: tests against the emulator (which skips the CRD) bound it in seconds.
 OPERATOR_MIN_STARTUP_TIMEOUT = "1s"
+MIN_IMAGE_PULL_DEADLINE = "30s"
 
 
 class RecipeRef(Camel):
@@ -258,16 +259,18 @@ class Spec(Camel):
     resume: Resume = Field(
         contract.RESUME_AUTO,
         description=f"Where the first attempt starts: {contract.RESUME_HELP}. A checkpoint named here that is "
-        "missing or damaged fails the run.",
+        "missing or damaged fails the run. Every later attempt resumes from the newest checkpoint the operator "
+        "accepted (spec.resumeFrom), never from this again.",
         json_schema_extra=cel(
             (_RESUME_RULE, f"resume must be {_RESUME_WORDS}, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
     resume_from: Resume | None = Field(
         None,
-        description="Written by the operator alone: the checkpoint the next attempt resumes from, falling back to "
-        "the newest intact one when it is gone. The chart's admission policy refuses anyone else's write, and the "
-        "operator ignores a value it did not write (a Warning says so).",
+        description="Written by the operator alone: the checkpoint the next attempt resumes from, or auto when it "
+        "accepted none; the trainer falls back to the newest intact one under the run's checkpoint root when it is "
+        "gone. The chart's admission policy refuses anyone else's write, and the operator ignores a value it did not "
+        "write (a Warning says so).",
         json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be a checkpoint URI, or {_RESUME_WORDS}")),
     )
     s3: S3 = Field(
@@ -305,8 +308,10 @@ class Spec(Camel):
         None,
         max_length=253,
         pattern=NAME,
-        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3. The operator "
-        "lets it patch this run's status (nothing more). Unset: <run>-trainer, which the operator creates.",
+        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3; it must be "
+        f'labelled {contract.TRAINER_ACCOUNT_LABEL}: "true" (never the operator\'s own), else the run waits with '
+        "Valid=False. The operator lets it patch this run's status (nothing more). Unset: <run>-trainer, which the "
+        "operator creates.",
     )
     model_volume: ModelVolume = Field(
         default_factory=ModelVolume,
@@ -328,6 +333,16 @@ class Spec(Camel):
         f"attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s; at least "
         f"{MIN_STARTUP_TIMEOUT}.",
         json_schema_extra=cel(duration_rule("startupTimeout", MIN_STARTUP_TIMEOUT)),
+    )
+    image_pull_deadline: str = Field(
+        "10m",
+        min_length=2,
+        max_length=16,
+        pattern=DURATION,
+        description="How long the run waits for a trainer image the kubelet cannot pull (ErrImagePull, "
+        "ImagePullBackOff, ErrImageNeverPull), the reason in its status, before it fails: no new attempt would pull "
+        f"it either, so none starts and no restart is used. At least {MIN_IMAGE_PULL_DEADLINE}, e.g. 10m.",
+        json_schema_extra=cel(duration_rule("imagePullDeadline", MIN_IMAGE_PULL_DEADLINE)),
     )
     termination_grace_period_seconds: int = Field(
         300,
@@ -365,19 +380,30 @@ class Spec(Camel):
     def _bounded(cls, value: str) -> str:
         return check_duration(value, "startupTimeout", OPERATOR_MIN_STARTUP_TIMEOUT)
 
+    @property
+    def image_pull_deadline_seconds(self) -> int:
+        return duration_seconds(self.image_pull_deadline)
+
+    @field_validator("image_pull_deadline")
+    @classmethod
+    def _pull_bounded(cls, value: str) -> str:
+        return check_duration(value, "imagePullDeadline", MIN_IMAGE_PULL_DEADLINE)
+
 
 @dataclass(frozen=True)
 class Defaults:
-    """Operator-wide values for fields a run leaves unset (the Helm chart sets them in the environment)."""
+    """Operator-wide values for fields a run leaves unset, and the operator's own ServiceAccount (namespace/name),
+    which no run may name (the Helm chart sets them in the environment)."""
 
     s3_credentials_secret: str | None = None
     mlflow_tracking_uri: str | None = None
     mlflow_credentials_secret: str | None = None  # for runs that use the default tracking URI: it is that server's
+    operator_account: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Defaults:
         names = ("WMTP_DEFAULT_S3_SECRET", "WMTP_DEFAULT_MLFLOW_URI", "WMTP_DEFAULT_MLFLOW_SECRET")
-        return cls(*(env.get(name) or None for name in names))
+        return cls(*(env.get(name) or None for name in names), env.get("WMTP_OPERATOR_SERVICE_ACCOUNT") or None)
 
     def apply(self, spec: Spec) -> Spec:
         s3 = spec.s3.model_copy(update={"credentials_secret": spec.s3.credentials_secret or self.s3_credentials_secret})

@@ -19,6 +19,7 @@ from wmtp_operator.kube import ACCESS
 from wmtp_operator.metrics import Metrics
 from wmtp_operator.render import MANAGED_BY
 from wmtp_operator.render import OPERATOR as MADE_BY_OPERATOR
+from wmtp_operator.spec import Defaults
 
 K8S_VERSION = "1.33.0"
 VALUE_SETS = {
@@ -123,6 +124,16 @@ def test_the_chart_deploys_an_mlflow_server_and_points_runs_without_one_at_it() 
     assert pod["spec"]["volumes"][-1]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
     assert pod["spec"]["automountServiceAccountToken"] is False
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["spec"]["securityContext"]["runAsNonRoot"]
+
+
+def test_the_operator_knows_its_own_service_account_which_no_run_may_name() -> None:
+    for values, account in (((), "wmtp"), (("--set", "serviceAccount.name=ops"), "ops")):
+        objects = render(*values)
+        pod = _pod(objects, "wmtp")["spec"]
+        env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+        assert pod["serviceAccountName"] == account
+        assert env["WMTP_OPERATOR_SERVICE_ACCOUNT"] == f"wmtp-system/{account}"
+        assert Defaults.from_env(env).operator_account == f"wmtp-system/{account}"
 
 
 def test_mlflow_stores_may_live_outside_the_cluster_with_credentials_from_secrets() -> None:

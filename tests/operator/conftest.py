@@ -170,7 +170,10 @@ def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) ->
     from support.emulator import OperatorProcess
 
     # As the chart starts it: runs that name no tracking server report to the chart's.
-    env = {"WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000"}
+    env = {
+        "WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000",
+        "WMTP_OPERATOR_SERVICE_ACCOUNT": "wmtp-system/wmtp",  # no run may name it
+    }
     process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"), env=env)
     yield process
     process.stop()

@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -82,6 +83,20 @@ class Cluster:
             return found if check(found) else None
 
         return self.until(scraped, what)
+
+    def wait(self, condition: str, timeout: float, name: str = RUN) -> dict[str, Any] | None:
+        """`kubectl wait wr/<name> --for=condition=<condition> --timeout=<timeout>s`: the run as soon as the
+        condition is True, None when the timeout passes first."""
+
+        def true() -> dict[str, Any] | None:
+            run = self.run(name)
+            found = [c for c in (run.get("status") or {}).get("conditions", []) if c.get("type") == condition]
+            return run if found and found[0].get("status") == "True" else None
+
+        try:
+            return wait_for(true, timeout=timeout, what=f"condition {condition}")
+        except TimeoutError:
+            return None
 
     def condition(self, type_: str, name: str = RUN) -> str:
         found = next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
@@ -215,6 +230,20 @@ def _trainer_writes_phase(cluster: Cluster) -> None:
     time.sleep(0.5)  # the operator rewrites its fields at once
 
 
+def _pull_fails_for_long(cluster: Cluster) -> None:
+    pods = cluster.until(lambda: cluster.pods(1), "attempt 1's pods")
+    time.sleep(2.5)  # past startupTimeout: a new attempt would not pull the image either, so none starts
+    cluster.until(lambda: "unless the image can be pulled" in cluster.status().get("message", ""), "the deadline")
+    status = cluster.status()
+    assert (status["phase"], status["restarts"], cluster.jobs()) == ("Pending", 0, [f"{RUN}-a1"])
+    assert cluster.condition("Started") == "False ImagePullBackOff"
+    # The pods were scheduled, and began pulling, longer ago than imagePullDeadline.
+    then = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in pods:
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": then}
+        cluster.api.set_status(cluster.ns, pod, {"conditions": [scheduled]})
+
+
 def _stale_and_foreign_reports(cluster: Cluster) -> None:
     pods = cluster.running()
     cluster.api.exit(cluster.ns, pods[0], 1)
@@ -260,10 +289,11 @@ FAULTS = [
     Fault("past backoffLimit: Failed, the Job kept for its logs",
           _reported_then(lambda c, pods: c.api.exit(c.ns, pods[1], 1)), "Failed", 0, 0, A1, {"Failed"},
           {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
-    Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
-          {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
+    Fault("image pull back-off: visible, waited out past startupTimeout, Failed at imagePullDeadline, no restart",
+          _pull_fails_for_long, "Failed", 0, 0, [], {"ImagePullBackOff", "Failed"}, {"Failed": "True Failed"},
+          "not pulled within imagePullDeadline (30s); no retry fixes this",
           kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/wmtp-trainer:0.1.0"')},
-          spec={"startupTimeout": "2s", "backoffLimit": 1}),
+          spec={"startupTimeout": "2s", "imagePullDeadline": "30s", "backoffLimit": 1}),
     Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
           {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
           kubelet={"waiting": ("InvalidImageName", "couldn't parse image name")}),
@@ -271,10 +301,12 @@ FAULTS = [
           {"CreateContainerConfigError", "Failed"}, message='secret "wmtp-s3" not found',
           kubelet={"waiting": ("CreateContainerConfigError", 'secret "wmtp-s3" not found')},
           spec={"startupTimeout": "2s"}),
-    Fault("missing ServiceAccount past the grace period: Failed, no restart", lambda c: None, "Failed", 0, 0, [],
-          {"ServiceAccountNotFound", "Failed"}, message="'irsa-s3' not found",
-          spec={"serviceAccountName": "irsa-s3", "startupTimeout": "2s"}),
-    Fault("unschedulable: the scheduler's message", lambda c: time.sleep(0.5), "Pending", 0, 0, A1, {"Unschedulable"},
+    Fault("a ServiceAccount that does not exist: Valid=False, no Job", lambda c: time.sleep(0.5), "Pending", 0, 0,
+          [], {"ServiceAccountNotFound"}, {"Valid": "False ServiceAccountNotFound"}, "no such ServiceAccount",
+          spec={"serviceAccountName": "irsa-s3"}),
+    Fault("unschedulable: the scheduler's message",
+          lambda c: c.until(lambda: c.condition("Started") == "False Unschedulable", "Started"), "Pending", 0, 0, A1,
+          {"Unschedulable"},
           {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
@@ -311,6 +343,58 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
         assert status["resumeFrom"] == CKPT == status["latestCheckpoint"]
+
+
+def test_kubectl_wait_for_a_verdict_returns_for_the_operators_verdict_never_for_a_trainers(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    forged = [{"type": kind, "status": "True", "reason": "Forged", "message": "by a trainer",
+               "lastTransitionTime": "2026-01-01T00:00:00Z"}
+              for kind in ("Succeeded", "Failed", "Complete")]  # fmt: skip
+    patch = {"status": {"phase": "Succeeded", "conditions": forged}}
+    written = int(cluster.api.patch("WMTPRun", cluster.ns, RUN, patch, status=True)["metadata"]["resourceVersion"])
+    # The operator's next pass rewrites the status whole: from then on no verdict is True while the run runs.
+    cluster.until(lambda: int(cluster.run()["metadata"]["resourceVersion"]) > written, "the operator's next write")
+    assert cluster.wait("Succeeded", timeout=1.5) is None and cluster.wait("Failed", timeout=0.5) is None
+    status = cluster.status()
+    assert status["phase"] == "Running" and "Complete" not in {c["type"] for c in status["conditions"]}
+    for pod in pods:
+        cluster.api.exit(cluster.ns, pod, 0)
+    run = cluster.wait("Succeeded", timeout=15)
+    assert run is not None and run["status"]["phase"] == "Succeeded"
+    assert cluster.condition("Failed") == "False Succeeded"
+    assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
+
+
+def _account(cluster: Cluster, name: str, **labels: str) -> None:
+    body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": cluster.ns}}
+    cluster.api.create({**body, "metadata": {**body["metadata"], "labels": labels}})
+
+
+def test_a_run_may_name_only_a_service_account_that_opted_in_and_never_the_operators(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    _account(cluster, "deployer")  # a privileged identity that never agreed to train
+    _account(cluster, "irsa", **{"wmtp.io/trainer": "true"})
+    cluster.create(make_run(**{"spec.serviceAccountName": "deployer"}), name="borrower")
+    cluster.create(make_run(**{"spec.serviceAccountName": "irsa"}), name="opted-in")
+    cluster.running(name="opted-in")
+    job = cluster.api.get("Job", cluster.ns, "opted-in-a1")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "irsa"
+    cluster.until(lambda: cluster.condition("Valid", "borrower") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "deployer has not opted in" in cluster.status("borrower")["message"]
+    assert cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "borrower"}) == []
+    cluster.until(lambda: "ServiceAccountNotAllowed" in {e["reason"] for e in cluster.events("borrower")}, "Event")
+    # The operator's own, in its own namespace: refused even when someone labelled it.
+    namespace, name = cluster.operator.env["WMTP_OPERATOR_SERVICE_ACCOUNT"].split("/")
+    own = Cluster(cluster.api, cluster.operator, namespace)
+    _account(own, name, **{"wmtp.io/trainer": "true"})
+    own.create(make_run(**{"spec.serviceAccountName": name}), name="usurper")
+    own.until(lambda: own.condition("Valid", "usurper") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "is the operator's own ServiceAccount" in own.status("usurper")["message"]
+    assert cluster.api.list("Job", namespace) == []
 
 
 def test_a_refused_child_is_the_runs_status_and_an_event_without_a_retry_storm(

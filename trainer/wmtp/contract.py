@@ -99,6 +99,9 @@ ENV_TERMINATION_LOG = "WMTP_TERMINATION_LOG"  # where to write the termination m
 # Where a pod finds its API credentials (token, ca.crt, namespace): rank 0 reports with them. The operator mounts
 # them (a projected token) into the trainer container alone.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# A ServiceAccount a WMTPRun may name for its pods (spec.serviceAccountName) opts in with this label, valued "true",
+# set by whoever controls it: naming one hands its identity (a cloud role, say) to every trainer pod of the run.
+TRAINER_ACCOUNT_LABEL = f"{GROUP}/trainer"
 
 # Where the operator mounts things in a trainer pod.
 CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator

@@ -249,15 +249,30 @@ class Trainer:
 
     def resume_point(self) -> Location | None:
         """Where `self.resume` points. A resume the operator chose (`resume_fallback`) falls back to the newest
-        intact checkpoint when that one is gone or damaged, and says so; any other must be usable as named."""
+        intact checkpoint when that one is gone or damaged, and says so; any other must be usable as named. With
+        nothing to resume, the start is fresh: `check_fresh_start`."""
         try:
-            return self.store.resolve(self.resume)
+            location = self.store.resolve(self.resume)
         except CheckpointError as err:
             if not self.resume_fallback:
                 raise
             location = self.store.newest_intact()
             self.warn(f"{err}; " + (f"resuming from {location.uri} instead" if location else "starting fresh"))
-            return location
+        if location is None:
+            self.check_fresh_start()
+        return location
+
+    def check_fresh_start(self) -> None:
+        """A fresh start saves from step 0 into the run's prefix: never over committed checkpoints (an earlier run's
+        of the same name, or this run's after a lost resume) unless the recipe says checkpointing.overwrite."""
+        committed = [] if self.recipe.checkpointing.overwrite else self.store.list()
+        if committed:
+            steps = ", ".join(str(info.step) for info in committed[-3:])
+            raise CheckpointError(
+                f"{self.store.root.uri} already holds committed checkpoints (newest steps: {steps}); a fresh start "
+                "would overwrite them: resume (--resume auto), use another run name or checkpoint path, or set "
+                "checkpointing.overwrite: true in the recipe"
+            )
 
     def maybe_save(self, last: bool) -> None:
         """Checkpoint every save_interval steps, at the last step, and when asked to stop; report and prune each

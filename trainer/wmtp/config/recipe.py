@@ -168,6 +168,12 @@ class CheckpointingSection(Strict):
     keep_last: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.keep_last.")
     save_final: bool | None = Field(None, description="Overrides paths.checkpoints.save_final.")
     auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
+    overwrite: bool = Field(
+        False,
+        description="Let a fresh start (--resume never, or nothing to resume) write into a run prefix that already "
+        "holds committed checkpoints, replacing them step by step. Unset: such a start fails (exit 2) naming the "
+        "prefix, so that a lost resume never overwrites a run's checkpoints.",
+    )
 
     _uris = field_validator("checkpoint_path")(check_uri)
 
