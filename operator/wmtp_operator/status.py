@@ -58,13 +58,29 @@ def _finite(kind: type) -> dict[str, Any]:
     return {"allow_inf_nan": False} if kind is float else {}
 
 
+# What `kubectl explain` says of each of contract.EVAL_SPEED_FIELDS (a field without one is described by its name).
+SPEED_DESCRIPTIONS = {
+    "speedup": "Self-speculative over greedy tokens/s: the median of interleaved rounds.",
+    "mean_accepted": "Tokens kept per verifying pass.",
+    "tokens_per_pass": "Tokens per forward pass of self-speculative decoding (greedy makes 1).",
+    "identical": "Whether both decodings gave the same tokens.",
+    "greedy_tokens_per_s": "Greedy decoding's tokens/s, cached, one prompt at a time.",
+    "speculative_tokens_per_s": "Self-speculative decoding's tokens/s.",
+    "prompts": "Prompts decoded both ways.",
+    "speedup_suspect": "The speed-up is more than the passes saved explain: a flaw in the comparison.",
+    "pass_cost": "What a verifying pass costs in greedy passes (speedup = tokensPerPass / passCost).",
+}
+
 EvalSpeed = create_model(
     "EvalSpeed",
     __base__=Camel,
     __doc__="The speed-up of self-speculative decoding over greedy decoding of the same prompts.",
     __config__=None,
     **{
-        name: (kind | None, Field(None, description=name.replace("_", " "), **_finite(kind)))
+        name: (
+            kind | None,
+            Field(None, description=SPEED_DESCRIPTIONS.get(name, name.replace("_", " ")), **_finite(kind)),
+        )
         for name, kind in contract.EVAL_SPEED_FIELDS.items()
     },
 )

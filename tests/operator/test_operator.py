@@ -623,7 +623,8 @@ def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_sta
         "model": f"s3://wmtp/checkpoints/{RUN}/final",
         "tasks": {"humaneval": {"problems": 4, "pass@1": 0.25}, "mbpp": {"problems": 4, "pass@1": 0.5}},
         "speed": {"prompts": 2, "tokens": 64, "identical": True, "greedy_tokens_per_s": 100.0, "heads": 4,
-                  "speculative_tokens_per_s": 180.0, "speedup": 1.8, "tokens_per_pass": 2.0, "mean_accepted": 2.5},
+                  "speculative_tokens_per_s": 180.0, "speedup": 1.8, "tokens_per_pass": 2.0, "mean_accepted": 2.5,
+                  "speedup_suspect": False, "pass_cost": 1.11111},
         "mlflow_run_id": "0123456789abcdef0123456789abcdef",
     }  # fmt: skip
     words = Termination(contract.STOP_SUCCEEDED, 0, headline(report), eval=summary(report)).to_json()
@@ -637,7 +638,7 @@ def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_sta
     }
     assert status["eval"]["speed"] == {
         "speedup": 1.8, "meanAccepted": 2.5, "tokensPerPass": 2.0, "identical": True, "greedyTokensPerS": 100.0,
-        "speculativeTokensPerS": 180.0, "prompts": 2,
+        "speculativeTokensPerS": 180.0, "prompts": 2, "speedupSuspect": False, "passCost": 1.111,
     }  # fmt: skip
     assert status["eval"]["mlflowRunId"] == report["mlflow_run_id"]
     line = "humaneval pass@1 0.250, mbpp pass@1 0.500, self-speculative decoding 1.80× greedy"

@@ -862,7 +862,8 @@ def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -
         "tasks": {"humaneval": {"problems": 164, "pass@1": 0.5, "pass@2": True, "pass@x": 1.0, "rm -rf": 1.0,
                                 **{f"pass@{k}": 0.5 for k in range(3, 100)}},
                   "mbpp": {"pass@1": float("nan"), "problems": "many"}, "gsm8k": {"pass@1": 1.0}, "x" * 9: []},
-        "speed": {"speedup": float("inf"), "identical": "yes", "prompts": 2.5, "mean_accepted": 2.0, "evil": 1},
+        "speed": {"speedup": float("inf"), "identical": "yes", "prompts": 2.5, "mean_accepted": 2.0, "evil": 1,
+                  "speedup_suspect": 1, "pass_cost": "1.5"},
         "mlflow_run_id": "../../runs",
     }  # fmt: skip
     found = results({contract.TERMINATION_EVAL: hostile})
@@ -870,6 +871,9 @@ def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -
     humaneval = found["tasks"]["humaneval"]
     assert len(humaneval) == 1 + contract.MAX_EVAL_SCORES and {"pass@2", "pass@x", "rm -rf"}.isdisjoint(humaneval)
     assert found["speed"] == {"meanAccepted": 2.0} and found["mlflow_run_id"] is None
+    # What the speed report flags comes through with its type: a suspect speed-up and the pass cost behind it.
+    flagged = results({contract.TERMINATION_EVAL: {"speed": {"speedup_suspect": True, "pass_cost": 0.2}}})
+    assert flagged["speed"] == {"speedupSuspect": True, "passCost": 0.2}
     # More than the kubelet keeps is no message of `wmtp eval`'s: the evaluation failed.
     words = {"reason": "Succeeded", "message": "x" * contract.TERMINATION_MESSAGE_MAX, "eval": {}}
     said, why = outcome(eval_job("Complete"), [eval_pod("Succeeded", words)], EVAL_JOB)

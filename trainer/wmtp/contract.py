@@ -228,9 +228,12 @@ EVAL_TASKS: dict[str, str] = {
 EVAL_BUNDLED: tuple[str, ...] = ("humaneval",)
 # The speed headline TERMINATION_EVAL["speed"] carries (`wmtp eval`'s names), with each value's type; the operator
 # copies them into status.eval.speed.
+# `speedup_suspect`: the speed-up is more than the passes saved explain (a bug in what was compared, not a speed-up);
+# `pass_cost`: what a verifying pass costs in greedy passes (speedup = tokens_per_pass / pass_cost).
 EVAL_SPEED_FIELDS: dict[str, type] = {
     "speedup": float, "mean_accepted": float, "tokens_per_pass": float, "identical": bool,
-    "greedy_tokens_per_s": float, "speculative_tokens_per_s": float, "prompts": int,
+    "greedy_tokens_per_s": float, "speculative_tokens_per_s": float, "prompts": int, "speedup_suspect": bool,
+    "pass_cost": float,
 }  # fmt: skip
 MAX_EVAL_SCORES = 16  # pass@k values per task in the termination message and status.eval
 # An MLflow run id (32 hex digits by default), as the final model's marker and status.eval name it.
