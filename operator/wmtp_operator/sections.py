@@ -220,7 +220,11 @@ class ModelVolume(Camel):
         description="emptyDir: each pod pulls into its own volume, every attempt. persistentVolumeClaim: the "
         "operator creates <run>-models (ReadWriteMany); the first puller fills it, later pulls are no-ops.",
     )
-    size: Quantity | None = Field(None, description="Volume size, e.g. 80Gi (emptyDir: a limit; PVC: the request).")
+    size: Quantity | None = Field(
+        None,
+        description="Volume size, e.g. 80Gi (emptyDir: a limit; PVC: the request). The evaluation pod (spec.eval) "
+        "pulls the final model into this volume too: a float32 save, 4 bytes a parameter.",
+    )
     storage_class_name: str | None = Field(
         None, max_length=253, pattern=NAME, description="StorageClass of the PVC. Unset: the default class."
     )
@@ -276,7 +280,11 @@ class Eval(Camel, EvalSettings):
         pattern=DURATION,
         description="How long the evaluation Job may take, start-up included (its activeDeadlineSeconds), e.g. 2h.",
     )
-    resources: Resources | None = Field(None, description="Resources of the evaluation pod. Unset: spec.resources.")
+    resources: Resources | None = Field(
+        None,
+        description="Resources of the evaluation pod. Unset: spec.resources with at most one of each */gpu resource "
+        "(`wmtp eval` decodes on one GPU).",
+    )
 
     @property
     def timeout_seconds(self) -> int:

@@ -610,9 +610,11 @@ def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_sta
     assert (owner["kind"], owner["name"], owner["controller"], job["spec"]["backoffLimit"]) == (
         "WMTPRun", RUN, True, 0
     )  # fmt: skip
-    (evaluator,) = job["spec"]["template"]["spec"]["containers"]
+    (puller,), (evaluator,) = (job["spec"]["template"]["spec"][key] for key in ("initContainers", "containers"))
+    final = f"s3://wmtp/checkpoints/{RUN}/{contract.FINAL_DIR}"
+    assert argv(puller, {}) == contract.pull_into_command(final, f"{contract.MODEL_DIR}/{contract.FINAL_DIR}")
     command = argv(evaluator, {})
-    assert command[:4] == ["wmtp", "eval", "--model", f"s3://wmtp/checkpoints/{RUN}/final"]
+    assert command[:4] == ["wmtp", "eval", "--model", f"{contract.MODEL_DIR}/{contract.FINAL_DIR}"]
     assert command[command.index("--tasks") + 1] == "humaneval,mbpp" and "mbpp=s3://wmtp/data/mbpp.jsonl" in command
     assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
     default = cluster.operator.env["WMTP_DEFAULT_MLFLOW_URI"]

@@ -76,14 +76,26 @@ def gpu_run(make_run: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 
 def _rendered(body: dict[str, Any], recipe_text: str | None, attempt: int) -> list[dict[str, Any]]:
+    """The attempt's objects, then with spec.eval the evaluation's Job (created once training succeeds)."""
     run = Run.from_body(body)
-    return render.attempt_objects(run, render.trainer_files(run, recipe_text), attempt)
+    evaluation = [render.eval_job(run)] if run.spec.eval is not None else []
+    return [*render.attempt_objects(run, render.trainer_files(run, recipe_text), attempt), *evaluation]
+
+
+def _case(case: str, make_run: Callable[..., dict[str, Any]]) -> list[dict[str, Any]]:
+    """tiny-cpu: the CPU example with its spec.eval; gpu-4node: 4 × 8 GPUs on a model PVC, spec.eval without its
+    own resources (so one GPU of the trainers')."""
+    if case == "tiny-cpu":
+        return _rendered(make_run(**{"spec.eval": {"tasks": ["humaneval"], "limit": 4, "maxNewTokens": 64}}), None, 1)
+    body = gpu_run(make_run)
+    body["spec"]["eval"] = {"tasks": ["humaneval"], "samples": 20, "k": [1, 10], "timeout": "4h"}
+    return _rendered(body, GPU_RECIPE, 3)
 
 
 @pytest.mark.parametrize("case", ["tiny-cpu", "gpu-4node"])
 def test_rendered_objects_match_golden_files(case: str, make_run: Callable[..., dict[str, Any]]) -> None:
     # Regenerate after an intended change with WMTP_REGENERATE=1 and review the diff.
-    objects = _rendered(make_run(), None, 1) if case == "tiny-cpu" else _rendered(gpu_run(make_run), GPU_RECIPE, 3)
+    objects = _case(case, make_run)
     path = GOLDEN / f"{case}.yaml"
     if os.environ.get("WMTP_REGENERATE"):
         path.write_text(yaml.dump_all(objects, Dumper=_GoldenDumper, sort_keys=False, width=120))
@@ -92,7 +104,7 @@ def test_rendered_objects_match_golden_files(case: str, make_run: Callable[..., 
 
 @pytest.mark.parametrize("case", ["tiny-cpu", "gpu-4node"])
 def test_rendered_objects_pass_kubernetes_validate_strict(case: str, make_run: Callable[..., dict[str, Any]]) -> None:
-    objects = _rendered(make_run(), None, 1) if case == "tiny-cpu" else _rendered(gpu_run(make_run), GPU_RECIPE, 3)
+    objects = _case(case, make_run)
     assert {o["kind"] for o in objects} >= {"ConfigMap", "Service", "Job"}
     for obj in objects:
         kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
@@ -475,9 +487,15 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1}}
     assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
+    # The final model is pulled into the model volume first (no GPU for that), and read there.
+    (puller,) = pod["initContainers"]
+    assert argv(puller, {}) == [
+        "wmtp", "pull", "--dest", render.PULLED_MODEL, "--", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}"
+    ]  # fmt: skip
+    assert "resources" not in puller and puller["env"] == evaluator["env"]
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert command == [
-        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "team-a/wmtp-7b",
+        "wmtp", "eval", "--model", render.PULLED_MODEL, "--experiment", "team-a/wmtp-7b",
         "--tasks", "humaneval,mbpp", "--k", "1,10", "--samples", "20", "--limit", "50", "--temperature", "0.8",
         "--max-new-tokens", "256", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
         "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0", "--batch-size", "8",
@@ -490,6 +508,94 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert env["MLFLOW_TRACKING_URI"]["value"] == "http://mlflow.mlops:5000"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "s3-prod"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+
+
+def _mounted(pod: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """Container name → {volume: mount path}, init containers included."""
+    containers = [*pod.get("initContainers", []), *pod["containers"]]
+    return {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]} for c in containers}
+
+
+SCRATCH = {"tmp": "/tmp", "workspace": contract.WORK_DIR}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "models", "mounted"),
+    [
+        # A final model in S3 is pulled into the model volume: an emptyDir limited as the trainers' is...
+        ({}, {"emptyDir": {}}, {"pull": {"models": contract.MODEL_DIR, **SCRATCH},
+                                "eval": {"models": contract.MODEL_DIR, **SCRATCH}}),
+        ({"spec.modelVolume": {"size": "40Gi"}}, {"emptyDir": {"sizeLimit": "40Gi"}}, None),
+        # ...or the run's PVC, where it stays.
+        ({"spec.modelVolume": {"type": "persistentVolumeClaim", "size": "200Gi"}},
+         {"persistentVolumeClaim": {"claimName": "tiny-rho1-models"}}, None),
+        # A final model on a path is read where it is: no puller, no model volume.
+        ({"spec.checkpoints": {"basePath": "/mnt/shared/ckpt"}}, None, {"eval": SCRATCH}),
+    ],
+)  # fmt: skip
+def test_the_eval_pod_pulls_the_final_model_into_the_model_volume_and_mounts_nothing_else(
+    make_run: Callable[..., dict[str, Any]],
+    overrides: dict[str, Any],
+    models: dict[str, Any] | None,
+    mounted: dict[str, dict[str, str]] | None,
+) -> None:
+    run = Run.from_body(make_run(**{"spec.eval": {"limit": 2}, **overrides}))
+    pod = render.eval_job(run)["spec"]["template"]["spec"]
+    volumes = {v.pop("name"): v for v in pod["volumes"]}
+    assert volumes == {**({"models": models} if models else {}), "tmp": {"emptyDir": {}}, "workspace": {"emptyDir": {}}}
+    # Not the rendered files, /dev/shm or the API token the trainers use; every volume is mounted.
+    if mounted is not None:
+        assert _mounted(pod) == mounted
+    assert set().union(*_mounted(pod).values()) == set(volumes)
+    (evaluator,) = pod["containers"]
+    model = argv(evaluator, {})[3]
+    if models:
+        assert model == render.PULLED_MODEL and evaluator["volumeMounts"][0]["readOnly"] is True
+        assert argv(pod["initContainers"][0], {})[-1] == render.final_model(run)
+    else:
+        assert model == f"/mnt/shared/ckpt/tiny-rho1/{contract.FINAL_DIR}" and "initContainers" not in pod
+    kubernetes_validate.validate(render.eval_job(run), kubernetes_validate.latest_version(), strict=True)
+
+
+GPUS = {"requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": 8},
+        "limits": {"memory": "400Gi", "nvidia.com/gpu": "8"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("resources", "evaluation", "evaluator", "puller"),
+    [
+        # The trainers' resources with one GPU: `wmtp eval` decodes on one device; the puller gets no GPU.
+        (GPUS, None,
+         {"requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": 1},
+          "limits": {"memory": "400Gi", "nvidia.com/gpu": 1}},
+         {"requests": {"cpu": "16", "memory": "200Gi"}, "limits": {"memory": "400Gi"}}),
+        # spec.eval.resources as given.
+        (GPUS, {"requests": {"cpu": "4", "memory": "64Gi"}, "limits": {"nvidia.com/gpu": 2}},
+         {"requests": {"cpu": "4", "memory": "64Gi"}, "limits": {"nvidia.com/gpu": 2}},
+         {"requests": {"cpu": "4", "memory": "64Gi"}}),
+        ({"requests": {"cpu": "2"}}, None, {"requests": {"cpu": "2"}}, {"requests": {"cpu": "2"}}),
+        (None, {"limits": {"nvidia.com/gpu": 1}}, {"limits": {"nvidia.com/gpu": 1}}, None),
+        (None, None, None, None),
+    ],
+)  # fmt: skip
+def test_the_eval_pod_takes_one_gpu_where_the_trainers_take_gpus_and_their_placement(
+    make_run: Callable[..., dict[str, Any]],
+    resources: dict[str, Any] | None,
+    evaluation: dict[str, Any] | None,
+    evaluator: dict[str, Any] | None,
+    puller: dict[str, Any] | None,
+) -> None:
+    placement = {
+        "spec.nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "spec.tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+    }
+    run = Run.from_body(make_run(**{"spec.resources": resources, "spec.eval": {"resources": evaluation}, **placement}))
+    pod = render.eval_job(run)["spec"]["template"]["spec"]
+    assert pod["containers"][0].get("resources") == evaluator
+    assert pod["initContainers"][0].get("resources") == puller
+    trainers = render.job(run, 1, pull=True)["spec"]["template"]["spec"]
+    assert (pod["nodeSelector"], pod["tolerations"]) == (trainers["nodeSelector"], trainers["tolerations"])
+    kubernetes_validate.validate(render.eval_job(run), kubernetes_validate.latest_version(), strict=True)
 
 
 @pytest.mark.parametrize(
@@ -542,6 +648,10 @@ def test_every_rendered_command_line_parses_with_the_trainers_own_cli(make_run, 
     assert (train["resume"], train["resume_fallback"]) == ((resume_from, True) if resume_from else ("auto", False))
     assert str(train["config"]).endswith(contract.CONFIG_FILE) and str(train["recipe"]).endswith(contract.RECIPE_FILE)
 
-    evaluator = render.eval_job(run)["spec"]["template"]["spec"]["containers"][0]
+    evaluation = render.eval_job(run)["spec"]["template"]["spec"]
+    (puller,), (evaluator,) = evaluation["initContainers"], evaluation["containers"]
+    pulled = _parsed(puller["command"][1:])
+    assert (pulled["sources"], str(pulled["dest"])) == ([render.final_model(run)], render.PULLED_MODEL)
+    assert evaluator["command"] == list(contract.EVAL_COMMAND)
     evaluated = _parsed([*evaluator["command"][1:], *evaluator["args"]])
-    assert (evaluated["model"], evaluated["limit"], evaluated["k"]) == (render.final_model(run), 2, "1,2")
+    assert (evaluated["model"], evaluated["limit"], evaluated["k"]) == (render.PULLED_MODEL, 2, "1,2")

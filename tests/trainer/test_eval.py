@@ -20,9 +20,11 @@ from wmtp.checkpoint import CheckpointStore, FileRecord
 from wmtp.cli import app
 from wmtp.config import ConfigError, EvalSettings
 from wmtp.eval import landlock
+from wmtp.eval import runner as runner_module
 from wmtp.eval.command import boolean, headline
+from wmtp.eval.decoding import Decoder
 from wmtp.eval.prompts import CHAT_REQUEST, Prompting, code_block
-from wmtp.eval.runner import TRAINING_RUN_TAG, log_to_mlflow, summary
+from wmtp.eval.runner import TRAINING_RUN_TAG, load_model, log_to_mlflow, placement, summary
 from wmtp.eval.sandbox import Limits, run_program
 from wmtp.eval.scoring import pass_at_k
 from wmtp.eval.tasks import BUNDLED, TASKS, humaneval, humaneval_path, mbpp
@@ -170,6 +172,32 @@ def test_eval_command_reports_scores_speed_and_every_problem(
     problems = written["problems"]
     assert [p["task_id"] for p in problems["mbpp"]] == ["MBPP/11", "MBPP/2"]
     assert all(p["n"] == 2 and p["correct"] == 0 for task in problems.values() for p in task)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "device", "dtype"),
+    [(False, False, "cpu", torch.float32), (True, True, "cuda", torch.bfloat16), (True, False, "cuda", torch.float32)],
+)
+def test_the_model_decodes_on_a_visible_gpu_in_bfloat16(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, bf16: bool, device: str, dtype: torch.dtype
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    assert placement() == {"device": torch.device(device), "dtype": dtype}
+
+
+def test_a_model_placed_as_on_a_gpu_decodes_every_way(
+    final_model: Path, monkeypatch: pytest.MonkeyPatch, one_thread: None
+) -> None:
+    """What a GPU gets, in bfloat16 (on the CPU here): load_model places the model as `placement` says, and greedy,
+    batched and self-speculative decoding run in that dtype."""
+    monkeypatch.setattr(runner_module, "placement", lambda: {"device": torch.device("cpu"), "dtype": torch.bfloat16})
+    model, tokenizer = load_model(str(final_model), Storage())
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    decoder = Decoder(model, tokenizer, max_new_tokens=6, stop_at_eos=False)
+    prompts = [tokenizer(text)["input_ids"] for text in ("def f(x):\n", "import os\n")]
+    runs = [*decoder.generate(prompts, [(), ()]), decoder.greedy(prompts[0]), decoder.speculative(prompts[0])]
+    assert [len(run.tokens) for run in runs] == [6] * 4
 
 
 CHAT = (

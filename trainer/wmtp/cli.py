@@ -24,6 +24,7 @@ from wmtp.contract import (
     EVAL_EXPERIMENT_FLAG,
     EVAL_MODEL_FLAG,
     LAUNCH_GRACE_FLAG,
+    PULL_DEST_FLAG,
     PULL_SPEC_FLAG,
     PULL_WEIGHTS,
     PULL_WEIGHTS_RANK0,
@@ -269,7 +270,7 @@ def checkpoints_prune(
 @app.command()
 def pull(
     sources: list[str] = typer.Argument(None, metavar="SRC_URI...", help="s3:// prefixes (mirrored) or objects."),
-    dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
+    dest: Path | None = typer.Option(None, PULL_DEST_FLAG, "-d", help="Folder to pull SRC_URI... into."),
     spec: Path | None = typer.Option(
         None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest[, weights]}, instead of SRC_URI..."
     ),

@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 # ----------------------------------------------------------------------------- algorithms
 
@@ -167,7 +169,7 @@ RESUME_HELP = "auto (the latest checkpoint if any) | never | latest | step_N | a
 
 # The trainer's command lines as the operator renders them. `wmtp.cli` declares its options with these names and
 # a test parses every rendered argv with the CLI itself, so the two sides cannot drift apart.
-PULL_SPEC_FLAG = "--spec"
+PULL_SPEC_FLAG, PULL_DEST_FLAG = "--spec", "--dest"
 CONFIG_FLAG, RECIPE_FLAG, RESUME_FLAG = "--config", "--recipe", "--resume"
 EVAL_COMMAND: tuple[str, ...] = ("wmtp", "eval")
 EVAL_MODEL_FLAG, EVAL_EXPERIMENT_FLAG, EVAL_DATASET_FLAG = "--model", "--experiment", "--dataset"
@@ -194,9 +196,28 @@ def pull_command(spec_file: str) -> list[str]:
     return ["wmtp", "pull", PULL_SPEC_FLAG, spec_file]
 
 
+def pull_into_command(uri: str, dest: str) -> list[str]:
+    """A command that mirrors the s3:// prefix `uri` into the folder `dest` (the evaluation pod's final model)."""
+    return ["wmtp", "pull", PULL_DEST_FLAG, dest, "--", uri]
+
+
 def launch_args(grace_seconds: int, torchrun_args: list[str]) -> list[str]:
     """LAUNCH_COMMAND's arguments: its grace for the workers' save, then torchrun's own."""
     return [LAUNCH_GRACE_FLAG, str(grace_seconds), "--", *torchrun_args]
+
+
+def eval_args(model: str, experiment: str, settings: Mapping[str, Any]) -> list[str]:
+    """EVAL_COMMAND's arguments: the model to read, the MLflow experiment of a new run, then every setting (the
+    fields of `wmtp.config.EvalSettings`, which `wmtp eval` declares as options of the same names) as
+    `--field-name value`: a list comma-joined, `datasets` as one EVAL_DATASET_FLAG TASK=URI per task, None left out."""
+    args = [EVAL_MODEL_FLAG, model, EVAL_EXPERIMENT_FLAG, experiment]
+    for name, value in settings.items():
+        if name == "datasets":
+            args += [arg for task, uri in value.items() for arg in (EVAL_DATASET_FLAG, f"{task}={uri}")]
+        elif value is not None:
+            text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+            args += [f"--{name.replace('_', '-')}", text]
+    return args
 
 
 def train_module_args(config: str, recipe: str, resume: str, fallback: bool) -> list[str]:

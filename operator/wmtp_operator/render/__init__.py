@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from wmtp_operator.render.evaluation import EVALUATION, eval_job, eval_job_name, final_model, is_evaluation
+from wmtp_operator.render.evaluation import (
+    EVALUATION,
+    PULLED_MODEL,
+    eval_job,
+    eval_job_name,
+    final_model,
+    is_evaluation,
+)
 from wmtp_operator.render.files import TrainerFiles, has_gpus, pulls, recipe_source, trainer_files
 from wmtp_operator.render.objects import (
     ATTEMPT_LABEL,
@@ -43,6 +50,7 @@ __all__ = [
     "MANAGED_BY",
     "MASTER_PORT",
     "OPERATOR",
+    "PULLED_MODEL",
     "RUN_LABEL",
     "RUN_UID_LABEL",
     "TrainerFiles",

@@ -132,21 +132,36 @@ def _token_volume() -> dict[str, Any]:
     }
 
 
-def volumes(run: Run) -> list[dict[str, Any]]:
+def model_volume(run: Run) -> dict[str, Any]:
+    """The volume mounted at MODEL_DIR: the run's PVC, or an emptyDir of each pod limited to spec.modelVolume.size."""
     volume = run.spec.model_volume
     if volume.type == "persistentVolumeClaim":
-        models: dict[str, Any] = {"persistentVolumeClaim": {"claimName": claim_name(run.name)}}
-    else:
-        models = {"emptyDir": {"sizeLimit": volume.size} if volume.size is not None else {}}
+        return {"name": "models", "persistentVolumeClaim": {"claimName": claim_name(run.name)}}
+    return {"name": "models", "emptyDir": {"sizeLimit": volume.size} if volume.size is not None else {}}
+
+
+# Scratch: the run directory and caches under HOME (WORK_DIR), and temporary files (the root is read-only).
+SCRATCH_VOLUMES = ({"name": "workspace", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}})
+
+
+def volumes(run: Run) -> list[dict[str, Any]]:
+    """An attempt's pod's volumes."""
     return [
         {"name": "config", "configMap": {"name": config_map_name(run.name)}},
-        {"name": "models", **models},
+        model_volume(run),
         # NCCL and the DataLoader workers exchange tensors through /dev/shm; the container default is 64 MiB.
         {"name": "shm", "emptyDir": {"medium": "Memory"}},
-        {"name": "workspace", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        *(dict(volume) for volume in SCRATCH_VOLUMES),
         _token_volume(),
     ]
+
+
+def mount(name: str, path: str, read_only: bool = False) -> dict[str, Any]:
+    return {"name": name, "mountPath": path, **({"readOnly": True} if read_only else {})}
+
+
+# What both containers of an attempt mount first: the rendered files, the model volume and /tmp.
+ATTEMPT_MOUNTS = (mount("config", CONFIG_DIR, read_only=True), mount("models", MODEL_DIR), mount("tmp", "/tmp"))
 
 
 CONTAINER_SECURITY = {
@@ -166,17 +181,13 @@ POD_SECURITY = {
 
 
 def container(spec: Spec, name: str, env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+    """A container of the trainer image mounting `mounts` alone, under the restricted security context."""
     return {
         "name": name,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
         "env": env,
-        "volumeMounts": [
-            {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "models", "mountPath": MODEL_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-            *mounts,
-        ],
+        "volumeMounts": [dict(m) for m in mounts],
         "securityContext": dict(CONTAINER_SECURITY),
         "terminationMessagePath": contract.TERMINATION_LOG,
         "terminationMessagePolicy": "File",
@@ -190,11 +201,17 @@ def resources_of(resources: Resources | None, init: bool) -> dict[str, Any] | No
         return None
     dumped = resources.model_dump(exclude_defaults=True)
     if init:
-        dumped = {
-            kind: {key: value for key, value in amounts.items() if key in ("cpu", "memory", "ephemeral-storage")}
-            for kind, amounts in dumped.items()
-        }
+        return host_only(dumped)
     return {kind: amounts for kind, amounts in dumped.items() if amounts} or None
+
+
+def host_only(resources: dict[str, Any]) -> dict[str, Any] | None:
+    """`resources` without accelerators: CPU, memory and ephemeral storage alone."""
+    kept = {
+        kind: {key: value for key, value in amounts.items() if key in ("cpu", "memory", "ephemeral-storage")}
+        for kind, amounts in resources.items()
+    }
+    return {kind: amounts for kind, amounts in kept.items() if amounts} or None
 
 
 def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
@@ -209,9 +226,10 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
         "trainer",
         [*_env(run, attempt), node_rank],
         [
-            {"name": "shm", "mountPath": "/dev/shm"},
-            {"name": "workspace", "mountPath": WORK_DIR},
-            {"name": TOKEN_VOLUME, "mountPath": contract.SERVICE_ACCOUNT_DIR, "readOnly": True},
+            *ATTEMPT_MOUNTS,
+            mount("shm", "/dev/shm"),
+            mount("workspace", WORK_DIR),
+            mount(TOKEN_VOLUME, contract.SERVICE_ACCOUNT_DIR, read_only=True),
         ],
     )
     trainer.update(
@@ -225,7 +243,7 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
     if pull:
         # The node rank decides whether this pod pulls the weights (`weights_on_rank0_only`).
         env = [*_env(run, attempt), dict(node_rank)]
-        puller = container(spec, "pull", env, [{"name": "workspace", "mountPath": WORK_DIR}])
+        puller = container(spec, "pull", env, [*ATTEMPT_MOUNTS, mount("workspace", WORK_DIR)])
         puller["command"] = contract.pull_command(f"{CONFIG_DIR}/{PULL_FILE}")
         pod["initContainers"] = [puller]
         if resources := resources_of(spec.resources, init=True):
