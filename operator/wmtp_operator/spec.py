@@ -71,6 +71,11 @@ MIN_STARTUP_TIMEOUT = "30s"  # the kubelet's image pull alone takes longer
 # The operator itself refuses only a zero wait: tests against the emulator (which skips the CRD) bound it in seconds.
 OPERATOR_MIN_STARTUP_TIMEOUT = "1s"
 MIN_IMAGE_PULL_DEADLINE = "30s"
+# What defines the training, by path under spec: fixed once the run exists. The CRD refuses an edit of each (an
+# `immutable` rule on its field; the recipe's on recipeRef, an inline one as a whole by its presence), and the
+# operator compares their hashes from the first attempt on (`state.definition_of`: it alone sees a recipeRef's
+# ConfigMap). Everything else in the spec applies to the next attempt, or at once.
+DEFINITION = ("algorithm", "models", "datasets", "recipe", "checkpoints.basePath")
 
 
 class RecipeRef(Camel):

@@ -21,16 +21,14 @@ from wmtp import contract
 from wmtp.config import DOCUMENT, MAX_MESSAGE, clip, parse_json, redact_uri
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
-from wmtp_operator.spec import Run, Spec
+from wmtp_operator.spec import DEFINITION, Run, Spec
 from wmtp_operator.status import Evaluation, parse_time
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
-# What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a
-# recipeRef ConfigMap it cannot see, so the operator compares hashes).
-DEFINITION = ("algorithm", "models", "datasets", "recipe", "checkpoints.basePath")
-# Spec fields that act at once rather than on the next attempt, or that only the operator writes.
-_NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "image_pull_deadline", "algorithm",
-                    "recipe", "recipe_ref", "models", "datasets", "eval"}  # fmt: skip
+# Spec fields that act at once rather than on the next attempt, or that only the operator writes; with what defines
+# the training (`spec.DEFINITION`, never changed), they are not what a new attempt takes from the spec.
+_AT_ONCE = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "image_pull_deadline", "eval"}
+_NOT_OPERATIONAL = _AT_ONCE | {"recipe_ref"} | {path for path in DEFINITION if "." not in path}
 
 Cause = Literal["failure", "preemption", "suspend"]
 # The record is small; anyone who may edit the run may edit its annotations, so it is read as untrusted text.

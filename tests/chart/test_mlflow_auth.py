@@ -5,8 +5,6 @@ another's, so no tenant overwrites another's runs or registered models, the trai
 
 from __future__ import annotations
 
-import base64
-import configparser
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,8 +12,7 @@ from typing import Any
 import pytest
 import requests
 
-from support.chart import render
-from support.tracking import mlflow_server
+from support.tracking import chart_mlflow_server
 from wmtp.config import MLflowSettings
 from wmtp.tracking import Tracker
 
@@ -24,34 +21,10 @@ API = "/api/2.0/mlflow"
 TEAMS = {"team-a": "pw-team-a-0123", "team-b": "pw-team-b-4567"}
 
 
-def chart_server(root: Path) -> tuple[str, dict[str, str], tuple[str, str]]:
-    """The chart's basic_auth.ini (its database moved from the volume to `root`), the environment the Deployment
-    gives the server, and the admin's login."""
-    objects = render()
-    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "wmtp-mlflow-auth")
-    ini_text = config_map["data"]["basic_auth.ini"].replace("sqlite:////mlflow/", f"sqlite:///{root}/")
-    secret = next(o for o in objects if o["kind"] == "Secret")["data"]
-    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "wmtp-mlflow")
-    env = {
-        e["name"]: base64.b64decode(secret[e["valueFrom"]["secretKeyRef"]["key"]]).decode()
-        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
-        if "secretKeyRef" in e.get("valueFrom", {})
-    }
-    ini = configparser.ConfigParser()
-    ini.read_string(ini_text)
-    return ini_text, env, (ini["mlflow"]["admin_username"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, tuple[str, str]]]:
-    root = tmp_path_factory.mktemp("mlflow-auth")
-    ini, env, admin = chart_server(root)
-    with mlflow_server(root, auth_ini=ini, env=env) as url:
-        for user, password in TEAMS.items():  # what docs/operator.md has the admin do for each namespace
-            made = requests.post(f"{url}{API}/users/create", json={"username": user, "password": password},
-                                 auth=admin, timeout=30)  # fmt: skip
-            assert made.status_code == 200, made.text
-        yield url, admin
+    with chart_mlflow_server(tmp_path_factory.mktemp("mlflow-auth"), TEAMS) as found:
+        yield found
 
 
 def call(url: str, method: str, path: str, auth: tuple[str, str] | None = None, **body: Any) -> requests.Response:

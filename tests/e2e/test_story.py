@@ -6,7 +6,8 @@ server on the host. `make e2e-kind` plays the same story on a kind cluster (Kind
 up). `configs/wmtprun.yaml` is applied as written but for where its image, S3 and MLflow are. Its trainer pods
 pull, train under torchrun, get stopped (SIGTERM: a preemption) and later killed (SIGKILL: a failure), and each
 next attempt resumes from the latest committed checkpoint until training succeeds; then its evaluation pod scores
-the final model (spec.eval).
+the final model (spec.eval). MLflow is the chart's, login required: the run's namespace has its user and the
+Secret the operator hands its pods by reference, as docs/operator.md has an admin set up.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import yaml
 
 from support.clusters import KindCluster, LocalCluster, StoryCluster
 from support.runs import HUMANEVAL
-from support.tracking import mlflow_server
+from support.tracking import chart_mlflow_server
 from wmtp.checkpoint import CheckpointStore
 from wmtp.config import S3Settings
 from wmtp.contract import CHECKPOINT_PREFIX
@@ -39,6 +40,9 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 600  # for each stage; the whole story takes a few minutes here
 KIND = os.environ.get("WMTP_E2E_CLUSTER") == "kind"
+NAMESPACE = "wmtp-e2e"
+MLFLOW_SECRET = "wmtp-mlflow"  # the chart's defaults.mlflowCredentialsSecret
+MLFLOW_LOGIN = {"MLFLOW_TRACKING_USERNAME": NAMESPACE, "MLFLOW_TRACKING_PASSWORD": "e2e-namespace-password"}
 
 
 @dataclass
@@ -66,8 +70,15 @@ def stage(images: Any, tmp_path: Path, request: pytest.FixtureRequest) -> Iterat
     s3_endpoint, storage = request.getfixturevalue("s3_endpoint"), request.getfixturevalue("s3_storage")
     workdir = tmp_path / "cluster"
     workdir.mkdir()
-    with mlflow_server(tmp_path) as tracking_uri:
-        local = LocalCluster(workdir, images.operator, "wmtp-e2e", mlflow=tracking_uri)
+    users = {NAMESPACE: MLFLOW_LOGIN["MLFLOW_TRACKING_PASSWORD"]}
+    with chart_mlflow_server(tmp_path, users) as (tracking_uri, admin):
+        local = LocalCluster(workdir, images.operator, NAMESPACE, mlflow=tracking_uri, mlflow_secret=MLFLOW_SECRET)
+        login = {key: base64.b64encode(value.encode()).decode() for key, value in MLFLOW_LOGIN.items()}
+        meta = {"name": MLFLOW_SECRET, "namespace": NAMESPACE}
+        local.create({"apiVersion": "v1", "kind": "Secret", "metadata": meta, "data": login})
+        monkeypatch = request.getfixturevalue("monkeypatch")  # this test reads every run: the admin's login
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", admin[0])
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", admin[1])
         try:
             yield Stage(local, images.trainer, s3_endpoint, storage, tracking_uri, tracking_uri)
         finally:
@@ -183,6 +194,9 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert status().get("phase") != "Failed", status().get("message")
     first = pods_of(1)
     assert [p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"] for p in first] == [0, 0]
+    if not KIND:  # the MLflow login reaches the pods by reference only, never as a value in their spec
+        env = {e["name"]: e for e in next(c for c in first[0]["spec"]["containers"] if c["name"] == "trainer")["env"]}
+        assert all(env[key]["valueFrom"]["secretKeyRef"]["name"] == MLFLOW_SECRET for key in MLFLOW_LOGIN), env
 
     # A preemption: SIGTERM to rank 1's container. Both ranks save one more checkpoint and stop.
     cluster.stop_container(first[1]["metadata"]["name"])
@@ -258,7 +272,8 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
             f"\nstory: phases {' → '.join(phases_of(history.seen))}; attempts {done['attempt']}, restarts "
             f"{done['restarts']}, preemptions {done['preemptions']}; preempted at step {preempted.step}, resumed from "
             f"{step_of(reported)} after the kill; events {', '.join(events)}; registered {version.name} version "
-            f"{version.version}; eval {evaluated['tasks']['humaneval']}"
+            f"{version.version} (MLflow with a login{'' if KIND else f': {NAMESPACE} from Secret {MLFLOW_SECRET}'}); "
+            f"eval {evaluated['tasks']['humaneval']}"
         )
 
 

@@ -15,7 +15,7 @@ import yaml
 from wmtp_operator import crd, render
 from wmtp_operator.formats import RECIPE
 from wmtp_operator.sections import MAX_TAG_KEY
-from wmtp_operator.spec import Run, Spec
+from wmtp_operator.spec import DEFINITION, Run, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD_FILE = ROOT / "crds" / "wmtpruns.yaml"
@@ -212,6 +212,22 @@ def test_what_defines_the_training_is_immutable(
     assert admit(make_run(**overrides)) == []  # as a new run, each is fine
     problems = admit(make_run(**overrides), old=make_run())
     assert any(message in problem for problem in problems), problems
+
+
+def _transition_rules(schema: dict[str, Any], path: str = "") -> list[str]:
+    """The paths under spec whose schema carries the `self == oldSelf` rule."""
+    rules = [r["rule"] for r in schema.get("x-kubernetes-validations", [])]
+    found = [path] if "self == oldSelf" in rules else []
+    for name, child in schema.get("properties", {}).items():
+        found += _transition_rules(child, f"{path}.{name}".lstrip("."))
+    return found
+
+
+def test_the_crd_fixes_exactly_what_defines_the_training(run_schema: dict[str, Any]) -> None:
+    """One list, spec.DEFINITION: each field in it carries the CRD's immutability rule (the recipe's is on
+    recipeRef) and no other does, so the operator's hashes and the API server agree on what may not change."""
+    fixed = _transition_rules(run_schema["properties"]["spec"])
+    assert sorted(fixed) == sorted("recipeRef" if path == "recipe" else path for path in DEFINITION)
 
 
 def test_operational_fields_may_change_on_a_running_run(

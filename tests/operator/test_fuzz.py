@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -58,7 +57,7 @@ def _edited(spec: dict[str, Any], edits: list[tuple[str, Any]]) -> dict[str, Any
     return spec
 
 
-@settings(max_examples=1600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@hostile.fuzz(1600)
 @given(edits=EDITS, recipe_text=st.none() | st.text(max_size=200) | HOSTILE_TEXT)
 def test_the_spec_loader_and_renderer_raise_only_the_projects_errors(
     edits: list[tuple[str, Any]], recipe_text: str | None
@@ -76,7 +75,7 @@ def test_the_spec_loader_and_renderer_raise_only_the_projects_errors(
     json.dumps(objects)  # what goes to the API server is plain JSON
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@hostile.fuzz(400)
 @given(edits=EDITS, status=st.dictionaries(st.sampled_from(["phase", "report", "conditions", "step", "loss"]), JSON),
        state=st.none() | JSON | st.text(max_size=30))  # fmt: skip
 def test_a_reconcile_pass_raises_nothing_and_says_little_whatever_it_reads(
@@ -90,13 +89,11 @@ def test_a_reconcile_pass_raises_nothing_and_says_little_whatever_it_reads(
     assert all(len(event.message) <= MAX_MESSAGE for event in plan.events)
 
 
-@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@hostile.fuzz(200)
 @given(text=hostile.documents(hostile.RECIPE))
 def test_a_hostile_recipe_config_map_is_valid_false_in_time(text: str) -> None:
     body = {**TINY_RUN, "spec": {**TINY_RUN["spec"], "recipe": None, "recipeRef": {"name": "recipes"}}}
     del body["spec"]["recipe"]
-    started = time.process_time()  # CPU: the machine running the tests is shared
-    plan = reconcile(body, Observed(recipe_text=text), "2026-01-02T03:04:05Z")
-    assert time.process_time() - started < 2.0
+    plan = hostile.bounded(lambda: reconcile(body, Observed(recipe_text=text), "2026-01-02T03:04:05Z"))
     valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
     assert valid["status"] == "True" or len(valid["message"]) <= MAX_MESSAGE

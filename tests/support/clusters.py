@@ -74,8 +74,12 @@ class OperatorContainer:
     """The operator image run with podman against the emulator, as its Deployment runs it: non-root, read-only
     root filesystem, no capabilities; on the host's network, with a kubeconfig naming the emulator."""
 
-    def __init__(self, emulator: Emulator, image: str, directory: Path, mlflow: str | None = None) -> None:
-        """`mlflow`: the tracking server for runs that name none, as the chart's own server is."""
+    def __init__(
+        self, emulator: Emulator, image: str, directory: Path, mlflow: str | None = None,
+        mlflow_secret: str | None = None,
+    ) -> None:  # fmt: skip
+        """`mlflow`: the tracking server for runs that name none, as the chart's own server is; `mlflow_secret`: the
+        Secret in a run's namespace with its login there, as the chart's defaults name it."""
         directory.mkdir(parents=True, exist_ok=True)
         kubeconfig = emulator.kubeconfig(directory)
         kubeconfig.chmod(0o644)
@@ -86,6 +90,7 @@ class OperatorContainer:
             "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--volume", f"{kubeconfig}:/etc/wmtp-e2e/kubeconfig:ro", "--env", "KUBECONFIG=/etc/wmtp-e2e/kubeconfig",
             *(["--env", f"WMTP_DEFAULT_MLFLOW_URI={mlflow}"] if mlflow else []),
+            *(["--env", f"WMTP_DEFAULT_MLFLOW_SECRET={mlflow_secret}"] if mlflow_secret else []),
             image, "--standalone", f"--liveness={self.liveness}", f"--metrics-port={free_port()}",
         )  # fmt: skip
         wait_for(self.alive, timeout=60, interval=0.2, what=f"the operator's liveness endpoint ({self.name})")
@@ -112,7 +117,10 @@ class LocalCluster:
     """The emulator (API server, Job controller, GC) with its front door for pods, a node running them with podman,
     and the operator container."""
 
-    def __init__(self, workdir: Path, operator_image: str, namespace: str, mlflow: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, operator_image: str, namespace: str, mlflow: str | None = None,
+        mlflow_secret: str | None = None,
+    ) -> None:  # fmt: skip
         self.namespace = namespace
         self.emulator = Emulator()
         self.api = SecureApi(self.emulator, workdir)
@@ -121,7 +129,7 @@ class LocalCluster:
         root_ca = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"ca.crt": self.api.ca}}
         self.emulator.create(root_ca)
         self.node = Node(self.emulator, PodmanRuntime(), workdir / "pods", namespace, self.api)
-        self.operator = OperatorContainer(self.emulator, operator_image, workdir / "operator", mlflow)
+        self.operator = OperatorContainer(self.emulator, operator_image, workdir / "operator", mlflow, mlflow_secret)
 
     def create(self, obj: dict[str, Any]) -> None:
         self.emulator.create({**obj, "metadata": {**obj["metadata"], "namespace": self.namespace}})

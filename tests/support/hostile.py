@@ -4,8 +4,41 @@ with each of its values replaced, as text, by something a user or an attacker co
 from __future__ import annotations
 
 import json
+import os
+import resource
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+
+T = TypeVar("T")
+# Every fuzz test's examples times this: 1 in `make test`, more in `benchmarks/fuzz.py`'s longer run.
+SCALE = max(1, int(os.environ.get("WMTP_FUZZ_SCALE", "1")))
+CPU_SECONDS = 2.0  # per case: CPU, not wall time, since the machine running the tests is shared
+PEAK_GROWTH_MB = 200  # per case: how far it may raise the process's peak resident memory
+
+
+def fuzz(examples: int, **extra: Any) -> settings:
+    """Hypothesis settings for a fuzz test: `examples` scaled by $WMTP_FUZZ_SCALE, derandomized (every run tries
+    the same cases), no deadline (the bounds are `bounded`'s)."""
+    return settings(
+        max_examples=examples * SCALE, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck),
+        **extra,
+    )  # fmt: skip
+
+
+def bounded(call: Callable[[], T]) -> T:
+    """`call()`, asserting it stayed within CPU_SECONDS of CPU and raised the peak resident memory by less than
+    PEAK_GROWTH_MB (ru_maxrss only grows, so a case that stays under an earlier peak counts as none)."""
+    before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.process_time()
+    result = call()
+    cpu = time.process_time() - started
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB on Linux
+    assert cpu < CPU_SECONDS, f"{cpu:.2f} s of CPU"
+    assert grown_mb < PEAK_GROWTH_MB, f"peak memory grew {grown_mb:.0f} MB"
+    return result
 
 NASTY = [
     "~nouser/x", "~/x", "s3://", "s3://Bad_Bucket!/x", "s3://ab/x", "/a/../b", "models/base", "not a url",

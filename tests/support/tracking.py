@@ -1,8 +1,10 @@
 """A real MLflow server for tests: sqlite backend, artifacts served by the server itself, on 127.0.0.1 only; with
-an auth ini, MLflow's basic-auth app."""
+an auth ini, MLflow's basic-auth app, and as the chart's Deployment runs it (`chart_mlflow_server`)."""
 
 from __future__ import annotations
 
+import base64
+import configparser
 import contextlib
 import os
 import signal
@@ -12,7 +14,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import requests
+
+from support.chart import render
 from support.waiting import free_port, wait_for
+
+USERS_API = "/api/2.0/mlflow/users/create"
 
 
 @contextlib.contextmanager
@@ -54,3 +61,34 @@ def mlflow_server(root: Path, auth_ini: str | None = None, env: dict[str, str] |
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def chart_server(root: Path) -> tuple[str, dict[str, str], tuple[str, str]]:
+    """The chart's basic_auth.ini (its database moved from the volume to `root`), the environment the Deployment
+    gives the server (the admin's password and the Flask key from the generated Secret), and the admin's login."""
+    objects = render()
+    config_map = next(o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"] == "wmtp-mlflow-auth")
+    ini_text = config_map["data"]["basic_auth.ini"].replace("sqlite:////mlflow/", f"sqlite:///{root}/")
+    secret = next(o for o in objects if o["kind"] == "Secret")["data"]
+    deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == "wmtp-mlflow")
+    env = {
+        e["name"]: base64.b64decode(secret[e["valueFrom"]["secretKeyRef"]["key"]]).decode()
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    ini = configparser.ConfigParser()
+    ini.read_string(ini_text)
+    return ini_text, env, (ini["mlflow"]["admin_username"], env["MLFLOW_AUTH_ADMIN_PASSWORD"])
+
+
+@contextlib.contextmanager
+def chart_mlflow_server(root: Path, users: dict[str, str]) -> Iterator[tuple[str, tuple[str, str]]]:
+    """The chart's MLflow server, login required, with a user for each namespace in `users` (name: password), as
+    docs/operator.md has the admin create them; yields its URL and the admin's login."""
+    ini, env, admin = chart_server(root)
+    with mlflow_server(root, auth_ini=ini, env=env) as url:
+        for user, password in users.items():
+            made = requests.post(f"{url}{USERS_API}", json={"username": user, "password": password}, auth=admin,
+                                 timeout=30)  # fmt: skip
+            assert made.status_code == 200, made.text
+        yield url, admin
