@@ -130,7 +130,8 @@ def manifest() -> dict[str, Any]:
                     "additionalPrinterColumns": [
                         _column("Phase", "string", ".status.phase", "Lifecycle phase."),
                         _column("Algorithm", "string", ".spec.algorithm", "WMTP algorithm."),
-                        _column("Progress", "string", ".status.progress", "Last reported step of maxSteps."),
+                        _column("Progress", "string", ".status.progress", "Percent done: step/maxSteps."),
+                        _column("ETA", "string", ".status.eta", "Estimated time remaining while Running.", 1),
                         _column("Loss", "number", ".status.loss", "Last reported training loss."),
                         _column("Restarts", "integer", ".status.restarts", "Attempts started after a failure."),
                         _column("Age", "date", ".metadata.creationTimestamp", "Time since creation."),

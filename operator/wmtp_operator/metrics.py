@@ -9,6 +9,10 @@ Names follow controller-runtime's where it has one (`wmtp_reconcile_total{result
   reason the ending recorded; the first record seen of a run is the baseline (counters start at 0 with the process).
 - runs by phase and pass@k: one snapshot per run, replaced by each pass and dropped when the run is deleted, read
   at scrape time, so the gauges are exact rather than a running sum of increments.
+- restart-to-training seconds: the record's timing of the last restart (`State.last_restart`, written once per
+  restart when rank 0 of the next attempt reports its first step), observed when a pass leaves a new one: the whole
+  restart by cause, and its parts (stopping, scheduling, resuming). As with the counters, a record this process
+  first sees is the baseline, so an operator restart observes no restart twice.
 - seconds since checkpoint: neither the record nor the status holds when a checkpoint was made, so this is the
   time since this process saw a pass accept a new one (rank 0's report triggers that pass at once). A run whose
   checkpoint has not moved since the operator started has no series until it does, rather than a guess.
@@ -31,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from wmtp_operator.plan import PatchRun, Plan
 from wmtp_operator.state import State
-from wmtp_operator.status import Phase
+from wmtp_operator.status import Phase, Restart
 
 PHASES: tuple[str, ...] = get_args(Phase)
 TRAINING = ("Pending", "Pulling", "Running", "Restarting")  # the phases in which checkpoints are expected to move
@@ -39,6 +43,9 @@ RESULTS = ("success", "error", "requeue")
 MAX_REASONS = 32
 # A pass is mostly API calls (read timeout 30 s): controller-runtime's range, coarser.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# A restart: seconds on a small run with a warm node, up to an hour when a large model is pulled or a node scales up.
+RESTART_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
+PARTS = ("stopping", "scheduling", "resuming")  # the parts of status.lastRestart, in order
 _REASON = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _PASS_AT = re.compile(r"pass@([0-9]{1,4})")
 Outcome = tuple[Mapping[str, Any], Plan] | BaseException | None  # a pass's (body, plan), its error, or: deleted
@@ -79,12 +86,24 @@ def counted(before: State, after: State) -> list[tuple[str, str, int]]:
     return found
 
 
+def timed(before: State, after: State) -> Restart | None:
+    """A restart timed between two records of one run: the new record's, when it is not the old one's."""
+    restart = after.last_restart
+    return restart if restart is not None and restart != before.last_restart else None
+
+
+def parts(restart: Restart) -> list[tuple[str, float]]:
+    """(part, seconds) of a timed restart, for the parts that are known."""
+    found = (restart.stopping_seconds, restart.scheduling_seconds, restart.resuming_seconds)
+    return [(part, seconds) for part, seconds in zip(PARTS, found, strict=True) if seconds is not None]
+
+
 def advance(
     body: Mapping[str, Any], plan: Plan, before: Snapshot | None, now: float
-) -> tuple[Snapshot, list[tuple[str, str, int]]]:
-    """The run after a pass, and the restarts and preemptions decided since the last record known (`before`'s; for
-    a run not seen yet, the one the pass read). The phase is the one the pass wrote (one that is none of the
-    operator's, from a refused pass's unchanged status, keeps the last known one)."""
+) -> tuple[Snapshot, list[tuple[str, str, int]], Restart | None]:
+    """The run after a pass, and what was decided since the last record known (`before`'s; for a run not seen yet,
+    the one the pass read): the restarts and preemptions, and a restart newly timed. The phase is the one the pass
+    wrote (one that is none of the operator's, from a refused pass's unchanged status, keeps the last known one)."""
     meta = body.get("metadata") or {}
     uid = str(meta.get("uid", ""))
     before = before if before is not None and before.uid == uid else None  # a namesake is another run
@@ -97,7 +116,7 @@ def advance(
         checkpoint_at: float | None = now
     else:
         checkpoint_at = before.checkpoint_at if before and state.checkpoint else None
-    return Snapshot(uid, phase, state, checkpoint_at), counted(known, state)
+    return Snapshot(uid, phase, state, checkpoint_at), counted(known, state), timed(known, state)
 
 
 def scores(state: State) -> list[tuple[str, str, float]]:
@@ -148,6 +167,17 @@ class Metrics(Collector):
             "preemptions": Counter("wmtp_preemptions", "Preemptions the operator decided, by reason.", ["reason"],
                                    registry=registry),
         }  # fmt: skip
+        self.restart = Histogram(
+            "wmtp_restart_to_training_seconds",
+            "Seconds from the end of an attempt the operator saw to the next attempt's first optimizer step, by cause.",
+            ["cause"], buckets=RESTART_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.restart_parts = Histogram(
+            "wmtp_restart_to_training_part_seconds",
+            "The parts of a restart: stopping (the ended attempt's pods), scheduling (scheduling and pull), resuming "
+            "(loading and the first step).",
+            ["part"], buckets=RESTART_BUCKETS, registry=registry,
+        )  # fmt: skip
         for result in RESULTS:
             self.reconciles.labels(result)
         self._runs: dict[tuple[str, str], Snapshot] = {}
@@ -162,9 +192,13 @@ class Metrics(Collector):
         if outcome is not None and not isinstance(outcome, BaseException):
             body, plan = outcome
             key = (namespace, name)
-            after, decided = advance(body, plan, self._runs.get(key), time.time())
+            after, decided, restart = advance(body, plan, self._runs.get(key), time.time())
             for field, reason, more in decided:
                 self.counters[field].labels(self._label(field, reason)).inc(more)
+            if restart is not None:
+                self.restart.labels(restart.cause).observe(restart.seconds)
+                for part, seconds in parts(restart):
+                    self.restart_parts.labels(part).observe(seconds)
             with self._lock:
                 self._runs[key] = after
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from wmtp import contract
 from wmtp.config import TERMINATION, DocumentError, clip, parse_json
 from wmtp_operator.state import seconds_since
+from wmtp_operator.status import parse_time
 
 Obj = Mapping[str, Any]
 TRAINER = "trainer"
@@ -227,6 +229,18 @@ def last_checkpoint(pods: Sequence[Obj]) -> str | None:
         if isinstance(step, int) and isinstance(checkpoint, str) and (best is None or step > best[0]):
             best = (step, checkpoint)
     return best[1] if best else None
+
+
+def trainers_started(pods: Sequence[Obj], nodes: int) -> datetime | None:
+    """When the last of the attempt's `nodes` trainer containers started (the kubelet's startedAt), or None until
+    each of them has a time that reads as one."""
+    found = []
+    for pod in pods:
+        state = _trainer(pod).get("state") or {}
+        started = parse_time((state.get("running") or state.get("terminated") or {}).get("startedAt"))
+        if started is not None and started.tzinfo is not None:
+            found.append(started)
+    return max(found) if found and len(found) >= nodes else None
 
 
 def _pulling(pod: Obj) -> bool:

@@ -1,10 +1,10 @@
 """The operator's own record of a run, kept where trainers cannot write: an annotation on the WMTPRun.
 
 Trainer pods may patch the run's status subresource, and a status patch cannot touch metadata, so the attempt
-counter, restarts, preemptions, the accepted checkpoint and the run's end live in `wmtp.io/state` and the status
-is rewritten from them on every pass. Each change of this record is one merge patch, written before the actions
-it announces (an ending before the Job's deletion, a new attempt after its Job exists), so an operator killed
-between any two calls redoes the rest and counts nothing twice.
+counter, restarts, preemptions, the accepted checkpoint, the run's end and the last restart's timing live in
+`wmtp.io/state` and the status is rewritten from them on every pass. Each change of this record is one merge
+patch, written before the actions it announces (an ending before the Job's deletion, a new attempt after its Job
+exists), so an operator killed between any two calls redoes the rest and counts nothing twice.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from wmtp.config import DOCUMENT, MAX_MESSAGE, clip, parse_json, redact_uri
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
 from wmtp_operator.spec import DEFINITION, Run, Spec
-from wmtp_operator.status import Evaluation, parse_time
+from wmtp_operator.status import Evaluation, Restart, parse_time
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # Spec fields that act at once rather than on the next attempt, or that only the operator writes; with what defines
@@ -44,6 +44,7 @@ class Ending(Camel):
     cause: Cause
     reason: str = Field(max_length=64)
     message: str = Field(max_length=MAX_MESSAGE)
+    at: str | None = Field(None, max_length=64)  # when the operator saw it (the start of the restart it leads to)
 
 
 class Refusal(Camel):
@@ -77,6 +78,7 @@ class State(Camel):
     rejected: str | None = Field(None, max_length=MAX_URI)  # the last reported checkpoint refused (warned once)
     refused: Refusal | None = None
     evaluation: Evaluation | None = None  # spec.eval's Job, once created, and how it ended
+    last_restart: Restart | None = None  # the last restart that reached training, timed once
 
     @classmethod
     def load(cls, metadata: Mapping[str, Any]) -> tuple[State, str | None]:

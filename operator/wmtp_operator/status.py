@@ -2,7 +2,8 @@
 
 Trainers may patch the whole status subresource, so the operator never takes its own state from here (that lives
 in an annotation on the run, see `state.py`); it rewrites these fields on every pass. The one thing it reads is
-`report`, what trainer rank 0 says about its attempt, and that only leniently (`read_report`) and bounded.
+`report`, what trainer rank 0 says about its attempt, and that only leniently (`read_report`) and bounded: a field of
+the wrong type is dropped, a number must be finite and within MAX_REPORTED_SECONDS or MAX_STEPS_PER_SECOND.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, create_model
@@ -26,6 +27,9 @@ TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 # Every condition type the operator writes, in the order the status lists them; a pass drops any other.
 CONDITION_TYPES = ("Valid", "Applied", "Started", "SpecApplied", "Progressing", "Evaluated", "Succeeded", "Failed")
 _TYPES_IN_WORDS = f"{', '.join(CONDITION_TYPES[:-1])} or {CONDITION_TYPES[-1]}"
+# The bounds of what a report may say: no start-up takes a week, no training loop a million steps a second.
+MAX_REPORTED_SECONDS = 7 * 24 * 3600.0
+MAX_STEPS_PER_SECOND = 1e6
 
 
 class Condition(Camel):
@@ -52,6 +56,12 @@ class Report(Camel):
     latest_checkpoint: str | None = Field(
         None, max_length=MAX_URI, description="Latest committed checkpoint of this attempt."
     )
+    steps_per_second: float | None = Field(None, description="Recent optimizer steps per second (for the ETA).")
+    first_step_at: str | None = Field(
+        None, max_length=64, description="When this attempt's first optimizer step finished (RFC 3339)."
+    )
+    load_seconds: float | None = Field(None, description="Process start → models and resume point loaded, seconds.")
+    first_step_seconds: float | None = Field(None, description="Loaded → first optimizer step done, seconds.")
 
 
 def _finite(kind: type) -> dict[str, Any]:
@@ -109,6 +119,41 @@ class Evaluation(Camel):
     completion_time: str | None = Field(None, description="When the evaluation ended (RFC 3339).")
 
 
+class Restart(Camel):
+    """The last restart that reached training: from the end of an attempt the operator saw (a failure or a
+    preemption) to the next attempt's first optimizer step, in parts."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    attempt: int = Field(ge=1, description="The attempt that resumed training.")
+    cause: Literal["failure", "preemption"] = Field(description="Why the attempt before it ended.")
+    ended_at: str = Field(description="When the operator saw the attempt before it end (RFC 3339).")
+    training_at: str = Field(
+        description="When its first optimizer step finished, as rank 0 reported it, within what the operator saw "
+        "(RFC 3339)."
+    )
+    seconds: float = Field(ge=0, description="endedAt → trainingAt: the whole restart.")
+    stopping_seconds: float | None = Field(
+        None, ge=0, description="Waiting for the ended attempt's pods to stop (their SIGTERM saves included), "
+        "until the new attempt's Job was created."
+    )  # fmt: skip
+    scheduling_seconds: float | None = Field(
+        None, ge=0, description="Job created → every trainer container started: scheduling, the image and the "
+        "models' pull."
+    )  # fmt: skip
+    resuming_seconds: float | None = Field(
+        None, ge=0, description="The last trainer container started → first optimizer step: loading the models and "
+        "the checkpoint, the first step."
+    )  # fmt: skip
+    load_seconds: float | None = Field(
+        None, ge=0, description="Of resumingSeconds, rank 0's own measure: process start → models and checkpoint "
+        "loaded."
+    )  # fmt: skip
+    first_step_seconds: float | None = Field(
+        None, ge=0, description="Of resumingSeconds, rank 0's own measure: loaded → first optimizer step done."
+    )
+
+
 class Status(Camel):
     """Observed state, written by the operator; trainer rank 0 writes `report` alone."""
 
@@ -131,7 +176,12 @@ class Status(Camel):
     )
     step: int | None = Field(None, description="Last optimizer step reported by trainer rank 0.")
     max_steps: int | None = Field(None, description="The recipe's train.max_steps.")
-    progress: str | None = Field(None, description="step/maxSteps.")
+    progress: str | None = Field(None, description="Percent done and step/maxSteps, e.g. 45% (450/1000).")
+    progress_percent: int | None = Field(None, description="step/maxSteps in percent, 0 to 100, rounded down.")
+    eta: str | None = Field(
+        None, description="Estimated time remaining while Running (e.g. 1h23m), from rank 0's recent steps per "
+        "second as of its last report."
+    )  # fmt: skip
     loss: float | None = Field(None, description="Last training loss reported by trainer rank 0.")
     latest_checkpoint: str | None = Field(None, description="Latest committed checkpoint reported by rank 0.")
     resume_from: str | None = Field(None, description="Checkpoint (or resume mode) the current attempt started from.")
@@ -140,6 +190,9 @@ class Status(Camel):
     observed_generation: int | None = Field(None, description="The .metadata.generation last reconciled.")
     message: str | None = Field(None, description="What is happening, or why the run failed.")
     eval: Evaluation | None = Field(None, description="The evaluation of the final model, when spec.eval asks for one.")
+    last_restart: Restart | None = Field(
+        None, description="The last restart after a failure or a preemption that reached training, in seconds."
+    )
     report: Report | None = Field(
         None,
         description=f"Written by trainer rank 0 alone: {', '.join(contract.REPORTED_FIELDS)}. The operator copies "
@@ -155,6 +208,10 @@ class Reported:
     step: int | None
     loss: float | None
     checkpoint: str | None
+    steps_per_second: float | None = None  # > 0 and at most MAX_STEPS_PER_SECOND
+    first_step_at: datetime | None = None  # timezone-aware; where it lies is the reader's to bound
+    load_seconds: float | None = None  # within [0, MAX_REPORTED_SECONDS]
+    first_step_seconds: float | None = None
 
 
 def read_report(status: Mapping[str, Any]) -> Reported | None:
@@ -162,15 +219,28 @@ def read_report(status: Mapping[str, Any]) -> Reported | None:
     raw = status.get(contract.REPORT_FIELD)
     if not isinstance(raw, Mapping):
         return None
-    attempt, step, loss, checkpoint = (raw.get(key) for key in contract.REPORTED_FIELDS)
+    attempt, step, loss, checkpoint, rate, first_at, load, first = (raw.get(key) for key in contract.REPORTED_FIELDS)
     if not _integer(attempt):
         return None
+    first_step_at = parse_time(first_at) if isinstance(first_at, str) and len(first_at) <= 64 else None
     return Reported(
         attempt,
         step if _integer(step) else None,
-        float(loss) if isinstance(loss, int | float) and not isinstance(loss, bool) and math.isfinite(loss) else None,
+        _number(loss),
         checkpoint if isinstance(checkpoint, str) and 0 < len(checkpoint) <= MAX_URI else None,
-    )
+        rate if (rate := _number(rate)) is not None and 0 < rate <= MAX_STEPS_PER_SECOND else None,
+        first_step_at if first_step_at is not None and first_step_at.tzinfo is not None else None,
+        *(value if (value := _number(v)) is not None and 0 <= value <= MAX_REPORTED_SECONDS else None
+          for v in (load, first)),
+    )  # fmt: skip
+
+
+def _number(value: Any) -> float | None:
+    """A finite JSON number as a float, else None."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    number = float(value) if abs(value) < 2**1023 else math.inf  # an int too large for a float is no OverflowError
+    return number if math.isfinite(number) else None
 
 
 def checkpoint_step(uri: str, base_path: str, run_name: str) -> int | None:
@@ -212,3 +282,9 @@ def parse_time(text: str | None) -> datetime | None:
         return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
     except ValueError:
         return None
+
+
+def format_time(moment: datetime) -> str:
+    """RFC 3339 in UTC, to the millisecond when there are any."""
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return text.replace(".000Z", "Z")

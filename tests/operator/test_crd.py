@@ -12,6 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from wmtp.contract import REPORTED_FIELDS
 from wmtp_operator import crd, render
 from wmtp_operator.formats import RECIPE
 from wmtp_operator.sections import MAX_TAG_KEY
@@ -67,7 +68,7 @@ def test_schema_is_structural(run_schema: dict[str, Any]) -> None:
         assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & set(schema), path
 
 
-def test_printer_columns_show_progress_and_loss_and_wide_adds_checkpoint_message_and_preemptions(
+def test_printer_columns_show_progress_and_loss_and_wide_adds_eta_checkpoint_message_and_preemptions(
     crd: dict[str, Any],
 ) -> None:
     version = crd["spec"]["versions"][0]
@@ -76,6 +77,7 @@ def test_printer_columns_show_progress_and_loss_and_wide_adds_checkpoint_message
         "Phase": (".status.phase", 0),
         "Algorithm": (".spec.algorithm", 0),
         "Progress": (".status.progress", 0),
+        "ETA": (".status.eta", 1),
         "Loss": (".status.loss", 0),
         "Restarts": (".status.restarts", 0),
         "Age": (".metadata.creationTimestamp", 0),
@@ -91,7 +93,7 @@ def test_printer_columns_show_progress_and_loss_and_wide_adds_checkpoint_message
 def test_status_schema_keeps_the_trainers_report(run_schema: dict[str, Any]) -> None:
     # A structural schema prunes what it does not declare: without `report`, rank 0's reports would vanish.
     report = run_schema["properties"]["status"]["properties"]["report"]["properties"]
-    assert set(report) == {"attempt", "step", "loss", "latestCheckpoint"}
+    assert set(report) == set(REPORTED_FIELDS)
 
 
 EXAMPLES = example_documents()

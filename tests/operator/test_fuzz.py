@@ -1,11 +1,13 @@
 """Bounded fuzzing of what a user writes into a WMTPRun: the spec loader and the renderer raise only the project's
 own errors (ConfigError, pydantic's ValidationError), and a reconcile pass raises nothing, whatever the spec,
-status, state annotation or recipeRef ConfigMap say (a hostile recipe is Valid=False within 2 s)."""
+status, state annotation or recipeRef ConfigMap say (a hostile recipe is Valid=False within 2 s); whatever rank 0
+reports, the restart's timing and the ETA stay within what the operator saw."""
 
 from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from support import hostile
+from wmtp import contract
 from wmtp.config import MAX_MESSAGE, ConfigError
 from wmtp_operator import render
+from wmtp_operator.formats import DURATION
 from wmtp_operator.plan import Observed
 from wmtp_operator.reconcile import reconcile
 from wmtp_operator.spec import Run
@@ -97,3 +101,39 @@ def test_a_hostile_recipe_config_map_is_valid_false_in_time(text: str) -> None:
     plan = hostile.bounded(lambda: reconcile(body, Observed(recipe_text=text), "2026-01-02T03:04:05Z"))
     valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
     assert valid["status"] == "True" or len(valid["message"]) <= MAX_MESSAGE
+
+
+NOW, ENDED = "2026-01-02T03:04:05Z", "2026-01-02T03:03:00Z"  # 65 s: no part of the restart may be longer
+TIMES = st.sampled_from(
+    ["2026-01-02T03:03:41Z", "2026-01-02T03:03:41.5+14:00", "2026-01-02T03:03:41-12:00", "9999-12-31T23:59:59Z",
+     "0001-01-01T00:00:00Z", "2026-01-02T03:03:41", "2026-02-30T00:00:00Z", "yesterday"]
+)  # fmt: skip
+NUMBERS = st.floats(allow_nan=True, allow_infinity=True) | st.integers(min_value=-(10**400), max_value=10**400)
+REPORTS = st.fixed_dictionaries(
+    {contract.REPORT_FIRST_STEP_AT: TIMES | SCALARS, **{key: NUMBERS | SCALARS for key in (
+        contract.REPORT_RATE, contract.REPORT_LOAD_SECONDS, contract.REPORT_FIRST_STEP_SECONDS, "step")}}
+)  # fmt: skip
+
+
+def _child(kind: str, name: str, **status: Any) -> dict[str, Any]:
+    uid = TINY_RUN["metadata"]["uid"]
+    meta = {"name": name, "uid": f"uid-{name}", "creationTimestamp": "2026-01-02T03:03:03Z",
+            "labels": {render.ATTEMPT_LABEL: "2", render.RUN_UID_LABEL: uid},
+            "ownerReferences": [{"kind": "WMTPRun", "uid": uid, "controller": True}]}  # fmt: skip
+    return {"kind": kind, "metadata": meta, "spec": {"completions": 1}, "status": status}
+
+
+@hostile.fuzz(300)
+@given(report=REPORTS)
+def test_no_report_makes_the_operator_write_a_negative_or_endless_restart_or_eta(report: dict[str, Any]) -> None:
+    ended = {"attempt": 1, "cause": "failure", "reason": "Error", "message": "m", "at": ENDED}
+    record = {"attempt": 2, "restarts": 1, "startTime": ENDED, "previous": ended}
+    meta = {**TINY_RUN["metadata"], "annotations": {STATE_ANNOTATION: json.dumps(record)}}
+    body = {**TINY_RUN, "metadata": meta, "status": {"attempt": 2, "report": {**report, "attempt": 2}}}
+    started = {"name": "trainer", "state": {"running": {"startedAt": "2026-01-02T03:03:23Z"}}}
+    pods = [_child("Pod", "tiny-rho1-a2-0-x", phase="Running", containerStatuses=[started])]
+    plan = reconcile(body, Observed([_child("Job", "tiny-rho1-a2")], pods), NOW)
+    timed = plan.status.get("lastRestart") or {}
+    assert all(0 <= value <= 66 for key, value in timed.items() if key.endswith("econds")), timed
+    eta = plan.status.get("eta")
+    assert eta is None or (re.fullmatch(DURATION, eta) and len(eta) <= 12), eta

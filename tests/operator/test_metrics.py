@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from wmtp_operator.metrics import MAX_REASONS, Metrics, Snapshot, advance, counted, families, result_of
 from wmtp_operator.plan import PatchRun, Plan
 from wmtp_operator.state import Ending, State
-from wmtp_operator.status import Evaluation
+from wmtp_operator.status import Evaluation, Restart
 
 CKPT = "s3://wmtp/checkpoints/tiny-rho1/checkpoint_step_00001000"
 LATER = "s3://wmtp/checkpoints/tiny-rho1/checkpoint_step_00001200"
@@ -74,32 +74,34 @@ def test_the_result_label_follows_controller_runtime() -> None:
 
 def test_a_pass_leaves_the_phase_it_wrote_and_the_record_it_wrote() -> None:
     written = State(attempt=1, restarts=1, ending=ended())
-    after, decided = advance(body(State(attempt=1)), plan(written, phase="Restarting"), None, now=100.0)
+    after, decided, _ = advance(body(State(attempt=1)), plan(written, phase="Restarting"), None, now=100.0)
     assert (after.phase, after.state, decided) == ("Restarting", written, [("restarts", "Error", 1)])
-    unchanged, decided = advance(body(written, phase="Restarting"), plan(), after, now=101.0)
+    unchanged, decided, _ = advance(body(written, phase="Restarting"), plan(), after, now=101.0)
     assert (unchanged.phase, unchanged.state, decided) == ("Restarting", written, [])
 
 
 def test_a_phase_that_is_none_of_the_operators_keeps_the_last_known_one() -> None:
     before = Snapshot(UID, "Running", State(attempt=1), None)
-    after, _ = advance(body(State(attempt=1), phase="Exploded"), plan(), before, now=1.0)
+    after, _, _ = advance(body(State(attempt=1), phase="Exploded"), plan(), before, now=1.0)
     assert after.phase == "Running"
 
 
 def test_the_checkpoint_time_is_when_a_pass_saw_it_move_and_unknown_before_that() -> None:
-    first, _ = advance(body(State(attempt=1, checkpoint=CKPT)), plan(), None, now=50.0)
+    first, _, _ = advance(body(State(attempt=1, checkpoint=CKPT)), plan(), None, now=50.0)
     assert first.checkpoint_at is None  # accepted before this process started: no guess
-    moved, _ = advance(body(State(attempt=1, checkpoint=CKPT)), plan(State(attempt=1, checkpoint=LATER)), first, 60.0)
+    moved, _, _ = advance(
+        body(State(attempt=1, checkpoint=CKPT)), plan(State(attempt=1, checkpoint=LATER)), first, 60.0
+    )
     assert moved.checkpoint_at == 60.0
-    kept, _ = advance(body(State(attempt=1, checkpoint=LATER)), plan(), moved, now=90.0)
+    kept, _, _ = advance(body(State(attempt=1, checkpoint=LATER)), plan(), moved, now=90.0)
     assert kept.checkpoint_at == 60.0
-    new_run, _ = advance(body(State(attempt=1, checkpoint=LATER), uid="another"), plan(), kept, now=95.0)
+    new_run, _, _ = advance(body(State(attempt=1, checkpoint=LATER), uid="another"), plan(), kept, now=95.0)
     assert new_run.checkpoint_at is None  # a namesake is another run
 
 
 def test_a_namesake_starts_from_its_own_record_not_the_old_runs() -> None:
     before = Snapshot(UID, "Running", State(attempt=4, restarts=3), None)
-    after, decided = advance(body(State(attempt=1), uid="another"), plan(State(attempt=1, restarts=1,
+    after, decided, _ = advance(body(State(attempt=1), uid="another"), plan(State(attempt=1, restarts=1,
                              ending=ended())), before, now=1.0)  # fmt: skip
     assert decided == [("restarts", "Error", 1)] and after.uid == "another"
 
@@ -168,3 +170,36 @@ def test_reasons_are_bounded_words() -> None:
     labels = {s.labels["reason"]: s.value for s in metrics.counters["restarts"].collect()[0].samples
               if s.name.endswith("_total")}  # fmt: skip
     assert len(labels) == MAX_REASONS + 1 and labels["Other"] == 6
+
+
+def timing(attempt: int = 2, seconds: float = 41.5, cause: str = "failure", **parts: float | None) -> Restart:
+    split = {"stopping_seconds": 3.0, "scheduling_seconds": 20.5, "resuming_seconds": 18.0, **parts}
+    return Restart(attempt=attempt, cause=cause, ended_at="2026-01-02T03:04:05Z",  # type: ignore[arg-type]
+                   training_at="2026-01-02T03:04:46.5Z", seconds=seconds, **split)  # fmt: skip
+
+
+def test_a_restart_is_observed_once_when_a_pass_first_times_it_with_its_parts() -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    resumed = State(attempt=2, restarts=1, previous=ended())
+    metrics.observe("a", "r", 0.01, (body(resumed), plan()))  # the baseline: nothing timed yet
+    assert ("wmtp_restart_to_training_seconds_count", frozenset({("cause", "failure")})) not in _scrape(registry)
+    timed = resumed.model_copy(update={"last_restart": timing()})
+    metrics.observe("a", "r", 0.01, (body(resumed), plan(timed)))
+    metrics.observe("a", "r", 0.01, (body(timed), plan()))  # the same record again: not a second restart
+    scraped = _scrape(registry)
+    assert scraped[("wmtp_restart_to_training_seconds_count", frozenset({("cause", "failure")}))] == 1
+    assert scraped[("wmtp_restart_to_training_seconds_sum", frozenset({("cause", "failure")}))] == 41.5
+    assert {part: scraped[("wmtp_restart_to_training_part_seconds_sum", frozenset({("part", part)}))]
+            for part in ("stopping", "scheduling", "resuming")} == {"stopping": 3.0, "scheduling": 20.5,
+                                                                     "resuming": 18.0}  # fmt: skip
+    # A run first seen with a timed restart (the operator restarted) is a baseline; a part not known is not observed.
+    Metrics(fresh := CollectorRegistry()).observe("a", "r", 0.01, (body(timed), plan()))
+    assert ("wmtp_restart_to_training_seconds_count", frozenset({("cause", "failure")})) not in _scrape(fresh)
+    later = timed.model_copy(update={"attempt": 3, "last_restart": timing(3, 9.0, "preemption",
+                                                                           scheduling_seconds=None)})  # fmt: skip
+    metrics.observe("a", "r", 0.01, (body(timed), plan(later)))
+    scraped = _scrape(registry)
+    assert scraped[("wmtp_restart_to_training_seconds_count", frozenset({("cause", "preemption")}))] == 1
+    assert scraped[("wmtp_restart_to_training_part_seconds_count", frozenset({("part", "scheduling")}))] == 1
+    assert scraped[("wmtp_restart_to_training_part_seconds_count", frozenset({("part", "resuming")}))] == 2

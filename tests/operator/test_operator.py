@@ -67,9 +67,9 @@ class Cluster:
                    f"attempt {attempt} of {name} running")  # fmt: skip
         return self.pods(attempt, name)
 
-    def report(self, attempt: int, step: int, checkpoint: str | None = None, name: str = RUN) -> None:
+    def report(self, attempt: int, step: int, checkpoint: str | None = None, name: str = RUN, **extra: Any) -> None:
         """What trainer rank 0 patches: status.report, stamped with its attempt."""
-        report = {"attempt": attempt, "step": step, "loss": 2.5, "latestCheckpoint": checkpoint}
+        report = {"attempt": attempt, "step": step, "loss": 2.5, "latestCheckpoint": checkpoint, **extra}
         self.api.patch("WMTPRun", self.ns, name, {"status": {contract.REPORT_FIELD: report}}, status=True)
 
     def events(self, name: str = RUN) -> list[dict[str, Any]]:
@@ -173,6 +173,22 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     assert {"name": "MLFLOW_TRACKING_URI", "value": default} in trainer["env"]
     assert cluster.jobs() == [f"{RUN}-a2"]
 
+    # Rank 0 of attempt 2 reports its first step: the restart is timed, shown and observed once.
+    first_step = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    cluster.report(2, 30, CKPT, stepsPerSecond=0.5, firstStepAt=first_step, loadSeconds=0.2, firstStepSeconds=0.1)
+    timed = cluster.until(lambda: cluster.status().get("lastRestart"), "the restart timed")
+    assert (timed["attempt"], timed["cause"]) == (2, "failure")
+    parts = ("stoppingSeconds", "schedulingSeconds", "resumingSeconds")
+    assert 0 <= sum(timed[part] for part in parts) <= timed["seconds"] + 0.3 < 15, timed  # rounded to 0.1 s each
+    status = cluster.status()
+    assert (status["progress"], status["progressPercent"], status["eta"]) == ("50% (30/60)", 50, "1m0s")
+    restart_count = "wmtp_restart_to_training_seconds_count"
+    observed = cluster.metrics(lambda m: sample(m, restart_count, cause="failure") == sample(
+        before, restart_count, cause="failure") + 1, "the restart observed")  # fmt: skip
+    for part in ("stopping", "scheduling", "resuming"):
+        count = "wmtp_restart_to_training_part_seconds_count"
+        assert sample(observed, count, part=part) == sample(before, count, part=part) + 1, part
+
     cluster.report(2, 1200)
     for pod in pods:
         api.exit(ns, pod, 0)
@@ -182,7 +198,8 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     assert columns == {
         "Phase": "Succeeded",
         "Algorithm": "rho1-wmtp",
-        "Progress": "1200/60",
+        "Progress": "100% (1200/60)",
+        "ETA": None,
         "Loss": 2.5,
         "Restarts": 1,
         "Age": run["metadata"]["creationTimestamp"],
@@ -202,6 +219,8 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
         before, "wmtp_runs", phase="Succeeded") + 1, "the run counted as succeeded")  # fmt: skip
     assert sample(succeeded, "wmtp_runs", phase="Running") == sample(before, "wmtp_runs", phase="Running")
     assert ("wmtp_seconds_since_checkpoint", frozenset(age_of.items())) not in succeeded
+    assert sample(succeeded, restart_count, cause="failure") == sample(observed, restart_count, cause="failure")
+    assert cluster.status()["lastRestart"] == timed  # kept in the record: every pass writes the same
     api.delete("WMTPRun", ns, RUN)
     cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Succeeded") == sample(before, "wmtp_runs",
                     phase="Succeeded"), "the deleted run no longer counted")  # fmt: skip

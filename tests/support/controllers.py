@@ -61,7 +61,8 @@ class Kubelet:
 
 
 def running(container: str = "trainer") -> dict[str, Any]:
-    return {"phase": "Running", "containerStatuses": [{"name": container, "state": {"running": {}}}]}
+    started = {"startedAt": now()}  # as the kubelet says when the container started
+    return {"phase": "Running", "containerStatuses": [{"name": container, "state": {"running": started}}]}
 
 
 def terminated(

@@ -7,14 +7,24 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from wmtp.contract import REPORTED_FIELDS, STOP_FAILED, STOP_PREEMPTED, TERMINATION_FIELDS, TERMINATION_MESSAGE_MAX
-from wmtp.reporting import Reporter, Termination, read_termination, termination_log, write_termination
+from wmtp.reporting import (
+    RATE_WINDOW,
+    Reporter,
+    Termination,
+    _process_age,
+    read_termination,
+    termination_log,
+    write_termination,
+)
 
 STATUS_PATH = "/apis/wmtp.io/v1alpha1/namespaces/team-a/wmtpruns/tiny-rho1/status"
 
@@ -73,15 +83,55 @@ def test_report_merge_patches_step_loss_and_checkpoint_with_the_service_account_
     assert first["headers"]["Content-Type"] == "application/merge-patch+json"
     assert first["headers"]["Authorization"] == "Bearer first-token"
     # Only status.report, with every field, so that nothing of an older attempt's report survives the merge.
+    unknown = dict.fromkeys(["stepsPerSecond", "firstStepAt", "loadSeconds", "firstStepSeconds"])
     assert first["body"] == {
-        "status": {"report": {"attempt": 3, "step": 1000, "loss": 2.5, "latestCheckpoint": checkpoint}}
+        "status": {"report": {"attempt": 3, "step": 1000, "loss": 2.5, "latestCheckpoint": checkpoint, **unknown}}
     }
     assert set(first["body"]["status"]["report"]) == set(REPORTED_FIELDS)
     assert second["headers"]["Authorization"] == "Bearer rotated-token"
     # A NaN loss is not JSON: null. The newest checkpoint is repeated in every report.
     assert second["body"] == {
-        "status": {"report": {"attempt": 3, "step": 1010, "loss": None, "latestCheckpoint": checkpoint}}
+        "status": {"report": {"attempt": 3, "step": 1010, "loss": None, "latestCheckpoint": checkpoint, **unknown}}
     }
+
+
+def test_the_first_step_is_reported_at_once_with_the_start_up_and_every_report_repeats_it(
+    api: ApiServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = [100.0]  # monotonic seconds
+    monkeypatch.setattr("wmtp.reporting._process_age", lambda: 20.0)
+    monkeypatch.setattr("wmtp.reporting.time.monotonic", lambda: clock[0])
+    reporter = Reporter(api.url, attempt=2)  # the process started 20 s before
+    clock[0] = 130.0
+    reporter.loaded()
+    clock[0] = 134.0
+    reporter.step_done(1001, 2.5)  # reported at once
+    reporter.step_done(1002, 2.4)  # not reported: the periodic reports carry the rest
+    clock[0] = 300.0
+    reporter.report(1010, 2.3)  # nine steps in 166 s since the first step
+    first, later = (r["body"]["status"]["report"] for r in api.requests)
+    assert first["step"] == 1001 and (first["loadSeconds"], first["firstStepSeconds"]) == (50.0, 4.0)
+    assert datetime.fromisoformat(first["firstStepAt"].replace("Z", "+00:00")).tzinfo is not None
+    assert first["stepsPerSecond"] is None  # one point is no rate
+    assert {k: later[k] for k in ("firstStepAt", "loadSeconds", "firstStepSeconds")} == {
+        k: first[k] for k in ("firstStepAt", "loadSeconds", "firstStepSeconds")
+    }
+    assert later["stepsPerSecond"] == pytest.approx(9 / 166, rel=1e-4)
+
+
+def test_the_rate_spans_the_last_reports_since_the_first_step(api: ApiServer) -> None:
+    reporter = Reporter(api.url)
+    reporter.report(500)  # before the first step (the resumed checkpoint's report): start-up is no part of it
+    assert reporter.rate() is None
+    reporter.step_done(501, 1.0)
+    for step in range(510, 600, 10):
+        reporter.report(step, 1.0)
+    assert reporter.rate() is not None and reporter.rate() > 0
+    assert reporter._points[0][0] == 590 - 10 * (RATE_WINDOW - 1)
+
+
+def test_start_up_counts_from_the_start_of_the_process() -> None:
+    assert 0.0 < _process_age() < time.clock_gettime(time.CLOCK_BOOTTIME)  # this test's process, from /proc
 
 
 def test_a_failed_report_warns_once_never_raises_and_pauses_step_reports_but_not_checkpoints(

@@ -111,12 +111,19 @@ def test_warmup_then_schedule(scheduler: str, expected: list[float]) -> None:
 
 def test_progress_and_committed_checkpoints_are_reported(run_files, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, str | None]] = []
+    steps: list[int] = []
 
     class Recorder:
         def report(self, step: int, loss: float | None = None, latest_checkpoint: str | None = None) -> bool:
             assert loss is not None and math.isfinite(loss)
             calls.append((step, latest_checkpoint))
             return True
+
+        def loaded(self) -> None:
+            assert not steps  # start-up ends before the first step
+
+        def step_done(self, step: int, loss: float) -> None:
+            steps.append(step)
 
     monkeypatch.setattr("wmtp.train.Reporter.from_env", staticmethod(lambda: Recorder()))
     config, recipe = load(*run_files("baseline-mtp", steps=10, **{"paths.checkpoints.save_interval": 5}))
@@ -128,6 +135,7 @@ def test_progress_and_committed_checkpoints_are_reported(run_files, monkeypatch:
     assert [uri.rsplit("_", 1)[1] for _, uri in checkpoints] == ["00000005", "00000010"]
     assert all(step >= int(uri.rsplit("_", 1)[1]) for step, uri in checkpoints)
     assert [step for step, uri in calls if uri is None] == [5, 10]
+    assert steps == list(range(1, 11))  # the reporter reports the first at once (tests/trainer/test_reporting.py)
 
 
 def test_resume_with_the_mlflow_store_gone_continues_in_a_linked_run_with_the_same_steps(run_files) -> None:

@@ -114,12 +114,21 @@ CONFIG_FILE, RECIPE_FILE, PULL_FILE = "config.yaml", "recipe.yaml", "pull.yaml"
 # (a recipe tag "${AWS_SECRET_ACCESS_KEY}" must not become the secret).
 RENDERED_MARKER = "# Rendered by wmtp-operator: values are data; ${...} is not expanded.\n"
 
-# The status subresource rank 0 patches. It writes only `status.<REPORT_FIELD>`: {attempt, step, loss,
-# latestCheckpoint}. The operator copies what it accepts from there into fields it owns, so nothing a trainer
-# writes can steer it: a report of another attempt, or a checkpoint outside the run's root, is ignored.
+# The status subresource rank 0 patches. It writes only `status.<REPORT_FIELD>`, every field of REPORTED_FIELDS in
+# every report (null when unknown): the attempt, step, loss, latestCheckpoint; REPORT_RATE, its recent optimizer
+# steps per second (for the run's ETA); and how this attempt's process started, for the restart's breakdown:
+# REPORT_FIRST_STEP_AT, when its first optimizer step finished (RFC 3339, UTC), REPORT_LOAD_SECONDS, process start
+# → models and resume point loaded, and REPORT_FIRST_STEP_SECONDS, loaded → first step done. The operator copies
+# what it accepts from there into fields it owns, bounded, so nothing a trainer writes can steer it: a report of
+# another attempt, or a checkpoint outside the run's root, is ignored; a time or a number out of bounds is clamped.
 STATUS_PATH = f"/apis/{GROUP}/{VERSION}/namespaces/{{namespace}}/{PLURAL}/{{name}}/status"
 REPORT_FIELD = "report"
-REPORTED_FIELDS: tuple[str, ...] = ("attempt", "step", "loss", "latestCheckpoint")
+REPORT_RATE = "stepsPerSecond"
+REPORT_FIRST_STEP_AT, REPORT_LOAD_SECONDS, REPORT_FIRST_STEP_SECONDS = "firstStepAt", "loadSeconds", "firstStepSeconds"
+REPORTED_FIELDS: tuple[str, ...] = (
+    "attempt", "step", "loss", "latestCheckpoint", REPORT_RATE, REPORT_FIRST_STEP_AT, REPORT_LOAD_SECONDS,
+    REPORT_FIRST_STEP_SECONDS,
+)  # fmt: skip
 
 # The trainer's last words, read by the operator from the container's terminated state (the kubelet copies the
 # file into `state.terminated.message`). One JSON object, at most TERMINATION_MESSAGE_MAX bytes, with the keys

@@ -1,10 +1,13 @@
 """What the trainer tells its WMTPRun: progress reports while it runs, and a termination message when it ends.
 
-Reports: rank 0 merge-patches `status.report` = {attempt, step, loss, latestCheckpoint} of its own run over HTTPS
-with the pod's service-account token (standard library only; the run's Role allows nothing else). The attempt
-comes from the pod's environment, so the operator ignores what an older attempt still sends. Reporting is best
-effort: a failure logs a warning and training goes on. The operator resumes a failed attempt from
-`latestCheckpoint`, so a checkpoint is reported only once it is committed, and every report repeats it.
+Reports: rank 0 merge-patches `status.report` = {attempt, step, loss, latestCheckpoint, stepsPerSecond, firstStepAt,
+loadSeconds, firstStepSeconds} of its own run over HTTPS with the pod's service-account token (standard library only;
+the run's Role allows nothing else). The attempt comes from the pod's environment, so the operator ignores what an
+older attempt still sends. Reporting is best effort: a failure logs a warning and training goes on. The operator
+resumes a failed attempt from `latestCheckpoint`, so a checkpoint is reported only once it is committed, and every
+report repeats it. The first optimizer step is reported at once, with when it finished and how long start-up took
+(process start → loaded → first step), so that the operator can time the restart; every later report repeats them,
+and carries the steps per second over the last RATE_WINDOW reports since the first step, for the run's ETA.
 
 Termination message: one JSON object of at most TERMINATION_MESSAGE_MAX bytes in the file the kubelet copies into
 the container's terminated state: why the process stopped (`wmtp.contract.STOP_*`), the step, the checkpoint to
@@ -21,8 +24,10 @@ import os
 import ssl
 import time
 import urllib.request
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,10 @@ from wmtp.contract import (
     ENV_RUN_NAMESPACE,
     ENV_TERMINATION_LOG,
     REPORT_FIELD,
+    REPORT_FIRST_STEP_AT,
+    REPORT_FIRST_STEP_SECONDS,
+    REPORT_LOAD_SECONDS,
+    REPORT_RATE,
     STATUS_PATH,
     STOP_FAILED,
     TERMINATION_EVAL,
@@ -44,6 +53,7 @@ from wmtp.contract import (
 log = logging.getLogger(__name__)
 
 SERVICE_ACCOUNT = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+RATE_WINDOW = 8  # reports the step rate spans: with the default log interval, the last few hundred steps
 
 
 class Reporter:
@@ -67,6 +77,10 @@ class Reporter:
         self._context = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
         self._quiet_until = 0.0
         self._failing = False
+        self._started = time.monotonic() - _process_age()
+        self._loaded: float | None = None
+        self._first: dict[str, Any] = {}  # the first step's fields, once it is done
+        self._points: deque[tuple[int, float]] = deque(maxlen=RATE_WINDOW)  # (step, monotonic) since the first step
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, service_account: Path = SERVICE_ACCOUNT) -> Reporter | None:
@@ -88,21 +102,45 @@ class Reporter:
             ca if ca.is_file() else None,
         )
 
+    def loaded(self) -> None:
+        """The models and the resume point are loaded: the end of this process's start-up."""
+        self._loaded = self._loaded or time.monotonic()
+
+    def step_done(self, step: int, loss: float | None) -> None:
+        """After each optimizer step: the first one is reported at once, with when it finished and how long the
+        start-up took; later ones are left to the periodic reports."""
+        if self._first:
+            return
+        now = time.monotonic()
+        loaded = self._loaded or now
+        self._first = {
+            REPORT_FIRST_STEP_AT: datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            REPORT_LOAD_SECONDS: round(max(0.0, loaded - self._started), 3),
+            REPORT_FIRST_STEP_SECONDS: round(max(0.0, now - loaded), 3),
+        }
+        self.report(step, loss)
+
     def report(self, step: int, loss: float | None = None, latest_checkpoint: str | None = None) -> bool:
         """Patch the report (the newest checkpoint given so far included); True if the API server took it.
 
         After a failure, step-only reports pause for `backoff_s` so that an unreachable API server cannot slow
         training; a report with a new checkpoint is always tried, because the operator resumes from it.
         """
+        if self._first:  # the rate counts from the first step on: start-up is no part of it
+            self._points.append((int(step), time.monotonic()))
         if latest_checkpoint is None and time.monotonic() < self._quiet_until:
             return False
         checkpoint = latest_checkpoint or self.latest_checkpoint
+        first = {REPORT_FIRST_STEP_AT: None, REPORT_LOAD_SECONDS: None, REPORT_FIRST_STEP_SECONDS: None}
         report = {
             "attempt": self.attempt,
             "step": int(step),
             # NaN and infinities are not JSON; null leaves no stale loss behind.
             "loss": float(loss) if loss is not None and math.isfinite(loss) else None,
             "latestCheckpoint": checkpoint,
+            REPORT_RATE: self.rate(),
+            **first,
+            **self._first,
         }
         headers = {"Content-Type": "application/merge-patch+json", "Accept": "application/json"}
         try:
@@ -126,6 +164,26 @@ class Reporter:
         self._quiet_until = 0.0
         self.latest_checkpoint = checkpoint
         return True
+
+    def rate(self) -> float | None:
+        """Optimizer steps per second over the reports in the window, or None before two steps apart."""
+        if not self._points:
+            return None
+        (first_step, first_at), (last_step, last_at) = self._points[0], self._points[-1]
+        if last_step <= first_step or last_at <= first_at:
+            return None
+        return round((last_step - first_step) / (last_at - first_at), 6)
+
+
+def _process_age() -> float:
+    """Seconds since this process started: /proc/self/stat's start time against the boot clock (Linux); 0 where
+    that cannot be read, so that start-up then counts from the reporter's creation."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # starttime, field 22 of the line; [0] is field 3 once the name is cut off
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
 
 
 def _read(path: Path) -> str | None:

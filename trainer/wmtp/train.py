@@ -171,6 +171,8 @@ class Trainer:
     def train(self) -> dict[str, Any]:
         recipe, state = self.recipe, self.state
         resumed = self.maybe_resume()
+        if self.reporter:  # start-up ends here: the operator times restarts from these reports
+            self.reporter.loaded()
         params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
         tags = {"algorithm": recipe.train.algo, **recipe.run.tags}
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
@@ -190,6 +192,8 @@ class Trainer:
             while state.step < self.total_steps:
                 metrics = self.train_step()
                 state.step += 1
+                if self.reporter:
+                    self.reporter.step_done(state.step, metrics["loss"])
                 metrics["tokens_per_s"] = (state.tokens - first_tokens) / (time.perf_counter() - started)
                 progress.update(task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
                 if state.step % self.config.log_interval == 0 or state.step == self.total_steps:

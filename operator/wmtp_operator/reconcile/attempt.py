@@ -2,15 +2,16 @@
 ending recorded, then its Job deleted; the next attempt follows), or the run is over.
 
 An ending carries its count (restarts + 1, or preemptions + 1 for an eviction, a disruption or a SIGTERM save) and
-is written before the Job's deletion, so an operator killed in between counts nothing twice. Past backoffLimit, or
-for a reason no retry can fix, the run fails instead.
+the time it was seen, and is written before the Job's deletion, so an operator killed in between counts nothing
+twice. Past backoffLimit, or for a reason no retry can fix, the run fails instead. Once rank 0 of the next attempt
+reports its first step, the restart is timed (`time_restart`) and kept in the record.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from wmtp import contract
@@ -19,13 +20,14 @@ from wmtp_operator import render
 from wmtp_operator.plan import Decision, Event, chain, say, write
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State, changed, operational_of, seconds_since
-from wmtp_operator.status import Condition, Reported, parse_time, read_report
+from wmtp_operator.status import Condition, Reported, Restart, format_time, parse_time, read_report
 
 Obj = Mapping[str, Any]
 # The kubelet's words for an image it cannot pull. No new attempt would pull it either, so none starts: the run waits
 # up to spec.imagePullDeadline, the reason in its status, then fails without using a restart. (An invalid image name
 # fails the run at once: `pods.FATAL_AT_ONCE`.)
 PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"})
+NOW_RESOLUTION = timedelta(seconds=1)  # of the time a pass runs at (`View.now`)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +96,74 @@ def accept_report(view: View, state: State) -> Accepted:
     if report is None or report.attempt != state.attempt or state.attempt == 0:
         return Accepted(state=state)
     offered = offer(view, state, report.checkpoint) if report.checkpoint else Decision(state=state)
-    return chain(offered, Accepted(state=offered.state, report=report))
+    restart = time_restart(view, offered.state, report)
+    timed = offered.state.model_copy(update={"last_restart": restart}) if restart else offered.state
+    return chain(offered, Accepted(state=timed, report=report))
+
+
+def time_restart(view: View, state: State, report: Reported) -> Restart | None:
+    """The restart that led to the current attempt, timed once, from the first report that says when its first
+    optimizer step finished: from the ending the operator recorded to that step, split where the attempt's Job was
+    created and where the last of its trainer containers started. Each point is clamped into [the point before,
+    now]: clocks that differ a little, or a report that lies, can shift time between the parts, but never make
+    one negative nor reach past what the operator saw. A suspend is no restart; an ending recorded without its
+    time (by an older operator) is not timed."""
+    ending, timed = state.previous, state.last_restart
+    if report.first_step_at is None or ending is None or ending.cause == "suspend":
+        return None
+    ended, now = _aware(ending.at), _aware(view.now)
+    if (timed and timed.attempt == state.attempt) or ended is None or now is None or now < ended:
+        return None
+    now += NOW_RESOLUTION  # a pass's time is cut to the second; the report it reads may be from within that second
+    job = _job(view, state.attempt)
+    created = _aware(((job or {}).get("metadata") or {}).get("creationTimestamp"))
+    pods = [p for p in view.pods if render.attempt_of(p) == state.attempt]
+    started = podstat.trainers_started(pods, _nodes(view, job))
+    *marks, training = _clamped([ended, created, started, report.first_step_at], now)
+    assert training is not None  # the report's time, clamped
+    stopping, scheduling, resuming = (
+        (b - a).total_seconds() if a and b else None for a, b in zip(marks, [*marks[1:], training], strict=True)
+    )
+    total = (training - ended).total_seconds()
+    # Rank 0's own split of the part it saw: within that part, whatever it says.
+    seen = resuming if resuming is not None else total
+    load = None if report.load_seconds is None else min(report.load_seconds, seen)
+    first = None if report.first_step_seconds is None else min(report.first_step_seconds, seen - (load or 0.0))
+    return Restart(
+        attempt=state.attempt, cause="failure" if ending.cause == "failure" else "preemption",
+        ended_at=format_time(ended), training_at=format_time(training), seconds=_round(total),
+        stopping_seconds=_round(stopping), scheduling_seconds=_round(scheduling), resuming_seconds=_round(resuming),
+        load_seconds=_round(load), first_step_seconds=_round(first),
+    )  # fmt: skip
+
+
+def _aware(text: str | None) -> datetime | None:
+    moment = parse_time(text) if isinstance(text, str) else None
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def _clamped(points: list[datetime | None], now: datetime) -> list[datetime | None]:
+    """Each known point within [the last known one before it, now] (the first one is known)."""
+    floor, kept = points[0], []
+    for point in points:
+        if point is not None and floor is not None:
+            point = floor = min(max(point, floor), now)
+        kept.append(point)
+    return kept
+
+
+def _round(seconds: float | None) -> float | None:
+    return None if seconds is None else round(max(0.0, seconds), 1)
+
+
+def _job(view: View, attempt: int) -> Obj | None:
+    name = render.job_name(view.name, attempt)
+    return next((j for j in view.jobs if j["metadata"]["name"] == name), None)
+
+
+def _nodes(view: View, job: Obj | None) -> int:
+    """How many pods the attempt has: its Job's completions, else the spec's nodes."""
+    return int((job or {}).get("spec", {}).get("completions") or (view.run.spec.nodes if view.run else 1))
 
 
 def offer(view: View, state: State, checkpoint: str) -> Decision:
@@ -125,9 +194,9 @@ def watch(view: View, state: State) -> Going | Ended | Finished:
     if view.run is not None and view.run.spec.suspend:
         return _end(view, state, Ending(attempt=n, cause="suspend", reason="Suspended", message="suspended"))
     name = render.job_name(view.name, n)
-    job = next((j for j in view.jobs if j["metadata"]["name"] == name), None)
+    job = _job(view, n)
     pods = [p for p in view.pods if render.attempt_of(p) == n]
-    nodes = int((job or {}).get("spec", {}).get("completions") or (view.run.spec.nodes if view.run else 1))
+    nodes = _nodes(view, job)
     succeeded = podstat.attempt_succeeded(job, pods, nodes)
     stop = podstat.attempt_stop(job, pods, name)
     startup = Startup(state=state)
@@ -230,8 +299,8 @@ def _bad_input(pods: list[Obj]) -> bool:
 
 
 def _end(view: View, state: State, ending: Ending) -> Ended:
-    """The ending recorded first (it carries the count), then the attempt's Job deleted."""
-    update: dict[str, Any] = {"ending": ending}
+    """The ending recorded first (it carries the count and when it was seen), then the attempt's Job deleted."""
+    update: dict[str, Any] = {"ending": ending.model_copy(update={"at": view.now})}
     if ending.cause == "failure":
         update["restarts"] = state.restarts + 1
     elif ending.cause == "preemption":

@@ -11,6 +11,7 @@ pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -26,6 +27,7 @@ PROGRESSING = ("Pending", "Pulling", "Running", "Restarting", "Evaluating")
 WARNING_PHASES = ("Restarting", "Failed")
 # A condition turning False for one of these is progress, not a problem: no Warning Event.
 QUIET_REASONS = ("Starting", "NextAttempt")
+MAX_ETA_SECONDS = 365 * 24 * 3600  # a longer estimate says more about the rate reported than about the run
 
 
 def headline(decided: Decision, view: View) -> tuple[str, str]:
@@ -103,13 +105,36 @@ def status_of(view: View, decided: Decision, report: Reported | None) -> dict[st
         "step": step if isinstance(step, int) and not isinstance(step, bool) else None,
         "loss": loss if isinstance(loss, float | int) and not isinstance(loss, bool) else None,
         "eval": state.evaluation.model_dump(by_alias=True, exclude_none=True) if state.evaluation else None,
+        "lastRestart": state.last_restart.model_dump(by_alias=True, exclude_none=True) if state.last_restart else None,
     }
-    new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
+    rate = report.steps_per_second if report and phase == "Running" else None
+    new.update(progress_of(new["step"], new["maxSteps"], rate))
     new["conditions"] = [
         held_since(old.get("conditions"), condition).model_dump(by_alias=True)
         for condition in conditions_of(view, decided, phase, new["message"])
     ]
     return new
+
+
+def progress_of(step: int | None, max_steps: int | None, rate: float | None) -> dict[str, Any]:
+    """progress ("45% (450/1000)"), progressPercent (rounded down: 100 only once done) and the ETA: the steps left
+    at `rate` (rank 0's steps per second; None: no ETA), as a duration like 1h23m, none past MAX_ETA_SECONDS."""
+    if not max_steps:
+        return {"progress": None, "progressPercent": None, "eta": None}
+    done = step or 0
+    percent = min(100, done * 100 // max_steps)
+    left = max(0, max_steps - done) / rate if rate else None
+    eta = duration(left) if left is not None and left <= MAX_ETA_SECONDS else None
+    return {"progress": f"{percent}% ({done}/{max_steps})", "progressPercent": percent, "eta": eta}
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a duration like spec.startupTimeout's: 1h23m, 4m10s, 9s (rounded up to the second)."""
+    hours, rest = divmod(math.ceil(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
 def conditions_of(view: View, decided: Decision, phase: str, message: str) -> list[Condition]:
