@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from support.kubelet import argv, expand, restricted_violations
 from wmtp import contract
 from wmtp.config import ConfigError, EvalSettings, load_config, parse_config, parse_recipe, read_document
-from wmtp_operator import render
+from wmtp_operator import kueue, render
+from wmtp_operator.formats import quantity_value
 from wmtp_operator.spec import Defaults, Run
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -472,7 +473,9 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert render.is_evaluation(spec["template"]) and restricted_violations(pod) == []
     assert pod["serviceAccountName"] == "critic-7b-trainer" and pod["automountServiceAccountToken"] is False
     (evaluator,) = pod["containers"]
-    assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    # A GPU limit requests the GPU (Kubernetes' default, written out), with the default CPU and memory beside it.
+    assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1},
+                                      "requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}}  # fmt: skip
     assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
@@ -545,3 +548,53 @@ def test_every_rendered_command_line_parses_with_the_trainers_own_cli(make_run, 
     evaluator = render.eval_job(run)["spec"]["template"]["spec"]["containers"][0]
     evaluated = _parsed([*evaluator["command"][1:], *evaluator["args"]])
     assert (evaluated["model"], evaluated["limit"], evaluated["k"]) == (render.final_model(run), 2, "1,2")
+
+
+def _jobs(run: Run) -> list[dict[str, Any]]:
+    """Attempt 2's Job and the evaluation's, as the operator creates them."""
+    return [render.job(run, 2, pull=True), render.eval_job(run)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "labels"),
+    [
+        ({"queueName": "gpu-team-a", "priorityClassName": "research"},
+         {kueue.QUEUE_LABEL: "gpu-team-a", kueue.PRIORITY_LABEL: "research"}),
+        ({"queueName": "gpu-team-a"}, {kueue.QUEUE_LABEL: "gpu-team-a"}),
+        ({}, {}),
+    ],
+    ids=["queue and priority", "queue alone", "neither"],
+)  # fmt: skip
+def test_a_queue_and_a_priority_reach_every_jobs_labels_and_the_operator_never_suspends_one(
+    spec: dict[str, Any], labels: dict[str, str], make_run: Callable[..., dict[str, Any]]
+) -> None:
+    overrides = {f"spec.{key}": value for key, value in spec.items()}
+    run = Run.from_body(make_run(**overrides, **{"spec.eval": {"limit": 2}}))
+    for job in _jobs(run):
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+        found = {k: v for k, v in job["metadata"]["labels"].items() if k.startswith("kueue.x-k8s.io/")}
+        assert found == labels, job["metadata"]["name"]
+        # Kueue reads the Job's labels; its webhook, never the operator, suspends the Job.
+        assert "suspend" not in job["spec"] and not set(labels) & set(job["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [None, {"limits": {"cpu": "500m", "memory": "1Gi"}}, {"requests": {"memory": "64Gi"}},
+     {"requests": {"cpu": "8"}, "limits": {"nvidia.com/gpu": 2}}],
+    ids=["none", "limits only", "memory alone", "a GPU limit"],
+)  # fmt: skip
+def test_every_container_requests_cpu_and_memory_never_above_its_limit(
+    resources: dict[str, Any] | None, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """Kueue admits by requests and counts nothing for a container without them: every container of every pod,
+    init containers included, has them."""
+    run = Run.from_body(make_run(**{"spec.resources": resources, "spec.eval": {"limit": 2}}))
+    for job in _jobs(run):
+        pod = job["spec"]["template"]["spec"]
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            requests, limits = container["resources"]["requests"], container["resources"].get("limits", {})
+            assert {"cpu", "memory"} <= set(requests), container["name"]
+            for name, limit in limits.items():
+                assert quantity_value(requests[name]) <= quantity_value(limit), (container["name"], name)
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)

@@ -14,6 +14,7 @@ from typing import Any
 from wmtp import contract
 from wmtp.config import EvalSettings, run_root
 from wmtp.contract import GROUP, WORK_DIR
+from wmtp_operator import kueue
 from wmtp_operator.render.files import mlflow_names
 from wmtp_operator.render.objects import labels, metadata
 from wmtp_operator.render.pod import batch_job, container, escape, pod_spec, resources_of, services_env, volumes
@@ -60,9 +61,8 @@ def eval_job(run: Run) -> dict[str, Any]:
     own = {**labels(run), COMPONENT_LABEL: EVALUATION}
     evaluator = container(spec, EVALUATION, services_env(spec), [{"name": "workspace", "mountPath": WORK_DIR}])
     evaluator.update(command=list(contract.EVAL_COMMAND), args=eval_args(run, options), workingDir=WORK_DIR)
-    if resources := resources_of(options.resources or spec.resources, init=False):
-        evaluator["resources"] = resources
+    evaluator["resources"] = resources_of(options.resources or spec.resources, init=False)
     pod = pod_spec(run, [evaluator], [v for v in volumes(run) if v["name"] in ("config", "models", "workspace", "tmp")])
     meta = metadata(run, eval_job_name(run.name))
-    meta["labels"] = own
+    meta["labels"] = {**own, **kueue.labels(spec.queue_name, spec.priority_class_name)}
     return batch_job(run, meta, own, pod, completions=1, parallelism=1, activeDeadlineSeconds=options.timeout_seconds)
