@@ -244,6 +244,40 @@ def _pull_fails_for_long(cluster: Cluster) -> None:
         cluster.api.set_status(cluster.ns, pod, {"conditions": [scheduled]})
 
 
+QUEUE = "team-a-gpus"
+QUEUED = {"queueName": QUEUE, "priorityClassName": "research"}
+
+
+def _queued(cluster: Cluster) -> dict[str, Any]:
+    """Attempt 1's Job once Kueue holds it: its labels, suspended by Kueue's webhook, no pods."""
+    cluster.until(lambda: cluster.status().get("phase") == "Queued", "phase Queued")
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    labels = job["metadata"]["labels"]
+    assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == (QUEUE, "research")
+    assert job["spec"]["suspend"] is True and cluster.pods(1) == []
+    return job
+
+
+def _held_past_startup_timeout(cluster: Cluster) -> None:
+    _queued(cluster)
+    time.sleep(3)  # past startupTimeout (2s) since the Job's creation: waiting in a queue is no start-up
+    assert cluster.pods(1) == [] and cluster.status()["restarts"] == 0
+
+
+def _admitted_late(cluster: Cluster) -> None:
+    _queued(cluster)
+    time.sleep(3.5)  # past startupTimeout (3s) since the Job's creation
+    cluster.api.admit(cluster.ns, f"{RUN}-a1")
+    pods = cluster.until(lambda: cluster.pods(1), "attempt 1's pods, once admitted")
+    time.sleep(1.5)  # the pods start within startupTimeout of the admission
+    assert cluster.status()["restarts"] == 0 and cluster.jobs() == [f"{RUN}-a1"]
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/flavor": "on-demand"}  # Kueue's flavor
+    for pod in pods:
+        cluster.api.set_status(cluster.ns, pod, {"phase": "Running",
+                               "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]})  # fmt: skip
+
+
 def _stale_and_foreign_reports(cluster: Cluster) -> None:
     pods = cluster.running()
     cluster.api.exit(cluster.ns, pods[0], 1)
@@ -267,6 +301,8 @@ class Fault:
     kubelet: dict[str, Any] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     attempt: int | None = None
+    queue: dict[str, Any] = field(default_factory=dict)  # what Kueue does (support.kueue.Queue)
+    reason: str = ""  # the reason label of the restart or preemption counted, when it matters
 
 
 A1, A2 = [f"{RUN}-a1"], [f"{RUN}-a2"]
@@ -309,6 +345,16 @@ FAULTS = [
           {"Unschedulable"},
           {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
+    Fault("Kueue holds the Job past startupTimeout: Queued, its reason in the status, no restart",
+          _held_past_startup_timeout, "Queued", 0, 0, A1, {"Queued"}, {"Started": "False Queued"},
+          f"attempt 1 queued: Job {RUN}-a1 waits for Kueue to admit it in LocalQueue {QUEUE}",
+          spec={**QUEUED, "startupTimeout": "2s"}, queue={"admit_after": None}),
+    Fault("Kueue admits the Job after startupTimeout: Running, startupTimeout counted from the admission",
+          _admitted_late, "Running", 0, 0, A1, {"Queued", "Running"}, {"Started": "True Started"},
+          kubelet={"start": "hold"}, spec={**QUEUED, "startupTimeout": "3s"}, queue={"admit_after": None}, attempt=1),
+    Fault("Kueue preempts the running attempt: a preemption, resumed from the checkpoint as a new Job",
+          _reported_then(lambda c, pods: c.api.preempt(c.ns, f"{RUN}-a1")), "Running", 0, 1, A2, {"Restarting"},
+          spec={**QUEUED, "backoffLimit": 0}, attempt=2, reason="EvictionByKueue"),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
           conditions={"Progressing": "True Running"}),
     Fault("reports of an older attempt, or of a checkpoint elsewhere, change nothing", _stale_and_foreign_reports,
@@ -320,6 +366,7 @@ FAULTS = [
 def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> None:
     before = cluster.operator.scrape()
     cluster.api.kubelet(cluster.ns, **fault.kubelet)
+    cluster.api.queue(cluster.ns, **fault.queue)
     cluster.create(make_run(**{f"spec.{key}": value for key, value in fault.spec.items()}))
     fault.inject(cluster)
 
@@ -338,7 +385,11 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
     cluster.until(lambda: fault.events <= {e["reason"] for e in cluster.events()}, f"events {fault.events}")
     counts = {"wmtp_restarts_total": fault.restarts, "wmtp_preemptions_total": fault.preemptions}
     # The record's counts, never a trainer's: one that writes restarts 7 counts nothing.
-    cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts, f"counters {counts}")
+    scraped = cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts,
+                              f"counters {counts}")  # fmt: skip
+    for counter in counts if fault.reason else ():
+        more = sample(scraped, counter, reason=fault.reason) - sample(before, counter, reason=fault.reason)
+        assert more == counts[counter], (counter, fault.reason)
     if fault.inject is _stale_and_foreign_reports:
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
