@@ -598,3 +598,34 @@ def test_every_container_requests_cpu_and_memory_never_above_its_limit(
             for name, limit in limits.items():
                 assert quantity_value(requests[name]) <= quantity_value(limit), (container["name"], name)
         kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_documented_cluster_queue_admits_the_7b_example_whole() -> None:
+    """docs/operator.md's Kueue setup: the LocalQueue the run names leads to a ClusterQueue that covers every
+    resource the 7B example's pods request, with quota for all of them at once (Kueue admits a Job whole)."""
+    text = (ROOT / "docs" / "operator.md").read_text().split("## Queueing with Kueue", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)
+    setup = {doc["kind"]: doc for doc in yaml.safe_load_all(blocks[0])}
+    wanted = yaml.safe_load(blocks[1])["spec"]
+    assert (wanted["queueName"], wanted["priorityClassName"]) == (
+        setup["LocalQueue"]["metadata"]["name"], setup["WorkloadPriorityClass"]["metadata"]["name"]
+    )  # fmt: skip
+    (group,) = setup["ClusterQueue"]["spec"]["resourceGroups"]
+    assert setup["LocalQueue"]["spec"]["clusterQueue"] == setup["ClusterQueue"]["metadata"]["name"]
+    (flavor,) = group["flavors"]
+    assert flavor["name"] == setup["ResourceFlavor"]["metadata"]["name"]
+    quota = {r["name"]: quantity_value(r["nominalQuota"]) for r in flavor["resources"]}
+    example = next(yaml.safe_load_all((ROOT / "configs" / "wmtprun-7b.yaml").read_text()))
+    example["metadata"].update(namespace="team-a", uid="u")
+    job = render.job(Run.from_body({**example, "spec": {**example["spec"], **wanted}}), 1, pull=True)
+    assert job["metadata"]["labels"][kueue.QUEUE_LABEL] == wanted["queueName"]
+    pod = job["spec"]["template"]["spec"]
+    needed: dict[str, Any] = {}
+    for container in pod["containers"]:
+        for name, amount in container["resources"]["requests"].items():
+            needed[name] = needed.get(name, 0) + quantity_value(amount)
+    for container in pod.get("initContainers", []):  # a pod requests the larger of its init and its main containers
+        for name, amount in container["resources"]["requests"].items():
+            needed[name] = max(needed.get(name, 0), quantity_value(amount))
+    assert set(needed) <= set(group["coveredResources"])
+    assert all(needed[name] * job["spec"]["parallelism"] <= quota[name] for name in needed), (needed, quota)
