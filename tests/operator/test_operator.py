@@ -8,6 +8,7 @@ saves, evictions, refusals, a pod that cannot start. The operator's /metrics is 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from support.controllers import JOBS
 from support.emulator import Emulator, OperatorProcess
 from support.kubelet import argv
 from support.waiting import wait_for
@@ -354,7 +356,7 @@ FAULTS = [
           kubelet={"start": "hold"}, spec={**QUEUED, "startupTimeout": "3s"}, queue={"admit_after": None}, attempt=1),
     Fault("Kueue preempts the running attempt: a preemption, resumed from the checkpoint as a new Job",
           _reported_then(lambda c, pods: c.api.preempt(c.ns, f"{RUN}-a1")), "Running", 0, 1, A2, {"Restarting"},
-          spec={**QUEUED, "backoffLimit": 0}, attempt=2, reason="EvictionByKueue"),
+          kubelet={"grace": 2.0}, spec={**QUEUED, "backoffLimit": 0}, attempt=2, reason="EvictionByKueue"),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
           conditions={"Progressing": "True Running"}),
     Fault("reports of an older attempt, or of a checkpoint elsewhere, change nothing", _stale_and_foreign_reports,
@@ -487,6 +489,42 @@ def test_attempts_are_fenced_until_the_ended_attempts_pods_have_stopped(
     cluster.api.release(cluster.ns)
     cluster.running(2)
     assert cluster.run()["spec"]["resumeFrom"] == CKPT and cluster.status()["restarts"] == 1
+
+
+def test_kueue_preempting_between_the_operators_reads_of_jobs_and_pods_is_still_a_preemption(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """A pass lists the run's Jobs, then its pods. Kueue suspends the Job in between, and the Job controller deletes
+    the pods: that pass reads an admitted Job whose pods are being deleted. A deletion is not taken for a failure
+    while the Job's suspension may explain it (here backoffLimit 0 would fail the run at once)."""
+    cluster.api.kubelet(cluster.ns, grace=2.0)
+    cluster.create(make_run(**{f"spec.{key}": value for key, value in {**QUEUED, "backoffLimit": 0}.items()}))
+    cluster.running()
+    key = (JOBS, cluster.ns, f"{RUN}-a1")
+    listing_jobs = lambda call: (call.verb, call.kind, call.namespace) == ("list", "Job", cluster.ns)  # noqa: E731
+    cluster.api.after(listing_jobs, lambda _call: asyncio.ensure_future(cluster.api.server.preempt(key)))
+    cluster.report(1, 1000, CKPT)  # a pass: it lists the Jobs, Kueue preempts, it lists the pods
+    cluster.running(2)
+    status = cluster.status()
+    assert (status["restarts"], status["preemptions"], cluster.run()["spec"]["resumeFrom"]) == (0, 1, CKPT)
+
+
+def test_kueue_admitting_between_the_operators_reads_of_jobs_and_pods_is_no_preemption(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """The other way round: the pass reads the Job still suspended, Kueue admits it, and the pass reads its pods
+    already running. Running pods that nothing deletes are the admission's, not the remains of a preemption."""
+    cluster.api.queue(cluster.ns, admit_after=None)
+    cluster.create(make_run(**{f"spec.{key}": value for key, value in QUEUED.items()}))
+    _queued(cluster)
+    key = (JOBS, cluster.ns, f"{RUN}-a1")
+    listing_jobs = lambda call: (call.verb, call.kind, call.namespace) == ("list", "Job", cluster.ns)  # noqa: E731
+    cluster.api.after(listing_jobs, lambda _call: asyncio.ensure_future(cluster.api.server.admit(key)))
+    cluster.report(1, 10)  # a pass: it lists the Jobs, Kueue admits, it lists the pods
+    cluster.running(1)
+    time.sleep(0.5)
+    status = cluster.status()
+    assert (status["attempt"], status["restarts"], status["preemptions"], cluster.jobs()) == (1, 0, 0, [f"{RUN}-a1"])
 
 
 def test_suspend_removes_the_attempt_and_unsuspend_resumes_as_a_new_one(

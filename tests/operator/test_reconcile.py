@@ -380,15 +380,27 @@ CASES = [
          status={"phase": "Running"}, phase="Restarting", restarts=3, preemptions=1,
          actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
          message="was suspended by Kueue after its pods started (preempted or evicted; kubectl get workloads"),
-    Case("...seen before the record noted that its pods ran: the running pods say so", state(),
-         [queued_job(created=BEFORE)], RUNNING, spec={"queueName": QUEUE}, status={"phase": "Running"},
-         phase="Restarting", restarts=0, preemptions=1, actions=["patch state", "delete Job tiny-rho1-a1"],
-         events=["Warning Restarting"], message="preemption 1 (not counted as a restart)"),
+    Case("...seen before the record noted that its pods ran: its pods that ran, being deleted, say so", state(),
+         [queued_job(created=BEFORE)], [pod(1, 0, deleting=True), pod(1, 1, deleting=True)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Restarting", restarts=0, preemptions=1,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="preemption 1 (not counted as a restart)"),
+    Case("a Job read suspended, its pods read running a moment later (its admission between): queued, nothing ended",
+         state(), [queued_job()], RUNNING, spec={"queueName": QUEUE}, status={"phase": "Queued"}, phase="Queued",
+         restarts=0, preemptions=0),
     Case("...and the next attempt, a new Job and Workload, resumes from the latest checkpoint",
          state(ending=ending(cause="preemption", reason="EvictionByKueue"), preemptions=1, **AT_1200), [], [],
          spec={"queueName": QUEUE}, status={"phase": "Restarting"}, phase="Restarting", attempt=2, restarts=0,
          preemptions=1, actions=[RESUME, *CREATE_A2], events=["Warning Restarting"],
          message=f"attempt 2 resumes from {CKPT}"),
+    Case("a Kueue Job's pods being deleted while the Job still shows admitted: not a failure yet, looked at again",
+         state(ran=True), [queued_job(admitted=JUST_NOW)], [pod(1, 0, deleting=True), pod(1, 1, deleting=True)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Running", restarts=0, preemptions=0),
+    Case("...and a pod deleted by hand (the Job not suspended) that ends without a save: a restart, as ever",
+         state(ran=True), [queued_job(admitted=JUST_NOW)],
+         [pod(1, 0, "Failed", deleting=True, **ended(143)), pod(1, 1)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Restarting", restarts=1, preemptions=0,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"], message="exit code 143"),
     Case("admitted, then suspended again before a pod ran: queued again, the same Job kept", state(),
          [queued_job(created=BEFORE)], [pod(1, 0, "Failed", deleting=True), pod(1, 1, "Pending", deleting=True)],
          spec={"queueName": QUEUE}, status={"phase": "Pending"}, phase="Queued", restarts=0, preemptions=0,
@@ -943,3 +955,17 @@ def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -
     words = {"reason": "Succeeded", "message": "x" * contract.TERMINATION_MESSAGE_MAX, "eval": {}}
     said, why = outcome(eval_job("Complete"), [eval_pod("Succeeded", words)], EVAL_JOB)
     assert said is None and "no readable termination message" in why
+
+
+def test_a_deletion_that_kueues_suspension_may_explain_is_looked_at_again_soon(make_run: Callable[..., Any]) -> None:
+    """The pass read the Job before Kueue suspended it and the pods after the Job controller began deleting them:
+    the next look decides (a preemption then), soon even if no pod changes."""
+    from wmtp_operator.reconcile.queue import RECHECK_SECONDS
+
+    body = make_run(**{"spec.queueName": QUEUE, "metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
+    deleting = [pod(1, 0, deleting=True), pod(1, 1, deleting=True)]
+    plan = reconcile(body, Observed([queued_job(admitted=JUST_NOW)], deleting), NOW)
+    assert plan.requeue_after == RECHECK_SECONDS and not any(isinstance(a, Delete) for a in plan.actions)
+    body, _ = _apply(body, Observed([queued_job(admitted=JUST_NOW)], deleting), plan)
+    suspended = reconcile(body, Observed([queued_job()], deleting), NOW)
+    assert _state_of(suspended).preemptions == 1 and _state_of(suspended).restarts == 0

@@ -134,13 +134,15 @@ def watch(view: View, state: State) -> Going | Queued | Ended | Finished:
     # Whatever the attempt does: an earlier attempt's Job whose deletion failed part-way goes.
     earlier = Decision(state=state, actions=view.deletes(n - 1))
     if job is not None and kueue.held(job) and not job["metadata"].get("deletionTimestamp"):
-        held = queue.hold(view, state, job)  # its queue's suspension explains whatever its pods do
+        held = queue.hold(view, state, job, pods)  # its queue's suspension explains whatever its pods do
         if isinstance(held, Queued):
             return chain(earlier, replace(held, conditions=(*held.conditions, *_spec_applied(view, state))))
         return chain(earlier, _stopped(view, state, held, pods))
     nodes = int((job or {}).get("spec", {}).get("completions") or (view.run.spec.nodes if view.run else 1))
     succeeded = podstat.attempt_succeeded(job, pods, nodes)
     stop = podstat.attempt_stop(job, pods, name)
+    recheck = queue.may_explain(stop, job)  # a deletion that its queue's suspension may explain: look again
+    stop = None if recheck else stop
     startup = Startup(state=state)
     if stop is None and job is not None and not succeeded:
         startup = _startup(view, state, job, pods, nodes)
@@ -155,9 +157,10 @@ def watch(view: View, state: State) -> Going | Queued | Ended | Finished:
         return chain(found, _finish(view, state, "Succeeded", f"attempt {n} succeeded{note}", events))
     progress = podstat.progress(pods, nodes, n)
     conditions = _spec_applied(view, state)
-    return chain(
-        found, Going(state=state, conditions=conditions, pods=progress, seen=bool(pods), waiting=startup.waiting)
-    )
+    going = Going(state=state, conditions=conditions, pods=progress, seen=bool(pods), waiting=startup.waiting)
+    if recheck:
+        going = replace(going, requeue=min(queue.RECHECK_SECONDS, found.requeue or queue.RECHECK_SECONDS))
+    return chain(found, going)
 
 
 def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) -> Startup:
