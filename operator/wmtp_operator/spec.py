@@ -350,7 +350,7 @@ class Spec(Camel):
         pattern=DURATION,
         description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
         f"attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s; at least "
-        f"{MIN_STARTUP_TIMEOUT}.",
+        f"{MIN_STARTUP_TIMEOUT}. Counted from the Job's admission: time queued in Kueue does not count.",
         json_schema_extra=cel(duration_rule("startupTimeout", MIN_STARTUP_TIMEOUT)),
     )
     image_pull_deadline: str = Field(
