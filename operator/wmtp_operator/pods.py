@@ -170,11 +170,24 @@ def waiting(pod: Obj) -> Waiting | None:
     return None
 
 
+def ran(pod: Obj) -> bool:
+    """A container of the pod has run, so a trainer may have saved: one runs now, or one ended after it started
+    (a pod deleted before it started may still end Failed)."""
+    if _status(pod).get("phase") in ("Running", "Succeeded"):
+        return True
+    for container in _containers(pod):
+        state = container.get("state") or {}
+        if "running" in state or (state.get("terminated") or {}).get("startedAt") or _preempted_exit(container):
+            return True
+    return False
+
+
 def startup_stop(
-    job: Obj, pods: Sequence[Obj], nodes: int, now: str, timeout: int, account_missing: str | None
+    since: str, pods: Sequence[Obj], nodes: int, now: str, timeout: int, account_missing: str | None
 ) -> tuple[Stop | None, Waiting | None]:
-    """For an attempt whose pods have not all started: a Stop once it cannot start, else why it waits."""
-    age = seconds_since(job["metadata"].get("creationTimestamp"), now)
+    """For an attempt whose pods have not all started: a Stop once it cannot start, else why it waits (`since`:
+    when its Job was let run, where the waits count from)."""
+    age = seconds_since(since, now)
     grace = min(MISSING_GRACE_SECONDS, timeout)
     blocked = next((w for w in (waiting(p) for p in pods if not started(p)) if w), None)
     if account_missing and len(pods) < nodes:

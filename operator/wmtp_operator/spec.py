@@ -42,6 +42,7 @@ from wmtp_operator.formats import (
     duration_rule,
     duration_seconds,
 )
+from wmtp_operator.kueue import PRIORITY_LABEL, QUEUE_LABEL
 from wmtp_operator.sections import (
     Camel,
     Eval,
@@ -309,6 +310,24 @@ class Spec(Camel):
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Tolerations of the trainer pods."
     )
+    queue_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=NAME,
+        description="Kueue LocalQueue of the run's namespace that admits each attempt (the label "
+        f"{QUEUE_LABEL} on its Job): Kueue holds the Job suspended (phase Queued) until its ClusterQueue has quota "
+        "for all the pods at once, and may preempt it (a preemption, not a restart). Each attempt is a new Job, so a "
+        "new Workload, queued again. Unset: no queue.",
+    )
+    priority_class_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=63,
+        pattern=NAME,
+        description=f"Kueue WorkloadPriorityClass of each attempt (the Job's label {PRIORITY_LABEL}): its order in "
+        "the queue and whom it may preempt. Not a pod PriorityClass. Unset: Kueue's default.",
+    )
     service_account_name: str | None = Field(
         None,
         max_length=253,
@@ -336,7 +355,7 @@ class Spec(Camel):
         pattern=DURATION,
         description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
         f"attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s; at least "
-        f"{MIN_STARTUP_TIMEOUT}.",
+        f"{MIN_STARTUP_TIMEOUT}. Counted from the Job's admission: time queued in Kueue does not count.",
         json_schema_extra=cel(duration_rule("startupTimeout", MIN_STARTUP_TIMEOUT)),
     )
     image_pull_deadline: str = Field(

@@ -69,6 +69,9 @@ class State(Camel):
     resume_from: str | None = Field(None, max_length=MAX_URI)  # what the current attempt started from
     ending: Ending | None = None  # the current attempt ended; the fence before the next one
     previous: Ending | None = None  # why the current attempt was started
+    # A pod of the current attempt has run: recorded for a Job a queue manages, whose suspension takes the pods away
+    # (and with them the evidence) when the queue preempts it.
+    ran: bool = False
     final: Literal["Succeeded", "Failed"] | None = None
     message: str | None = Field(None, max_length=MAX_MESSAGE)  # the final message
     start_time: str | None = None

@@ -22,7 +22,9 @@ from wmtp.config import MAX_MESSAGE
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
 
-Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Evaluating", "Succeeded", "Failed"]
+Phase = Literal[
+    "Pending", "Queued", "Pulling", "Running", "Restarting", "Suspended", "Evaluating", "Succeeded", "Failed"
+]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
 # Every condition type the operator writes, in the order the status lists them; a pass drops any other.
 CONDITION_TYPES = ("Valid", "Applied", "Started", "SpecApplied", "Progressing", "Evaluated", "Succeeded", "Failed")
@@ -161,8 +163,8 @@ class Status(Camel):
 
     phase: Phase | None = Field(
         None,
-        description="Pending, Pulling, Running, Restarting, Suspended, Evaluating (training succeeded; spec.eval "
-        "runs), Succeeded, Failed.",
+        description="Pending, Queued (Kueue holds the attempt's Job until it admits it), Pulling, Running, "
+        "Restarting, Suspended, Evaluating (training succeeded; spec.eval runs), Succeeded, Failed.",
     )
     conditions: list[Condition] = Field(
         default_factory=list,
@@ -172,7 +174,9 @@ class Status(Camel):
     attempt: int | None = Field(None, description="Current attempt (its Job is <run>-a<attempt>); 0: none yet.")
     restarts: int | None = Field(None, description="Attempts started after a failure (counted against backoffLimit).")
     preemptions: int | None = Field(
-        None, description="Attempts started after a preemption: an eviction, a disruption or a SIGTERM save."
+        None,
+        description="Attempts started after a preemption: an eviction, a disruption, a SIGTERM save, or Kueue "
+        "suspending an attempt that had started.",
     )
     step: int | None = Field(None, description="Last optimizer step reported by trainer rank 0.")
     max_steps: int | None = Field(None, description="The recipe's train.max_steps.")

@@ -120,8 +120,8 @@ def test_run_level_gauges_are_exact_at_scrape_time() -> None:
     }
     values = _values(families(runs, now=100.0))
     assert {labels[0]: v for (name, labels), v in values.items() if name == "wmtp_runs"} == {
-        "Pending": 0, "Pulling": 0, "Running": 2, "Restarting": 0, "Suspended": 0, "Evaluating": 0, "Succeeded": 1,
-        "Failed": 0,
+        "Pending": 0, "Queued": 0, "Pulling": 0, "Running": 2, "Restarting": 0, "Suspended": 0, "Evaluating": 0,
+        "Succeeded": 1, "Failed": 0,
     }  # fmt: skip
     since = {labels: v for (name, labels), v in values.items() if name == "wmtp_seconds_since_checkpoint"}
     assert since == {("a", "training"): 30.0}  # not the run whose checkpoint time is unknown, nor a finished one

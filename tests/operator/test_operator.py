@@ -8,6 +8,7 @@ saves, evictions, refusals, a pod that cannot start. The operator's /metrics is 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import time
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from support.controllers import JOBS
 from support.emulator import Emulator, OperatorProcess
 from support.kubelet import argv
 from support.waiting import wait_for
@@ -263,6 +265,40 @@ def _pull_fails_for_long(cluster: Cluster) -> None:
         cluster.api.set_status(cluster.ns, pod, {"conditions": [scheduled]})
 
 
+QUEUE = "team-a-gpus"
+QUEUED = {"queueName": QUEUE, "priorityClassName": "research"}
+
+
+def _queued(cluster: Cluster) -> dict[str, Any]:
+    """Attempt 1's Job once Kueue holds it: its labels, suspended by Kueue's webhook, no pods."""
+    cluster.until(lambda: cluster.status().get("phase") == "Queued", "phase Queued")
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    labels = job["metadata"]["labels"]
+    assert (labels["kueue.x-k8s.io/queue-name"], labels["kueue.x-k8s.io/priority-class"]) == (QUEUE, "research")
+    assert job["spec"]["suspend"] is True and cluster.pods(1) == []
+    return job
+
+
+def _held_past_startup_timeout(cluster: Cluster) -> None:
+    _queued(cluster)
+    time.sleep(3)  # past startupTimeout (2s) since the Job's creation: waiting in a queue is no start-up
+    assert cluster.pods(1) == [] and cluster.status()["restarts"] == 0
+
+
+def _admitted_late(cluster: Cluster) -> None:
+    _queued(cluster)
+    time.sleep(3.5)  # past startupTimeout (3s) since the Job's creation
+    cluster.api.admit(cluster.ns, f"{RUN}-a1")
+    pods = cluster.until(lambda: cluster.pods(1), "attempt 1's pods, once admitted")
+    time.sleep(1.5)  # the pods start within startupTimeout of the admission
+    assert cluster.status()["restarts"] == 0 and cluster.jobs() == [f"{RUN}-a1"]
+    job = cluster.api.get("Job", cluster.ns, f"{RUN}-a1")
+    assert job["spec"]["template"]["spec"]["nodeSelector"] == {"example.com/flavor": "on-demand"}  # Kueue's flavor
+    for pod in pods:
+        cluster.api.set_status(cluster.ns, pod, {"phase": "Running",
+                               "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]})  # fmt: skip
+
+
 def _stale_and_foreign_reports(cluster: Cluster) -> None:
     pods = cluster.running()
     cluster.api.exit(cluster.ns, pods[0], 1)
@@ -286,6 +322,8 @@ class Fault:
     kubelet: dict[str, Any] = field(default_factory=dict)
     spec: dict[str, Any] = field(default_factory=dict)
     attempt: int | None = None
+    queue: dict[str, Any] = field(default_factory=dict)  # what Kueue does (support.kueue.Queue)
+    reason: str = ""  # the reason label of the restart or preemption counted, when it matters
 
 
 A1, A2 = [f"{RUN}-a1"], [f"{RUN}-a2"]
@@ -328,6 +366,16 @@ FAULTS = [
           {"Unschedulable"},
           {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
+    Fault("Kueue holds the Job past startupTimeout: Queued, its reason in the status, no restart",
+          _held_past_startup_timeout, "Queued", 0, 0, A1, {"Queued"}, {"Started": "False Queued"},
+          f"attempt 1 queued: Job {RUN}-a1 waits for Kueue to admit it in LocalQueue {QUEUE}",
+          spec={**QUEUED, "startupTimeout": "2s"}, queue={"admit_after": None}),
+    Fault("Kueue admits the Job after startupTimeout: Running, startupTimeout counted from the admission",
+          _admitted_late, "Running", 0, 0, A1, {"Queued", "Running"}, {"Started": "True Started"},
+          kubelet={"start": "hold"}, spec={**QUEUED, "startupTimeout": "3s"}, queue={"admit_after": None}, attempt=1),
+    Fault("Kueue preempts the running attempt: a preemption, resumed from the checkpoint as a new Job",
+          _reported_then(lambda c, pods: c.api.preempt(c.ns, f"{RUN}-a1")), "Running", 0, 1, A2, {"Restarting"},
+          kubelet={"grace": 2.0}, spec={**QUEUED, "backoffLimit": 0}, attempt=2, reason="EvictionByKueue"),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
           conditions={"Progressing": "True Running"}),
     Fault("reports of an older attempt, or of a checkpoint elsewhere, change nothing", _stale_and_foreign_reports,
@@ -339,6 +387,7 @@ FAULTS = [
 def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> None:
     before = cluster.operator.scrape()
     cluster.api.kubelet(cluster.ns, **fault.kubelet)
+    cluster.api.queue(cluster.ns, **fault.queue)
     cluster.create(make_run(**{f"spec.{key}": value for key, value in fault.spec.items()}))
     fault.inject(cluster)
 
@@ -357,7 +406,11 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
     cluster.until(lambda: fault.events <= {e["reason"] for e in cluster.events()}, f"events {fault.events}")
     counts = {"wmtp_restarts_total": fault.restarts, "wmtp_preemptions_total": fault.preemptions}
     # The record's counts, never a trainer's: one that writes restarts 7 counts nothing.
-    cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts, f"counters {counts}")
+    scraped = cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts,
+                              f"counters {counts}")  # fmt: skip
+    for counter in counts if fault.reason else ():
+        more = sample(scraped, counter, reason=fault.reason) - sample(before, counter, reason=fault.reason)
+        assert more == counts[counter], (counter, fault.reason)
     if fault.inject is _stale_and_foreign_reports:
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
@@ -455,6 +508,42 @@ def test_attempts_are_fenced_until_the_ended_attempts_pods_have_stopped(
     cluster.api.release(cluster.ns)
     cluster.running(2)
     assert cluster.run()["spec"]["resumeFrom"] == CKPT and cluster.status()["restarts"] == 1
+
+
+def test_kueue_preempting_between_the_operators_reads_of_jobs_and_pods_is_still_a_preemption(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """A pass lists the run's Jobs, then its pods. Kueue suspends the Job in between, and the Job controller deletes
+    the pods: that pass reads an admitted Job whose pods are being deleted. A deletion is not taken for a failure
+    while the Job's suspension may explain it (here backoffLimit 0 would fail the run at once)."""
+    cluster.api.kubelet(cluster.ns, grace=2.0)
+    cluster.create(make_run(**{f"spec.{key}": value for key, value in {**QUEUED, "backoffLimit": 0}.items()}))
+    cluster.running()
+    key = (JOBS, cluster.ns, f"{RUN}-a1")
+    listing_jobs = lambda call: (call.verb, call.kind, call.namespace) == ("list", "Job", cluster.ns)  # noqa: E731
+    cluster.api.after(listing_jobs, lambda _call: asyncio.ensure_future(cluster.api.server.preempt(key)))
+    cluster.report(1, 1000, CKPT)  # a pass: it lists the Jobs, Kueue preempts, it lists the pods
+    cluster.running(2)
+    status = cluster.status()
+    assert (status["restarts"], status["preemptions"], cluster.run()["spec"]["resumeFrom"]) == (0, 1, CKPT)
+
+
+def test_kueue_admitting_between_the_operators_reads_of_jobs_and_pods_is_no_preemption(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """The other way round: the pass reads the Job still suspended, Kueue admits it, and the pass reads its pods
+    already running. Running pods that nothing deletes are the admission's, not the remains of a preemption."""
+    cluster.api.queue(cluster.ns, admit_after=None)
+    cluster.create(make_run(**{f"spec.{key}": value for key, value in QUEUED.items()}))
+    _queued(cluster)
+    key = (JOBS, cluster.ns, f"{RUN}-a1")
+    listing_jobs = lambda call: (call.verb, call.kind, call.namespace) == ("list", "Job", cluster.ns)  # noqa: E731
+    cluster.api.after(listing_jobs, lambda _call: asyncio.ensure_future(cluster.api.server.admit(key)))
+    cluster.report(1, 10)  # a pass: it lists the Jobs, Kueue admits, it lists the pods
+    cluster.running(1)
+    time.sleep(0.5)
+    status = cluster.status()
+    assert (status["attempt"], status["restarts"], status["preemptions"], cluster.jobs()) == (1, 0, 0, [f"{RUN}-a1"])
 
 
 def test_suspend_removes_the_attempt_and_unsuspend_resumes_as_a_new_one(

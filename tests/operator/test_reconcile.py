@@ -13,7 +13,7 @@ import pytest
 
 from wmtp import contract
 from wmtp.checkpoint import step_dir_name
-from wmtp_operator import render
+from wmtp_operator import kueue, render
 from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
 from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.reconcile.attempt import PULL_FAILURES
@@ -43,6 +43,26 @@ def job(
         meta["deletionTimestamp"] = BEFORE
     conditions = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}] if condition else []
     return {"metadata": meta, "spec": {"completions": 2}, "status": {"conditions": conditions}}
+
+
+QUEUE = "team-a-gpus"
+
+
+def queued_job(attempt: int = 1, admitted: str | None = None, created: str = JUST_NOW, synced: bool = True) -> dict:
+    """An attempt's Job that Kueue manages: suspended by its webhook until admitted (`admitted`: when), then
+    resumed, with the Job controller's Suspended=False and startTime once it has `synced`."""
+    found = job(attempt, created=created)
+    found["metadata"]["labels"][kueue.QUEUE_LABEL] = QUEUE
+    found["spec"].update(suspend=admitted is None, parallelism=2)
+    resumed = admitted is not None and synced
+    found["status"]["conditions"] = [
+        {"type": "Suspended", "status": "False" if resumed else "True", "reason": "JobResumed" if resumed else
+         "JobSuspended", "message": "Job resumed" if resumed else "Job suspended", "lastTransitionTime": admitted
+         if resumed else created}
+    ]  # fmt: skip
+    if resumed:
+        found["status"]["startTime"] = admitted
+    return found
 
 
 def pod(
@@ -348,6 +368,67 @@ CASES = [
     Case("unsuspend resumes from the accepted checkpoint as a new attempt, not a restart",
          state(ending=ending(cause="suspend"), **AT_1200), [], [], status={"phase": "Suspended"}, phase="Pending",
          attempt=2, restarts=0, actions=[RESUME, *CREATE_A2], events=["Normal Pending"]),
+    # -------------------------------------------------------------- Kueue: queued, admitted, preempted
+    Case("Kueue holds the new attempt's Job: Queued, no Warning, nothing counted", state(), [queued_job()], [],
+         spec={"queueName": QUEUE}, status={"phase": "Pending"}, phase="Queued", restarts=0, preemptions=0,
+         events=["Normal Queued"], conditions={"Started": "False Queued", "Progressing": "True Queued"},
+         message=f"attempt 1 queued: Job tiny-rho1-a1 waits for Kueue to admit it in LocalQueue {QUEUE}, quota for "
+                 "its 2 pod(s) at once; kubectl get workloads -n team-a -l kueue.x-k8s.io/job-uid=uid-tiny-rho1-a1"),
+    Case("queued for longer than startupTimeout: still Queued, no restart", state(), [queued_job(created=BEFORE)],
+         [], spec={"queueName": QUEUE}, status={"phase": "Queued"}, phase="Queued", restarts=0),
+    Case("admitted long after its creation: startupTimeout counts from the admission", state(),
+         [queued_job(admitted=JUST_NOW, created=BEFORE)], [pod(1, 0, "Pending", **UNSCHEDULABLE), pod(1, 1, "Pending")],
+         spec={"queueName": QUEUE}, status={"phase": "Queued"}, phase="Pending", restarts=0,
+         events=["Normal Pending", "Warning Unschedulable"], conditions={"Started": "False Unschedulable"}),
+    Case("admitted but not yet synced by the Job controller (no startTime): counts from now", state(),
+         [queued_job(admitted=JUST_NOW, created=BEFORE, synced=False)], [], spec={"queueName": QUEUE},
+         status={"phase": "Queued"}, phase="Pending", restarts=0, events=["Normal Pending"]),
+    Case("pods not started within startupTimeout of the admission: the attempt fails", state(),
+         [queued_job(admitted="2026-01-02T02:30:00Z", created=BEFORE)], [pod(1, 0, "Pending", **UNSCHEDULABLE)],
+         spec={"queueName": QUEUE}, status={"phase": "Pending"}, phase="Restarting", restarts=1,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting", "Warning Unschedulable"],
+         message="pods did not start within startupTimeout (1800s)"),
+    Case("the pods of a Job Kueue admitted run: the record notes it (its preemption would take them away)", state(),
+         [queued_job(admitted=JUST_NOW)], RUNNING, spec={"queueName": QUEUE}, status={"phase": "Pulling"},
+         phase="Running", actions=["patch state"], events=["Normal Running"]),
+    Case("Kueue suspends the running attempt (a preemption): counted as one, never against backoffLimit",
+         state(ran=True, restarts=3, **AT_1200), [queued_job(created=BEFORE)],
+         [pod(1, 0, deleting=True), pod(1, 1, deleting=True)], spec={"queueName": QUEUE},
+         status={"phase": "Running"}, phase="Restarting", restarts=3, preemptions=1,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="was suspended by Kueue after its pods started (preempted or evicted; kubectl get workloads"),
+    Case("...seen before the record noted that its pods ran: its pods that ran, being deleted, say so", state(),
+         [queued_job(created=BEFORE)], [pod(1, 0, deleting=True), pod(1, 1, deleting=True)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Restarting", restarts=0, preemptions=1,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"],
+         message="preemption 1 (not counted as a restart)"),
+    Case("a Job read suspended, its pods read running a moment later (its admission between): queued, nothing ended",
+         state(), [queued_job()], RUNNING, spec={"queueName": QUEUE}, status={"phase": "Queued"}, phase="Queued",
+         restarts=0, preemptions=0),
+    Case("...and the next attempt, a new Job and Workload, resumes from the latest checkpoint",
+         state(ending=ending(cause="preemption", reason="EvictionByKueue"), preemptions=1, **AT_1200), [], [],
+         spec={"queueName": QUEUE}, status={"phase": "Restarting"}, phase="Restarting", attempt=2, restarts=0,
+         preemptions=1, actions=[RESUME, *CREATE_A2], events=["Warning Restarting"],
+         message=f"attempt 2 resumes from {CKPT}"),
+    Case("a Kueue Job's pods being deleted while the Job still shows admitted: not a failure yet, looked at again",
+         state(ran=True), [queued_job(admitted=JUST_NOW)], [pod(1, 0, deleting=True), pod(1, 1, deleting=True)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Running", restarts=0, preemptions=0),
+    Case("...and a pod deleted by hand (the Job not suspended) that ends without a save: a restart, as ever",
+         state(ran=True), [queued_job(admitted=JUST_NOW)],
+         [pod(1, 0, "Failed", deleting=True, **ended(143)), pod(1, 1)],
+         spec={"queueName": QUEUE}, status={"phase": "Running"}, phase="Restarting", restarts=1, preemptions=0,
+         actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Restarting"], message="exit code 143"),
+    Case("admitted, then suspended again before a pod ran: queued again, the same Job kept", state(),
+         [queued_job(created=BEFORE)], [pod(1, 0, "Failed", deleting=True), pod(1, 1, "Pending", deleting=True)],
+         spec={"queueName": QUEUE}, status={"phase": "Pending"}, phase="Queued", restarts=0, preemptions=0,
+         events=["Normal Queued"]),
+    Case("the evaluation's Job held by Kueue: Evaluating, queued", evaluated(), [{**eval_job(), "spec": {
+         "completions": 1, "suspend": True}}], [], spec={"eval": EVAL, "queueName": QUEUE},
+         status={"phase": "Evaluating"}, phase="Evaluating", message="queued until Kueue admits it"),
+    Case("the evaluation's Job preempted by Kueue: its pods' ends are not the evaluation's, it runs again",
+         evaluated(), [{**eval_job(), "spec": {"completions": 1, "suspend": True}}],
+         [eval_pod("Failed", None, 143, **{"reason": "Evicted"})], spec={"eval": EVAL, "queueName": QUEUE},
+         status={"phase": "Evaluating"}, phase="Evaluating"),
     # -------------------------------------------------------------- reports and trust
     Case("the current attempt's report is copied into the status", state(), [job(1)], RUNNING,
          status={"phase": "Running", "report": report()}, phase="Running", actions=["patch state"]),
@@ -1012,3 +1093,17 @@ def test_evaluation_results_keep_only_what_the_contract_names_with_its_types() -
     words = {"reason": "Succeeded", "message": "x" * contract.TERMINATION_MESSAGE_MAX, "eval": {}}
     said, why = outcome(eval_job("Complete"), [eval_pod("Succeeded", words)], EVAL_JOB)
     assert said is None and "no readable termination message" in why
+
+
+def test_a_deletion_that_kueues_suspension_may_explain_is_looked_at_again_soon(make_run: Callable[..., Any]) -> None:
+    """The pass read the Job before Kueue suspended it and the pods after the Job controller began deleting them:
+    the next look decides (a preemption then), soon even if no pod changes."""
+    from wmtp_operator.reconcile.queue import RECHECK_SECONDS
+
+    body = make_run(**{"spec.queueName": QUEUE, "metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
+    deleting = [pod(1, 0, deleting=True), pod(1, 1, deleting=True)]
+    plan = reconcile(body, Observed([queued_job(admitted=JUST_NOW)], deleting), NOW)
+    assert plan.requeue_after == RECHECK_SECONDS and not any(isinstance(a, Delete) for a in plan.actions)
+    body, _ = _apply(body, Observed([queued_job(admitted=JUST_NOW)], deleting), plan)
+    suspended = reconcile(body, Observed([queued_job()], deleting), NOW)
+    assert _state_of(suspended).preemptions == 1 and _state_of(suspended).restarts == 0

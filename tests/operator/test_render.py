@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from support.kubelet import argv, expand, restricted_violations
 from wmtp import contract
 from wmtp.config import ConfigError, EvalSettings, load_config, parse_config, parse_recipe, read_document
-from wmtp_operator import render
+from wmtp_operator import kueue, render
+from wmtp_operator.formats import quantity_value
 from wmtp_operator.spec import Defaults, Run
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -484,7 +485,9 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert render.is_evaluation(spec["template"]) and restricted_violations(pod) == []
     assert pod["serviceAccountName"] == "critic-7b-trainer" and pod["automountServiceAccountToken"] is False
     (evaluator,) = pod["containers"]
-    assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    # A GPU limit requests the GPU (Kubernetes' default, written out), with the default CPU and memory beside it.
+    assert evaluator["resources"] == {"limits": {"nvidia.com/gpu": 1},
+                                      "requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}}  # fmt: skip
     assert evaluator["terminationMessagePath"] == contract.TERMINATION_LOG
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
     # The final model is pulled into the model volume first (no GPU for that), and read there.
@@ -492,7 +495,8 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert argv(puller, {}) == [
         "wmtp", "pull", "--dest", render.PULLED_MODEL, "--", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}"
     ]  # fmt: skip
-    assert "resources" not in puller and puller["env"] == evaluator["env"]
+    assert not any(k.endswith("/gpu") for amounts in puller["resources"].values() for k in amounts)
+    assert puller["env"] == evaluator["env"]
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert command == [
         "wmtp", "eval", "--model", render.PULLED_MODEL, "--experiment", "team-a/wmtp-7b",
@@ -571,11 +575,15 @@ GPUS = {"requests": {"cpu": "16", "memory": "200Gi", "nvidia.com/gpu": 8},
          {"requests": {"cpu": "16", "memory": "200Gi"}, "limits": {"memory": "400Gi"}}),
         # spec.eval.resources as given.
         (GPUS, {"requests": {"cpu": "4", "memory": "64Gi"}, "limits": {"nvidia.com/gpu": 2}},
-         {"requests": {"cpu": "4", "memory": "64Gi"}, "limits": {"nvidia.com/gpu": 2}},
+         {"requests": {"cpu": "4", "memory": "64Gi", "nvidia.com/gpu": 2}, "limits": {"nvidia.com/gpu": 2}},
          {"requests": {"cpu": "4", "memory": "64Gi"}}),
-        ({"requests": {"cpu": "2"}}, None, {"requests": {"cpu": "2"}}, {"requests": {"cpu": "2"}}),
-        (None, {"limits": {"nvidia.com/gpu": 1}}, {"limits": {"nvidia.com/gpu": 1}}, None),
-        (None, None, None, None),
+        # Every container requests CPU and memory (Kueue admits by requests): what is missing, the defaults.
+        ({"requests": {"cpu": "2"}}, None, {"requests": {"cpu": "2", "memory": "2Gi"}},
+         {"requests": {"cpu": "2", "memory": "2Gi"}}),
+        (None, {"limits": {"nvidia.com/gpu": 1}},
+         {"requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 1}},
+         {"requests": {"cpu": "1", "memory": "2Gi"}}),
+        (None, None, {"requests": {"cpu": "1", "memory": "2Gi"}}, {"requests": {"cpu": "1", "memory": "2Gi"}}),
     ],
 )  # fmt: skip
 def test_the_eval_pod_takes_one_gpu_where_the_trainers_take_gpus_and_their_placement(
@@ -655,3 +663,84 @@ def test_every_rendered_command_line_parses_with_the_trainers_own_cli(make_run, 
     assert evaluator["command"] == list(contract.EVAL_COMMAND)
     evaluated = _parsed([*evaluator["command"][1:], *evaluator["args"]])
     assert (evaluated["model"], evaluated["limit"], evaluated["k"]) == (render.PULLED_MODEL, 2, "1,2")
+
+
+def _jobs(run: Run) -> list[dict[str, Any]]:
+    """Attempt 2's Job and the evaluation's, as the operator creates them."""
+    return [render.job(run, 2, pull=True), render.eval_job(run)]
+
+
+@pytest.mark.parametrize(
+    ("spec", "labels"),
+    [
+        ({"queueName": "gpu-team-a", "priorityClassName": "research"},
+         {kueue.QUEUE_LABEL: "gpu-team-a", kueue.PRIORITY_LABEL: "research"}),
+        ({"queueName": "gpu-team-a"}, {kueue.QUEUE_LABEL: "gpu-team-a"}),
+        ({}, {}),
+    ],
+    ids=["queue and priority", "queue alone", "neither"],
+)  # fmt: skip
+def test_a_queue_and_a_priority_reach_every_jobs_labels_and_the_operator_never_suspends_one(
+    spec: dict[str, Any], labels: dict[str, str], make_run: Callable[..., dict[str, Any]]
+) -> None:
+    overrides = {f"spec.{key}": value for key, value in spec.items()}
+    run = Run.from_body(make_run(**overrides, **{"spec.eval": {"limit": 2}}))
+    for job in _jobs(run):
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+        found = {k: v for k, v in job["metadata"]["labels"].items() if k.startswith("kueue.x-k8s.io/")}
+        assert found == labels, job["metadata"]["name"]
+        # Kueue reads the Job's labels; its webhook, never the operator, suspends the Job.
+        assert "suspend" not in job["spec"] and not set(labels) & set(job["spec"]["template"]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize(
+    "resources",
+    [None, {"limits": {"cpu": "500m", "memory": "1Gi"}}, {"requests": {"memory": "64Gi"}},
+     {"requests": {"cpu": "8"}, "limits": {"nvidia.com/gpu": 2}}],
+    ids=["none", "limits only", "memory alone", "a GPU limit"],
+)  # fmt: skip
+def test_every_container_requests_cpu_and_memory_never_above_its_limit(
+    resources: dict[str, Any] | None, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    """Kueue admits by requests and counts nothing for a container without them: every container of every pod,
+    init containers included, has them."""
+    run = Run.from_body(make_run(**{"spec.resources": resources, "spec.eval": {"limit": 2}}))
+    for job in _jobs(run):
+        pod = job["spec"]["template"]["spec"]
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            requests, limits = container["resources"]["requests"], container["resources"].get("limits", {})
+            assert {"cpu", "memory"} <= set(requests), container["name"]
+            for name, limit in limits.items():
+                assert quantity_value(requests[name]) <= quantity_value(limit), (container["name"], name)
+        kubernetes_validate.validate(job, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_documented_cluster_queue_admits_the_7b_example_whole() -> None:
+    """docs/operator.md's Kueue setup: the LocalQueue the run names leads to a ClusterQueue that covers every
+    resource the 7B example's pods request, with quota for all of them at once (Kueue admits a Job whole)."""
+    text = (ROOT / "docs" / "operator.md").read_text().split("## Queueing with Kueue", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"^```yaml\n(.*?)^```", text, re.M | re.S)
+    setup = {doc["kind"]: doc for doc in yaml.safe_load_all(blocks[0])}
+    wanted = yaml.safe_load(blocks[1])["spec"]
+    assert (wanted["queueName"], wanted["priorityClassName"]) == (
+        setup["LocalQueue"]["metadata"]["name"], setup["WorkloadPriorityClass"]["metadata"]["name"]
+    )  # fmt: skip
+    (group,) = setup["ClusterQueue"]["spec"]["resourceGroups"]
+    assert setup["LocalQueue"]["spec"]["clusterQueue"] == setup["ClusterQueue"]["metadata"]["name"]
+    (flavor,) = group["flavors"]
+    assert flavor["name"] == setup["ResourceFlavor"]["metadata"]["name"]
+    quota = {r["name"]: quantity_value(r["nominalQuota"]) for r in flavor["resources"]}
+    example = next(yaml.safe_load_all((ROOT / "configs" / "wmtprun-7b.yaml").read_text()))
+    example["metadata"].update(namespace="team-a", uid="u")
+    job = render.job(Run.from_body({**example, "spec": {**example["spec"], **wanted}}), 1, pull=True)
+    assert job["metadata"]["labels"][kueue.QUEUE_LABEL] == wanted["queueName"]
+    pod = job["spec"]["template"]["spec"]
+    needed: dict[str, Any] = {}
+    for container in pod["containers"]:
+        for name, amount in container["resources"]["requests"].items():
+            needed[name] = needed.get(name, 0) + quantity_value(amount)
+    for container in pod.get("initContainers", []):  # a pod requests the larger of its init and its main containers
+        for name, amount in container["resources"]["requests"].items():
+            needed[name] = max(needed.get(name, 0), quantity_value(amount))
+    assert set(needed) <= set(group["coveredResources"])
+    assert all(needed[name] * job["spec"]["parallelism"] <= quota[name] for name in needed), (needed, quota)

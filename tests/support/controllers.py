@@ -1,8 +1,9 @@
 """The parts of a real cluster that kmock does not play, for the emulated API server (`support.emulator`).
 
 - the Job controller: an Indexed Job's pods (one per completion index, with the index annotation), created once
-  the pod's ServiceAccount exists; the Job marked Failed when a pod fails (backoffLimit 0), its other pods then
-  stopped, and Complete when all succeed;
+  the pod's ServiceAccount exists and while the Job is not suspended (its startTime set, its Suspended condition
+  kept; suspending it stops its pods, none counted as failed); the Job marked Failed when a pod fails
+  (backoffLimit 0), its other pods then stopped, and Complete when all succeed;
 - the kubelet and the scheduler, per namespace (`Kubelet`): pods run at once, or wait with a reason (an image
   pull back-off, a missing Secret), or stay unschedulable; a deleted pod stops after a grace period, its trainer
   exiting as the real one does on SIGTERM (75, "Preempted", after its save), unless the test holds it;
@@ -79,6 +80,15 @@ def terminated(
 def main_container(pod: Mapping[str, Any]) -> str:
     """The name of the pod's (first) container: trainer, or eval for an evaluation pod."""
     return str(((pod.get("spec") or {}).get("containers") or [{"name": "trainer"}])[0]["name"])
+
+
+def _suspended(job: Mapping[str, Any], suspended: bool) -> list[dict[str, Any]]:
+    """The Job's conditions with the Job controller's Suspended condition set."""
+    reason, message = ("JobSuspended", "Job suspended") if suspended else ("JobResumed", "Job resumed")
+    condition = {"type": "Suspended", "status": str(suspended), "reason": reason, "message": message,
+                 "lastTransitionTime": now()}  # fmt: skip
+    others = [c for c in (job.get("status") or {}).get("conditions") or [] if c.get("type") != "Suspended"]
+    return [*others, condition]
 
 
 def _owners(raw: Mapping[str, Any]) -> list[str]:
@@ -216,7 +226,16 @@ class Controllers:
     async def job_created(self, job: Mapping[str, Any]) -> None:
         if not self.job_controller:
             return  # the caller plays the Job controller
-        template, meta = job["spec"]["template"], job["metadata"]
+        meta = job["metadata"]
+        key = (JOBS, meta["namespace"], meta["name"])
+        if job["spec"].get("suspend"):
+            conditions = (job.get("status") or {}).get("conditions") or []
+            if not any(c.get("type") == "Suspended" and c.get("status") == "True" for c in conditions):
+                await self._patch(key, {"status": {"conditions": _suspended(job, True)}})
+            return  # no pods until it is resumed
+        if not (job.get("status") or {}).get("startTime"):
+            job = await self._patch(key, {"status": {"startTime": now()}}) or job
+        template = job["spec"]["template"]
         account = template["spec"].get("serviceAccountName", "default")
         if account != "default" and not any(key[2] == account for key, _ in self._live(ACCOUNTS, meta["namespace"])):
             return  # the real controller retries and records FailedCreate events; the pods never come
@@ -250,6 +269,25 @@ class Controllers:
             }
             await self._add(PODS, pod)
 
+    async def job_resumed(self, key: tuple[Any, str, str]) -> None:
+        """Unsuspended (Kueue admitted it): Suspended=False, startTime now, its pods created."""
+        obj = self._find(key)
+        if obj is None or obj.deleted or not self.job_controller:
+            return
+        status = {"conditions": _suspended(obj.raw, False), "startTime": now()}
+        job = await self._patch(key, {"status": status})
+        if job is not None:
+            await self.job_created(job)
+
+    async def job_suspended(self, key: tuple[Any, str, str]) -> None:
+        """Suspended (Kueue preempted it): Suspended=True, its pods deleted gracefully, none counted as failed."""
+        obj = self._find(key)
+        if obj is None or obj.deleted or not self.job_controller:
+            return
+        await self._patch(key, {"status": {"conditions": _suspended(obj.raw, True)}})
+        for pod_key in list(self._dependents.get(obj.raw["metadata"]["uid"], ())):
+            await self.stop_pod(pod_key)
+
     async def pod_changed(self, pod: Mapping[str, Any]) -> None:
         """backoffLimit 0: one failed pod (a pod deleted before it succeeded counts) fails the Job and stops the
         others; all succeeded completes it."""
@@ -261,8 +299,9 @@ class Controllers:
         if job_key is None:
             return
         job = self._objects[job_key].raw
-        if any(c.get("status") == "True" for c in job.get("status", {}).get("conditions") or []):
-            return
+        finished = [c for c in job.get("status", {}).get("conditions") or [] if c.get("type") in ("Failed", "Complete")]
+        if job["spec"].get("suspend") or any(c.get("status") == "True" for c in finished):
+            return  # a suspended Job's pods are stopped by the suspension: no failure of the Job
         siblings = [
             (key, self._find(key).raw) for key in self._dependents.get(job_uid, ()) if not self._find(key).deleted
         ]

@@ -5,7 +5,7 @@ plays what a real API server does that the operator relies on: names from genera
 creationTimestamp, generation (bumped by spec changes), label selectors on lists, the status subresource split
 (a status patch changes nothing else; a main-resource patch never the status), uid preconditions on delete and
 patch, graceful pod deletion, and refusals a test injects (422, 403). `support.controllers` plays the Job
-controller, the kubelet, the scheduler and the garbage collector.
+controller, the kubelet, the scheduler and the garbage collector; `support.kueue` plays Kueue.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ import aiohttp.web
 import kmock
 from prometheus_client.parser import text_string_to_metric_families
 
-from support.controllers import PODS, Controllers, Kubelet, main_container, now, terminated
+from support.controllers import JOBS, PODS, Controllers, Kubelet, main_container, now, terminated
+from support.kueue import Kueue, Queue
 from support.waiting import answers, free_port, wait_for
 
 RESOURCES = {
@@ -103,12 +104,13 @@ def _failure(code: int, reason: str, message: str) -> kmock.KubernetesError:
     return kmock.KubernetesError(status=code, reason=reason, message=message, details={})
 
 
-class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers):
-    """kmock's emulator plus what a real API server and its controllers do."""
+class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers, Kueue):
+    """kmock's emulator plus what a real API server and its controllers do, Kueue's among them."""
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         self.kubelets: dict[str, Kubelet] = {}
+        self.queues: dict[str, Queue] = {}
         self.gc_paused = False
         self._gc_pending: list[str] = []
         self.refusals: list[tuple[Callable[[Call], bool], int, str, str]] = []
@@ -151,6 +153,8 @@ class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers):
             for matches, code, reason, message in self.refusals:
                 if matches(call):
                     raise _failure(code, reason, message)
+            if kind == "Job":
+                self.webhook(data)
             self._stamp(data, create=True)
             name = data["metadata"]["name"]  # generateName is resolved now
         elif request.action == kmock.action.UPDATE and data is not None and stored is not None:
@@ -187,6 +191,7 @@ class _ApiServer(kmock.KubernetesEmulator, _DirectRouting, Controllers):
                 self._track(key, created)
             if created is not None and kind == "Job":
                 await self.job_created(created)
+                await self.job_queued(created)
             elif created is not None and kind == "ServiceAccount":
                 await self.account_created(created)
         elif request.action == kmock.action.UPDATE and kind == "Pod" and stored is not None:
@@ -325,6 +330,21 @@ class Emulator:
         for key, value in settings.items():
             setattr(kubelet, key, value)
         return kubelet
+
+    def queue(self, namespace: str, **settings: Any) -> Queue:
+        """How Kueue treats the queued Jobs of `namespace` from now on (`support.kueue.Queue`)."""
+        queue = self.server.queue(namespace)
+        for key, value in settings.items():
+            setattr(queue, key, value)
+        return queue
+
+    def admit(self, namespace: str, job: str) -> None:
+        """Kueue admits the Job: unsuspended, and the Job controller creates its pods."""
+        self._run(self.server.admit((JOBS, namespace, job)))
+
+    def preempt(self, namespace: str, job: str) -> None:
+        """Kueue preempts the Job: suspended again, and the Job controller deletes its pods."""
+        self._run(self.server.preempt((JOBS, namespace, job)))
 
     def refuse(self, kind: str, code: int, reason: str, message: str, namespace: str | None = None) -> None:
         """The API server refuses every create of `kind` (in `namespace`) with this status."""

@@ -1,17 +1,19 @@
 """The run's state machine, pure: (WMTPRun body, observed children, now) → actions, status, events.
 
-An attempt is one Indexed Job. Pending → Pulling → Running → Succeeded. When the attempt stops (a pod failed, was
-evicted or deleted, the Job failed or vanished, the pods never started), its ending is recorded in the run's
-state annotation (restarts + 1, or preemptions + 1 for an eviction, a disruption or a SIGTERM save), its Job is
-deleted, and once all its pods are gone (their SIGTERM saves included: the fence) the next attempt starts from
-the latest accepted checkpoint. Past backoffLimit, or for a reason no retry can fix, the run fails.
-After a success, `evaluation` decides the evaluation spec.eval asks for (phase Evaluating until it ends).
+An attempt is one Indexed Job. Pending → (Queued, while Kueue holds its Job) → Pulling → Running → Succeeded.
+When the attempt stops (a pod failed, was evicted or deleted, the Job failed or vanished, the pods never started,
+Kueue suspended it after it ran), its ending is recorded in the run's state annotation (restarts + 1, or
+preemptions + 1 for an eviction, a disruption, a SIGTERM save or Kueue's preemption), its Job is deleted, and once
+all its pods are gone (their SIGTERM saves included: the fence) the next attempt starts from the latest accepted
+checkpoint. Past backoffLimit, or for a reason no retry can fix, the run fails. After a success, `evaluation`
+decides the evaluation spec.eval asks for (phase Evaluating until it ends).
 
 A pass is a short sequence of steps, each a pure function that takes the state record the previous one left and
-returns a typed decision (`plan.Decision`): `view` reads the run, `attempt` judges the current attempt, `launch`
-the next one, `evaluation` the evaluation; `outcome` folds the decisions into the status and Events. Everything
-is derived from the state annotation and what is observed now, so running it twice, or after an operator
-restart, changes nothing more. Callers apply the actions in order and patch the status last.
+returns a typed decision (`plan.Decision`): `view` reads the run, `attempt` judges the current attempt (`queue`
+while Kueue holds its Job), `launch` the next one, `evaluation` the evaluation; `outcome` folds the decisions into
+the status and Events. Everything is derived from the state annotation and what is observed now, so running it
+twice, or after an operator restart, changes nothing more. Callers apply the actions in order and patch the status
+last.
 """
 
 from __future__ import annotations

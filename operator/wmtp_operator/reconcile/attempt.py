@@ -15,9 +15,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from wmtp import contract
+from wmtp_operator import kueue, render
 from wmtp_operator import pods as podstat
-from wmtp_operator import render
 from wmtp_operator.plan import Decision, Event, chain, say, write
+from wmtp_operator.reconcile import queue
+from wmtp_operator.reconcile.queue import Queued
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State, changed, operational_of, seconds_since
 from wmtp_operator.status import Condition, Reported, Restart, format_time, parse_time, read_report
@@ -82,6 +84,7 @@ def recover(view: View) -> State:
             "attempt": highest,
             "ending": None,
             "previous": state.ending,
+            "ran": False,
             "refused": None,
             "resume_from": resume,
             "applied": operational_of(spec) if spec else state.applied,
@@ -188,7 +191,7 @@ def offer(view: View, state: State, checkpoint: str) -> Decision:
     return Decision(state=state.model_copy(update={"checkpoint": checkpoint}))
 
 
-def watch(view: View, state: State) -> Going | Ended | Finished:
+def watch(view: View, state: State) -> Going | Queued | Ended | Finished:
     """The current attempt (recorded, not ended), from its Job and pods."""
     n = state.attempt
     if view.run is not None and view.run.spec.suspend:
@@ -196,15 +199,24 @@ def watch(view: View, state: State) -> Going | Ended | Finished:
     name = render.job_name(view.name, n)
     job = _job(view, n)
     pods = [p for p in view.pods if render.attempt_of(p) == n]
+    state = queue.ran(state, job, pods)
+    # Whatever the attempt does: an earlier attempt's Job whose deletion failed part-way goes.
+    earlier = Decision(state=state, actions=view.deletes(n - 1))
+    if job is not None and kueue.held(job) and not job["metadata"].get("deletionTimestamp"):
+        held = queue.hold(view, state, job, pods)  # its queue's suspension explains whatever its pods do
+        if isinstance(held, Queued):
+            return chain(earlier, replace(held, conditions=(*held.conditions, *_spec_applied(view, state))))
+        return chain(earlier, _stopped(view, state, held, pods))
     nodes = _nodes(view, job)
     succeeded = podstat.attempt_succeeded(job, pods, nodes)
     stop = podstat.attempt_stop(job, pods, name)
+    recheck = queue.may_explain(stop, job)  # a deletion that its queue's suspension may explain: look again
+    stop = None if recheck else stop
     startup = Startup(state=state)
     if stop is None and job is not None and not succeeded:
         startup = _startup(view, state, job, pods, nodes)
         stop = startup.stop
-    # Whatever the attempt does: an earlier attempt's Job whose deletion failed part-way goes.
-    found = chain(Decision(state=state, actions=view.deletes(n - 1)), startup)
+    found = chain(earlier, startup)
     if stop is not None:
         return chain(found, _stopped(view, state, stop, pods))
     if succeeded:
@@ -214,9 +226,10 @@ def watch(view: View, state: State) -> Going | Ended | Finished:
         return chain(found, _finish(view, state, "Succeeded", f"attempt {n} succeeded{note}", events))
     progress = podstat.progress(pods, nodes, n)
     conditions = _spec_applied(view, state)
-    return chain(
-        found, Going(state=state, conditions=conditions, pods=progress, seen=bool(pods), waiting=startup.waiting)
-    )
+    going = Going(state=state, conditions=conditions, pods=progress, seen=bool(pods), waiting=startup.waiting)
+    if recheck:
+        going = replace(going, requeue=min(queue.RECHECK_SECONDS, found.requeue or queue.RECHECK_SECONDS))
+    return chain(found, going)
 
 
 def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) -> Startup:
@@ -224,12 +237,12 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
         return Startup(
             state=state, conditions=(view.condition("Started", "True", "Started", f"all {nodes} pods started"),)
         )
-    timeout = view.startup_timeout
-    stop, waiting = podstat.startup_stop(job, pods, nodes, view.now, timeout, view.account_missing)
-    age = seconds_since(job["metadata"].get("creationTimestamp"), view.now)
+    timeout, since = view.startup_timeout, kueue.admitted_at(job, view.now)  # a queue's wait is no start-up
+    stop, waiting = podstat.startup_stop(since, pods, nodes, view.now, timeout, view.account_missing)
+    age = seconds_since(since, view.now)
     deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
     words = str(waiting) if waiting else None
-    pull = _pull_failure(view, job, pods)
+    pull = _pull_failure(view, since, pods)
     if pull is not None and (stop is None or stop.reason == podstat.STARTUP_TIMEOUT):
         # The pull deadline decides, not startupTimeout: a new attempt would not pull the image either.
         waiting, left, words = pull
@@ -249,16 +262,16 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
     )
 
 
-def _pull_failure(view: View, job: Obj, pods: list[Obj]) -> tuple[podstat.Waiting, float, str] | None:
+def _pull_failure(view: View, admitted: str, pods: list[Obj]) -> tuple[podstat.Waiting, float, str] | None:
     """A pod whose image the kubelet cannot pull (PULL_FAILURES), the seconds left of spec.imagePullDeadline —
-    counted from when the pod was scheduled, where its pull began (else from the Job's creation) — and the
+    counted from when the pod was scheduled, where its pull began (else from the Job's admission) — and the
     words for the status, which say when the run fails."""
     failing = [(pod, w) for pod in pods if (w := podstat.waiting(pod)) and w.reason in PULL_FAILURES]
     if not failing:
         return None
     pod, waiting = failing[0]
     scheduled = podstat.condition(pod, "PodScheduled") or {}
-    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(job["metadata"].get("creationTimestamp"))
+    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(admitted)
     now, deadline = parse_time(view.now), view.image_pull_deadline
     if since is None or now is None:
         return waiting, float(deadline), f"{waiting}; imagePullDeadline {deadline}s"

@@ -19,8 +19,8 @@ from typing import Any
 from pydantic.alias_generators import to_camel
 
 from wmtp import contract
+from wmtp_operator import kueue, render
 from wmtp_operator import pods as podstat
-from wmtp_operator import render
 from wmtp_operator.plan import Create, Decision, Event, say, write
 from wmtp_operator.reconcile.launch import ACCOUNT_RETRY_SECONDS, account_refused, backoff
 from wmtp_operator.reconcile.view import View
@@ -79,6 +79,9 @@ def _watch(view: View, state: State, record: Evaluation) -> EvalDecision:
     if ended is None:
         waiting = next((w for w in map(podstat.waiting, mine) if w), None)
         where = f"; {waiting}" if waiting else ""
+        if job is not None and kueue.held(job):
+            queue = kueue.queue_of(job)
+            where = f"; queued until Kueue admits it{f' (LocalQueue {queue})' if queue else ''}"
         return EvalDecision(state=state, message=say(f"evaluating in Job {record.job}{where}"), pending=True)
     said, text = ended
     update: dict[str, Any] = {"phase": "Failed", "message": say(text), "completion_time": view.now}
@@ -103,6 +106,8 @@ def outcome(job: Obj | None, pods: Sequence[Obj], name: str) -> tuple[dict[str, 
                 return None, f"pod {pod['metadata']['name']} succeeded but left no readable termination message"
             headline = said.get(contract.TERMINATION_MESSAGE)
             return said, headline if isinstance(headline, str) and headline else "evaluated"
+    if job is not None and kueue.held(job) and not job["metadata"].get("deletionTimestamp"):
+        return None  # queued, or preempted by Kueue: its pods go, and the Job runs again once Kueue admits it
     stop = next((s for s in map(podstat.pod_stop, pods) if s and s.how != "deleted"), None)
     if stop is not None:
         return None, stop.message

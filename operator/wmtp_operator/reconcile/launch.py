@@ -241,6 +241,7 @@ def _create(view: View, state: State) -> Created:
             "attempt": n,
             "ending": None,
             "previous": state.ending,
+            "ran": False,
             "resume_from": resume,
             "start_time": state.start_time or view.now,
             "applied": operational_of(run.spec),

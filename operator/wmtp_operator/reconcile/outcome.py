@@ -19,14 +19,15 @@ from wmtp_operator.plan import Decision, Event, say
 from wmtp_operator.reconcile.attempt import Going
 from wmtp_operator.reconcile.evaluation import EvalDecision
 from wmtp_operator.reconcile.launch import Created, Held, Retry
+from wmtp_operator.reconcile.queue import QUEUED, Queued
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State
 from wmtp_operator.status import CONDITION_TYPES, Condition, Reported, get_condition, held_since
 
-PROGRESSING = ("Pending", "Pulling", "Running", "Restarting", "Evaluating")
+PROGRESSING = ("Pending", "Queued", "Pulling", "Running", "Restarting", "Evaluating")
 WARNING_PHASES = ("Restarting", "Failed")
 # A condition turning False for one of these is progress, not a problem: no Warning Event.
-QUIET_REASONS = ("Starting", "NextAttempt")
+QUIET_REASONS = ("Starting", "NextAttempt", QUEUED)
 MAX_ETA_SECONDS = 365 * 24 * 3600  # a longer estimate says more about the rate reported than about the run
 
 
@@ -38,6 +39,8 @@ def headline(decided: Decision, view: View) -> tuple[str, str]:
             return _refused_phase(state), decided.said
         case EvalDecision():
             return "Evaluating" if decided.pending else "Succeeded", f"{state.message or ''}; {decided.message}"
+        case Queued():  # its Job waits for Kueue: what comes before it shows in the counts, not here
+            return QUEUED, decided.why
         case Going():
             phase, message = decided.pods
             previous = state.previous

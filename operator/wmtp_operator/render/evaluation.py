@@ -20,6 +20,7 @@ from typing import Any
 from wmtp import contract
 from wmtp.config import EvalSettings, run_root
 from wmtp.contract import GROUP, MODEL_DIR, WORK_DIR
+from wmtp_operator import kueue
 from wmtp_operator.formats import quantity_value
 from wmtp_operator.render.files import mlflow_names
 from wmtp_operator.render.objects import labels, metadata
@@ -102,7 +103,7 @@ def eval_job(run: Run) -> dict[str, Any]:
     if pulled:
         pod["initContainers"] = [_puller(run, resources)]
     meta = metadata(run, eval_job_name(run.name))
-    meta["labels"] = own
+    meta["labels"] = {**own, **kueue.labels(spec.queue_name, spec.priority_class_name)}
     return batch_job(run, meta, own, pod, completions=1, parallelism=1, activeDeadlineSeconds=options.timeout_seconds)
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from wmtp import contract
 from wmtp.contract import CONFIG_DIR, CONFIG_FILE, MODEL_DIR, PULL_FILE, RECIPE_FILE, WORK_DIR
+from wmtp_operator import kueue
 from wmtp_operator.render.files import weights_on_rank0_only
 from wmtp_operator.render.objects import MASTER_PORT, claim_name, config_map_name, job_name, labels, metadata
 from wmtp_operator.render.objects import service_account as pod_service_account
@@ -194,15 +195,22 @@ def container(spec: Spec, name: str, env: list[dict[str, Any]], mounts: list[dic
     }
 
 
-def resources_of(resources: Resources | None, init: bool) -> dict[str, Any] | None:
-    """A container's resources; the puller gets the trainer's CPU and memory (a pod's request is the larger of the
-    two, so this costs nothing) but no accelerators."""
-    if resources is None:
-        return None
-    dumped = resources.model_dump(exclude_defaults=True)
+# What a container requests when the spec names neither a request nor a limit: Kueue admits by requests (a queue
+# counts nothing for a pod without them), and the scheduler places a pod without them anywhere (BestEffort).
+DEFAULT_REQUESTS = {"cpu": "1", "memory": "2Gi"}
+
+
+def resources_of(resources: Resources | None, init: bool) -> dict[str, Any]:
+    """A container's resources, always with requests: a limit without a request requests the limit (Kubernetes' own
+    default, written out), and cpu and memory with neither request `DEFAULT_REQUESTS`. The puller gets the trainer's
+    CPU and memory (a pod's request is the larger of the two, so this costs nothing) but no accelerators."""
+    dumped = resources.model_dump(exclude_defaults=True) if resources is not None else {}
+    limits = dumped.get("limits") or {}
+    requests = {**DEFAULT_REQUESTS, **limits, **(dumped.get("requests") or {})}
+    out = {"limits": limits, "requests": requests}
     if init:
-        return host_only(dumped)
-    return {kind: amounts for kind, amounts in dumped.items() if amounts} or None
+        return host_only(out) or {}
+    return {kind: amounts for kind, amounts in out.items() if amounts}
 
 
 def host_only(resources: dict[str, Any]) -> dict[str, Any] | None:
@@ -245,12 +253,11 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
         env = [*_env(run, attempt), dict(node_rank)]
         puller = container(spec, "pull", env, [*ATTEMPT_MOUNTS, mount("workspace", WORK_DIR)])
         puller["command"] = contract.pull_command(f"{CONFIG_DIR}/{PULL_FILE}")
+        puller["resources"] = resources_of(spec.resources, init=True)
         pod["initContainers"] = [puller]
-        if resources := resources_of(spec.resources, init=True):
-            puller["resources"] = resources
-    if resources := resources_of(spec.resources, init=False):
-        trainer["resources"] = resources
+    trainer["resources"] = resources_of(spec.resources, init=False)
     meta = metadata(run, job_name(run.name, attempt), attempt)
+    meta["labels"].update(kueue.labels(spec.queue_name, spec.priority_class_name))
     indexed = {"completionMode": "Indexed", "completions": spec.nodes, "parallelism": spec.nodes}
     return batch_job(run, meta, labels(run, attempt), pod, **indexed)
 
