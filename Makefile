@@ -13,11 +13,20 @@ K8S_TOOLS := .wmtp/k8s-tools
 # The one torch version: `make setup` and both images install it.
 TORCH_VERSION := 2.13.0
 
+# The project's images, each named once: $(REGISTRY)/wmtp-operator:$(TAG) and $(REGISTRY)/wmtp-trainer:$(TAG)
+# (images/engine.sh's image_ref). The chart's values and the examples in configs/ name these defaults (a test
+# compares); point REGISTRY at a registry you can push to.
+REGISTRY ?= ghcr.io/wmtp
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+TAG ?= $(VERSION)
+# The trainer image's PyTorch build: cpu or cu126 (CUDA 12.6, for GPU nodes; it runs CPU runs too).
+TORCH_VARIANT ?= cpu
+
 # checkov lives in a venv of its own: its pins fight the project's.
 CHECKOV_VENV := .venv-checkov
 CHECKOV_VERSION := 3.3.30
 
-.PHONY: setup quickstart test test-fast e2e-kind images e2e-local
+.PHONY: setup quickstart test test-fast e2e-kind images push e2e-local
 
 # Tests run on every core (pytest-xdist); worksteal keeps both busy while a few slow tests run long.
 PYTEST := $(BIN)/pytest -q -n auto --dist worksteal
@@ -64,9 +73,13 @@ e2e-kind: setup
 	bash tests/e2e/kind.sh
 
 # Both images, built with the engine this host has: docker, else podman with images/containers.conf; a local
-# Debian base where no registry answers (images/build.sh). TAG, BASE_IMAGE, TORCH_INDEX_URL may be given.
+# Debian base where no registry answers (images/build.sh). BASE_IMAGE and TORCH_INDEX_URL may be given too.
 images:
-	TORCH_VERSION=$(TORCH_VERSION) bash images/build.sh
+	REGISTRY=$(REGISTRY) TAG=$(TAG) TORCH_VERSION=$(TORCH_VERSION) TORCH_VARIANT=$(TORCH_VARIANT) bash images/build.sh
+
+# Both images pushed to $(REGISTRY) with the same engine (log in first: docker login / podman login).
+push:
+	REGISTRY=$(REGISTRY) TAG=$(TAG) bash images/push.sh
 
 # The Kubernetes story without a cluster: the images built, the operator from its image against the emulator,
 # each attempt's pods run by podman (tests/support/kubelet.py). Exits 77 (skipped) where podman cannot run.

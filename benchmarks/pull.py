@@ -1,4 +1,5 @@
-"""`wmtp pull` against a single-stream boto3 `download_file` loop, same objects, same local endpoint, one run.
+"""`wmtp pull` against a single-stream boto3 `download_file` loop, same objects, same local endpoint, one run;
+with `--pods N`, the bytes one attempt of an N-pod run pulls instead (see `pods_main`).
 
 Starts its own moto S3 server (`moto_server` from this interpreter's bin), uploads a mixed set — a few large
 objects and many small ones, >= 1 GB in all — then downloads it with:
@@ -10,12 +11,14 @@ Each download goes to an empty folder; each timing is the best of `--rounds`. CP
 of the client are reported too: on a small machine they, not the network, set the ceiling.
 
     python benchmarks/pull.py [--large 3 --large-mib 320 --small 256 --small-kib 400 --rounds 2]
+    python benchmarks/pull.py --pods 4 [--base-mib 256 --rm-mib 96]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -25,11 +28,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.waiting import free_port
+from wmtp import contract
 
 TARGET = 2.0
 BUCKET = "bench"
@@ -110,6 +115,123 @@ def wmtp_pull(endpoint: str, dest: Path, extra: list[str]) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------- bytes per attempt of an N-pod run
+
+
+def run_layout(base_mib: int, rm_mib: int) -> dict[str, int]:
+    """Key → size: 7B_1T_4 + a 7B reward model + a dataset, the weights scaled down (×~1/100), the small files at
+    their real sizes (Llama 2's tokenizer.model, an HF tokenizer.json and index, MBPP's train split)."""
+    return {
+        "models/7B_1T_4/params.json": 200,
+        "models/7B_1T_4/tokenizer.model": 499_723,
+        "models/7B_1T_4/consolidated.pth": base_mib << 20,
+        "models/rm/config.json": 700,
+        "models/rm/tokenizer.json": 1_842_767,
+        "models/rm/tokenizer_config.json": 1_500,
+        "models/rm/special_tokens_map.json": 400,
+        "models/rm/model.safetensors.index.json": 23_950,
+        **{f"models/rm/model-0000{i}-of-00003.safetensors": rm_mib << 20 for i in (1, 2, 3)},
+        "data/mbpp/train.jsonl": 563_743,
+    }
+
+
+def pull_spec(path: Path, dests: Path, rank0_weights: bool) -> Path:
+    """The spec the operator renders (`render.files.pulls`): models, marked for rank 0's weights or not, and data."""
+    mark = f", {contract.PULL_WEIGHTS}: {contract.PULL_WEIGHTS_RANK0}" if rank0_weights else ""
+    path.write_text(
+        f"- {{uri: s3://{BUCKET}/models/7B_1T_4, dest: {dests}/base{mark}}}\n"
+        f"- {{uri: s3://{BUCKET}/models/rm, dest: {dests}/rm{mark}}}\n"
+        f"- {{uri: s3://{BUCKET}/data/mbpp/train.jsonl, dest: {dests}/data/mbpp}}\n"
+    )
+    return path
+
+
+def attempt(endpoint: str, specs: list[Path]) -> list[dict[str, Any]]:
+    """One attempt's init containers, all at once: pod i runs `wmtp pull --spec specs[i]` with NODE_RANK=i. Each
+    summary gains `wall`, the seconds until that pod's puller exited."""
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "wmtp", "pull", "--spec", str(spec), "--endpoint-url", endpoint,
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, contract.ENV_NODE_RANK: str(rank)},
+        )
+        for rank, spec in enumerate(specs)
+    ]  # fmt: skip
+
+    def finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
+        out, err = proc.communicate(timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"wmtp pull failed ({proc.returncode}): {err}")
+        return {**json.loads(out.strip().splitlines()[-1]), "wall": time.perf_counter() - started}
+
+    with ThreadPoolExecutor(len(procs)) as waiters:  # each pod's own end, whatever order they end in
+        return list(waiters.map(finish, procs))
+
+
+CASES = [  # label, models marked for rank 0's weights, one volume shared by all pods, attempts
+    ("emptyDir, every pod pulls everything (before)", False, False, 1),
+    ("emptyDir, weights on node rank 0 alone", True, False, 1),
+    ("persistentVolumeClaim shared by all pods", False, True, 2),
+]
+
+
+def pods_main(args: argparse.Namespace) -> None:
+    """Per attempt of an N-pod run: the bytes S3 serves (GET bodies, counted by the server itself) and the bytes
+    the pullers report, for emptyDir volumes where every pod pulls everything (before), where the weights are pulled
+    on node rank 0 alone (now), and for one PVC shared by every pod, over two attempts."""
+    from support.s3 import CountingS3Server
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # a line per request otherwise
+    load_before = os.getloadavg()
+    layout = run_layout(args.base_mib, args.rm_mib)
+    models = sum(size for key, size in layout.items() if key.startswith("models/"))
+    weights = sum(size for key, size in layout.items() if contract.is_weight_file(key))
+    small = sum(layout.values()) - weights
+    server = CountingS3Server()
+    server.start()
+    scratch = Path(tempfile.mkdtemp(prefix="wmtp-bench-pods-"))
+    rows = []
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=server.url)
+        client.create_bucket(Bucket=BUCKET)
+        for key, size in layout.items():
+            client.put_object(Bucket=BUCKET, Key=key, Body=os.urandom(size))
+        for case, (label, rank0_weights, shared, attempts) in enumerate(CASES):
+            folder = scratch / f"case{case}"
+            folder.mkdir()
+            dests = [folder / ("pvc" if shared else f"pod{i}") for i in range(args.pods)]
+            specs = [pull_spec(folder / f"spec{i}.yaml", dest, rank0_weights) for i, dest in enumerate(dests)]
+            for number in range(1, attempts + 1):
+                server.served.clear()
+                results = attempt(server.url, specs)
+                served, pulled = sum(s.bytes for s in server.gets()), sum(r["bytes"] for r in results)
+                walls = [r["wall"] for r in results]
+                rows.append((f"{label}, attempt {number}", served, pulled, walls[0], max(walls[1:])))
+                print(f"  {rows[-1][0]}: {served / 1e6:.1f} MB from S3", flush=True)
+            shutil.rmtree(folder)
+    finally:
+        server.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    bound = 1.1 * models + args.pods * small
+    print(
+        f"\n{args.pods} pods; models {models / 1e6:.1f} MB, of which weights {weights / 1e6:.1f} MB; small files "
+        f"(configs, tokenizers, data) {small / 1e6:.2f} MB; bound 1.1 × models + N × small = {bound / 1e6:.1f} MB"
+    )
+    print(f"{'case':58s} {'S3 MB':>9s} {'pulled MB':>10s} {'pod 0 s':>8s} {'pods 1.. s':>11s}")
+    for label, served, pulled, first, others in rows:
+        print(f"{label:58s} {served / 1e6:9.1f} {pulled / 1e6:10.1f} {first:8.2f} {others:11.2f}")
+    now = next(served for label, served, *_ in rows if "rank 0 alone" in label)
+    verdict = "met" if now <= bound else "NOT met"
+    print(f"\nweights on node rank 0 alone: {now / 1e6:.1f} MB from S3, bound {bound / 1e6:.1f} MB: {verdict}")
+    load_after = os.getloadavg()
+    print(f"cores: {os.cpu_count()}; load average (1, 5, 15 min) before {load_before}, after {load_after}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--large", type=int, default=3, help="Large objects.")
@@ -118,7 +240,16 @@ def main() -> None:
     parser.add_argument("--small-kib", type=int, default=400, help="Size of each small object (KiB).")
     parser.add_argument("--rounds", type=int, default=2, help="Timings are the best of this many rounds.")
     parser.add_argument("--pull-args", default="", help="Extra `wmtp pull` flags, e.g. '--workers 8'.")
+    parser.add_argument(
+        "--pods", type=int, default=0, help="Measure the bytes an attempt of this many pods (≥ 2) pulls."
+    )
+    parser.add_argument("--base-mib", type=int, default=256, help="--pods: the base model's weights (MiB).")
+    parser.add_argument("--rm-mib", type=int, default=96, help="--pods: each of the reward model's 3 shards (MiB).")
     args = parser.parse_args()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    if args.pods:
+        pods_main(args)
+        return
 
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     import boto3

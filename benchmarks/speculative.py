@@ -1,21 +1,32 @@
-"""Self-speculative decoding against greedy decoding of the same model: tokens/s ratio and mean accepted length.
+"""Decoding speed of one model: cached against uncached greedy decoding, batched greedy decoding, and
+self-speculative against cached greedy decoding.
 
-A tiny 4-head model is first trained here with baseline-mtp (so its extra heads have learnt something), then
-the same HumanEval prompts are decoded greedily and self-speculatively, each to --max-new-tokens, and again
-with the task's stop strings; the outputs must be identical. Neither path keeps a KV cache, so the ratio
-measures the forward passes saved, net of the extra heads' cost (three blocks on top of the trunk). With
-`--model DIR` it measures a trained final model instead (on a GPU machine: a larger one).
+A tiny 4-head model is first trained here with baseline-mtp (so its extra heads have learnt something); with
+`--model DIR` a final model is measured instead (e.g. SmolLM2 from `benchmarks/smollm2.py`). The first --prompts
+HumanEval prompts (in the chat template with --chat-template) are decoded to --max-new-tokens, end of sequence
+ignored, so every path decodes the same number of tokens:
 
-    python benchmarks/speculative.py [--steps 400 --prompts 20 --max-new-tokens 64 | --model DIR]
+1. greedy, uncached (the whole sequence through the HF model at every token, logits for the last position only)
+   against greedy with the KV cache, one prompt at a time; tokens must be identical;
+2. the prompts as one batch against one at a time, both cached;
+3. self-speculative against cached greedy decoding (`wmtp.eval.speed`: passes counted, a speed-up the passes
+   cannot explain flagged), and again with the task's stop strings and end of sequence.
+
+Every comparison runs --rounds interleaved rounds after a warm-up; the table gives medians and the spread.
+
+    python benchmarks/speculative.py [--steps 600 --layers 8 | --model DIR] [--prompts 8 --max-new-tokens 256]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -46,41 +57,114 @@ def train_tiny(work: Path, steps: int, layers: int) -> Path:
     return work / "ckpt" / "spec" / "final"
 
 
+def uncached_greedy(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding without a cache, as `wmtp eval` did before: every step runs the whole sequence."""
+    import torch
+
+    out: list[int] = []
+    with torch.no_grad():
+        while len(out) < new_tokens:
+            logits = model.base(torch.tensor([prompt + out]), use_cache=False, logits_to_keep=1).logits
+            out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+def interleaved(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds of each path (a call that decodes every prompt) in every round, the order alternating."""
+    for run in paths.values():  # warm-up
+        run()
+    seconds: dict[str, list[float]] = {name: [] for name in paths}
+    for round_ in range(rounds):
+        order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
+        for name in order:
+            started = time.perf_counter()
+            paths[name]()
+            seconds[name].append(time.perf_counter() - started)
+    return seconds
+
+
+def ratio(seconds: dict[str, list[float]], slow: str, fast: str) -> dict[str, float]:
+    ratios = [s / f for s, f in zip(seconds[slow], seconds[fast], strict=True)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="A trained final model directory; default: train a tiny one.")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--layers", type=int, default=8, help="Trunk layers of the tiny model (heads cost 3 more).")
-    parser.add_argument("--prompts", type=int, default=20)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: like for like on a shared machine)")
+    parser.add_argument("--chat-template", action="store_true", help="Ask in the tokenizer's chat template.")
+    parser.add_argument("--parts", default="uncached,batched,speculative,stops", help="Which comparisons to run.")
     args = parser.parse_args()
 
     import torch
 
     from wmtp.eval.decoding import Decoder
-    from wmtp.eval.runner import load_model, measure_speed
+    from wmtp.eval.prompts import Prompting
+    from wmtp.eval.runner import load_model
+    from wmtp.eval.speed import measure_speed
     from wmtp.eval.tasks import humaneval, humaneval_path
     from wmtp.storage import Storage
 
-    torch.set_num_threads(1)  # like for like: one thread for both decoders, whatever the machine's load
+    torch.set_num_threads(args.threads)
+    result: dict[str, Any] = {"threads": args.threads, "max_new_tokens": args.max_new_tokens}
     with tempfile.TemporaryDirectory(prefix="wmtp-bench-spec-") as tmp:
         started = time.perf_counter()
         directory = args.model or train_tiny(Path(tmp), args.steps, args.layers)
-        trained_s = time.perf_counter() - started
+        result["train_seconds"] = round(time.perf_counter() - started, 1)
         model, tokenizer = load_model(str(directory), Storage())
-        problems = humaneval(str(humaneval_path()), Storage())[: args.prompts]
-        decoder = Decoder(model, tokenizer, args.max_new_tokens)
-        decoder.stop_at_eos = False  # steady-state decoding: every prompt decodes max_new_tokens tokens
-        speed = measure_speed(decoder, tokenizer, problems, stops=False)
-        on_task = measure_speed(Decoder(model, tokenizer, args.max_new_tokens), tokenizer, problems)
-    speed["train_seconds"] = round(trained_s, 1)
-    speed["with_task_stops"] = {k: on_task[k] for k in ("tokens", "identical", "speedup", "mean_accepted")}
-    print(json.dumps(speed, indent=1))
-    print(
-        f"self-speculative / greedy tokens/s: {speed['speedup']:.2f}x; mean accepted length "
-        f"{speed['mean_accepted']:.2f} of {speed['heads']}; {speed['tokens_per_pass']:.2f} tokens per forward pass; "
-        f"identical output: {speed['identical']}"
-    )
+    problems = humaneval(str(humaneval_path()), Storage())[: args.prompts]
+    prompting = Prompting(tokenizer, chat_template=args.chat_template)
+    prompts = [prompting.ids(p) for p in problems]
+    decoder = Decoder(model, tokenizer, args.max_new_tokens, stop_at_eos=False)
+    tokens = args.max_new_tokens * len(prompts)
+    parts = set(args.parts.split(","))
+
+    if "uncached" in parts:
+        same = all(uncached_greedy(model, p, args.max_new_tokens) == decoder.greedy(p).tokens for p in prompts[:2])
+        seconds = interleaved({
+            "uncached": lambda: [uncached_greedy(model, p, args.max_new_tokens) for p in prompts],
+            "cached": lambda: [decoder.greedy(p) for p in prompts],
+        }, args.rounds)  # fmt: skip
+        result["cached_vs_uncached"] = {
+            "identical": same,
+            "uncached_tokens_per_s": tokens / statistics.median(seconds["uncached"]),
+            "cached_tokens_per_s": tokens / statistics.median(seconds["cached"]),
+            "speedup": ratio(seconds, "uncached", "cached"),
+        }
+    if "batched" in parts:
+        batch = decoder.generate(prompts, [()] * len(prompts))
+        seconds = interleaved({
+            "one_at_a_time": lambda: [decoder.greedy(p) for p in prompts],
+            "batched": lambda: decoder.generate(prompts, [()] * len(prompts)),
+        }, args.rounds)  # fmt: skip
+        result["batched_vs_one_at_a_time"] = {
+            "batch": len(prompts),
+            "identical": [g.tokens for g in batch] == [decoder.greedy(p).tokens for p in prompts],
+            "one_at_a_time_tokens_per_s": tokens / statistics.median(seconds["one_at_a_time"]),
+            "batched_tokens_per_s": tokens / statistics.median(seconds["batched"]),
+            "speedup": ratio(seconds, "one_at_a_time", "batched"),
+        }
+    if "speculative" in parts:
+        result["speculative"] = measure_speed(decoder, [(p, ()) for p in prompts], args.rounds)
+    if "stops" in parts:
+        with_stops = Decoder(model, tokenizer, args.max_new_tokens)
+        stopped = [(prompting.ids(p), prompting.stop(p)) for p in problems]
+        result["speculative_with_stops"] = measure_speed(with_stops, stopped, args.rounds)
+    print(json.dumps(result, indent=1))
+    for name in ("speculative", "speculative_with_stops"):
+        if name in result:
+            speed = result[name]
+            print(
+                f"{name} / cached greedy: {speed['speedup']:.2f}x (rounds {speed['speedup_spread'][0]:.2f}-"
+                f"{speed['speedup_spread'][1]:.2f}); {speed['tokens_per_pass']:.2f} tokens per pass, a pass costs "
+                f"{speed['pass_cost']:.2f} greedy passes; mean accepted {speed['mean_accepted']:.2f} of "
+                f"{speed['heads']}; identical: {speed['identical']}; suspect: {speed['speedup_suspect']}"
+            )
 
 
 if __name__ == "__main__":

@@ -4,13 +4,17 @@
 # Where no registry answers, the base is a local Python image made from Debian packages (images/debian-base.sh).
 # The host's pip configuration (indexes, find-links, constraints, CA bundle) is given to pip inside the build, and
 # with podman the local directories it names are mounted read-only, so the build installs what `make setup` does.
-# Environment: ENGINE, TAG (dev), BASE_IMAGE, TORCH_VERSION, TORCH_INDEX_URL, IMAGES (operator trainer).
+# Environment: ENGINE, REGISTRY and TAG (dev) naming them (engine.sh's image_ref), BASE_IMAGE, TORCH_VERSION,
+# TORCH_VARIANT (cpu, or cuNNN such as cu126) and TORCH_INDEX_URL (unset: PyTorch's index for that variant; set and
+# empty: the index pip is configured with, as `make setup`), IMAGES (operator trainer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source images/engine.sh
 
 TAG=${TAG:-dev}
-IMAGES=${IMAGES:-operator trainer}
+TORCH_VARIANT=${TORCH_VARIANT:-cpu}
+[[ $TORCH_VARIANT =~ ^(cpu|cu[0-9]+)$ ]] || { echo "TORCH_VARIANT must be cpu or cuNNN (e.g. cu126), not '$TORCH_VARIANT'" >&2; exit 1; }
+TORCH_INDEX_URL=${TORCH_INDEX_URL-https://download.pytorch.org/whl/$TORCH_VARIANT}
 REGISTRY_BASE=python:3.11-slim-bookworm
 LOCAL_BASE=localhost/wmtp-python:3.11-bookworm
 
@@ -33,7 +37,7 @@ while read -r path; do [ -n "$path" ] && mounts+=(-v "$path:$path:ro"); done < "
 
 build_args=(--build-arg "BASE_IMAGE=$BASE_IMAGE")
 [ -n "${TORCH_VERSION:-}" ] && build_args+=(--build-arg "TORCH_VERSION=$TORCH_VERSION")
-[ -n "${TORCH_INDEX_URL:-}" ] && build_args+=(--build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
+build_args+=(--build-arg "TORCH_VARIANT=$TORCH_VARIANT" --build-arg "TORCH_INDEX_URL=$TORCH_INDEX_URL")
 engine_args=(--secret "id=pip.conf,src=$workdir/pip.conf")
 if [ "$ENGINE" = docker ]; then
   export DOCKER_BUILDKIT=1  # cache and secret mounts need BuildKit (the default from Docker 23)

@@ -13,9 +13,14 @@ if [ "$ENGINE" = podman ]; then
 fi
 export ENGINE
 
-image_ref() {  # image_ref operator|trainer: the reference `make images` tags
-  local prefix=""
-  [ "$ENGINE" = podman ] && prefix=localhost/
+# The images, each built from Dockerfile.<name>.
+IMAGES=${IMAGES:-operator trainer}
+
+image_ref() {  # image_ref operator|trainer: the reference `make images` tags, $REGISTRY/wmtp-<name>:$TAG
+  local prefix=""  # no REGISTRY (the e2e stories): a local name, podman's under localhost/
+  if [ -n "${REGISTRY:-}" ]; then prefix="$REGISTRY/"
+  elif [ "$ENGINE" = podman ]; then prefix=localhost/
+  fi
   echo "${prefix}wmtp-$1:${TAG:-dev}"
 }
 

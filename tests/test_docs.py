@@ -146,7 +146,7 @@ def check_cluster_tool(words: list[str]) -> list[str]:
         if (after_file_flag or in_repo) and not (ROOT / word).exists():
             problems.append(f"{words[0]}: {word} does not exist in the repository")
     verb = words[1] if len(words) > 1 else ""
-    if words[0] == "kubectl" and verb in ("get", "describe", "delete", "edit", "explain") and len(words) > 2:
+    if words[0] == "kubectl" and verb in ("get", "describe", "delete", "edit", "explain", "wait") and len(words) > 2:
         resource, *fields = words[2].split("/")[0].split(".")
         if (resource.startswith("wmtp") or resource == "wr") and resource not in crd_names():
             problems.append(f"kubectl: {resource!r} is not a name of the WMTPRun CRD")

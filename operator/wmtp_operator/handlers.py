@@ -27,13 +27,15 @@ import kopf
 
 from wmtp.contract import GROUP, PLURAL, VERSION
 from wmtp_operator.kube import Kube
+from wmtp_operator.metrics import Metrics
 from wmtp_operator.plan import Plan, say
 from wmtp_operator.reconcile import reconcile, refused
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL
 from wmtp_operator.spec import Defaults
 
 RESYNC_SECONDS = 60.0  # the safety net: a missed watch event is noticed within 1.5 × this
-ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx)
+ERROR_RETRY_SECONDS = 5.0  # after an API error that is not a refusal (a timeout, a 5xx), doubling while it repeats
+MAX_ERROR_RETRY_SECONDS = 300.0
 TICK_SECONDS = 0.2
 PASSES_AT_ONCE = 32
 log = logging.getLogger(__name__)
@@ -43,17 +45,20 @@ class Supervisor:
     """Runs reconcile passes: one at a time per run, with triggers that arrive while one waits folded into it,
     and a pass for each unfinished run when it is due (its requeue, else the resync)."""
 
-    def __init__(self, kube: Kube, defaults: Defaults) -> None:
-        self.kube, self.defaults = kube, defaults
+    def __init__(self, kube: Kube, defaults: Defaults, metrics: Metrics) -> None:
+        self.kube, self.defaults, self.metrics = kube, defaults, metrics
         self._locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
         self._waiting: set[tuple[str, str]] = set()
         self._due: dict[tuple[str, str], float] = {}
+        self._failed: dict[tuple[str, str], int] = {}  # passes failed in a row
         self._tasks: set[asyncio.Task[None]] = set()  # held so that the event loop does not drop them
 
     def forget(self, namespace: str, name: str) -> None:
         self._due.pop((namespace, name), None)
+        self._failed.pop((namespace, name), None)
         self._locks.pop((namespace, name), None)
         self.kube.written.pop((namespace, name), None)
+        self.metrics.forget(namespace, name)
 
     def own_echo(self, namespace: str, name: str, resource_version: str | None) -> bool:
         """The run as this operator's last write left it: nothing a pass would not already know."""
@@ -66,13 +71,18 @@ class Supervisor:
         self._waiting.add(key)
         async with self._locks[key]:
             self._waiting.discard(key)
+            started = time.monotonic()
             try:
                 result = await asyncio.to_thread(self.reconcile_now, namespace, name)
             except Exception as err:  # an API error or timeout: this pass is lost, a later one redoes it
-                log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, ERROR_RETRY_SECONDS,
-                            say(str(err)))  # fmt: skip
-                self._due[key] = time.monotonic() + ERROR_RETRY_SECONDS
+                self.metrics.observe(namespace, name, time.monotonic() - started, err)
+                self._failed[key] = failed = self._failed.get(key, 0) + 1
+                wait = min(ERROR_RETRY_SECONDS * 2 ** (failed - 1), MAX_ERROR_RETRY_SECONDS)
+                log.warning("reconciling %s/%s failed, retrying in %.0fs: %s", namespace, name, wait, say(str(err)))
+                self._due[key] = time.monotonic() + wait
                 return
+        self._failed.pop(key, None)
+        self.metrics.observe(namespace, name, time.monotonic() - started, result)
         if result is None:
             self.forget(namespace, name)
             return
@@ -125,7 +135,8 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.posting.enabled = False
     # A pass waits on the API server most of its time: as many at once as there are API connections.
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(PASSES_AT_ONCE, "reconcile"))
-    memo.supervisor = Supervisor(Kube.from_environment(PASSES_AT_ONCE), Defaults.from_env(os.environ))
+    kube, defaults = Kube.from_environment(PASSES_AT_ONCE), Defaults.from_env(os.environ)
+    memo.supervisor = Supervisor(kube, defaults, Metrics())
     memo.resync = asyncio.create_task(memo.supervisor.resync())
 
 

@@ -10,7 +10,6 @@ of the same name is updated only when its controller is the run.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ import kubernetes
 from pydantic import ValidationError
 
 from wmtp.contract import GROUP, KIND, PLURAL, VERSION
+from wmtp_operator.decoding import loads
 from wmtp_operator.formats import NAME
 from wmtp_operator.plan import Create, Delete, Event, Observed, PatchRun, Plan, Refused, say
 from wmtp_operator.render import MANAGED_BY, OPERATOR, RUN_LABEL, controller_uid
@@ -62,8 +62,12 @@ ACCESS: dict[str, Resource] = {
 }
 MERGE_PATCH = "application/merge-patch+json"
 TIMEOUT = (5, 30)  # connect, read (seconds)
-# What a retry cannot fix until someone changes the spec or the cluster: the run's status says it.
-REFUSALS = {400, 403, 404, 409, 422}
+# What a retry cannot fix until someone changes the spec or the cluster: the run's status says it. 413: an object
+# larger than the API server takes.
+REFUSALS = {400, 403, 404, 409, 413, 422}
+# Creating one child failed this many times in a row for another reason (a 5xx, a timeout): a refusal too, so that
+# the status says it and the retries back off instead of going on every few seconds unseen.
+REPEATED_FAILURES = 3
 log = logging.getLogger(__name__)
 
 
@@ -71,7 +75,7 @@ class ApiError(RuntimeError):
     def __init__(self, status: int, method: str, path: str, body: bytes) -> None:
         self.status = status
         try:
-            parsed = json.loads(body)
+            parsed = loads(body)
         except ValueError:
             parsed = {}
         parsed = parsed if isinstance(parsed, dict) else {}
@@ -95,6 +99,7 @@ class Kube:
         # The resourceVersions this operator's own last writes gave each run: the watch events they cause carry
         # nothing new, so they need not cost a pass.
         self.written: dict[tuple[str, str], collections.deque[str]] = {}
+        self.failures: collections.Counter[tuple[str, str, str]] = collections.Counter()  # creates failed in a row
 
     @classmethod
     def from_environment(cls, pool_size: int = 32) -> Kube:
@@ -135,7 +140,7 @@ class Kube:
         data = response.read()
         if response.status >= 400:
             raise ApiError(response.status, method, path, data)
-        return json.loads(data) if data else {}
+        return loads(data) if data else {}
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -189,19 +194,20 @@ class Kube:
                 raise
 
     def observe(self, run: Mapping[str, Any]) -> Observed:
-        """The run's Jobs and pods (by label), its recipeRef's text, and whether the ServiceAccount it names is
-        missing."""
+        """The run's Jobs and pods (by label), its recipeRef's text, and the ServiceAccount it names (or that it is
+        missing)."""
         meta = run["metadata"]
         namespace, selector = meta["namespace"], {MANAGED_BY: OPERATOR, RUN_LABEL: meta["name"]}
         spec = run.get("spec") or {}
         account = spec.get("serviceAccountName")
         named = isinstance(account, str) and re.fullmatch(NAME, account) is not None
-        missing = account if named and self.get("ServiceAccount", namespace, account) is None else None
+        found = self.get("ServiceAccount", namespace, account) if named else None
         return Observed(
             jobs=self.list("Job", namespace, selector),
             pods=self.list("Pod", namespace, selector),
             recipe_text=self._recipe_text(namespace, spec.get("recipeRef")) if spec.get("recipeRef") else None,
-            account_missing=missing,
+            account_missing=account if named and found is None else None,
+            account=found,
         )
 
     def _recipe_text(self, namespace: str, ref: Any) -> str | None:
@@ -222,6 +228,7 @@ class Kube:
             try:
                 if isinstance(action, Create):
                     self.create(action.obj, update=action.update)
+                    self.failures.pop(_child(action), None)
                 elif isinstance(action, Delete):
                     self.delete(action.kind, namespace, action.name, action.uid)
                 elif isinstance(action, PatchRun):
@@ -229,16 +236,27 @@ class Kube:
                     state = action.state or state
             except NotControlled as err:
                 return Refused(err.kind, err.name, 409, "Conflict", str(err)), state
-            except ApiError as err:
-                if not isinstance(action, Create) or err.status not in REFUSALS:
+            except Exception as err:
+                refusal = self._refusal(action, err) if isinstance(action, Create) else None
+                if refusal is None:
                     raise
-                refusal = Refused(
-                    action.obj["kind"], action.obj["metadata"]["name"], err.status, err.reason, err.api_message
-                )
                 return refusal, state
         if plan.status:
             self.patch_run(namespace, name, uid, {"status": plan.status}, status=True)
         return None
+
+    def _refusal(self, action: Create, err: Exception) -> Refused | None:
+        """The API server's refusal of a create; a failure of another kind only once it repeats (None before)."""
+        kind, name = _child(action)[1:]
+        if isinstance(err, ApiError) and err.status in REFUSALS:
+            return Refused(kind, name, err.status, err.reason, err.api_message)
+        self.failures[_child(action)] += 1
+        if self.failures[_child(action)] < REPEATED_FAILURES:
+            return None
+        del self.failures[_child(action)]
+        code, reason = (err.status, err.reason) if isinstance(err, ApiError) else (503, type(err).__name__)
+        said = err.api_message if isinstance(err, ApiError) else say(str(err))
+        return Refused(kind, name, code, reason, f"failed {REPEATED_FAILURES} times in a row: {said}")
 
     def post_events(self, run: Mapping[str, Any], events: list[Event], now: str) -> None:
         """Events about the run, as `kubectl describe` shows them; a failure to post one is logged, not raised."""
@@ -266,3 +284,8 @@ class Kube:
                 log.warning(
                     "posting event %s about %s/%s failed: %s", event.reason, meta["namespace"], meta["name"], err
                 )
+
+
+def _child(action: Create) -> tuple[str, str, str]:
+    meta = action.obj["metadata"]
+    return meta.get("namespace", ""), action.obj["kind"], meta["name"]

@@ -59,6 +59,7 @@ class Observed:
     pods: Sequence[Obj] = ()  # pods labelled with the run's name, of any attempt
     recipe_text: str | None = None  # the recipeRef ConfigMap's value, None if it does not exist
     account_missing: str | None = None  # the ServiceAccount the spec names, when it does not exist
+    account: Obj | None = None  # the ServiceAccount the spec names, as read (its labels say whether it opted in)
 
 
 @dataclass(frozen=True)

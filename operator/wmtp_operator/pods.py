@@ -7,13 +7,12 @@ yet; did it succeed, and with what warnings. Every text taken from a pod is clip
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from wmtp import contract
-from wmtp.config import clip
+from wmtp.config import TERMINATION, DocumentError, clip, parse_json
 from wmtp_operator.state import seconds_since
 
 Obj = Mapping[str, Any]
@@ -28,6 +27,7 @@ FATAL_AT_ONCE = frozenset({"InvalidImageName"})
 # A missing Secret, ConfigMap or key: fatal unless someone creates it within the grace period.
 FATAL_AFTER_GRACE = frozenset({"CreateContainerConfigError"})
 MISSING_GRACE_SECONDS = 120
+STARTUP_TIMEOUT = "StartupTimeout"  # the reason when pods did not start within spec.startupTimeout
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,14 @@ def condition(obj: Obj, type_: str, status: str = "True") -> Mapping[str, Any] |
 
 
 def termination(container: Mapping[str, Any]) -> dict[str, Any]:
-    """The trainer's last words (its termination message), or {} when there are none or they are not ours."""
+    """The trainer's last words (its termination message), or {} when there are none or they are not ours (the pod
+    writes them: read with the bounded parser, so that no text can make a pass fail)."""
     text = ((container.get("state") or {}).get("terminated") or {}).get("message")
-    if not isinstance(text, str) or len(text) > contract.TERMINATION_MESSAGE_MAX:
+    if not isinstance(text, str):
         return {}
     try:
-        data = json.loads(text)
-    except ValueError:
+        data = parse_json(text, TERMINATION)
+    except DocumentError:
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -182,7 +183,7 @@ def startup_stop(
         return Stop(blocked.reason, f"{blocked}; still missing after {grace}s", fatal=True), blocked
     if age >= timeout:
         last = str(blocked) if blocked else f"{sum(map(started, pods))}/{nodes} pods started"
-        return Stop("StartupTimeout", clip(f"pods did not start within startupTimeout ({timeout}s): {last}")), blocked
+        return Stop(STARTUP_TIMEOUT, clip(f"pods did not start within startupTimeout ({timeout}s): {last}")), blocked
     return None, blocked
 
 

@@ -1,6 +1,7 @@
 """The WMTPRun schema's building blocks and the sections that stand alone: the camelCase base, CEL rules, sections
-derived from the trainer's config models, and what the pods and the evaluation are given (resources, tolerations,
-the model volume, spec.eval). `spec.py` assembles them into the Spec.
+derived from the trainer's config models, the inline recipe's schema (the trainer's `Recipe`), and what the pods
+and the evaluation are given (resources, tolerations, the model volume, spec.eval). `spec.py` assembles them into
+the Spec. What the schema cannot say (map keys, requests against limits) the models check: `Valid=False`.
 """
 
 from __future__ import annotations
@@ -9,14 +10,25 @@ import copy
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from wmtp import contract
-from wmtp.config import EvalSettings
-from wmtp_operator.formats import DURATION, MAX_URI, NAME, QUANTITY, duration_seconds
+from wmtp.config import EvalSettings, Recipe
+from wmtp.config.uris import PodLocation
+from wmtp_operator.formats import (
+    DURATION,
+    LABEL_VALUE,
+    NAME,
+    QUALIFIED_NAME,
+    QUANTITY,
+    check_duration,
+    duration_rule,
+    duration_seconds,
+    quantity_value,
+)
 
 
 def cel(*rules: tuple[str, str], **schema: Any) -> dict[str, Any]:
@@ -64,29 +76,131 @@ def secret(what: str) -> Any:
     return Field(None, max_length=253, pattern=NAME, description=what)
 
 
-Uri = Annotated[str, Field(min_length=1, max_length=MAX_URI)]
-Quantity = int | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+# What the operator fills in itself: run.name (the WMTPRun's name) and train.algo (spec.algorithm).
+_FILLED_IN = {"Recipe": "run", "RunSection": "name", "TrainSection": "algo"}
+MAX_TAGS, MAX_TAG_KEY, MAX_TAG_VALUE = 20, 250, 500
+
+
+def inline_recipe_schema() -> dict[str, Any]:
+    """spec.recipe's schema: the trainer's `Recipe` (unknown keys refused as the trainer refuses them), less what
+    the operator fills in; without defaults (the trainer applies its own: the API server would pin today's in
+    every stored run); every map and list bounded, MLflow tags tighter than the trainer's own so that the largest
+    recipe the schema admits fits `formats.RECIPE` (tests/operator/test_crd.py computes it)."""
+    raw = Recipe.model_json_schema()
+    defs = raw.pop("$defs")
+    for name, field in _FILLED_IN.items():
+        node = raw if name == "Recipe" else defs[name]
+        node["required"] = [r for r in node.get("required", []) if r != field]
+        if not node["required"]:
+            del node["required"]
+    tags = defs["RunSection"]["properties"]["tags"]
+    keys = (f"self.all(k, size(k) <= {MAX_TAG_KEY})", f"recipe.run.tags: keys are at most {MAX_TAG_KEY} characters")
+    tags.update(maxProperties=MAX_TAGS, **cel(keys))
+    tags["additionalProperties"]["maxLength"] = MAX_TAG_VALUE
+    conflict = (
+        "!has(self.checkpoint_path)",
+        "recipe.checkpointing.checkpoint_path conflicts with spec.checkpoints.basePath: the WMTPRun owns where its "
+        "checkpoints go",
+    )
+    defs["CheckpointingSection"].update(cel(conflict))
+    return _without_defaults(_inlined(raw, defs))
+
+
+def _inlined(node: Any, defs: Mapping[str, Any]) -> Any:
+    """`node` with every `$ref` replaced by the definition it names."""
+    if isinstance(node, list):
+        return [_inlined(item, defs) for item in node]
+    if not isinstance(node, dict):
+        return node
+    if "$ref" in node:
+        target = defs[node["$ref"].rsplit("/", 1)[-1]]
+        node = {**target, **{k: v for k, v in node.items() if k != "$ref"}}
+    return {key: _inlined(value, defs) for key, value in node.items()}
+
+
+def _without_defaults(node: Any) -> Any:
+    """A schema without `default`s; a field whose default is not None but may be null (`grad_clip: null` turns
+    clipping off) becomes nullable, or the API server would drop the null and the default would come back."""
+    if isinstance(node, list):
+        return [_without_defaults(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        key: {name: _without_defaults(sub) for name, sub in value.items()} if key == "properties" else
+        _without_defaults(value)
+        for key, value in node.items()
+        if key != "default"
+    }  # fmt: skip
+    if node.get("default") is not None and any(branch.get("type") == "null" for branch in node.get("anyOf", [])):
+        out["nullable"] = True
+    return out
+
+
+Uri = PodLocation  # a model or a dataset: s3://bucket/key, file:///path or an absolute path in the image
+Quantity = Annotated[int, Field(ge=0)] | Annotated[str, Field(pattern=QUANTITY, max_length=64)]
+ResourceName = Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=317)]
+LabelValue = Annotated[str, Field(pattern=LABEL_VALUE, max_length=63)]
 
 
 class Resources(Camel):
     """Compute resources of each trainer pod (the trainer container)."""
 
-    limits: dict[str, Quantity] = Field(
-        default_factory=dict, description="Resource limits, e.g. {cpu: 4, memory: 16Gi, nvidia.com/gpu: 8}."
+    limits: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        description="Resource limits, e.g. {cpu: 4, memory: 16Gi, nvidia.com/gpu: 8}.",
+        json_schema_extra={"maxProperties": 16},
     )
-    requests: dict[str, Quantity] = Field(default_factory=dict, description="Resource requests.")
+    requests: dict[ResourceName, Quantity] = Field(
+        default_factory=dict,
+        description="Resource requests (extended resources such as GPUs: as in limits, or left out).",
+        json_schema_extra={"maxProperties": 16},
+    )
+
+    @model_validator(mode="after")
+    def _fits(self) -> Resources:
+        """What the API server would refuse in the pods: a request above its limit; an extended resource (a GPU)
+        requested without an equal limit."""
+        for name, request in self.requests.items():
+            limit = self.limits.get(name)
+            if limit is not None and quantity_value(request) > quantity_value(limit):
+                raise ValueError(f"requests.{name} {request} is more than limits.{name} {limit}")
+            if "/" in name and not name.startswith("kubernetes.io/") and limit is None:
+                raise ValueError(f"requests.{name}: an extended resource needs limits.{name} (equal to the request)")
+        return self
 
 
 class Toleration(Camel):
     """A toleration copied to every trainer pod."""
 
-    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists: all taints.")
+    model_config = ConfigDict(
+        json_schema_extra=cel(
+            ("!has(self.value) || !has(self.operator) || self.operator != 'Exists'",
+             "a toleration with operator Exists has no value"),
+            ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+             "tolerationSeconds needs effect NoExecute"),
+        )
+    )  # fmt: skip
+
+    key: str | None = Field(
+        None,
+        max_length=317,
+        pattern=QUALIFIED_NAME,
+        description="Taint key to tolerate; empty with operator Exists: all taints.",
+    )
     operator: Literal["Exists", "Equal"] | None = Field(None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(None, description="Taint value for operator Equal.")
+    value: LabelValue | None = Field(None, description="Taint value for operator Equal.")
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
         None, description="Taint effect to tolerate; empty: all effects."
     )
     toleration_seconds: int | None = Field(None, description="For NoExecute: how long the pod stays bound.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Toleration:
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists has no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 class ModelVolume(Camel):
@@ -111,6 +225,22 @@ class ModelVolume(Camel):
         None, max_length=253, pattern=NAME, description="StorageClass of the PVC. Unset: the default class."
     )
 
+    @field_validator("size")
+    @classmethod
+    def _positive(cls, value: int | str | None) -> int | str | None:
+        if value is not None and quantity_value(value) <= 0:
+            raise ValueError("modelVolume.size must be more than 0")
+        return value
+
+    @model_validator(mode="after")
+    def _sized_claim(self) -> ModelVolume:
+        if self.type == "persistentVolumeClaim" and self.size is None:
+            raise ValueError("modelVolume.size is required when modelVolume.type is persistentVolumeClaim")
+        return self
+
+
+MIN_EVAL_TIMEOUT = "1m"
+
 
 def _eval_schema(schema: dict[str, Any]) -> None:
     """What the API server checks of spec.eval: the rules of `EvalSettings`, in CEL (a task without a bundled copy
@@ -122,10 +252,14 @@ def _eval_schema(schema: dict[str, Any]) -> None:
         if task not in contract.EVAL_BUNDLED
     ]  # fmt: skip
     rules.append(("self.k.all(k, k <= self.samples)", "eval.k: every k of pass@k must be at most eval.samples"))
+    tasks = list(contract.EVAL_TASKS)
+    rules.append(
+        (f"!has(self.datasets) || self.datasets.all(task, task in {tasks})", f"eval.datasets: keys are {tasks}")
+    )
     schema.update(cel(*rules))
     properties = schema["properties"]
     properties["tasks"]["x-kubernetes-list-type"] = "set"
-    properties["datasets"]["additionalProperties"].update(minLength=1, maxLength=MAX_URI)
+    properties["timeout"].update(cel(duration_rule("eval.timeout", MIN_EVAL_TIMEOUT)))
 
 
 class Eval(Camel, EvalSettings):
@@ -147,3 +281,8 @@ class Eval(Camel, EvalSettings):
     @property
     def timeout_seconds(self) -> int:
         return duration_seconds(self.timeout)
+
+    @field_validator("timeout")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        return check_duration(value, "eval.timeout", MIN_EVAL_TIMEOUT)

@@ -9,31 +9,43 @@ descriptions exist once.
 
 CEL rules stay cheap: the API server refuses a CRD whose rules it estimates too costly, so they only touch
 bounded strings and collections (`maxLength`, `maxProperties`); map keys, which it cannot bound, are checked here
-and by the chart's admission policy.
+and by the chart's admission policy. URIs and paths have the shapes of `wmtp.config.uris`, the trainer's own.
+
+The inline recipe's schema is the trainer's `Recipe`, every part of it bounded, so the API server itself keeps a
+recipe small and shallow; the operator checks the same bounds (`formats.RECIPE`) before any other work, for a
+recipeRef's text and for a spec that never met this CRD.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
 from wmtp import config, contract
+from wmtp.config import check_tree
+from wmtp.config.uris import POD_ROOT, PodRoot, Url, shaped
 from wmtp_operator.formats import (
     CONFIG_KEY,
     DATASET,
     DURATION,
     IMAGE,
     MAX_DATASETS,
-    MAX_URI,
+    MAX_PODS,
     NAME,
+    QUALIFIED_NAME,
+    RECIPE,
+    check_duration,
+    duration_rule,
     duration_seconds,
 )
 from wmtp_operator.sections import (
     Camel,
     Eval,
+    LabelValue,
     ModelVolume,
     Resources,
     Toleration,
@@ -41,6 +53,7 @@ from wmtp_operator.sections import (
     cel,
     derived,
     immutable,
+    inline_recipe_schema,
     secret,
 )
 
@@ -51,6 +64,13 @@ _RESUME_RULE = (
 )
 _RESUME_WORDS = f"{', '.join(contract.RESUME_KEYWORDS)}, {contract.RESUME_STEP_PREFIX}N"
 _URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
+_KEYWORDS = "|".join(map(re.escape, contract.RESUME_KEYWORDS))
+_RESUME_SHAPE = f"^(?:{_KEYWORDS})$|^{contract.RESUME_STEP_PREFIX}[0-9]{{1,18}}$|{POD_ROOT}"
+Resume = shaped(_RESUME_SHAPE, f"{_RESUME_WORDS} or a checkpoint URI (s3://, file:///, /path)")
+MIN_STARTUP_TIMEOUT = "30s"  # the kubelet's image pull alone takes longer
+# The operator itself refuses only a zero wait: tests against the emulator (which skips the CRD) bound it in seconds.
+OPERATOR_MIN_STARTUP_TIMEOUT = "1s"
+MIN_IMAGE_PULL_DEADLINE = "30s"
 
 
 class RecipeRef(Camel):
@@ -94,14 +114,15 @@ Checkpoints = derived(
     config.CheckpointPaths,
     "Checkpoints",
     "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
-    required=("base_path",),
-    override={
-        "base_path": Field(
-            max_length=MAX_URI,
-            description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-            json_schema_extra=cel(
-                (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
-                immutable("checkpoints.basePath", "the run's checkpoints live there"),
+    extra={  # required, and where every pod sees the same place: never a relative path
+        "base_path": (
+            PodRoot,
+            Field(
+                description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
+                json_schema_extra=cel(
+                    (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+                    immutable("checkpoints.basePath", "the run's checkpoints live there"),
+                ),
             ),
         )
     },
@@ -113,7 +134,6 @@ S3 = derived(
     "S3 endpoint and credentials for pulls, datasets and checkpoints.",
     # Keys never go into a spec: the pods read them from the Secret named here.
     exclude=("access_key_id", "secret_access_key"),
-    override={"endpoint_url": Field(max_length=MAX_URI), "region": Field(max_length=64)},
     extra={
         "credentials_secret": (
             str | None,
@@ -126,12 +146,20 @@ S3 = derived(
     },
 )
 
+
+def _server(field: str) -> tuple[Any, Any]:
+    """An MLflow URI of the spec: a server the pods reach, http(s) only (the trainer also takes local stores)."""
+    return Url | None, Field(None, description=config.MLflowSettings.model_fields[field].description)
+
+
 MLflow = derived(
     config.MLflowSettings,
     "MLflow",
     "MLflow tracking for metrics and the final model.",
-    override={"tracking_uri": Field(max_length=MAX_URI), "registry_uri": Field(max_length=MAX_URI)},
+    exclude=("registered_model",),  # the operator names it after the run's namespace (render.files)
     extra={
+        "tracking_uri": _server("tracking_uri"),
+        "registry_uri": _server("registry_uri"),
         "credentials_secret": (
             str | None,
             secret(
@@ -139,7 +167,7 @@ MLflow = derived(
                 "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
                 "Credentials never belong in trackingUri."
             ),
-        )
+        ),
     },
 )
 
@@ -190,13 +218,21 @@ class Spec(Camel):
                 "has(self.recipe) == has(oldSelf.recipe)",
                 "spec.recipe and spec.recipeRef are immutable (they define what is trained); create a new WMTPRun",
             ),
+            (
+                "!has(self.recipe) || !has(self.recipe.train.algo) || self.recipe.train.algo == self.algorithm",
+                "recipe.train.algo must be spec.algorithm (or left out)",
+            ),
+            (
+                "!has(self.recipe) || (has(self.datasets) && self.recipe.data.sources.all(s, s.name in self.datasets))",
+                "recipe.data.sources names a dataset that spec.datasets does not define",
+            ),
         )
     )
 
     image: str = Field(
         max_length=512,
         pattern=IMAGE,
-        description="Trainer image, e.g. ghcr.io/wmtp/trainer:0.1.0: runs `wmtp pull` (init) and `wmtp launch`.",
+        description="Trainer image, e.g. ghcr.io/wmtp/wmtp-trainer:0.1.0: runs `wmtp pull` (init) and `wmtp launch`.",
     )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
         "IfNotPresent", description="Pull policy of the trainer image."
@@ -205,12 +241,11 @@ class Spec(Camel):
         description="WMTP algorithm; the recipe's train.algo must match it or be left out. Immutable.",
         json_schema_extra=cel(immutable("algorithm")),
     )
-    recipe: dict[str, Any] | None = Field(
+    recipe: Annotated[dict[str, Any], WithJsonSchema(inline_recipe_schema())] | None = Field(
         None,
         description="The recipe inline (the schema of recipe.yaml: run, train, data, optim, loss, ...). "
-        "run.name is replaced by the WMTPRun's name. Exactly one of recipe and recipeRef; immutable, the content "
-        "of a recipeRef ConfigMap too (the operator refuses a changed one).",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+        "run.name is replaced by the WMTPRun's name, a left-out train.algo is spec.algorithm. Exactly one of recipe "
+        "and recipeRef; immutable, the content of a recipeRef ConfigMap too (the operator refuses a changed one).",
     )
     recipe_ref: RecipeRef | None = Field(None, description="The recipe from a ConfigMap instead of inline.")
     models: Models = Field(description="Model URIs by role. Immutable.")
@@ -221,20 +256,21 @@ class Spec(Camel):
         json_schema_extra=cel(immutable("datasets"), maxProperties=MAX_DATASETS),
     )
     checkpoints: Checkpoints = Field(description="Checkpoint store and cadence.")
-    resume: str = Field(
+    resume: Resume = Field(
         contract.RESUME_AUTO,
-        max_length=MAX_URI,
         description=f"Where the first attempt starts: {contract.RESUME_HELP}. A checkpoint named here that is "
-        "missing or damaged fails the run.",
+        "missing or damaged fails the run. Every later attempt resumes from the newest checkpoint the operator "
+        "accepted (spec.resumeFrom), never from this again.",
         json_schema_extra=cel(
             (_RESUME_RULE, f"resume must be {_RESUME_WORDS}, or a checkpoint URI (s3://, file://, /path)")
         ),
     )
-    resume_from: str | None = Field(
+    resume_from: Resume | None = Field(
         None,
-        max_length=MAX_URI,
-        description="Written by the operator alone (its admission policy refuses anyone else): the checkpoint the "
-        "next attempt resumes from, falling back to the newest intact one when it is gone.",
+        description="Written by the operator alone: the checkpoint the next attempt resumes from, or auto when it "
+        "accepted none; the trainer falls back to the newest intact one under the run's checkpoint root when it is "
+        "gone. The chart's admission policy refuses anyone else's write, and the operator ignores a value it did not "
+        "write (a Warning says so).",
         json_schema_extra=cel((_RESUME_RULE, f"resumeFrom must be a checkpoint URI, or {_RESUME_WORDS}")),
     )
     s3: S3 = Field(
@@ -254,20 +290,28 @@ class Spec(Camel):
     nodes: int = Field(
         1,
         ge=1,
-        le=config.MAX_NODES,
+        le=MAX_PODS,
         description="Pods (torchrun nodes) per attempt; all start and restart together.",
         json_schema_extra=cel(("self >= 1", "nodes must be at least 1")),
     )
     nproc_per_node: int = Field(1, ge=1, le=64, description="Trainer processes per pod (usually the GPUs per pod).")
     resources: Resources | None = Field(None, description="Trainer container resources.")
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the pods must match.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the trainer pods.")
+    node_selector: dict[Annotated[str, Field(pattern=QUALIFIED_NAME, max_length=317)], LabelValue] = Field(
+        default_factory=dict,
+        description="Node labels the pods must match.",
+        json_schema_extra={"maxProperties": 32},
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the trainer pods."
+    )
     service_account_name: str | None = Field(
         None,
         max_length=253,
         pattern=NAME,
-        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3. The operator "
-        "lets it patch this run's status (nothing more). Unset: <run>-trainer, which the operator creates.",
+        description="ServiceAccount of the trainer pods, e.g. one bound to a cloud identity for S3; it must be "
+        f'labelled {contract.TRAINER_ACCOUNT_LABEL}: "true" (never the operator\'s own), else the run waits with '
+        "Valid=False. The operator lets it patch this run's status (nothing more). Unset: <run>-trainer, which the "
+        "operator creates.",
     )
     model_volume: ModelVolume = Field(
         default_factory=ModelVolume,
@@ -275,7 +319,10 @@ class Spec(Camel):
         json_schema_extra={"default": {}},
     )
     backoff_limit: int = Field(
-        3, ge=0, description="Restarts (new attempts after a failure) before the run fails; preemptions do not count."
+        3,
+        ge=0,
+        le=1000,
+        description="Restarts (new attempts after a failure) before the run fails; preemptions do not count.",
     )
     startup_timeout: str = Field(
         "30m",
@@ -283,18 +330,31 @@ class Spec(Camel):
         max_length=16,
         pattern=DURATION,
         description="How long an attempt's pods may take to start (scheduling and the image pull) before the "
-        "attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s.",
+        f"attempt fails with the last reason the kubelet or scheduler gave, e.g. 30m, 1h, 90s; at least "
+        f"{MIN_STARTUP_TIMEOUT}.",
+        json_schema_extra=cel(duration_rule("startupTimeout", MIN_STARTUP_TIMEOUT)),
+    )
+    image_pull_deadline: str = Field(
+        "10m",
+        min_length=2,
+        max_length=16,
+        pattern=DURATION,
+        description="How long the run waits for a trainer image the kubelet cannot pull (ErrImagePull, "
+        "ImagePullBackOff, ErrImageNeverPull), the reason in its status, before it fails: no new attempt would pull "
+        f"it either, so none starts and no restart is used. At least {MIN_IMAGE_PULL_DEADLINE}, e.g. 10m.",
+        json_schema_extra=cel(duration_rule("imagePullDeadline", MIN_IMAGE_PULL_DEADLINE)),
     )
     termination_grace_period_seconds: int = Field(
         300,
         ge=10,
+        le=86_400,
         description="How long a stopping pod may take: the trainer saves a checkpoint on SIGTERM within it.",
     )
     suspend: bool = Field(
         False, description="true: delete the running attempt and keep everything else; false again: resume."
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete a finished attempt's Job and pods this long after it ends."
+        None, ge=0, le=2**31 - 1, description="Delete a finished attempt's Job and pods this long after it ends."
     )
 
     eval: Eval | None = Field(
@@ -307,21 +367,50 @@ class Spec(Camel):
     def startup_timeout_seconds(self) -> int:
         return duration_seconds(self.startup_timeout)
 
+    @field_validator("recipe", mode="before")
+    @classmethod
+    def _small(cls, value: Any) -> Any:
+        """Bounded before anything else reads it: a deep or huge inline recipe is one line, not seconds of CPU."""
+        if value is not None:
+            check_tree(value, RECIPE)
+        return value
+
+    @field_validator("startup_timeout")
+    @classmethod
+    def _bounded(cls, value: str) -> str:
+        return check_duration(value, "startupTimeout", OPERATOR_MIN_STARTUP_TIMEOUT)
+
+    @property
+    def image_pull_deadline_seconds(self) -> int:
+        return duration_seconds(self.image_pull_deadline)
+
+    @field_validator("image_pull_deadline")
+    @classmethod
+    def _pull_bounded(cls, value: str) -> str:
+        return check_duration(value, "imagePullDeadline", MIN_IMAGE_PULL_DEADLINE)
+
 
 @dataclass(frozen=True)
 class Defaults:
-    """Operator-wide values for fields a run leaves unset (the Helm chart sets them in the environment)."""
+    """Operator-wide values for fields a run leaves unset, and the operator's own ServiceAccount (namespace/name),
+    which no run may name (the Helm chart sets them in the environment)."""
 
     s3_credentials_secret: str | None = None
     mlflow_tracking_uri: str | None = None
+    mlflow_credentials_secret: str | None = None  # for runs that use the default tracking URI: it is that server's
+    operator_account: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Defaults:
-        return cls(env.get("WMTP_DEFAULT_S3_SECRET") or None, env.get("WMTP_DEFAULT_MLFLOW_URI") or None)
+        names = ("WMTP_DEFAULT_S3_SECRET", "WMTP_DEFAULT_MLFLOW_URI", "WMTP_DEFAULT_MLFLOW_SECRET")
+        return cls(*(env.get(name) or None for name in names), env.get("WMTP_OPERATOR_SERVICE_ACCOUNT") or None)
 
     def apply(self, spec: Spec) -> Spec:
         s3 = spec.s3.model_copy(update={"credentials_secret": spec.s3.credentials_secret or self.s3_credentials_secret})
-        mlflow = spec.mlflow.model_copy(update={"tracking_uri": spec.mlflow.tracking_uri or self.mlflow_tracking_uri})
+        mlflow = spec.mlflow
+        if mlflow.tracking_uri is None and self.mlflow_tracking_uri:  # the default server, and its default Secret
+            secret = mlflow.credentials_secret or self.mlflow_credentials_secret
+            mlflow = mlflow.model_copy(update={"tracking_uri": self.mlflow_tracking_uri, "credentials_secret": secret})
         return spec.model_copy(update={"s3": s3, "mlflow": mlflow})
 
 

@@ -12,27 +12,29 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from dataclasses import replace
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wmtp import contract
-from wmtp.config import MAX_MESSAGE
+from wmtp.config import DOCUMENT, MAX_MESSAGE, clip, parse_json, redact_uri
 from wmtp_operator.formats import MAX_URI
 from wmtp_operator.sections import Camel
-from wmtp_operator.spec import Spec
-from wmtp_operator.status import Evaluation
+from wmtp_operator.spec import Run, Spec
+from wmtp_operator.status import Evaluation, parse_time
 
 STATE_ANNOTATION = f"{contract.GROUP}/state"
 # What defines the training: fixed when the first attempt starts (the CRD refuses edits; the content of a
 # recipeRef ConfigMap it cannot see, so the operator compares hashes).
 DEFINITION = ("algorithm", "models", "datasets", "recipe", "checkpoints.basePath")
 # Spec fields that act at once rather than on the next attempt, or that only the operator writes.
-_NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "algorithm", "recipe", "recipe_ref",
-                    "models", "datasets", "eval"}  # fmt: skip
+_NOT_OPERATIONAL = {"resume_from", "suspend", "backoff_limit", "startup_timeout", "image_pull_deadline", "algorithm",
+                    "recipe", "recipe_ref", "models", "datasets", "eval"}  # fmt: skip
 
 Cause = Literal["failure", "preemption", "suspend"]
+# The record is small; anyone who may edit the run may edit its annotations, so it is read as untrusted text.
+STATE_LIMITS = DOCUMENT.within(max_bytes=65536, max_depth=8)
 
 
 class Ending(Camel):
@@ -86,7 +88,7 @@ class State(Camel):
         if not text:
             return cls(), None
         try:
-            return cls.model_validate(json.loads(text[:65536])), None
+            return cls.model_validate(parse_json(text, STATE_LIMITS)), None
         except (ValueError, ValidationError):
             return cls(), f"annotation {STATE_ANNOTATION} is unreadable; it was rebuilt from the run's Jobs"
 
@@ -95,6 +97,23 @@ class State(Camel):
 
     def patch(self) -> dict[str, Any]:
         return {"metadata": {"annotations": {STATE_ANNOTATION: self.dump()}}}
+
+
+def trusted_resume_from(run: Run | None, state: State) -> tuple[Run | None, str | None]:
+    """The run with spec.resumeFrom only as this operator wrote it, and why not when it differs.
+
+    The operator writes there only what the record says an attempt resumes from (`launch.resume_point`): the
+    checkpoint it accepted (`state.checkpoint`), the one the current attempt started from (`state.resume_from`), or
+    auto. A value that is none of them came from someone else (without the chart's admission policy, anyone who may
+    edit the run): it is treated as unset, and the returned words go to the status and a Warning Event."""
+    if run is None or run.spec.resume_from is None:
+        return run, None
+    value, spec = run.spec.resume_from, run.spec
+    if value in (state.checkpoint, state.resume_from, contract.RESUME_AUTO):
+        return run, None
+    ignored = replace(run, spec=spec.model_copy(update={"resume_from": None}))
+    why = f"spec.resumeFrom {redact_uri(value)!r} was not written by the operator and is ignored (set spec.resume)"
+    return ignored, clip(why)
 
 
 def fingerprint(value: Any) -> str:
@@ -126,13 +145,6 @@ def operational_of(spec: Spec) -> dict[str, str]:
 def changed(old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
     """Keys whose hashes differ (a key missing on one side counts as changed, unless `old` is empty)."""
     return sorted(key for key in new if old and old.get(key) != new[key])
-
-
-def parse_time(text: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
-    except ValueError:
-        return None
 
 
 def seconds_since(then: str | None, now: str) -> float:

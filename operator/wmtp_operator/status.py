@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, create_model
@@ -22,6 +23,9 @@ from wmtp_operator.sections import Camel
 
 Phase = Literal["Pending", "Pulling", "Running", "Restarting", "Suspended", "Evaluating", "Succeeded", "Failed"]
 TERMINAL: frozenset[str] = frozenset({"Succeeded", "Failed"})
+# Every condition type the operator writes, in the order the status lists them; a pass drops any other.
+CONDITION_TYPES = ("Valid", "Applied", "Started", "SpecApplied", "Progressing", "Evaluated", "Succeeded", "Failed")
+_TYPES_IN_WORDS = f"{', '.join(CONDITION_TYPES[:-1])} or {CONDITION_TYPES[-1]}"
 
 
 class Condition(Camel):
@@ -29,7 +33,7 @@ class Condition(Camel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    type: str = Field(description="Valid, Applied, Started, SpecApplied, Progressing, Evaluated, Succeeded or Failed.")
+    type: str = Field(description=f"{_TYPES_IN_WORDS}.")
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason for the last transition.")
     message: str = Field(description="Human-readable details.")
@@ -101,7 +105,7 @@ class Status(Camel):
     )
     conditions: list[Condition] = Field(
         default_factory=list,
-        description="Valid, Applied, Started, SpecApplied, Progressing, Evaluated, Succeeded and Failed.",
+        description=f"{', '.join(CONDITION_TYPES[:-1])} and {CONDITION_TYPES[-1]}.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     attempt: int | None = Field(None, description="Current attempt (its Job is <run>-a<attempt>); 0: none yet.")
@@ -153,28 +157,30 @@ def read_report(status: Mapping[str, Any]) -> Reported | None:
     )
 
 
-def in_checkpoint_root(uri: str, base_path: str, run_name: str) -> bool:
-    """`uri` is one of this run's step checkpoints: <basePath>/<run>/checkpoint_step_N (a plain path and its
-    file:// form are the same place)."""
+def checkpoint_step(uri: str, base_path: str, run_name: str) -> int | None:
+    """The step of `uri` when it is one of this run's step checkpoints, <basePath>/<run>/checkpoint_step_N (a plain
+    path and its file:// form are the same place); None for anything else."""
 
     def norm(text: str) -> str:
         return f"file://{text}" if text.startswith("/") else text
 
     root = f"{norm(base_path).rstrip('/')}/{run_name}/{contract.CHECKPOINT_PREFIX}"
-    return re.fullmatch(re.escape(root) + r"[0-9]+/?", norm(uri)) is not None
+    found = re.fullmatch(re.escape(root) + r"([0-9]{1,15})/?", norm(uri))
+    return int(found.group(1)) if found else None
 
 
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**53
 
 
-def set_condition(conditions: Sequence[Mapping[str, Any]], condition: Condition) -> list[dict[str, Any]]:
-    """Conditions with `condition` set; its lastTransitionTime stays the older one while its status holds."""
-    previous = next((c for c in conditions if c.get("type") == condition.type), None)
-    if previous and previous.get("status") == condition.status:
-        condition = condition.model_copy(update={"last_transition_time": previous["lastTransitionTime"]})
-    updated = condition.model_dump(by_alias=True)
-    return [updated if c is previous else dict(c) for c in conditions] if previous else [*conditions, updated]
+def held_since(conditions: Any, condition: Condition) -> Condition:
+    """`condition` with the lastTransitionTime of the one of its type in `conditions` (the status as found) while
+    its status holds; that time is all a pass takes from there, and only when it is one."""
+    previous = get_condition(conditions, condition.type)
+    since = previous.get("lastTransitionTime")
+    if previous.get("status") != condition.status or not isinstance(since, str) or parse_time(since) is None:
+        return condition
+    return condition.model_copy(update={"last_transition_time": since})
 
 
 def get_condition(conditions: Any, type_: str) -> Mapping[str, Any]:
@@ -182,3 +188,11 @@ def get_condition(conditions: Any, type_: str) -> Mapping[str, Any]:
     if not isinstance(conditions, list):
         return {}
     return next((c for c in conditions if isinstance(c, Mapping) and c.get("type") == type_), {})
+
+
+def parse_time(text: str | None) -> datetime | None:
+    """An RFC 3339 time, or None."""
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None

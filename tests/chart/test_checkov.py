@@ -42,6 +42,8 @@ def _scanned(directory: Path) -> list[dict[str, Any]]:
         (directory / f"{name}.yaml").write_text(result.stdout)
     runs = _example_runs()
     assert runs, "configs/ has no example WMTPRun"
+    gpu = [doc for doc in runs if "nvidia.com/gpu" in (doc["spec"].get("resources") or {}).get("limits", {})]
+    assert gpu, "no example in configs/ runs on GPUs: their rendered pods go unscanned"
     for body in runs:
         body["metadata"] = {**body["metadata"], "namespace": "team-a", "uid": "5b0e7d1c-0000-4000-8000-000000000001"}
         run = Run.from_body(body)

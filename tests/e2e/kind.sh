@@ -48,6 +48,27 @@ MLFLOW=wmtp-mlflow  # the chart's MLflow server (mlflow.enabled)
 "$KUBECTL" -n "$NS" port-forward "service/$MLFLOW" 15000:5000 >/dev/null 2>&1 & FORWARDS+=($!)
 sleep 3
 
+log "an MLflow user and Secret for the run's namespace (docs/operator.md, MLflow users)"
+admin() { "$KUBECTL" -n "$NS" get secret "$MLFLOW-auth" -o "jsonpath={.data.$1}" | base64 -d; }
+export MLFLOW_TRACKING_USERNAME; MLFLOW_TRACKING_USERNAME=$(admin MLFLOW_TRACKING_USERNAME)  # the story reads every run
+export MLFLOW_TRACKING_PASSWORD; MLFLOW_TRACKING_PASSWORD=$(admin MLFLOW_TRACKING_PASSWORD)
+RUN_PASSWORD=$("$BIN/python" -c 'import secrets; print(secrets.token_urlsafe(24))')
+RUN_PASSWORD=$RUN_PASSWORD "$BIN/python" - "$NS" <<'PY'
+import base64, json, os, sys, urllib.error, urllib.request
+user, password = sys.argv[1], os.environ["RUN_PASSWORD"]
+login = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ['MLFLOW_TRACKING_PASSWORD']}"
+headers = {"Authorization": "Basic " + base64.b64encode(login.encode()).decode(), "Content-Type": "application/json"}
+body = json.dumps({"username": user, "password": password}).encode()
+try:  # a kept cluster has the user already: give it the new password
+    urllib.request.urlopen(urllib.request.Request("http://127.0.0.1:15000/api/2.0/mlflow/users/create", body, headers))
+except urllib.error.HTTPError:
+    update = urllib.request.Request("http://127.0.0.1:15000/api/2.0/mlflow/users/update-password", body, headers,
+                                    method="PATCH")
+    urllib.request.urlopen(update)
+PY
+"$KUBECTL" -n "$NS" create secret generic wmtp-mlflow --from-literal=MLFLOW_TRACKING_USERNAME="$NS" \
+  --from-literal=MLFLOW_TRACKING_PASSWORD="$RUN_PASSWORD" --dry-run=client -o yaml | "$KUBECTL" apply -f -
+
 log "the story"
 export WMTP_E2E_CLUSTER=kind WMTP_E2E_NAMESPACE=$NS KUBECTL WMTP_E2E_TRAINER_IMAGE=$TRAINER WMTP_E2E_OPERATOR_IMAGE=$OPERATOR
 export WMTP_E2E_S3_URL="http://s3.$NS.svc:9000" WMTP_E2E_S3_LOCAL=http://127.0.0.1:19000

@@ -11,6 +11,11 @@ export ENGINE=podman  # the test kubelet runs pods with `podman kube play`
 source images/engine.sh
 info=$(podman info 2>&1) || skip "podman does not work here: $(tail -1 <<<"$info")"
 
+# The trainer's torch as `make setup` installed it: from the index pip is configured with, and of the same build
+# (Dockerfile.trainer checks TORCH_VARIANT), so the story needs no index beyond the host's.
+export TORCH_INDEX_URL=${TORCH_INDEX_URL-}
+TORCH_VARIANT=${TORCH_VARIANT:-$("$BIN/python" -c "import torch; v = torch.version.cuda; print('cu' + v.replace('.', '') if v else 'cpu')")}
+export TORCH_VARIANT
 start=$SECONDS
 bash images/build.sh
 echo "images ready in $((SECONDS - start)) s"

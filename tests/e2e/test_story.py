@@ -117,16 +117,21 @@ class History:
     def _poll(self) -> None:
         while not self._stop.wait(0.1):
             try:
-                status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+                self._record()
             except OSError:
                 return  # the cluster is gone: the test ended before it stopped the history
-            current = {key: status.get(key) for key in self.FIELDS}
-            if not self.seen or self.seen[-1] != current:
-                self.seen.append(current)
+
+    def _record(self) -> None:
+        status = (self.cluster.get("WMTPRun", self.name) or {}).get("status") or {}
+        current = {key: status.get(key) for key in self.FIELDS}
+        if not self.seen or self.seen[-1] != current:
+            self.seen.append(current)
 
     def stop(self) -> None:
+        """Stop polling, with the status as it is now as the last entry (the one the test waited for)."""
         self._stop.set()
         self._thread.join()
+        self._record()
 
 
 def trainer_pods(cluster: StoryCluster, run: str, attempt: int) -> list[dict[str, Any]]:
@@ -222,7 +227,8 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert cluster.operator_user() == "1000"
     assert store.is_committed(store.final_location)
     client = mlflow.MlflowClient(tracking_uri=stage.mlflow, registry_uri=stage.mlflow)
-    assert len(client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")) == 1
+    model = f"wmtp-{stage.cluster.namespace}-{run['spec']['algorithm']}"  # the operator names it per namespace
+    assert len(client.search_model_versions(f"name='{model}'")) == 1
     # Three attempts, one MLflow run: its loss curve has every logged step from the first to the last, each once but
     # those attempt 2 logged after its last reported checkpoint and attempt 3 trained again; the evaluation found
     # that run through the final model's marker and logged its scores there too.
@@ -246,7 +252,7 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
                       "Evaluating", "Succeeded", "Evaluated"]  # fmt: skip
 
     # What passed, in the CI log: a green story leaves its evidence, not only a dot.
-    (version,) = client.search_model_versions(f"name='wmtp-{run['spec']['algorithm']}'")
+    (version,) = client.search_model_versions(f"name='{model}'")
     with capsys.disabled():
         print(
             f"\nstory: phases {' → '.join(phases_of(history.seen))}; attempts {done['attempt']}, restarts "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,9 +59,14 @@ def run_schema(crd: dict[str, Any]) -> dict[str, Any]:
 
 def _strict(schema: dict[str, Any]) -> dict[str, Any]:
     """The schema with unknown fields refused: the API server would prune them, silently losing the setting."""
-    out = {key: value for key, value in schema.items() if not key.startswith("x-kubernetes-")}
+    out = {key: value for key, value in schema.items() if not key.startswith("x-kubernetes-") and key != "nullable"}
     if schema.get("x-kubernetes-int-or-string"):
         out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    if schema.get("nullable"):
+        out["type"] = [schema["type"], "null"]
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if schema.get(exclusive) is True:  # OpenAPI v3's flag → the JSON Schema draft 7 number
+            out[exclusive] = out.pop(bound)
     if "properties" in schema:
         out["properties"] = {name: _strict(sub) for name, sub in schema["properties"].items()}
         if not schema.get("x-kubernetes-preserve-unknown-fields"):
@@ -148,9 +154,14 @@ def crd_defaults(run_schema: dict[str, Any]) -> Callable[[dict[str, Any]], dict[
 def emulator() -> Iterator[Any]:
     from support.emulator import Emulator
 
+    # The API server it plays (Go) stores and serves objects nested ~1000 levels deep; in this process that takes a
+    # deeper stack than Python's default. The operator runs in its own process, with the default.
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 10_000))
     server = Emulator()
     yield server
     server.close()
+    sys.setrecursionlimit(limit)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +170,10 @@ def operator_process(emulator: Any, tmp_path_factory: pytest.TempPathFactory) ->
     from support.emulator import OperatorProcess
 
     # As the chart starts it: runs that name no tracking server report to the chart's.
-    env = {"WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000"}
+    env = {
+        "WMTP_DEFAULT_MLFLOW_URI": "http://wmtp-mlflow.wmtp-system.svc:5000",
+        "WMTP_OPERATOR_SERVICE_ACCOUNT": "wmtp-system/wmtp",  # no run may name it
+    }
     process = OperatorProcess(emulator, tmp_path_factory.mktemp("operator"), env=env)
     yield process
     process.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 import yaml
 
 from wmtp_operator import crd, render
+from wmtp_operator.formats import RECIPE
+from wmtp_operator.sections import MAX_TAG_KEY
 from wmtp_operator.spec import Run, Spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -187,7 +190,7 @@ def test_schema_rejects_wrong_types_enums_and_unknown_fields(
 def test_valid_resume_forms_are_admitted(
     make_run: Callable[..., Any], admit: Callable[[dict[str, Any]], list[str]]
 ) -> None:
-    for resume in ("auto", "never", "latest", "step_1000", "s3://b/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
+    for resume in ("auto", "never", "latest", "step_1000", "s3://bkt/ckpt/run/checkpoint_step_00001000", "/mnt/c"):
         assert admit(make_run(**{"spec.resume": resume})) == [], resume
 
 
@@ -226,3 +229,30 @@ def test_operational_fields_may_change_on_a_running_run(
         }
     )
     assert admit(edited, old=make_run()) == []
+
+
+def _largest(schema: dict[str, Any]) -> int:
+    """Characters of the largest compact JSON value `schema` admits; KeyError where it admits any size."""
+    if "enum" in schema:
+        return max(len(json.dumps(value)) for value in schema["enum"])
+    kind = schema["type"]
+    if kind == "string":
+        return schema["maxLength"] + 2
+    if kind in ("integer", "number", "boolean"):
+        return 24  # an int64 has 20 characters, a float's shortest repr at most 24
+    if kind == "array":
+        return 2 + schema["maxItems"] * (_largest(schema["items"]) + 1)
+    size = 2 + sum(len(json.dumps(name)) + 2 + _largest(sub) for name, sub in schema.get("properties", {}).items())
+    if "additionalProperties" in schema:  # map keys: the CEL rule bounds them
+        size += schema["maxProperties"] * (MAX_TAG_KEY + 4 + _largest(schema["additionalProperties"]))
+    return size
+
+
+def test_the_inline_recipe_is_bounded_by_its_schema_to_what_the_operator_reads(run_schema: dict[str, Any]) -> None:
+    # Every string, list and map of spec.recipe is bounded, so the API server itself keeps a recipe under the
+    # operator's limit: no CEL rule has to measure it.
+    recipe = run_schema["properties"]["spec"]["properties"]["recipe"]
+    assert "x-kubernetes-preserve-unknown-fields" not in json.dumps(recipe)
+    assert _largest(recipe) <= RECIPE.max_bytes, _largest(recipe)
+    tags = recipe["properties"]["run"]["properties"]["tags"]
+    assert f"size(k) <= {MAX_TAG_KEY}" in tags["x-kubernetes-validations"][0]["rule"]

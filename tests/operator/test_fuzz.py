@@ -1,11 +1,12 @@
 """Bounded fuzzing of what a user writes into a WMTPRun: the spec loader and the renderer raise only the project's
 own errors (ConfigError, pydantic's ValidationError), and a reconcile pass raises nothing, whatever the spec,
-status or state annotation say."""
+status, state annotation or recipeRef ConfigMap say (a hostile recipe is Valid=False within 2 s)."""
 
 from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from support import hostile
 from wmtp.config import MAX_MESSAGE, ConfigError
 from wmtp_operator import render
 from wmtp_operator.plan import Observed
@@ -86,3 +88,15 @@ def test_a_reconcile_pass_raises_nothing_and_says_little_whatever_it_reads(
     plan = reconcile(body, Observed(), "2026-01-02T03:04:05Z")
     assert len(plan.status.get("message") or "") <= MAX_MESSAGE
     assert all(len(event.message) <= MAX_MESSAGE for event in plan.events)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(text=hostile.documents(hostile.RECIPE))
+def test_a_hostile_recipe_config_map_is_valid_false_in_time(text: str) -> None:
+    body = {**TINY_RUN, "spec": {**TINY_RUN["spec"], "recipe": None, "recipeRef": {"name": "recipes"}}}
+    del body["spec"]["recipe"]
+    started = time.process_time()  # CPU: the machine running the tests is shared
+    plan = reconcile(body, Observed(recipe_text=text), "2026-01-02T03:04:05Z")
+    assert time.process_time() - started < 2.0
+    valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "True" or len(valid["message"]) <= MAX_MESSAGE

@@ -11,6 +11,7 @@ import kubernetes
 import pytest
 
 from support.emulator import Emulator
+from wmtp_operator.decoding import MAX_DEPTH, loads
 from wmtp_operator.kube import ACCESS, ApiError, Kube, NotControlled
 from wmtp_operator.plan import Create, Delete, PatchRun, Plan
 
@@ -105,3 +106,32 @@ def test_a_refusal_stops_the_plan_before_the_actions_after_it(
     assert refusal.message == message
     run = emulator.get("WMTPRun", NS, "refused")
     assert emulator.get("ConfigMap", NS, "refused-first") and "resumeFrom" not in run["spec"] and not run.get("status")
+
+
+@pytest.mark.parametrize(
+    ("code", "reason", "tries"), [(413, "RequestEntityTooLarge", 1), (503, "ServiceUnavailable", 3)]
+)
+def test_a_create_refused_for_size_or_failing_again_and_again_is_a_refusal(
+    code: int, reason: str, tries: int, kube: Kube, emulator: Emulator
+) -> None:
+    emulator.refuse("ConfigMap", code, reason, "no", namespace=NS)
+    plan = Plan([Create(config_map(f"failing-{code}", "uid-mine"))])
+    try:
+        for _ in range(tries - 1):  # a 5xx may pass: the pass fails and is retried
+            with pytest.raises(ApiError):
+                kube.apply(NS, "r", "uid-mine", plan)
+        refusal, _ = kube.apply(NS, "r", "uid-mine", plan)
+    finally:
+        emulator.accept()
+    assert (refusal.kind, refusal.code, refusal.reason) == ("ConfigMap", code, reason)
+    assert ("in a row" in refusal.message) == (tries > 1)
+
+
+def test_api_bodies_decode_however_deep_and_whatever_their_integers() -> None:
+    deep = '{"spec": {"recipe": ' + "[" * 5000 + '"]"' + "]" * 5000 + "}, " + '"n": ' + "9" * 5000 + "}"
+    body = loads(deep.encode())
+    value, depth = body["spec"]["recipe"], 2
+    while value:
+        value, depth = value[0], depth + 1
+    assert depth == MAX_DEPTH and isinstance(body["n"], float)
+    assert loads('{"a": "[[[[", "b": [1, {"c": "]}"}]}') == {"a": "[[[[", "b": [1, {"c": "]}"}]}

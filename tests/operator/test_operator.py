@@ -3,7 +3,7 @@
 The emulator plays the cluster (`support.controllers`): the Job controller creates an attempt's pods, the kubelet
 runs them (or makes them wait, as a test asks), the garbage collector follows ownerReferences. The tests play
 trainer rank 0 (a patch of `status.report`, as the trainer's reporter does) and the faults: crashes, SIGTERM
-saves, evictions, refusals, a pod that cannot start.
+saves, evictions, refusals, a pod that cannot start. The operator's /metrics is scraped along the way.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -27,6 +28,9 @@ from wmtp.config import MAX_MESSAGE
 
 RUN = "tiny-rho1"
 CKPT = f"s3://wmtp/checkpoints/{RUN}/{step_dir_name(1000)}"
+
+
+Scraped = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 class Cluster:
@@ -71,6 +75,29 @@ class Cluster:
     def events(self, name: str = RUN) -> list[dict[str, Any]]:
         return [e for e in self.api.list("Event", self.ns) if e["involvedObject"]["name"] == name]
 
+    def metrics(self, check: Callable[[Scraped], bool], what: str) -> Scraped:
+        """The operator's /metrics once `check` holds: a pass updates them a moment after it writes the status."""
+
+        def scraped() -> Scraped | None:
+            found = self.operator.scrape()
+            return found if check(found) else None
+
+        return self.until(scraped, what)
+
+    def wait(self, condition: str, timeout: float, name: str = RUN) -> dict[str, Any] | None:
+        """`kubectl wait wr/<name> --for=condition=<condition> --timeout=<timeout>s`: the run as soon as the
+        condition is True, None when the timeout passes first."""
+
+        def true() -> dict[str, Any] | None:
+            run = self.run(name)
+            found = [c for c in (run.get("status") or {}).get("conditions", []) if c.get("type") == condition]
+            return run if found and found[0].get("status") == "True" else None
+
+        try:
+            return wait_for(true, timeout=timeout, what=f"condition {condition}")
+        except TimeoutError:
+            return None
+
     def condition(self, type_: str, name: str = RUN) -> str:
         found = next((c for c in self.status(name).get("conditions", []) if c["type"] == type_), {})
         return f"{found.get('status')} {found.get('reason')}"
@@ -81,6 +108,15 @@ def cluster(emulator: Emulator, operator_process: OperatorProcess, request: pyte
     # One namespace per test keeps the tests' runs, children and events apart on the shared emulator.
     name = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
     return Cluster(emulator, operator_process, f"{name[:40].strip('-')}-{zlib.crc32(name.encode()):08x}")
+
+
+def sample(scraped: Scraped, name: str, **labels: str) -> float:
+    return scraped.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(scraped: Scraped, name: str) -> float:
+    """A counter summed over its labels."""
+    return sum(value for (sample_name, _), value in scraped.items() if sample_name == name)
 
 
 def _column(obj: dict[str, Any], json_path: str) -> Any:
@@ -94,6 +130,7 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     cluster: Cluster, tiny_run: dict[str, Any], crd: dict[str, Any]
 ) -> None:
     api, ns = cluster.api, cluster.ns
+    before = cluster.operator.scrape()
     api.kubelet(ns, start="pull")
     uid = cluster.create(tiny_run)
     cluster.until(lambda: cluster.status().get("phase") == "Pulling", "phase Pulling")
@@ -112,8 +149,21 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
 
     cluster.report(1, 1000, CKPT)
     cluster.until(lambda: cluster.status().get("latestCheckpoint") == CKPT, "the reported checkpoint accepted")
+    age_of = {"namespace": ns, "run": RUN}
+    age = cluster.metrics(lambda m: ("wmtp_seconds_since_checkpoint", frozenset(age_of.items())) in m, "its age")
     api.exit(ns, pods[1], 1)
     pods = cluster.running(2)
+    restarted = cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Running") == sample(before, "wmtp_runs",
+                                phase="Running") + 1, "attempt 2 counted as running")  # fmt: skip
+    assert sample(restarted, "wmtp_restarts_total", reason="Error") - sample(before, "wmtp_restarts_total",
+                                                                               reason="Error") == 1  # fmt: skip
+    assert total(restarted, "wmtp_preemptions_total") == total(before, "wmtp_preemptions_total")
+    assert sample(restarted, "wmtp_seconds_since_checkpoint", **age_of) >= sample(
+        age, "wmtp_seconds_since_checkpoint", **age_of)  # fmt: skip
+    for counter in ("wmtp_reconcile_total", "wmtp_reconcile_duration_seconds_count"):
+        assert total(before, counter) < total(age, counter) < total(restarted, counter)
+    assert sample(restarted, "wmtp_reconcile_total", result="error") == sample(before, "wmtp_reconcile_total",
+                                                                                result="error")  # fmt: skip
     run = cluster.run()
     assert run["spec"]["resumeFrom"] == CKPT
     assert (run["status"]["attempt"], run["status"]["restarts"], run["status"]["preemptions"]) == (2, 1, 0)
@@ -148,6 +198,13 @@ def test_a_run_resumes_from_its_reported_checkpoint_after_a_crash_then_succeeds(
     # Deleting a run never needs the operator: no finalizer, and none of kopf's bookkeeping.
     assert not run["metadata"].get("finalizers")
     assert set(run["metadata"].get("annotations") or {}) == {"wmtp.io/state"}
+    succeeded = cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Succeeded") == sample(
+        before, "wmtp_runs", phase="Succeeded") + 1, "the run counted as succeeded")  # fmt: skip
+    assert sample(succeeded, "wmtp_runs", phase="Running") == sample(before, "wmtp_runs", phase="Running")
+    assert ("wmtp_seconds_since_checkpoint", frozenset(age_of.items())) not in succeeded
+    api.delete("WMTPRun", ns, RUN)
+    cluster.metrics(lambda m: sample(m, "wmtp_runs", phase="Succeeded") == sample(before, "wmtp_runs",
+                    phase="Succeeded"), "the deleted run no longer counted")  # fmt: skip
 
 
 def _reported_then(inject: Callable[[Cluster, list[dict[str, Any]]], None]) -> Callable[[Cluster], None]:
@@ -171,6 +228,20 @@ def _trainer_writes_phase(cluster: Cluster) -> None:
     cluster.running()
     cluster.api.patch("WMTPRun", cluster.ns, RUN, {"status": {"phase": "Succeeded", "restarts": 7}}, status=True)
     time.sleep(0.5)  # the operator rewrites its fields at once
+
+
+def _pull_fails_for_long(cluster: Cluster) -> None:
+    pods = cluster.until(lambda: cluster.pods(1), "attempt 1's pods")
+    time.sleep(2.5)  # past startupTimeout: a new attempt would not pull the image either, so none starts
+    cluster.until(lambda: "unless the image can be pulled" in cluster.status().get("message", ""), "the deadline")
+    status = cluster.status()
+    assert (status["phase"], status["restarts"], cluster.jobs()) == ("Pending", 0, [f"{RUN}-a1"])
+    assert cluster.condition("Started") == "False ImagePullBackOff"
+    # The pods were scheduled, and began pulling, longer ago than imagePullDeadline.
+    then = (datetime.now(UTC) - timedelta(minutes=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for pod in pods:
+        scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": then}
+        cluster.api.set_status(cluster.ns, pod, {"conditions": [scheduled]})
 
 
 def _stale_and_foreign_reports(cluster: Cluster) -> None:
@@ -218,10 +289,11 @@ FAULTS = [
     Fault("past backoffLimit: Failed, the Job kept for its logs",
           _reported_then(lambda c, pods: c.api.exit(c.ns, pods[1], 1)), "Failed", 0, 0, A1, {"Failed"},
           {"Failed": "True Failed"}, "backoffLimit 0 reached", spec={"backoffLimit": 0}),
-    Fault("image pull back-off: visible, then bounded by startupTimeout", lambda c: None, "Failed", 1, 0, A2,
-          {"ImagePullBackOff", "Restarting", "Failed"}, {"Started": "False ImagePullBackOff"}, "did not start within",
-          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/trainer:0.1.0"')},
-          spec={"startupTimeout": "2s", "backoffLimit": 1}),
+    Fault("image pull back-off: visible, waited out past startupTimeout, Failed at imagePullDeadline, no restart",
+          _pull_fails_for_long, "Failed", 0, 0, [], {"ImagePullBackOff", "Failed"}, {"Failed": "True Failed"},
+          "not pulled within imagePullDeadline (30s); no retry fixes this",
+          kubelet={"waiting": ("ImagePullBackOff", 'Back-off pulling image "ghcr.io/wmtp/wmtp-trainer:0.1.0"')},
+          spec={"startupTimeout": "2s", "imagePullDeadline": "30s", "backoffLimit": 1}),
     Fault("invalid image name: Failed at once, no restart", lambda c: None, "Failed", 0, 0, [],
           {"InvalidImageName", "Failed"}, {"Failed": "True Failed"}, "no retry fixes this",
           kubelet={"waiting": ("InvalidImageName", "couldn't parse image name")}),
@@ -229,10 +301,12 @@ FAULTS = [
           {"CreateContainerConfigError", "Failed"}, message='secret "wmtp-s3" not found',
           kubelet={"waiting": ("CreateContainerConfigError", 'secret "wmtp-s3" not found')},
           spec={"startupTimeout": "2s"}),
-    Fault("missing ServiceAccount past the grace period: Failed, no restart", lambda c: None, "Failed", 0, 0, [],
-          {"ServiceAccountNotFound", "Failed"}, message="'irsa-s3' not found",
-          spec={"serviceAccountName": "irsa-s3", "startupTimeout": "2s"}),
-    Fault("unschedulable: the scheduler's message", lambda c: time.sleep(0.5), "Pending", 0, 0, A1, {"Unschedulable"},
+    Fault("a ServiceAccount that does not exist: Valid=False, no Job", lambda c: time.sleep(0.5), "Pending", 0, 0,
+          [], {"ServiceAccountNotFound"}, {"Valid": "False ServiceAccountNotFound"}, "no such ServiceAccount",
+          spec={"serviceAccountName": "irsa-s3"}),
+    Fault("unschedulable: the scheduler's message",
+          lambda c: c.until(lambda: c.condition("Started") == "False Unschedulable", "Started"), "Pending", 0, 0, A1,
+          {"Unschedulable"},
           {"Started": "False Unschedulable"}, "Unschedulable: 0/4 nodes are available: 4 Insufficient cpu.",
           kubelet={"unschedulable": "0/4 nodes are available: 4 Insufficient cpu."}),
     Fault("a trainer writing phase Succeeded ends nothing", _trainer_writes_phase, "Running", 0, 0, A1,
@@ -244,6 +318,7 @@ FAULTS = [
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.name for f in FAULTS])
 def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str, Any]]) -> None:
+    before = cluster.operator.scrape()
     cluster.api.kubelet(cluster.ns, **fault.kubelet)
     cluster.create(make_run(**{f"spec.{key}": value for key, value in fault.spec.items()}))
     fault.inject(cluster)
@@ -261,10 +336,65 @@ def test_fault(fault: Fault, cluster: Cluster, make_run: Callable[..., dict[str,
     for type_, expected in fault.conditions.items():
         assert cluster.condition(type_) == expected, type_
     cluster.until(lambda: fault.events <= {e["reason"] for e in cluster.events()}, f"events {fault.events}")
+    counts = {"wmtp_restarts_total": fault.restarts, "wmtp_preemptions_total": fault.preemptions}
+    # The record's counts, never a trainer's: one that writes restarts 7 counts nothing.
+    cluster.metrics(lambda m: {c: total(m, c) - total(before, c) for c in counts} == counts, f"counters {counts}")
     if fault.inject is _stale_and_foreign_reports:
         assert status["step"] == 5 and "latestCheckpoint" not in status
     elif fault.attempt == 2:
         assert status["resumeFrom"] == CKPT == status["latestCheckpoint"]
+
+
+def test_kubectl_wait_for_a_verdict_returns_for_the_operators_verdict_never_for_a_trainers(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.create(tiny_run)
+    pods = cluster.running()
+    forged = [{"type": kind, "status": "True", "reason": "Forged", "message": "by a trainer",
+               "lastTransitionTime": "2026-01-01T00:00:00Z"}
+              for kind in ("Succeeded", "Failed", "Complete")]  # fmt: skip
+    patch = {"status": {"phase": "Succeeded", "conditions": forged}}
+    written = int(cluster.api.patch("WMTPRun", cluster.ns, RUN, patch, status=True)["metadata"]["resourceVersion"])
+    # The operator's next pass rewrites the status whole: from then on no verdict is True while the run runs.
+    cluster.until(lambda: int(cluster.run()["metadata"]["resourceVersion"]) > written, "the operator's next write")
+    assert cluster.wait("Succeeded", timeout=1.5) is None and cluster.wait("Failed", timeout=0.5) is None
+    status = cluster.status()
+    assert status["phase"] == "Running" and "Complete" not in {c["type"] for c in status["conditions"]}
+    for pod in pods:
+        cluster.api.exit(cluster.ns, pod, 0)
+    run = cluster.wait("Succeeded", timeout=15)
+    assert run is not None and run["status"]["phase"] == "Succeeded"
+    assert cluster.condition("Failed") == "False Succeeded"
+    assert run["status"]["observedGeneration"] == run["metadata"]["generation"]
+
+
+def _account(cluster: Cluster, name: str, **labels: str) -> None:
+    body = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name, "namespace": cluster.ns}}
+    cluster.api.create({**body, "metadata": {**body["metadata"], "labels": labels}})
+
+
+def test_a_run_may_name_only_a_service_account_that_opted_in_and_never_the_operators(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    _account(cluster, "deployer")  # a privileged identity that never agreed to train
+    _account(cluster, "irsa", **{"wmtp.io/trainer": "true"})
+    cluster.create(make_run(**{"spec.serviceAccountName": "deployer"}), name="borrower")
+    cluster.create(make_run(**{"spec.serviceAccountName": "irsa"}), name="opted-in")
+    cluster.running(name="opted-in")
+    job = cluster.api.get("Job", cluster.ns, "opted-in-a1")
+    assert job["spec"]["template"]["spec"]["serviceAccountName"] == "irsa"
+    cluster.until(lambda: cluster.condition("Valid", "borrower") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "deployer has not opted in" in cluster.status("borrower")["message"]
+    assert cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "borrower"}) == []
+    cluster.until(lambda: "ServiceAccountNotAllowed" in {e["reason"] for e in cluster.events("borrower")}, "Event")
+    # The operator's own, in its own namespace: refused even when someone labelled it.
+    namespace, name = cluster.operator.env["WMTP_OPERATOR_SERVICE_ACCOUNT"].split("/")
+    own = Cluster(cluster.api, cluster.operator, namespace)
+    _account(own, name, **{"wmtp.io/trainer": "true"})
+    own.create(make_run(**{"spec.serviceAccountName": name}), name="usurper")
+    own.until(lambda: own.condition("Valid", "usurper") == "False ServiceAccountNotAllowed", "Valid=False")
+    assert "is the operator's own ServiceAccount" in own.status("usurper")["message"]
+    assert cluster.api.list("Job", namespace) == []
 
 
 def test_a_refused_child_is_the_runs_status_and_an_event_without_a_retry_storm(
@@ -327,7 +457,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
 ) -> None:
     cluster.create(tiny_run)
     pods = cluster.running()
-    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/trainer:0.2.0", "nodes": 3}})
+    cluster.api.patch("WMTPRun", cluster.ns, RUN, {"spec": {"image": "ghcr.io/wmtp/wmtp-trainer:0.2.0", "nodes": 3}})
     generation = cluster.run()["metadata"]["generation"]
     cluster.until(lambda: cluster.condition("SpecApplied") == "False NextAttempt", "SpecApplied=False")
     status = cluster.status()
@@ -339,7 +469,7 @@ def test_an_operational_edit_applies_from_the_next_attempt_and_the_status_says_s
     )
     job = cluster.api.get("Job", cluster.ns, f"{RUN}-a2")
     assert job["spec"]["completions"] == 3
-    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/trainer:0.2.0"
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "ghcr.io/wmtp/wmtp-trainer:0.2.0"
 
 
 BOMBS = {
@@ -515,6 +645,9 @@ def test_a_run_with_spec_eval_trains_then_evaluates_and_shows_the_results_in_sta
     assert (columns["Phase"], columns["Eval"]) == ("Succeeded", line)
     assert columns["Message"] == f"attempt 1 succeeded; evaluation: {line}"
     assert cluster.condition("Evaluated") == "True Evaluated"
+    scores = {"humaneval": 0.25, "mbpp": 0.5}
+    cluster.metrics(lambda m: {task: sample(m, "wmtp_eval_pass_at_k", namespace=ns, run=RUN, task=task, k="1")
+                               for task in scores} == scores, "pass@1 exported")  # fmt: skip
     cluster.until(
         lambda: any(e["reason"] == "Evaluated" and e["message"] == line for e in cluster.events()), "Evaluated"
     )
@@ -537,3 +670,46 @@ def test_a_failed_evaluation_leaves_the_run_succeeded_with_a_warning(
                     for e in cluster.events()), "a Warning EvaluationFailed"
     )  # fmt: skip
     assert cluster.jobs() == [f"{RUN}-a1", f"{RUN}-eval"]
+
+
+def _nested(depth: int) -> Any:
+    value: Any = "bottom"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def test_a_deep_recipe_and_a_bracket_bomb_for_last_words_stop_nothing(
+    cluster: Cluster, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    # kopf decodes every object it lists and watches before any handler: ~990 levels used to end kopf.run.
+    deep = make_run()
+    deep["metadata"] = {"name": "deep", "namespace": cluster.ns}
+    deep["spec"]["recipe"]["optim"] = {"lr": _nested(990)}  # set after the copies: deepcopy recurses
+    cluster.api.create(deep)
+    cluster.create(make_run(), name="bombed")
+    pods = cluster.running(name="bombed")
+    last_words = {"exitCode": 1, "reason": "Error", "message": "[" * 4000}  # what a trainer could write there
+    failed = {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": last_words}}]}
+    cluster.api.set_status(cluster.ns, pods[0], failed)
+    cluster.until(lambda: cluster.status("bombed").get("restarts") == 1, "the bombed run restarted")
+    cluster.until(lambda: cluster.condition("Valid", "deep") == "False InvalidSpec", "the deep run refused")
+    assert "spec.recipe: nested more than 16 levels deep" in cluster.status("deep")["message"]
+    cluster.create(make_run(), name="neighbour")
+    for pod in cluster.running(name="neighbour"):
+        cluster.api.exit(cluster.ns, pod, 0, {"reason": "Succeeded", "step": 60})
+    cluster.until(lambda: cluster.status("neighbour").get("phase") == "Succeeded", "the neighbour succeeded")
+    assert cluster.operator.alive() and cluster.api.list("Job", cluster.ns, **{"wmtp.io/run": "deep"}) == []
+    cluster.api.delete("WMTPRun", cluster.ns, "deep")
+
+
+def test_a_child_too_large_for_the_api_server_is_the_runs_status_once(
+    cluster: Cluster, tiny_run: dict[str, Any]
+) -> None:
+    cluster.api.refuse("ConfigMap", 413, "RequestEntityTooLarge", "the request is too large", namespace=cluster.ns)
+    cluster.create(tiny_run)
+    cluster.until(lambda: cluster.condition("Applied") == "False Refused", "Applied=False Refused")
+    assert "(413 RequestEntityTooLarge)" in cluster.status()["message"]
+    time.sleep(2)  # backing off: no retry every few seconds
+    assert cluster.api.calls("create", "ConfigMap", cluster.ns) == 1
+    assert [e["reason"] for e in cluster.events()].count("Refused") == 1

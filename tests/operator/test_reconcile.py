@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,10 @@ from wmtp.checkpoint import step_dir_name
 from wmtp_operator import render
 from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
 from wmtp_operator.reconcile import reconcile, refused
+from wmtp_operator.reconcile.attempt import PULL_FAILURES
+from wmtp_operator.spec import Defaults
 from wmtp_operator.state import STATE_ANNOTATION, State
+from wmtp_operator.status import CONDITION_TYPES
 
 NOW = "2026-01-02T03:04:05Z"
 BEFORE = "2026-01-01T00:00:00Z"
@@ -110,6 +114,20 @@ UNSCHEDULABLE = {
 PREEMPTED_WORDS = {"reason": contract.STOP_PREEMPTED, "step": 1300, "checkpoint": LATER_CKPT}
 
 
+def forged(type_: str, status: str = "True") -> dict[str, Any]:
+    """A condition a trainer wrote into its run's status."""
+    return {"type": type_, "status": status, "reason": "Forged", "message": "a trainer's", "lastTransitionTime": BEFORE}
+
+
+def account(name: str, **labels: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": "team-a", "labels": labels}}
+
+
+OPTED_IN = {"wmtp.io/trainer": "true"}
+OPERATOR_ACCOUNT = "wmtp-operator"
+DEFAULTS = Defaults(operator_account=f"team-a/{OPERATOR_ACCOUNT}")  # the chart's WMTP_OPERATOR_SERVICE_ACCOUNT
+
+
 def state(attempt: int = 1, **extra: Any) -> dict[str, Any]:
     return {"attempt": attempt, "startTime": BEFORE, **extra}
 
@@ -140,6 +158,7 @@ class Case:
     conditions: dict[str, str] = field(default_factory=dict)  # type → "status reason"
     now: str = NOW
     account_missing: str | None = None
+    account: dict[str, Any] | None = None  # the ServiceAccount spec.serviceAccountName names, as read
     recipe_text: str | None = None
 
 
@@ -148,6 +167,7 @@ CHILDREN = ["create Service tiny-rho1", "create NetworkPolicy tiny-rho1", "creat
 CREATE_A1 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a1", "patch state"]
 CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Job tiny-rho1-a2", "patch state"]
 RESUME = f"patch resumeFrom={CKPT}"
+AUTO = f"patch resumeFrom={contract.RESUME_AUTO}"  # a retry with no accepted checkpoint: never spec.resume's `never`
 AT_1200 = {"checkpoint": CKPT}
 RUNNING = [pod(1, 0), pod(1, 1)]
 
@@ -204,6 +224,11 @@ CASES = [
          actions=["patch state"], events=["Warning Failed"],
          message="container trainer OOMKilled (exit code 137); backoffLimit 3 reached",
          conditions={"Failed": "True Failed"}),
+    Case("the trainer's exit 2 (its input is wrong): Failed at once, no restart, the Job kept for its logs", state(),
+         [job(1)], [pod(1, 0), pod(1, 1, "Failed", **ended(2, "Error", {"reason": "Failed", "exitCode": 2,
+         "message": "s3://wmtp/checkpoints/tiny-rho1 already holds committed checkpoints"}))], phase="Failed",
+         restarts=0, actions=["patch state"], events=["Warning Failed"],
+         message="already holds committed checkpoints; the trainer says its input is wrong (exit code 2)"),
     Case("backoffLimit 0 fails at once", state(), [job(1)], [pod(1, 0, "Failed")], spec={"backoffLimit": 0},
          phase="Failed", restarts=0, actions=["patch state"], events=["Warning Failed"], message="failed"),
     Case("Restarting lasts until the new attempt's pods show up", state(2, restarts=1, previous=ending()), [job(2)],
@@ -239,7 +264,7 @@ CASES = [
     Case("the operator's own teardown (exit 75 after its delete) does not make a failure a preemption",
          state(ending=ending(), restarts=1), [], [pod(1, 0, "Failed", deleting=True, **ended(75, "Error"))],
          status={"phase": "Restarting"}, phase="Restarting", restarts=1, preemptions=0,
-         actions=CREATE_A2, events=["Warning Restarting"]),
+         actions=[AUTO, *CREATE_A2], events=["Warning Restarting"]),
     # -------------------------------------------------------------- start-up
     Case("image pull back-off: reason in the message, a condition and a Warning Event", state(), [job(1)],
          [pod(1, 0, "Pending", **waiting("ImagePullBackOff", 'Back-off pulling image "x"')), pod(1, 1, "Pending")],
@@ -247,11 +272,33 @@ CASES = [
          conditions={"Started": "False ImagePullBackOff"},
          message='0/2 pods running; pod tiny-rho1-a1-0-x: ImagePullBackOff: container trainer: Back-off pulling'),
     Case("pods not started within startupTimeout: the attempt fails with the last reason", state(),
-         [job(1, created=BEFORE)],
-         [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off")), pod(1, 1, "Pending")], phase="Restarting",
+         [job(1, created=BEFORE)], [pod(1, 0, "Pending", **UNSCHEDULABLE), pod(1, 1, "Pending")], phase="Restarting",
          restarts=1, actions=["patch state", "delete Job tiny-rho1-a1"],
-         events=["Warning Restarting", "Warning ImagePullBackOff"],
-         message="pods did not start within startupTimeout (1800s): pod tiny-rho1-a1-0-x: ImagePullBackOff"),
+         events=["Warning Restarting", "Warning Unschedulable"],
+         message="pods did not start within startupTimeout (1800s): pod tiny-rho1-a1-0-x: Unschedulable"),
+    *(Case(f"{reason} within imagePullDeadline: waiting, the reason and when the run fails in the status", state(),
+           [job(1, created=JUST_NOW)], [pod(1, 0, "Pending", **waiting(reason, 'pulling "x"')), pod(1, 1, "Pending")],
+           status={"phase": "Pending"}, phase="Pending", restarts=0, events=[f"Warning {reason}"],
+           conditions={"Started": f"False {reason}"},
+           message=f"{reason}: container trainer: pulling \"x\"; the run fails at 2026-01-02T03:14:00Z unless the "
+                   "image can be pulled")
+      for reason in sorted(PULL_FAILURES)),
+    *(Case(f"{reason} past imagePullDeadline: Failed, no new attempt, no restart", state(),
+           [job(1, created="2026-01-02T02:50:00Z")], [pod(1, 0, "Pending", **waiting(reason, "no")), pod(1, 1)],
+           phase="Failed", restarts=0, actions=["patch state", "delete Job tiny-rho1-a1"],
+           events=["Warning Failed", f"Warning {reason}"],
+           message="not pulled within imagePullDeadline (600s); no retry fixes this",
+           conditions={"Failed": "True Failed"})
+      for reason in sorted(PULL_FAILURES)),
+    Case("a pull failing past startupTimeout but within imagePullDeadline: still waiting, no restart", state(),
+         [job(1, created="2026-01-02T02:58:00Z")], [pod(1, 0, "Pending", **waiting("ErrImagePull", "denied"))],
+         spec={"startupTimeout": "5m"}, status={"phase": "Pending"}, phase="Pending", restarts=0,
+         events=["Warning ErrImagePull"], message="the run fails at 2026-01-02T03:08:00Z"),
+    Case("imagePullDeadline counts from when the pod was scheduled: its pull began there", state(),
+         [job(1, created=BEFORE)], [pod(1, 0, "Pending", **waiting("ImagePullBackOff", "back-off"), conditions=[
+             {"type": "PodScheduled", "status": "True", "lastTransitionTime": JUST_NOW}])],
+         spec={"startupTimeout": "48h", "imagePullDeadline": "30s"}, status={"phase": "Pending"}, phase="Pending",
+         events=["Warning ImagePullBackOff"], message="the run fails at 2026-01-02T03:04:30Z"),
     Case("an invalid image name fails the run at once, without a restart", state(), [job(1, created=JUST_NOW)],
          [pod(1, 0, "Pending", **waiting("InvalidImageName", "bad"))], phase="Failed", restarts=0,
          actions=["patch state", "delete Job tiny-rho1-a1"], events=["Warning Failed", "Warning InvalidImageName"],
@@ -294,6 +341,42 @@ CASES = [
          phase="Running", actions=["patch state"], events=["Warning CheckpointRejected"]),
     Case("a trainer writing phase Succeeded ends nothing: the status is rewritten", state(), [job(1)], RUNNING,
          status={"phase": "Succeeded", "restarts": 0}, phase="Running", events=["Normal Running"]),
+    Case("a trainer's Succeeded=True and Failed=True on a running run are dropped, and a type not the operator's",
+         state(), [job(1)], RUNNING,
+         status={"phase": "Running", "conditions": [forged("Succeeded"), forged("Failed"), forged("Complete")]},
+         phase="Running", conditions={"Succeeded": "False Running", "Failed": "False Running"}),
+    Case("a trainer's Succeeded=True on a failed run is dropped", state(final="Failed", message="attempt 1 failed"),
+         status={"phase": "Failed", "conditions": [forged("Succeeded"), forged("Failed", "False")]}, phase="Failed",
+         conditions={"Succeeded": "False Failed", "Failed": "True Failed"}),
+    Case("a trainer's Failed=True on a succeeded run is dropped",
+         state(final="Succeeded", message="attempt 1 succeeded"), status={"phase": "Succeeded",
+         "conditions": [forged("Failed"), forged("Valid", "False")]}, phase="Succeeded",
+         conditions={"Succeeded": "True Succeeded", "Failed": "False Succeeded", "Valid": "True Valid"}),
+    # -------------------------------------------------------------- identities: opted in, or no Job
+    Case("a ServiceAccount labelled wmtp.io/trainer: \"true\" may be named (and is bound, not created)", None,
+         spec={"serviceAccountName": "irsa"}, account=account("irsa", **OPTED_IN), phase="Pending", attempt=1,
+         actions=[a for a in CREATE_A1 if a != "create ServiceAccount tiny-rho1-trainer"], events=["Normal Pending"],
+         conditions={"Valid": "True Valid"}),
+    Case("a ServiceAccount not opted in: Valid=False, no Job", None, spec={"serviceAccountName": "deployer"},
+         account=account("deployer", **{"wmtp.io/trainer": "yes"}), phase="Pending", attempt=0,
+         events=["Normal Pending", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="deployer has not opted in"),
+    Case("the operator's own ServiceAccount, even labelled: Valid=False, no Job", None,
+         spec={"serviceAccountName": OPERATOR_ACCOUNT}, account=account(OPERATOR_ACCOUNT, **OPTED_IN),
+         phase="Pending", attempt=0, events=["Normal Pending", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="is the operator's own ServiceAccount"),
+    Case("a ServiceAccount that does not exist: Valid=False, no Job", None, spec={"serviceAccountName": "irsa"},
+         account_missing="irsa", phase="Pending", attempt=0,
+         events=["Normal Pending", "Warning ServiceAccountNotFound"],
+         conditions={"Valid": "False ServiceAccountNotFound"}, message="no such ServiceAccount in namespace team-a"),
+    Case("the label removed between attempts: the next one waits", state(ending=ending(), restarts=1), [], [],
+         spec={"serviceAccountName": "irsa"}, account=account("irsa"), status={"phase": "Restarting"},
+         phase="Restarting", attempt=1, events=["Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}),
+    Case("...and so does the evaluation", state(final="Succeeded", message="attempt 1 succeeded"),
+         spec={"eval": EVAL, "serviceAccountName": "irsa"}, account=account("irsa"), status={"phase": "Succeeded"},
+         phase="Evaluating", events=["Normal Evaluating", "Warning ServiceAccountNotAllowed"],
+         conditions={"Valid": "False ServiceAccountNotAllowed"}, message="irsa has not opted in"),
     # -------------------------------------------------------------- ownership and refusals
     Case("a namesake's Job still being deleted: wait, never touch it", None, [job(1, uid="old-uid", deleting=True)],
          [pod(1, 0, uid="old-uid")], phase="Pending", attempt=0, events=["Normal Pending", "Warning Conflict"],
@@ -316,7 +399,7 @@ CASES = [
     Case("...and the next attempt keeps the ConfigMap the last valid recipe rendered",
          state(ending=ending(), restarts=1), [], [], spec={"recipe": None, "recipeRef": {"name": "r"}},
          recipe_text="a: [", status={"phase": "Restarting"}, phase="Restarting", attempt=2,
-         actions=CREATE_A2[1:], events=["Warning Restarting", "Warning InvalidSpec"]),
+         actions=[AUTO, *CREATE_A2[1:]], events=["Warning Restarting", "Warning InvalidSpec"]),
     # -------------------------------------------------------------- evaluation (spec.eval)
     Case("training succeeded with spec.eval: the eval Job, phase Evaluating", state(), [job(1)],
          [pod(1, 0, "Succeeded"), pod(1, 1, "Succeeded")], spec={"eval": EVAL}, status={"phase": "Running"},
@@ -387,13 +470,15 @@ def _body(make_run: Callable[..., dict[str, Any]], case: Case) -> dict[str, Any]
 
 
 def _observed(case: Case) -> Observed:
-    return Observed(copy.deepcopy(case.jobs), copy.deepcopy(case.pods), case.recipe_text, case.account_missing)
+    return Observed(
+        copy.deepcopy(case.jobs), copy.deepcopy(case.pods), case.recipe_text, case.account_missing, case.account
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
 def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None:
     body = _body(make_run, case)
-    plan = reconcile(body, _observed(case), case.now)
+    plan = reconcile(body, _observed(case), case.now, DEFAULTS)
     new = {**body["status"], **plan.status}
     assert [_summary(a) for a in plan.actions] == case.actions
     assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
@@ -404,6 +489,30 @@ def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None
     assert case.message in new.get("message", ""), new.get("message")
     conditions = {c["type"]: f"{c['status']} {c['reason']}" for c in new.get("conditions", [])}
     assert case.conditions.items() <= conditions.items(), conditions
+    # The status is the operator's: its own condition types alone, and the verdicts say what the phase says.
+    assert set(conditions) <= set(CONDITION_TYPES)
+    assert (conditions["Succeeded"].startswith("True"), conditions["Failed"].startswith("True")) == (
+        case.phase == "Succeeded",
+        case.phase == "Failed",
+    )
+
+
+def _conditions(status: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in c.items() if k != "lastTransitionTime"} for c in status["conditions"]]
+
+
+@pytest.mark.parametrize("status", ["True", "False"])
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_conditions_a_trainer_wrote_change_no_condition_and_no_action(
+    case: Case, status: str, make_run: Callable[..., dict[str, Any]]
+) -> None:
+    body = _body(make_run, case)
+    clean = reconcile(body, _observed(case), case.now, DEFAULTS)
+    expected = _conditions({**body["status"], **clean.status})
+    body["status"]["conditions"] = [forged(type_, status) for type_ in (*CONDITION_TYPES, "Ready", "Complete")]
+    tampered = reconcile(copy.deepcopy(body), _observed(case), case.now, DEFAULTS)
+    assert _conditions({**body["status"], **tampered.status}) == expected
+    assert [_summary(a) for a in tampered.actions] == [_summary(a) for a in clean.actions]
 
 
 def _job_of(plan: Plan) -> dict[str, Any]:
@@ -425,6 +534,74 @@ def test_the_next_attempt_resumes_from_the_accepted_checkpoint_with_fallback(mak
     assert env[contract.ENV_ATTEMPT] == "2"
 
 
+def ckpt(step: int, run: str = "tiny-rho1") -> str:
+    return f"s3://wmtp/checkpoints/{run}/{step_dir_name(step)}"
+
+
+def last_words(step: int | None, checkpoint: str | None) -> dict[str, Any]:
+    """A trainer pod that crashed: its termination message naming `checkpoint`, or none (SIGKILL) when None."""
+    if checkpoint is None:
+        return ended(137, "Error")
+    return ended(1, "Error", {"reason": contract.STOP_FAILED, "step": step, "checkpoint": checkpoint})
+
+
+@dataclass
+class ResumeCase:
+    """Attempt 1 fails; the sources that name a checkpoint, each possibly lost, stale or foreign; where attempt 2
+    resumes (its --resume, always with the fallback)."""
+
+    name: str
+    reported: str | None  # status.report.latestCheckpoint of attempt 1 (None: no report, lost)
+    said: str | None  # the crashed pod's termination message (None: SIGKILL, no last words)
+    resume: str  # expected
+    record: dict[str, Any] = field(default_factory=dict)  # the record before: its accepted checkpoint, resume
+    spec: dict[str, Any] = field(default_factory=dict)
+    events: list[str] = field(default_factory=list)
+
+
+RESUME_CASES = [
+    ResumeCase("report and last words agree", ckpt(1000), ckpt(1000), ckpt(1000)),
+    ResumeCase("report lost: the last words'", None, ckpt(1300), ckpt(1300)),
+    ResumeCase("last words lost (SIGKILL): the report's", ckpt(1000), None, ckpt(1000)),
+    ResumeCase("a stale report never moves the resume point back behind the last words", ckpt(1000), ckpt(1300),
+               ckpt(1300)),
+    ResumeCase("last words older than the report: the report's", ckpt(1300), ckpt(1000), ckpt(1300)),
+    ResumeCase("an accepted checkpoint newer than both stays", ckpt(1000), ckpt(1000), ckpt(1500),
+               record={"checkpoint": ckpt(1500)}),
+    ResumeCase("the checkpoint the attempt started from, newer than both, stays", ckpt(1000), None, ckpt(1500),
+               record={"resumeFrom": ckpt(1500)}),
+    ResumeCase("spec.resume step_N the attempt started from counts as that checkpoint", None, None, ckpt(900),
+               record={"resumeFrom": "step_900"}, spec={"resume": "step_900"}),
+    ResumeCase("a foreign report is refused: the last words'", ckpt(9000, "other"), ckpt(1000), ckpt(1000),
+               events=["Warning CheckpointRejected"]),
+    ResumeCase("foreign last words are refused: the report's", ckpt(1000), "s3://evil/tiny-rho1/checkpoint_step_9",
+               ckpt(1000), events=["Warning CheckpointRejected"]),
+    ResumeCase("all lost after spec.resume never: auto with the fallback, never `never`", None, None, "auto",
+               record={"resumeFrom": "never"}, spec={"resume": "never"}),
+    ResumeCase("all lost after resuming another run's checkpoint: that one again", None, None, ckpt(500, "other"),
+               record={"resumeFrom": ckpt(500, "other")}, spec={"resume": ckpt(500, "other")}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.name for c in RESUME_CASES])
+def test_the_resume_point_only_moves_forward(case: ResumeCase, make_run: Callable[..., Any]) -> None:
+    body = make_run(**{f"spec.{key}": value for key, value in case.spec.items()})
+    body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(state(**case.record))}
+    body["status"] = {"attempt": 1, "phase": "Running"}
+    if case.reported is not None:
+        body["status"]["report"] = report(checkpoint=case.reported)
+    crashed = pod(1, 1, "Failed", **last_words(1300, case.said))
+    # Pass 1: the attempt ends; its other pod still saves (the fence), and the stale report is still there.
+    first = reconcile(body, Observed([job(1)], [pod(1, 0), crashed]), NOW)
+    assert [f"{e.type} {e.reason}" for e in first.events] == ["Warning Restarting", *case.events]
+    body, observed = _apply(body, Observed([job(1)], [pod(1, 0), crashed]), first)
+    # Pass 2, once that pod is gone: attempt 2, from the newest checkpoint any validated source named.
+    second = reconcile(body, Observed(observed.jobs, [crashed]), "2026-01-02T03:04:06Z")
+    args = _job_of(second)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-3:] == ["--resume", case.resume, contract.RESUME_FALLBACK_FLAG]
+    assert {**body["status"], **second.status}["resumeFrom"] == case.resume == _state_of(second).resume_from
+
+
 def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callable[..., Any]) -> None:
     body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state(ending=ending(), **AT_1200))}})
     first = reconcile(body, Observed(), NOW)
@@ -434,6 +611,31 @@ def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callab
     conditions = {c["type"]: c for c in again.status["conditions"]}
     assert conditions["SpecApplied"]["status"] == "True"
     assert again.status["observedGeneration"] == body["metadata"]["generation"]
+
+
+FOREIGN_CKPT = f"s3://wmtp/checkpoints/someone-else/{step_dir_name(5000)}"
+
+
+@pytest.mark.parametrize(
+    ("recorded", "resume"),
+    [
+        (None, ["--resume", "auto"]),
+        (state(ending=ending(), **AT_1200), ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]),
+    ],
+    ids=["first attempt", "after an accepted checkpoint"],
+)
+def test_a_resume_from_the_operator_did_not_write_is_ignored_with_a_warning(
+    recorded: dict[str, Any] | None, resume: list[str], make_run: Callable[..., Any]
+) -> None:
+    body = make_run(**{"spec.resumeFrom": FOREIGN_CKPT})  # no admission policy stopped it
+    if recorded is not None:
+        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(recorded)}
+    plan = reconcile(body, Observed(), NOW)
+    args = _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-len(resume) :] == resume and FOREIGN_CKPT not in args
+    valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
+    assert valid["status"] == "False" and "was not written by the operator and is ignored" in valid["message"]
+    assert ("Warning", "InvalidSpec") in [(e.type, e.reason) for e in plan.events]
 
 
 def test_a_report_is_copied_and_its_checkpoint_kept_where_trainers_cannot_write(make_run: Callable[..., Any]) -> None:
@@ -526,10 +728,10 @@ REFUSALS = [
                 Refused("Job", "tiny-rho1-a1", 409, "Conflict", "controlled by another uid"), requeue=5, count=None,
                 events=["Warning Conflict"], applied="False Conflict", message="(409 Conflict)"),
     RefusalCase("the record the refused plan wrote is built on, not the one the pass read", INVALID_JOB,
-                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), requeue=240, count=4,
-                restarts=1),
-    RefusalCase("the phase stays what it was", INVALID_JOB, state(ending=ending(), restarts=1),
-                status={"phase": "Restarting"}, phase="Restarting", restarts=1),
+                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), phase="Restarting",
+                requeue=240, count=4, restarts=1),
+    RefusalCase("the phase is the record's, whatever a trainer wrote", INVALID_JOB, state(ending=ending(), restarts=1),
+                status={"phase": "Succeeded"}, phase="Restarting", restarts=1),
 ]  # fmt: skip
 
 
@@ -591,14 +793,14 @@ def _apply(body: dict[str, Any], observed: Observed, plan: Plan) -> tuple[dict[s
             created = copy.deepcopy(action.obj)
             created["metadata"]["creationTimestamp"] = NOW
             jobs[created["metadata"]["name"]] = created
-    return body, Observed(list(jobs.values()), observed.pods, observed.recipe_text, observed.account_missing)
+    return body, dataclasses.replace(observed, jobs=list(jobs.values()))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.actions], ids=[c.name for c in CASES if c.actions])
 def test_reconciling_again_after_applying_changes_nothing(case: Case, make_run: Callable[..., Any]) -> None:
     body, observed = _body(make_run, case), _observed(case)
-    body, observed = _apply(body, observed, reconcile(body, observed, case.now))
-    again = reconcile(body, observed, "2026-01-02T03:04:06Z")
+    body, observed = _apply(body, observed, reconcile(body, observed, case.now, DEFAULTS))
+    again = reconcile(body, observed, "2026-01-02T03:04:06Z", DEFAULTS)
     assert ([_summary(a) for a in again.actions], again.events) == ([], [])
     assert set(again.status) <= {"message", "conditions"}  # progress wording only; no new transition
 

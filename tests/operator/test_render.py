@@ -108,10 +108,46 @@ def test_trainer_files_round_trip_through_the_trainers_own_models(make_run: Call
     assert config.paths.checkpoints.base_path == "s3://wmtp/checkpoints"
     assert config.devices.distributed.enabled and config.devices.fsdp.enabled
     assert yaml.safe_load(config_map["data"]["pull.yaml"]) == [
-        {"uri": "s3://wmtp/models/tiny/base", "dest": "/models/base"},
-        {"uri": "s3://wmtp/models/tiny/ref", "dest": "/models/ref"},
+        {"uri": "s3://wmtp/models/tiny/base", "dest": "/models/base", "weights": "rank0"},
+        {"uri": "s3://wmtp/models/tiny/ref", "dest": "/models/ref", "weights": "rank0"},
         {"uri": "s3://wmtp/datasets/HumanEval.jsonl.gz", "dest": "/models/data/humaneval"},
     ]
+
+
+def test_on_emptydir_volumes_only_node_rank_0_pulls_the_weights_and_the_others_wait_for_it(
+    make_run: Callable[..., dict[str, Any]], tmp_path: Path
+) -> None:
+    from wmtp.pull import load_spec
+
+    objects = _rendered(make_run(**{"spec.nodes": 4, "spec.startupTimeout": "45m"}), None, 1)
+    spec = tmp_path / contract.PULL_FILE
+    spec.write_text(objects[0]["data"][contract.PULL_FILE])
+    rank0, everything = contract.PULL_WEIGHTS_RANK0, contract.PULL_WEIGHTS_ALL
+    # The trainer's own reading of the rendered spec: the models' weights on node rank 0 alone, data on every rank.
+    assert [(job.dest, job.weights) for job in load_spec(spec)] == [
+        ("/models/base", rank0),
+        ("/models/ref", rank0),
+        ("/models/data/humaneval", everything),
+    ]
+    pod = objects[-1]["spec"]["template"]["spec"]
+    puller, trainer = pod["initContainers"][0], pod["containers"][0]
+    rank = next(e for e in puller["env"] if e["name"] == contract.ENV_NODE_RANK)
+    assert rank == next(e for e in trainer["env"] if e["name"] == contract.ENV_NODE_RANK)
+    assert rank["valueFrom"]["fieldRef"]["fieldPath"] == f"metadata.annotations['{render.INDEX_ANNOTATION}']"
+    # The nodes that pulled only small files wait at the rendezvous while node 0 pulls the weights.
+    assert "--rdzv-conf=timeout=2700" in trainer["args"]
+
+
+@pytest.mark.parametrize("case", ["shared PVC", "one node"])
+def test_a_shared_volume_or_a_single_pod_pulls_everything(case: str, make_run: Callable[..., dict[str, Any]]) -> None:
+    if case == "shared PVC":  # the first puller fills it for every pod and attempt; the others find it complete
+        objects = _rendered(gpu_run(make_run), GPU_RECIPE, 3)
+    else:
+        objects = _rendered(make_run(**{"spec.nodes": 1}), None, 1)
+    pulled = yaml.safe_load(objects[0]["data"][contract.PULL_FILE])
+    assert len(pulled) >= 3 and all(contract.PULL_WEIGHTS not in item for item in pulled)
+    args = objects[-1]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [arg for arg in args if arg.startswith("--rdzv-conf")]
 
 
 def _job(body: dict[str, Any], attempt: int = 1) -> dict[str, Any]:
@@ -154,11 +190,11 @@ def test_attempt_job_runs_torchrun_across_all_pods_with_rank_from_the_completion
     [
         ({}, ["--resume", "auto"]),
         ({"spec.resume": "never"}, ["--resume", "never"]),
-        ({"spec.resume": "s3://b/c/tiny-rho1/checkpoint_step_00000500"},
-         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00000500"]),
+        ({"spec.resume": "s3://bkt/c/tiny-rho1/checkpoint_step_00000500"},
+         ["--resume", "s3://bkt/c/tiny-rho1/checkpoint_step_00000500"]),
         # the operator's choice may fall back to the newest intact checkpoint; the user's never does
-        ({"spec.resume": "step_500", "spec.resumeFrom": "s3://b/c/tiny-rho1/checkpoint_step_00001000"},
-         ["--resume", "s3://b/c/tiny-rho1/checkpoint_step_00001000", contract.RESUME_FALLBACK_FLAG]),
+        ({"spec.resume": "step_500", "spec.resumeFrom": "s3://bkt/c/tiny-rho1/checkpoint_step_00001000"},
+         ["--resume", "s3://bkt/c/tiny-rho1/checkpoint_step_00001000", contract.RESUME_FALLBACK_FLAG]),
     ],
 )  # fmt: skip
 def test_trainer_resumes_from_resume_from_with_fallback_else_from_resume(
@@ -184,20 +220,36 @@ def test_s3_credentials_come_from_the_named_secret_and_never_appear_in_the_spec(
 def test_operator_defaults_fill_only_what_the_run_leaves_unset(make_run: Callable[..., dict[str, Any]]) -> None:
     defaults = Defaults.from_env(
         {"WMTP_DEFAULT_S3_SECRET": "team-s3", "WMTP_DEFAULT_MLFLOW_URI": "http://mlflow:5000",
-         "WMTP_OPERATOR_STANDALONE": "true"}
+         "WMTP_DEFAULT_MLFLOW_SECRET": "wmtp-mlflow", "WMTP_OPERATOR_STANDALONE": "true"}
     )  # fmt: skip
     unset = Run.from_body(make_run(**{"spec.s3.credentialsSecret": None}), defaults)
     assert unset.spec.s3.credentials_secret == "team-s3"
     assert unset.spec.mlflow.tracking_uri == "http://mlflow:5000"
+    assert unset.spec.mlflow.credentials_secret == "wmtp-mlflow"
     env = {
-        e["name"]: e.get("value")
+        e["name"]: e.get("value") or e["valueFrom"].get("secretKeyRef", {}).get("name")
         for e in render.job(unset, 1, pull=True)["spec"]["template"]["spec"]["containers"][0]["env"]
     }
-    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["MLFLOW_TRACKING_PASSWORD"] == "wmtp-mlflow"
     own = Run.from_body(make_run(**{"spec.mlflow": {"trackingUri": "http://own:5000"}}), defaults)
     assert own.spec.s3.credentials_secret == "wmtp-s3"
     assert own.spec.mlflow.tracking_uri == "http://own:5000"
+    # The default Secret holds the default server's credentials: a run's own server never receives them.
+    assert own.spec.mlflow.credentials_secret is None
+    named = Run.from_body(make_run(**{"spec.mlflow": {"credentialsSecret": "team-mlflow"}}), defaults)
+    assert named.spec.mlflow.credentials_secret == "team-mlflow"
     assert Defaults.from_env({}) == Defaults()
+
+
+@pytest.mark.parametrize("namespace", ["team-a", "team-b"])
+def test_a_runs_mlflow_experiment_and_registered_model_are_its_namespaces(
+    make_run: Callable[..., dict[str, Any]], namespace: str
+) -> None:
+    body = make_run(**{"metadata.namespace": namespace, "spec.mlflow": {"experiment": "wmtp-7b"}})
+    run = Run.from_body(body)
+    config = parse_config(yaml.safe_load(_rendered(body, None, 1)[0]["data"]["config.yaml"]))
+    assert config.mlflow.experiment == f"{namespace}/wmtp-7b"
+    assert config.mlflow.registered_model == f"wmtp-{namespace}-{run.spec.algorithm}"
 
 
 def test_local_models_are_not_pulled_and_a_single_pod_run_is_not_distributed(
@@ -308,8 +360,8 @@ SECRET = {"AWS_SECRET_ACCESS_KEY": "s3cr3t", "NODE_RANK": "1"}
     ("overrides", "literal"),
     [
         ({"spec.resume": "/$(AWS_SECRET_ACCESS_KEY)"}, "/$(AWS_SECRET_ACCESS_KEY)"),
-        ({"spec.resume": "s3://b/$$(AWS_SECRET_ACCESS_KEY)"}, "s3://b/$$(AWS_SECRET_ACCESS_KEY)"),
-        ({"spec.resumeFrom": "s3://b/$(AWS_SECRET_ACCESS_KEY)$"}, "s3://b/$(AWS_SECRET_ACCESS_KEY)$"),
+        ({"spec.resume": "s3://bkt/$$(AWS_SECRET_ACCESS_KEY)"}, "s3://bkt/$$(AWS_SECRET_ACCESS_KEY)"),
+        ({"spec.resumeFrom": "s3://bkt/$(AWS_SECRET_ACCESS_KEY)$"}, "s3://bkt/$(AWS_SECRET_ACCESS_KEY)$"),
     ],
 )
 def test_no_spec_value_is_expanded_by_kubernetes_in_argv(
@@ -323,12 +375,12 @@ def test_no_spec_value_is_expanded_by_kubernetes_in_argv(
 
 def test_no_spec_value_is_expanded_by_kubernetes_in_env(make_run: Callable[..., dict[str, Any]]) -> None:
     body = make_run(
-        **{"spec.s3.endpointUrl": "http://$(AWS_SECRET_ACCESS_KEY)", "spec.mlflow.trackingUri": "http://m/$(X)"}
+        **{"spec.s3.endpointUrl": "http://minio/$(AWS_SECRET_ACCESS_KEY)", "spec.mlflow.trackingUri": "http://m/$(X)"}
     )
     env = _job(body)["spec"]["template"]["spec"]["containers"][0]["env"]
     values = {e["name"]: expand(e["value"], SECRET) for e in env if "value" in e}
     assert (
-        values["AWS_ENDPOINT_URL"] == "http://$(AWS_SECRET_ACCESS_KEY)"
+        values["AWS_ENDPOINT_URL"] == "http://minio/$(AWS_SECRET_ACCESS_KEY)"
         and values["MLFLOW_TRACKING_URI"] == "http://m/$(X)"
     )
 
@@ -425,10 +477,11 @@ def test_the_eval_job_runs_wmtp_eval_on_the_final_model_like_a_trainer_pod_witho
     assert all(m["name"] != render.pod.TOKEN_VOLUME for m in evaluator["volumeMounts"])
     command = argv(evaluator, {"AWS_SECRET_ACCESS_KEY": "s3cr3t"})
     assert command == [
-        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "wmtp-7b",
+        "wmtp", "eval", "--model", f"s3://ckpt/wmtp/critic-7b/{contract.FINAL_DIR}", "--experiment", "team-a/wmtp-7b",
         "--tasks", "humaneval,mbpp", "--k", "1,10", "--samples", "20", "--limit", "50", "--temperature", "0.8",
         "--max-new-tokens", "256", "--dataset", "mbpp=s3://data/$(AWS_SECRET_ACCESS_KEY)/mbpp.jsonl",
-        "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0",
+        "--program-timeout", "10.0", "--speed-prompts", "8", "--seed", "0", "--batch-size", "8",
+        "--chat-template", "False", "--extract-code", "False",
     ]  # fmt: skip
     # Every option is one `wmtp eval` takes: the flags are the settings' names.
     flags = {f"--{name.replace('_', '-')}" for name in EvalSettings.model_fields} - {"--datasets"} | {"--dataset"}

@@ -86,7 +86,7 @@ class OperatorContainer:
             "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--volume", f"{kubeconfig}:/etc/wmtp-e2e/kubeconfig:ro", "--env", "KUBECONFIG=/etc/wmtp-e2e/kubeconfig",
             *(["--env", f"WMTP_DEFAULT_MLFLOW_URI={mlflow}"] if mlflow else []),
-            image, "--standalone", f"--liveness={self.liveness}",
+            image, "--standalone", f"--liveness={self.liveness}", f"--metrics-port={free_port()}",
         )  # fmt: skip
         wait_for(self.alive, timeout=60, interval=0.2, what=f"the operator's liveness endpoint ({self.name})")
 

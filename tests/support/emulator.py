@@ -30,6 +30,7 @@ from typing import Any
 
 import aiohttp.web
 import kmock
+from prometheus_client.parser import text_string_to_metric_families
 
 from support.controllers import PODS, Controllers, Kubelet, main_container, now, terminated
 from support.waiting import answers, free_port, wait_for
@@ -405,11 +406,13 @@ class OperatorProcess:
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="wmtp-operator-"))
         self.log = self.workdir / f"operator-{uuid.uuid4().hex[:6]}.log"
         self.liveness = f"http://127.0.0.1:{free_port()}/healthz"
+        self.metrics_port = free_port()
         self.env = dict(env or {})  # what this operator's environment says beyond the test process's
         environment = {**os.environ, "KUBECONFIG": str(emulator.kubeconfig(self.workdir)), **self.env}
         environment.pop("KUBERNETES_SERVICE_HOST", None)  # never the real cluster, even when run inside one
         # Cluster-wide and without peering: kmock 0.8 misparses /api/v1/namespaces, which a namespaced kopf lists.
-        command = [sys.executable, "-m", "wmtp_operator", "--standalone", f"--liveness={self.liveness}"]
+        command = [sys.executable, "-m", "wmtp_operator", "--standalone", f"--liveness={self.liveness}",
+                   f"--metrics-port={self.metrics_port}"]  # fmt: skip
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, env=environment, stdout=out, stderr=subprocess.STDOUT)
         wait_for(self.alive, timeout=30, interval=0.1, what=f"the operator's liveness endpoint (log: {self.log})")
@@ -421,6 +424,16 @@ class OperatorProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def scrape(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Its /metrics: (sample name, labels) → value."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
 
     def kill(self, wait: bool = True) -> None:
         """SIGKILL: the operator crashes mid-flight, as when its node dies."""

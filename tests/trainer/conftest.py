@@ -23,3 +23,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real `mlflow server` with a sqlite backend on 127.0.0.1, stopped by its own PID."""
     with tracking.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
         yield url
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one thread: a tiny model gains nothing from more, and on a shared machine spinning threads make
+    each of its steps many times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -174,23 +175,32 @@ def test_newest_intact_says_which_newer_ones_it_skipped(store: CheckpointStore) 
     assert len(skipped) == 1 and "__1_0.distcp is missing" in skipped[0]
 
 
+FRESH = "already holds committed checkpoints (newest steps: 10, 20)"
+
+
 @pytest.mark.parametrize(
-    ("spec", "auto", "fallback", "expected", "warning"),
-    [(None, False, False, None, None), ("never", True, False, None, None), (None, True, False, 20, None),
-     ("step_10", True, False, 10, None), ("step_15", False, True, 20, "step_15"),
-     ("step_15", False, False, CheckpointError, None)],
+    ("spec", "auto", "fallback", "overwrite", "expected", "warning"),
+    [(None, False, False, True, None, None), ("never", True, False, True, None, None),
+     (None, False, False, False, CheckpointError, FRESH), ("never", False, False, False, CheckpointError, FRESH),
+     (None, True, False, False, 20, None), ("step_10", True, False, False, 10, None),
+     ("step_15", False, True, False, 20, "step_15"), ("step_10", False, True, False, 20, "is newer than"),
+     ("step_20", False, True, False, 20, None), ("auto", False, True, False, 20, None),
+     ("step_15", False, False, False, CheckpointError, "committed steps: step_10, step_20")],
 )  # fmt: skip
-def test_the_resume_plan_takes_the_flag_over_the_recipe_and_falls_back_only_when_the_operator_chose(
-    tmp_path: Path, spec: str | None, auto: bool, fallback: bool, expected: Any, warning: str | None
+def test_the_resume_plan_takes_the_flag_over_the_recipe_and_the_newest_when_the_operator_chose(
+    tmp_path: Path, spec: str | None, auto: bool, fallback: bool, overwrite: bool, expected: Any, warning: str | None
 ) -> None:
+    """A user's resume is used as named; the operator's is a floor (a newer intact checkpoint wins, a missing one
+    falls back); a fresh start never writes over committed checkpoints unless told to overwrite."""
     store = CheckpointStore(str(tmp_path / "run"), Storage())
     for step in (10, 20):
         fake_checkpoint(store, step)
+    settings = {"auto": auto, "fallback": fallback, "overwrite": overwrite}
     if expected is CheckpointError:
-        with pytest.raises(CheckpointError, match="committed steps: step_10, step_20"):
-            plan_resume(store, spec, auto=auto, fallback=fallback)
+        with pytest.raises(CheckpointError, match=re.escape(warning)):
+            plan_resume(store, spec, **settings)
         return
-    plan = plan_resume(store, spec, auto=auto, fallback=fallback, allow_config_change=True)
+    plan = plan_resume(store, spec, allow_config_change=True, **settings)
     assert plan.location == (store.step_location(expected) if expected else None) and plan.allow_config_change
     assert (plan.warning is None) == (warning is None)
     if warning:

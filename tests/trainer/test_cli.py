@@ -264,6 +264,30 @@ def test_recipe_checkpoint_settings_apply_and_a_flag_beats_them(tmp_path: Path, 
     assert sorted(p.name for p in run.iterdir()) == ["checkpoint_step_00000002", "checkpoint_step_00000004"]
 
 
+@pytest.mark.slow
+def test_a_fresh_start_never_overwrites_committed_checkpoints_unless_the_recipe_says_so(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    checkpointing = {"save_interval": 2, "save_final": False}
+    config, recipe = write_run_files(tmp_path, tiny_models, "baseline-mtp", steps=2, checkpointing=checkpointing)
+    train = ["train", "-c", str(config), "-r", str(recipe), "--log-level", "warning"]
+    assert runner.invoke(app, train).exit_code == 0
+    prefix = tmp_path / "checkpoints" / "test-baseline-mtp"
+    marker = prefix / "checkpoint_step_00000002" / "COMMITTED"
+    written = marker.read_bytes()
+    for resume in (["--resume", "never"], []):  # asked for, or nothing to resume: a fresh start either way
+        result = runner.invoke(app, [*train, *resume])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.count("error: ") == 1 and "Traceback" not in result.output
+        last = result.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and str(prefix) in last and "checkpointing.overwrite: true" in last, last
+        assert marker.read_bytes() == written
+    write_run_files(tmp_path, tiny_models, "baseline-mtp", steps=2, checkpointing={**checkpointing, "overwrite": True})
+    result = runner.invoke(app, [*train, "--resume", "never"])
+    assert result.exit_code == 0, result.output
+    assert marker.read_bytes() != written  # the user said so: started over, in the same place
+
+
 def test_without_an_eval_split_no_eval_metric_is_logged_or_tracked(
     tmp_path: Path, tiny_models: dict[str, Path], caplog: pytest.LogCaptureFixture
 ) -> None:

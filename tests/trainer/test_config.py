@@ -185,6 +185,42 @@ def test_unset_variable_without_default_is_an_error(tmp_path: Path) -> None:
         load_config(path)
 
 
+# The URIs the WMTPRun CRD refuses (tests/operator/test_invalid_specs.py), refused by the trainer's own loader too:
+# the shapes are written once, in wmtp.config.uris. (field, value, what the message says)
+REFUSED_URIS = [
+    ("paths.models.base", "s3://", "the bucket name must be 3-63"),
+    ("paths.models.base", "s3://Bad_Bucket!/x", "the bucket name must be 3-63"),
+    ("paths.models.base", "s3://bucket", "names a key"),
+    ("paths.models.base", "/models/../../etc", "a `..` segment"),
+    ("paths.models.ref", "s3://bucket/a//b", "an empty segment"),
+    ("paths.models.rm", "~nouser-wmtp/x", "~nouser-wmtp/x"),
+    ("paths.datasets.humaneval", "data/../../x.jsonl", "a `..` segment"),
+    ("paths.checkpoints.base_path", "s3://bucket/ckpt/../other", "a `..` segment"),
+    ("paths.output_dir", "../runs", "a local path"),
+    ("s3.endpoint_url", "not a url", "an http:// or https:// URL"),
+    ("s3.endpoint_url", "http://key:secret@minio:9000", "credentials do not belong in a URI"),
+    ("s3.region", "us east 1", "s3.region"),
+    ("mlflow.tracking_uri", "javascript:alert(1)", "is not an http(s):// URL"),
+    ("mlflow.tracking_uri", "https://user:hunter2@mlflow.example", "credentials do not belong in a URI"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "says"), REFUSED_URIS, ids=[f"{f}={v}" for f, v, _ in REFUSED_URIS])
+def test_a_uri_of_the_wrong_shape_is_refused_naming_the_field(
+    tmp_path: Path, field: str, value: str, says: str
+) -> None:
+    path = write(tmp_path, "config.yaml", with_change(GOOD_CONFIG, field, value))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert field in str(err.value) and says in str(err.value) and "hunter2" not in str(err.value), str(err.value)
+
+
+def test_an_empty_value_from_an_unset_variable_leaves_a_url_unset(tmp_path: Path) -> None:
+    config = with_change(GOOD_CONFIG, "s3", {"endpoint_url": "", "region": ""})
+    loaded = load_config(write(tmp_path, "config.yaml", with_change(config, "mlflow.tracking_uri", "")))
+    assert (loaded.s3.endpoint_url, loaded.s3.region, loaded.mlflow.tracking_uri) == (None, None, None)
+
+
 def test_checkpoint_root_precedence(tmp_path: Path) -> None:
     config_path, recipe_path = write(tmp_path, "c.yaml", GOOD_CONFIG), write(tmp_path, "r.yaml", GOOD_RECIPE)
     cfg, rcp = load(config_path, recipe_path)
@@ -225,7 +261,7 @@ BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
 )
 def test_yaml_is_bounded_and_every_failure_is_one_config_error(data: str | bytes, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)) as err:
-        parse_yaml(data, "recipe.yaml")
+        parse_yaml(data, source="recipe.yaml")
     assert str(err.value).startswith("recipe.yaml: ") and len(str(err.value)) < 600
 
 
@@ -245,6 +281,8 @@ def test_rendered_files_are_data_while_user_files_expand_variables(tmp_path: Pat
         ("http://token@host:5000", "http://***@host:5000"),
         ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
         ("http://mlflow:5000", "http://mlflow:5000"),
+        ("http://u:p@ss@host:5000/x@y", "http://***@host:5000/x@y"),
+        ("MLflow at http://u:pw@a:1: failed (http://t@b/c)", "MLflow at http://***@a:1: failed (http://***@b/c)"),
     ],
 )
 def test_credentials_in_a_uri_are_redacted(uri: str, shown: str) -> None:

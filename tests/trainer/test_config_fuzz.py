@@ -1,29 +1,39 @@
 """Bounded fuzzing of the config and recipe loaders: whatever the text or the data, only `ConfigError` escapes,
-with a bounded message. A few thousand cases in all, in seconds (derandomized, so every run tries the same)."""
+with a bounded message; and of the files the CLIs read (config, recipe, pull spec) with hostile values in real
+documents: exit 2 (never 1), each within 2 s. A few thousand cases in all, in seconds (derandomized, so every run
+tries the same)."""
 
 from __future__ import annotations
 
 import copy
 import string
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from support import hostile
+from wmtp import pull
 from wmtp.config import (
     Config,
     ConfigError,
     Recipe,
     check_compatible,
+    load_config,
+    load_recipe,
     parse_config,
     parse_recipe,
     parse_yaml,
     read_document,
 )
 from wmtp.contract import RENDERED_MARKER
+from wmtp.errors import describe
 
 FUZZ = settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 MESSAGE_BOUND = 10_000  # a whole report: at most 20 clipped problems
@@ -103,7 +113,7 @@ YAML_TEXT = st.text(alphabet=string.ascii_letters[:6] + "[]{}:&*!|>-?,#'\"\n \t%
 @FUZZ
 @given(text=YAML_TEXT | st.text(max_size=100))
 def test_any_text_parses_to_data_or_one_config_error(text: str) -> None:
-    only_config_errors(lambda: parse_yaml(text, "fuzz.yaml"))
+    only_config_errors(lambda: parse_yaml(text, source="fuzz.yaml"))
 
 
 @FUZZ
@@ -142,14 +152,14 @@ def test_one_wrong_field_in_a_good_pair_is_one_config_error(
 @given(recipe_field=st.sampled_from(DOTTED_RECIPE), value=VALUES)
 def test_one_wrong_field_through_yaml_text_is_one_config_error(recipe_field: str, value: Any) -> None:
     text = yaml.safe_dump(with_value(RECIPE, recipe_field, value))
-    data = only_config_errors(lambda: parse_yaml(text, "recipe.yaml"))
+    data = only_config_errors(lambda: parse_yaml(text, source="recipe.yaml"))
     if isinstance(data, dict):
         only_config_errors(lambda: parse_recipe(data))
 
 
 @pytest.mark.parametrize("depth", [10, 1_000, 100_000])
 def test_deep_nesting_is_one_config_error_or_data(depth: int) -> None:
-    only_config_errors(lambda: parse_yaml("[" * depth + "]" * depth, "deep.yaml"))
+    only_config_errors(lambda: parse_yaml("[" * depth + "]" * depth, source="deep.yaml"))
     only_config_errors(lambda: parse_recipe(nested(depth if depth < 10_000 else 5_000)))
 
 
@@ -158,3 +168,46 @@ def nested(depth: int) -> Any:
     for _ in range(depth):
         data = {"run": data}
     return data
+
+
+LOADERS = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+def exit_code(call: Any) -> int:
+    """The exit code the CLI gives for what `call` raises (`wmtp.errors.describe`, as `reported` does); 0 if none."""
+    try:
+        code = call()
+    except Exception as err:
+        return describe(err)[1]
+    return code if isinstance(code, int) else 0
+
+
+def loaded_in_time(tmp: Path, text: str, load: Any) -> int:
+    path = tmp / "document.yaml"
+    path.write_text(text, errors="surrogatepass")
+    started = time.process_time()  # CPU: the machine running the tests is shared
+    code = exit_code(lambda: load(path))
+    assert time.process_time() - started < 2.0
+    return code
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.CONFIG))
+def test_a_hostile_config_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    assert loaded_in_time(tmp_path_factory.mktemp("config"), text, load_config) in (0, 2), text[:300]
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.RECIPE))
+def test_a_hostile_recipe_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    assert loaded_in_time(tmp_path_factory.mktemp("recipe"), text, load_recipe) in (0, 2), text[:300]
+
+
+@LOADERS
+@given(text=hostile.documents(hostile.PULL_SPEC))
+def test_a_hostile_pull_spec_exits_2_in_time(tmp_path_factory: Any, text: str) -> None:
+    def pull_without_s3(path: Path) -> int:  # every check `wmtp pull` makes before it reaches S3
+        return pull.main([], None, path, workers=1, part_size_mb=1, verify=False, endpoint_url=None, region=None)
+
+    with mock.patch.object(pull, "_pull_dest", return_value=Counter()):
+        assert loaded_in_time(tmp_path_factory.mktemp("pull"), text, pull_without_s3) in (0, 2), text[:300]

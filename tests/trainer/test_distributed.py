@@ -28,7 +28,9 @@ from support.runs import checkpoint_tensors, train_cli, wait_for_file, write_run
 from support.s3 import CountingS3Server
 from wmtp.checkpoint import COMMITTED, CheckpointStore, step_dir_name
 from wmtp.config import S3Settings, load
+from wmtp.contract import PULL_WEIGHTS_RANK0, is_weight_file
 from wmtp.models import MTPModel
+from wmtp.pull import Job, pull
 from wmtp.storage import Storage, parse_uri
 from wmtp.train import Trainer
 
@@ -310,3 +312,34 @@ def test_a_two_rank_resume_from_s3_reads_only_its_own_shards_and_ends_bit_identi
         finals[name] = checkpoint_tensors(local)
     assert finals["straight"].keys() == finals["resumed"].keys()
     assert all(torch.equal(finals["straight"][k], finals["resumed"][k]) for k in finals["straight"])
+
+
+def test_a_rank_that_pulled_no_weight_files_trains_bit_identically(
+    work: Path, tiny_models: dict[str, Path], trained, s3_storage: Storage, s3_bucket: str
+) -> None:
+    """Each pod pulls into its own volume, and node rank 1's pull leaves every weight file to rank 0. Here the config
+    names each rank's folder by $RANK, so rank 1 reads only what its pull left it (config, tokenizer) and rank 0
+    its complete copy: training matches the run in which both ranks read complete folders, bit for bit."""
+    algo, roles = "critic-wmtp", ("base", "rm")
+    complete = trained(algo, 2)
+    for role in roles:
+        s3_storage.upload(tiny_models[role], parse_uri(f"s3://{s3_bucket}/models/{role}"))
+    pods = work / "pods"
+    for rank in (0, 1):
+        jobs = [Job(f"s3://{s3_bucket}/models/{r}", str(pods / f"rank{rank}" / r), PULL_WEIGHTS_RANK0) for r in roles]
+        pull(jobs, s3_storage, node_rank=rank)
+    weights = {rank: [p.name for p in (pods / f"rank{rank}").rglob("*") if is_weight_file(p.name)] for rank in (0, 1)}
+    assert weights[0] and not weights[1]
+
+    models = {role: Path(f"{pods}/rank${{RANK}}/{role}") for role in roles}
+    # A timeout that a loaded machine cannot reach: this test is about the files, not about a hung rank.
+    distributed = {"enabled": True, "timeout_s": 300}
+    config, recipe, root = scenario_files(
+        work, models, algo, f"{algo}-2-pulled", 2, **{"devices.distributed": distributed}
+    )
+    run_to_end(train_cli(config, recipe, nproc=2))
+    by_step = logged(*mlflow_run(work, root, algo))
+
+    assert [values[-1] for _, values in sorted(by_step.items())] == complete.losses
+    got, want = (model_tensors(r / step_dir_name(STEPS)) for r in (root, complete.root))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

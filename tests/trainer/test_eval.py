@@ -1,8 +1,10 @@
-"""`wmtp eval`: the pass@k estimator, the tasks' tests, the sandbox, self-speculative decoding and the command."""
+"""`wmtp eval`: the pass@k estimator, the tasks' tests, the sandbox, prompting instruct models and the command
+(decoding itself: test_decoding.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from pathlib import Path
@@ -16,10 +18,10 @@ from typer.testing import CliRunner
 from wmtp import contract
 from wmtp.checkpoint import CheckpointStore, FileRecord
 from wmtp.cli import app
-from wmtp.config import EvalSettings
+from wmtp.config import ConfigError, EvalSettings
 from wmtp.eval import landlock
-from wmtp.eval.command import headline
-from wmtp.eval.decoding import Decoder
+from wmtp.eval.command import boolean, headline
+from wmtp.eval.prompts import CHAT_REQUEST, Prompting, code_block
 from wmtp.eval.runner import TRAINING_RUN_TAG, log_to_mlflow, summary
 from wmtp.eval.sandbox import Limits, run_program
 from wmtp.eval.scoring import pass_at_k
@@ -130,32 +132,6 @@ def _tiny_mtp(tiny_models: dict[str, Path], perturb: float) -> tuple[MTPModel, o
     return model.eval(), load_tokenizer(tiny_models["base"])
 
 
-@pytest.mark.parametrize("perturb", [0.0, 0.05, 1.0])
-def test_self_speculative_decoding_reproduces_greedy_decoding_token_for_token(
-    tiny_models: dict[str, Path], perturb: float
-) -> None:
-    model, tokenizer = _tiny_mtp(tiny_models, perturb)
-    decoder = Decoder(model, tokenizer, max_new_tokens=40)
-    for prompt in ("def fib(n):\n", "import os\nclass Path:", "x = [i * i for i in"):
-        ids = tokenizer(prompt)["input_ids"]
-        greedy, speculative = decoder.greedy(ids), decoder.speculative(ids)
-        assert speculative.tokens == greedy.tokens and len(greedy.tokens) > 5
-        assert greedy.passes == len(greedy.tokens) <= 40
-        # One pass drafts before any verifies: never more than one pass beyond greedy, never over 4 tokens a pass.
-        assert greedy.passes / 4 <= speculative.passes <= greedy.passes + 1
-
-
-def test_speculative_decoding_stops_where_greedy_stops(tiny_models: dict[str, Path]) -> None:
-    model, tokenizer = _tiny_mtp(tiny_models, 0.0)
-    ids = tokenizer("def f(x):\n")["input_ids"]
-    free = Decoder(model, tokenizer, max_new_tokens=40).greedy(ids)
-    stop = tokenizer.decode(free.tokens[5:7])  # a stop string the free run produces after 5+ tokens
-    decoder = Decoder(model, tokenizer, max_new_tokens=40, stop=[stop])
-    greedy, speculative = decoder.greedy(ids), decoder.speculative(ids)
-    assert speculative.tokens == greedy.tokens and len(greedy.tokens) < 40
-    assert stop not in decoder.text(greedy.tokens)
-
-
 @pytest.fixture
 def final_model(tiny_models: dict[str, Path], tmp_path: Path) -> Path:
     model, tokenizer = _tiny_mtp(tiny_models, 0.05)
@@ -165,26 +141,79 @@ def final_model(tiny_models: dict[str, Path], tmp_path: Path) -> Path:
     return directory
 
 
-def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, tmp_path: Path) -> None:
+def test_eval_command_reports_scores_speed_and_every_problem(
+    final_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mbpp_file = tmp_path / "mbpp.jsonl"
     mbpp_file.write_text(json.dumps(MBPP_FULL) + "\n" + json.dumps(MBPP_SANITIZED) + "\n")
     report = tmp_path / "report.json"
     args = ["eval", "--model", str(final_model), "--tasks", "humaneval,mbpp", "--dataset", f"mbpp={mbpp_file}",
             "--limit", "2", "--samples", "2", "--k", "1,2", "--max-new-tokens", "8", "--speed-prompts", "2",
-            "--output", str(report)]  # fmt: skip
-    result = runner.invoke(app, args)
+            "--batch-size", "3", "--output", str(report)]  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="wmtp"):
+        result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["tasks"] == {
         "humaneval": {"problems": 2, "pass@1": 0.0, "pass@2": 0.0},
         "mbpp": {"problems": 2, "pass@1": 0.0, "pass@2": 0.0},
     }
-    assert summary["speed"]["identical"] is True and summary["speed"]["mean_accepted"] >= 1.0
+    speed = summary["speed"]
+    assert speed["identical"] is True and speed["mean_accepted"] >= 1.0 and speed["rounds"] == 3
+    assert speed["speedup_suspect"] is False and speed["passes"]["greedy"] == speed["tokens"]
+    assert summary["samples"] == 2 and summary["decoding"]["batch_size"] == 3 and summary["decoding"]["tokens"] > 0
+    # Off a terminal, progress is plain log lines; the table names the samples and the sandbox.
+    assert "progress: 4/4 problems" in caplog.text
+    assert f"2 samples per problem; programs ran in the sandbox: {summary['sandbox']}" in result.output
     written = json.loads(report.read_text())
     assert "rlimit-as" in written["sandbox"]  # the mechanisms that held the programs, as the runs reported them
     problems = written["problems"]
     assert [p["task_id"] for p in problems["mbpp"]] == ["MBPP/11", "MBPP/2"]
     assert all(p["n"] == 2 and p["correct"] == 0 for task in problems.values() for p in task)
+
+
+CHAT = (
+    "{% for m in messages %}<|user|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    ("answer", "code"),
+    [
+        ("```python\nx = 1\n```", "x = 1\n"),
+        ("Sure:\n```\nx = 1\n```\nand also\n```python\ny = 2\n```", "x = 1\n"),  # the first block
+        ("```Python3\nx = 1\n```", "x = 1\n"),
+        ("Here:\n```py\nx = 1\nfor", "x = 1\nfor"),  # cut off by max_new_tokens: what there is
+        ("    return x\n", "    return x\n"),  # no block: the whole answer
+    ],
+)
+def test_the_code_of_an_answer_is_its_first_code_block(answer: str, code: str) -> None:
+    assert code_block(answer) == code
+
+
+def test_an_instruct_model_is_asked_in_its_chat_template_and_scored_on_its_code(
+    final_model: Path, tmp_path: Path
+) -> None:
+    tokenizer = load_tokenizer(final_model)
+    problem = humaneval(str(humaneval_path()), Storage())[0]
+    with pytest.raises(ConfigError, match="no chat template"):
+        Prompting(tokenizer, chat_template=True)
+    tokenizer.chat_template = CHAT
+    prompting = Prompting(tokenizer, chat_template=True, extract_code=True)
+    assert tokenizer.decode(prompting.ids(problem)) == f"<|user|>{CHAT_REQUEST.format(problem.prompt)}\n<|assistant|>"
+    assert prompting.stop(problem) == ()  # "\ndef " would end an answer before its code
+    answer = f"Sure! Here is the function:\n\n```python\n{problem.prompt}{problem.canonical}```\n\nIt works."
+    assert run_program(problem.solution(prompting.completion(answer)), problem.test).passed
+    assert not run_program(problem.solution(answer), problem.test).passed  # the prose is not Python
+
+    tokenizer.save_pretrained(final_model)
+    report = tmp_path / "report.json"
+    args = ["eval", "--model", str(final_model), "--limit", "1", "--max-new-tokens", "4", "--speed-prompts", "0",
+            "--chat-template", "True", "--extract-code", "true", "--output", str(report)]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["problems"]["humaneval"][0]["n"] == 1
 
 
 @pytest.mark.parametrize(
@@ -195,6 +224,7 @@ def test_eval_command_reports_scores_speed_and_every_problem(final_model: Path, 
         (["--tasks", "mbpp"], "datasets.mbpp is required: there is no bundled copy of mbpp"),
         (["--tasks", "gsm8k"], "--tasks: Input should be 'humaneval' or 'mbpp'"),
         (["--program-timeout", "0"], "--program-timeout: Input should be greater than or equal to 0.1"),
+        (["--batch-size", "0"], "--batch-size: Input should be greater than or equal to 1"),
     ],
 )
 def test_eval_command_refuses_bad_options_in_one_line(final_model: Path, args: list[str], says: str) -> None:
@@ -212,6 +242,8 @@ def test_every_eval_setting_is_a_flag_of_wmtp_eval_with_its_default() -> None:
         if isinstance(field.get_default(call_default_factory=True), list):
             default = default.split(",")
             assert default == [str(v) for v in field.get_default(call_default_factory=True)], name
+        elif isinstance(field.get_default(), bool):  # a value, as spec.eval renders it: --chat-template True
+            assert boolean(default, flag) is field.get_default(), name
         elif name != "datasets":
             assert default == field.get_default(), name
 
@@ -271,6 +303,8 @@ def test_the_termination_message_carries_the_results_and_stays_within_what_the_k
     results = summary(report)
     assert results["tasks"] == {"humaneval": {"problems": 164, "pass@1": 0.1235, "pass@10": 0.5}}
     assert results["speed"] == {"speedup": 1.75, "mean_accepted": 2.0, "identical": True}
+    assert "SUSPECT" not in headline(report)
+    assert "SUSPECT" in headline({**report, "speed": {**report["speed"], "speedup_suspect": True}})
     back = Termination.from_json(Termination(contract.STOP_SUCCEEDED, 0, headline(report), eval=results).to_json())
     assert back is not None and back.eval == results
     huge = summary({"tasks": {f"task{i}": {f"pass@{k}": 0.5 for k in range(1, 100)} for i in range(100)}})
@@ -287,6 +321,8 @@ def test_the_termination_message_carries_the_results_and_stays_within_what_the_k
         (["--tasks", "mbpp"], 2, "datasets.mbpp is required"),
         (["--k", "one"], 2, "--k: comma-separated integers"),
         (["--model", "/nowhere/final"], 2, "/nowhere/final"),
+        (["--chat-template", "maybe"], 2, "--chat-template: true or false, not 'maybe'"),
+        (["--chat-template", "true"], 2, "--chat-template: the model's tokenizer has no chat template"),
     ],
 )
 def test_a_failing_eval_leaves_a_one_line_failure_and_its_exit_code(

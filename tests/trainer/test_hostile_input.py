@@ -149,3 +149,19 @@ def test_an_expansion_attempt_in_a_name_is_refused_without_showing_the_secret(
 
     assert result.exit_code == 2
     assert field in result.stderr and SECRET not in result.output
+
+
+def test_validate_names_the_credential_variables_for_a_tracking_uri_with_a_password(
+    tmp_path: Path, tiny_models: dict[str, Path]
+) -> None:
+    """Not "unreachable" (a port where nothing listens): the URI itself is the problem, and its password is never
+    shown."""
+    config, recipe = write_run_files(
+        tmp_path, tiny_models, "baseline-mtp", steps=2, **{"mlflow.tracking_uri": f"http://alice:{SECRET}@127.0.0.1:9"}
+    )
+    result = runner.invoke(app, ["validate", "-c", str(config), "-r", str(recipe)])
+
+    assert result.exit_code == 2, result.output
+    problems = [line for line in result.stderr.splitlines() if line.startswith("  - ")]
+    assert len(problems) == 1 and "MLFLOW_TRACKING_USERNAME" in problems[0], result.stderr
+    assert "unreachable" not in result.output.lower() and SECRET not in result.output

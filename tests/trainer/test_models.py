@@ -15,6 +15,7 @@ from wmtp.cli import app
 from wmtp.config import ModelPaths
 from wmtp.contract import ExitCode
 from wmtp.models import (
+    MTPCache,
     MTPModel,
     build_tiny_models,
     build_tiny_tokenizer,
@@ -107,6 +108,48 @@ def test_no_head_sees_future_tokens(arch: str) -> None:
     for a, b in zip(outputs(model, ids), outputs(model, changed), strict=True):
         torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-6)
         assert (a[:, j] - b[:, j]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(("arch", "head_type"), [("llama", "block"), ("gpt2", "block"), ("llama", "linear")])
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
+def test_a_cache_cropped_after_a_rejected_draft_continues_like_one_full_forward(arch: str, head_type: str) -> None:
+    model = MTPModel(tiny_base(arch), n_heads=4, head_type=head_type).eval()
+    perturb(model.extra_heads)  # heads that differ from head 0 and from each other, caches included
+    ids = tokens()
+    full = model(ids)
+    cache = MTPCache(model)
+    prefix = model(ids[:, :5], cache=cache)
+    wrong = ids[:, 5:9].clone()
+    wrong[:, 1:] = (wrong[:, 1:] + 1) % VOCAB  # a draft whose first token is right and the rest wrong
+    drafted = model(wrong, cache=cache)
+    cache.crop(6)
+    rest = model(ids[:, 6:], cache=cache)
+    assert cache.length == ids.shape[1] and len(cache.heads) == (3 if head_type == "block" else 0)
+    stepped = [torch.cat([p, d[:, :1], r], dim=1) for p, d, r in zip(prefix, drafted, rest, strict=True)]
+    for a, b in zip(stepped, full, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "head_type"), [("llama", "block"), ("gpt2", "block")])
+@pytest.mark.usefixtures("one_thread")
+@torch.no_grad()
+def test_a_left_padded_row_gives_what_it_gives_alone(arch: str, head_type: str) -> None:
+    model = MTPModel(tiny_base(arch), n_heads=3, head_type=head_type).eval()
+    perturb(model.extra_heads)
+    ids = tokens(2, 12)
+    short = ids[1, :8]
+    batch = torch.stack([ids[0], torch.cat([torch.zeros(4, dtype=torch.long), short])])
+    mask = torch.ones_like(batch)
+    mask[1, :4] = 0
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = MTPCache(model)
+    first = model(batch[:, :10], attention_mask=mask[:, :10], position_ids=positions[:, :10], cache=cache)
+    then = model(batch[:, 10:], attention_mask=mask, position_ids=positions[:, 10:], cache=cache)
+    for head, (a, b) in enumerate(zip(first, then, strict=True)):
+        padded = torch.cat([a, b], dim=1)
+        torch.testing.assert_close(padded[0], model(ids[:1])[head][0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(padded[1, 4:], model(short[None])[head][0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("arch", "head_type"), [("llama", "block"), ("gpt2", "block"), ("llama", "linear")])

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from support.sharded_load import batch, outputs, sharded_load
+from wmtp import contract
 from wmtp.cli import app
 from wmtp.models import MTPModel, load_mtp_model
-from wmtp.models.native import is_native_dir, load_native
+from wmtp.models.compatibility import read_vocabulary
+from wmtp.models.native import is_native_dir, load_native, load_native_tokenizer
+from wmtp.pull import Job, pull
 from wmtp.storage import Storage, parse_uri
 
 # 2 shared trunk layers + head 0's layer in Meta's `layers`, 3 more heads in `extra_heads`. Grouped-query attention,
@@ -265,6 +268,28 @@ def test_native_checkpoint_loads_from_s3(native: dict, s3_storage: Storage, s3_b
     local, _ = load_native(native["one"])
     ids = torch.tensor([native["sp"].encode(TEXT)])
     assert_same(logits(remote, ids), logits(local, ids))
+
+
+def test_a_native_folder_pulled_without_its_shards_builds_the_same_empty_model(
+    native: dict, s3_storage: Storage, s3_bucket: str, tmp_path: Path
+) -> None:
+    """A node rank other than 0 pulls params.json and tokenizer.model alone: it must still read the folder as Meta's
+    format, and build the model rank 0 builds."""
+    uri = f"s3://{s3_bucket}/meta/7B_1T_4-mp2"
+    s3_storage.upload(native["two"], parse_uri(uri))
+    assert pull([Job(uri, str(tmp_path), contract.PULL_WEIGHTS_RANK0)], s3_storage, node_rank=1)["rank0_only"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["params.json", "tokenizer.model"]
+
+    pulled, tokenizer = load_mtp_model(str(tmp_path), Storage(), n_heads=4, head_type="block", empty=True)
+    whole, _ = load_mtp_model(str(native["two"]), Storage(), n_heads=4, head_type="block", empty=True)
+
+    def shapes(model: MTPModel) -> list[tuple[str, torch.Size]]:
+        return [(name, p.shape) for name, p in model.named_parameters()]
+
+    assert shapes(pulled) == shapes(whole) and all(p.is_meta for p in pulled.parameters())
+    assert tokenizer.get_vocab() == load_native_tokenizer(native["two"]).get_vocab()
+    read, want = (read_vocabulary("base", str(path), Storage()) for path in (tmp_path, native["two"]))
+    assert (read.size, read.tokens, read.digest) == (want.size, want.tokens, want.digest)
 
 
 def test_a_head_count_other_than_the_checkpoints_is_refused(native: dict) -> None:

@@ -22,12 +22,15 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import ResponseStreamingError
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
+from typer.testing import CliRunner
 
-from wmtp.pull import Job, main, pull
+from wmtp import contract
+from wmtp.cli import app
+from wmtp.pull import Job, load_spec, main, pull
 from wmtp.pull import state as pull_state
 from wmtp.pull.fetch import MiB, expected_digest
 from wmtp.pull.state import STATE_DIR, DestLock
-from wmtp.storage import LocalTree, Storage, StorageError
+from wmtp.storage import LocalTree, Storage, StorageError, parse_uri
 from wmtp.storage.s3 import S3Backend
 
 SECRET = "s3cr3t-never-printed"
@@ -323,6 +326,134 @@ def test_spec_file_pulls_each_uri_into_its_destination(
     assert files_under(tmp_path / "base") == {"config.json": b"{}"}
     assert files_under(tmp_path / "rm") == {"config.json": b"[]"}
     assert files_under(tmp_path / "data") == {"x.jsonl": b"1\n"}
+
+
+# ----------------------------------------------------------------------------- what each node rank pulls
+
+# A model folder as the loaders see it: the files every rank reads (config, tokenizers, Meta's params.json, mtp.json,
+# the safetensors index) and the weights that rank 0 alone reads.
+READ_BY_EVERY_RANK = {
+    "config.json": b'{"model_type": "llama"}',
+    "generation_config.json": b"{}",
+    "tokenizer.json": blob(3000, 2),
+    "tokenizer_config.json": b"{}",
+    "tokenizer.model": blob(2000, 3),
+    "params.json": b'{"dim": 64}',
+    "mtp.json": b'{"n_heads": 4}',
+    "model.safetensors.index.json": b'{"weight_map": {}}',
+}
+READ_BY_RANK_0 = {
+    "model-00001-of-00002.safetensors": os.urandom(2 * MiB + 5),
+    "model-00002-of-00002.safetensors": blob(3000, 4),
+    "mtp_heads.safetensors": blob(1000, 5),
+    "consolidated.00.pth": blob(1500, 6),
+    "pytorch_model.bin": blob(800, 7),
+}
+
+
+@pytest.fixture
+def model_folder(s3_storage: Storage, s3_bucket: str) -> str:
+    put(s3_storage, s3_bucket, {f"models/7b/{k}": v for k, v in {**READ_BY_EVERY_RANK, **READ_BY_RANK_0}.items()})
+    return f"s3://{s3_bucket}/models/7b"
+
+
+@pytest.mark.parametrize(
+    ("node_rank", "weights"),
+    [({"NODE_RANK": "0"}, True), ({"NODE_RANK": "1"}, False), (["--node-rank", "3"], False), ({}, True)],
+    ids=["env-rank-0", "env-rank-1", "flag-rank-3", "no-rank"],
+)
+def test_node_ranks_other_than_0_pull_the_weights_of_no_model(
+    s3_storage: Storage, s3_bucket: str, s3_endpoint: str, model_folder: str, tmp_path: Path,
+    node_rank: dict[str, str] | list[str], weights: bool,
+) -> None:  # fmt: skip
+    put(s3_storage, s3_bucket, {"data/train.bin": b"tokens"})  # a dataset is pulled whole on every rank
+    spec = tmp_path / "pull.yaml"
+    spec.write_text(
+        f"- {{uri: {model_folder}, dest: {tmp_path / 'base'}, weights: {contract.PULL_WEIGHTS_RANK0}}}\n"
+        f"- {{uri: s3://{s3_bucket}/data/train.bin, dest: {tmp_path / 'data'}}}\n"
+    )
+    env = {contract.ENV_NODE_RANK: None, **(node_rank if isinstance(node_rank, dict) else {})}
+    flags = node_rank if isinstance(node_rank, list) else []
+    args = ["pull", "--spec", str(spec), "--endpoint-url", s3_endpoint, *flags]
+
+    result = CliRunner().invoke(app, args, env=env)
+
+    assert result.exit_code == 0, result.output
+    summary = summary_of(result.stdout)
+    pulled, left = ({**READ_BY_EVERY_RANK, **READ_BY_RANK_0}, {}) if weights else (READ_BY_EVERY_RANK, READ_BY_RANK_0)
+    assert files_under(tmp_path / "base") == pulled
+    assert files_under(tmp_path / "data") == {"train.bin": b"tokens"}
+    assert summary["bytes"] == sum(map(len, pulled.values())) + len(b"tokens")
+    assert (summary["rank0_only"], summary["rank0_only_bytes"]) == (len(left), sum(map(len, left.values())))
+
+
+@pytest.mark.parametrize("entry", ["{uri: s3://b/m, dest: /x, weights: rank1}", "{uri: s3://b/m, dest: /x, w: 1}"])
+def test_a_spec_entry_with_an_unknown_weights_value_or_key_is_refused(tmp_path: Path, entry: str) -> None:
+    spec = tmp_path / "pull.yaml"
+    spec.write_text(f"- {entry}\n")
+    with pytest.raises(StorageError, match=r"list of \{uri, dest\} mappings \(each may add weights: all \| rank0\)"):
+        load_spec(spec)
+
+
+def test_on_a_shared_volume_a_pull_that_leaves_the_weights_out_keeps_their_records(
+    s3_storage: Storage, s3_bucket: str, model_folder: str, tmp_path: Path
+) -> None:
+    job = Job(model_folder, str(tmp_path), weights=contract.PULL_WEIGHTS_RANK0)
+    everything = {**READ_BY_EVERY_RANK, **READ_BY_RANK_0}
+
+    first = pull([job], s3_storage, part_size=MiB, node_rank=1)
+    full = pull([job], s3_storage, part_size=MiB, node_rank=0)
+    # A change in S3 sends node 1 under the lock again: it rewrites the marker, keeping what rank 0 recorded.
+    put(s3_storage, s3_bucket, {"models/7b/config.json": b'{"model_type": "llama", "v": 2}'})
+    again = pull([job], s3_storage, part_size=MiB, node_rank=1)
+    marker = json.loads((tmp_path / STATE_DIR / "marker.json").read_text())
+    spy = Spy(client_of(s3_storage))
+    last = pull([job], through(spy), part_size=MiB, node_rank=0)
+
+    assert (first["files"], first["rank0_only"]) == (len(READ_BY_EVERY_RANK), len(READ_BY_RANK_0))
+    assert (full["files"], full["skipped"]) == (len(READ_BY_RANK_0), len(READ_BY_EVERY_RANK))
+    assert (again["files"], again["skipped"]) == (1, len(READ_BY_EVERY_RANK) - 1)
+    assert marker["complete"] and set(marker["files"]) == set(everything)
+    assert spy.gets == [] and (last["files"], last["skipped"]) == (0, len(everything))
+
+
+def test_a_folder_pulled_for_a_node_rank_other_than_0_builds_the_same_empty_models(
+    s3_storage: Storage, s3_bucket: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    """What the trainer reads on a rank other than 0 (`Trainer.build_models` with `empty`): the vocabulary check,
+    then each model built on the meta device; nothing of it may need a weight file."""
+    import torch
+
+    from wmtp.config import ModelPaths
+    from wmtp.models import FROZEN_LOADERS, check_vocabularies, load_mtp_model
+
+    for role, path in tiny_models.items():
+        s3_storage.upload(path, parse_uri(f"s3://{s3_bucket}/tiny/{role}"))
+    jobs = [
+        Job(f"s3://{s3_bucket}/tiny/{role}", str(tmp_path / role), contract.PULL_WEIGHTS_RANK0) for role in tiny_models
+    ]
+    summary = pull(jobs, s3_storage, node_rank=1)
+    assert summary["rank0_only"] == len(tiny_models)
+    assert not [p for p in tmp_path.rglob("*") if contract.is_weight_file(p.name)]
+
+    def built(paths: dict[str, str]) -> dict[str, object]:
+        check_vocabularies(ModelPaths(**paths), ("ref", "rm"), Storage())
+        model, tokenizer = load_mtp_model(paths["base"], Storage(), 4, "block", empty=True)
+        frozen = {role: FROZEN_LOADERS[role](paths[role], Storage(), empty=True) for role in ("ref", "rm")}
+        shapes = {
+            role: [(name, p.shape, p.dtype, p.is_meta) for name, p in module.named_parameters()]
+            for role, module in {"base": model, **frozen}.items()
+        }
+        buffers = {role: dict(module.named_buffers()) for role, module in {"base": model, **frozen}.items()}
+        return {"shapes": shapes, "buffers": buffers, "vocab": tokenizer.get_vocab()}
+
+    pulled = built({role: str(tmp_path / role) for role in tiny_models})
+    whole = built({role: str(path) for role, path in tiny_models.items()})
+    assert pulled["shapes"] == whole["shapes"] and pulled["vocab"] == whole["vocab"]
+    assert all(meta for shapes in pulled["shapes"].values() for *_, meta in shapes)
+    for role, buffers in whole["buffers"].items():
+        assert buffers.keys() == pulled["buffers"][role].keys()
+        assert all(torch.equal(buffer, pulled["buffers"][role][name]) for name, buffer in buffers.items())
 
 
 def closed_port() -> int:

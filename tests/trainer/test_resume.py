@@ -212,7 +212,13 @@ def test_auto_resume_latest_from_the_recipe(run_files, tmp_path: Path) -> None:
     again = Trainer(*load(config, recipe))
     again.train()
     assert again.state.step == 10 and again.state.history["loss"] == []  # nothing left to train
-    fresh = Trainer(*load(config, recipe), resume="never")
+    with pytest.raises(CheckpointError, match="already holds committed checkpoints"):
+        Trainer(*load(config, recipe), resume="never")  # a fresh start over them must be asked for
+    loaded, settings = load(config, recipe)
+    settings = settings.model_copy(
+        update={"checkpointing": settings.checkpointing.model_copy(update={"overwrite": True})}
+    )
+    fresh = Trainer(loaded, settings, resume="never")
     fresh.train()
     assert len(fresh.state.history["loss"]) == 10
 

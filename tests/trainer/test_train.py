@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 from support.runs import checkpoint_tensors, train_cli
 from support.waiting import free_port
 from wmtp.checkpoint import FINAL_ALGORITHM
-from wmtp.config import load
+from wmtp.config import MLflowSettings, load
+from wmtp.models import MTPModel
 from wmtp.optim import build_scheduler
-from wmtp.tracking import CONTINUES_TAG, default_tracking_uri
+from wmtp.tracking import CONTINUES_TAG, Tracker, default_tracking_uri
 from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
@@ -62,16 +63,29 @@ def test_each_algorithm_trains_and_heldout_loss_falls(algo: str, run_files) -> N
         assert not (final_dir / FINAL_ALGORITHM).exists()
 
 
-def test_training_against_a_real_mlflow_server(run_files, mlflow_server: str) -> None:
-    config, recipe = load(*run_files("baseline-mtp", steps=10, **{"mlflow.tracking_uri": mlflow_server}))
-    before = len(registered_versions(mlflow_server, "wmtp-baseline-mtp"))
+def test_training_against_a_real_mlflow_server(run_files, mlflow_server: str, tmp_path: Path) -> None:
+    name = "wmtp-team-a-baseline-mtp"  # as the operator names it for a run in namespace team-a
+    settings = {"mlflow.tracking_uri": mlflow_server, "mlflow.registered_model": name}
+    config, recipe = load(*run_files("baseline-mtp", steps=10, **settings))
+    before = len(registered_versions(mlflow_server, name))
     summary = Trainer(config, recipe).train()
 
     assert summary["mlflow_tracking_uri"] == mlflow_server
     client = mlflow.MlflowClient(tracking_uri=mlflow_server)
     assert len(client.get_metric_history(summary["mlflow_run_id"], "loss")) == 2
-    assert len(registered_versions(mlflow_server, "wmtp-baseline-mtp")) == before + 1
+    versions = registered_versions(mlflow_server, name)
+    assert len(versions) == before + 1 and summary["registered_model"] == f"{name} v{versions[0].version}"
     assert not list(Path(config.paths.output_dir).rglob("mlflow.db"))
+    # The registered model is the final folder as the store holds it: safetensors and JSON, loaded without pickle.
+    mlflow.set_registry_uri(mlflow_server)
+    source = f"models:/{name}/{versions[0].version}"
+    downloaded = Path(mlflow.artifacts.download_artifacts(source, dst_path=str(tmp_path / "registered")))
+    final = Path(summary["final_model"].removeprefix("file://"))
+    assert sorted(p.name for p in downloaded.iterdir()) == sorted(
+        p.name for p in final.iterdir() if p.name != "COMMITTED"
+    )
+    assert {p.suffix for p in downloaded.iterdir()} <= {".safetensors", ".json", ".txt", ".jinja"}
+    assert MTPModel.from_pretrained(downloaded).n_heads == MTPModel.from_pretrained(final).n_heads
 
 
 @pytest.mark.parametrize(
@@ -154,23 +168,20 @@ def test_resuming_a_finished_run_registers_no_second_version(run_files) -> None:
 
 def test_an_mlflow_server_that_is_down_costs_a_warning_not_the_run(run_files) -> None:
     port = free_port()  # nothing listens there
-    config, recipe = load(
-        *run_files("baseline-mtp", steps=10, **{"mlflow.tracking_uri": f"http://u:secret@127.0.0.1:{port}"})
-    )
+    # (Credentials never reach here: the config refuses a URI that holds any, tests/trainer/test_config.py.)
+    config, recipe = load(*run_files("baseline-mtp", steps=10, **{"mlflow.tracking_uri": f"http://127.0.0.1:{port}"}))
     trainer = Trainer(config, recipe)
     summary = trainer.train()
     assert summary["steps"] == 10 and summary["mlflow_run_id"] is None
     assert len(trainer.warnings) == 1 and "starting the run failed" in trainer.warnings[0]
-    assert "secret" not in trainer.warnings[0] and "***@127.0.0.1" in trainer.warnings[0]
+    assert f"127.0.0.1:{port}" in trainer.warnings[0]
 
 
 def test_a_failed_registration_is_a_warning_and_the_model_is_kept(run_files, monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
         raise mlflow.exceptions.MlflowException("registry unavailable")
 
-    # mlflow.pytorch is a lazy loader that copies the module's names when first used: load it, then patch it.
-    assert mlflow.pytorch.log_model is not None
-    monkeypatch.setattr(mlflow.pytorch, "log_model", refuse)
+    monkeypatch.setattr(mlflow, "register_model", refuse)
     config, recipe = load(*run_files("baseline-mtp", steps=10))
     trainer = Trainer(config, recipe)
     summary = trainer.train()
@@ -191,3 +202,27 @@ def test_a_library_call_leaves_the_callers_signal_handlers_alone(run_files, monk
     monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.append(signum) or real(signum, handler))
     Trainer(*load(*run_files("baseline-mtp", steps=2))).train()
     assert signal.SIGTERM not in installed
+
+
+def test_credentials_in_an_mlflow_tracking_uri_reach_no_param_log_line_or_output(
+    mlflow_server: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Config refuses a URI with user:password@; should one reach the tracker anyway (the server here ignores the
+    basic-auth header it makes), nothing it records or prints holds the password."""
+    uri = mlflow_server.replace("http://", "http://alice:s3cr3t@")
+    settings = MLflowSettings.model_construct(
+        tracking_uri=uri, registry_uri=None, experiment="creds", registered_model=None
+    )
+    tracker = Tracker(settings, tmp_path)
+    with caplog.at_level("DEBUG"):
+        tracker.start("creds", {"mlflow.tracking_uri": uri, "seed": "7"}, {"source": uri})
+        tracker.log_param("final_checkpoint_uri", uri)
+        tracker.end()
+
+    assert tracker.run_id is not None and tracker.shown_uri == mlflow_server.replace("http://", "http://***@")
+    run = mlflow.MlflowClient(tracking_uri=mlflow_server).get_run(tracker.run_id)
+    assert run.data.params["mlflow.tracking_uri"] == tracker.shown_uri
+    assert "s3cr3t" not in repr(run.data.params) + repr(run.data.tags)
+    out, err = capfd.readouterr()
+    assert "s3cr3t" not in out + err + caplog.text
+    assert "View run" not in out  # MLflow's own line, which would quote the URI

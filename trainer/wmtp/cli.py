@@ -13,18 +13,20 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
 from wmtp.config import EvalSettings, clip
 from wmtp.contract import (
     CONFIG_FLAG,
+    ENV_NODE_RANK,
     EVAL_DATASET_FLAG,
     EVAL_EXPERIMENT_FLAG,
     EVAL_MODEL_FLAG,
     LAUNCH_GRACE_FLAG,
     PULL_SPEC_FLAG,
+    PULL_WEIGHTS,
+    PULL_WEIGHTS_RANK0,
     RECIPE_FLAG,
     RESUME_FALLBACK_FLAG,
     RESUME_FLAG,
@@ -172,18 +174,19 @@ def validate(config: Path = ConfigOpt, recipe: Path = RecipeOpt, log_level: str 
 
     with reported(log_level):
         report = validate_run(str(config), str(recipe))
-    if report.rows:
+    if report.rows:  # what was checked, on stdout; the problems and the verdict on stderr, as every command's
         table = Table(title="What would run", show_lines=False)
         for column in ("item", "value", "detail"):
             table.add_column(column)
         for row in report.rows:
             table.add_row(*row)
-        console.print(table)
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
     if not report.ok:
         console.print(f"[red]{len(report.problems)} problem(s):[/red]")
         for problem in report.problems:
             console.print(f"  - {one_line(problem.text)}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(report.exit_code)
+        first = report.problems[0].text
+        fail(f"not valid: {len(report.problems)} problem(s), the first: {first}", report.exit_code)
     console.print("[green]valid[/green]")
 
 
@@ -267,12 +270,22 @@ def checkpoints_prune(
 def pull(
     sources: list[str] = typer.Argument(None, metavar="SRC_URI...", help="s3:// prefixes (mirrored) or objects."),
     dest: Path | None = typer.Option(None, "--dest", "-d", help="Folder to pull SRC_URI... into."),
-    spec: Path | None = typer.Option(None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest}, instead of SRC_URI..."),
+    spec: Path | None = typer.Option(
+        None, PULL_SPEC_FLAG, help="YAML/JSON list of {uri, dest[, weights]}, instead of SRC_URI..."
+    ),
     workers: int = typer.Option(16, min=1, max=32, help="Parallel range requests (the S3 client keeps 32 sockets)."),
     part_size: int = typer.Option(64, "--part-size", min=1, help="MiB per ranged GET of a larger object."),
     verify: bool = typer.Option(False, "--verify", help="Also re-hash files already in place against the marker."),
     endpoint_url: str | None = typer.Option(None, help="S3 endpoint. Default: AWS_ENDPOINT_URL, else AWS."),
     region: str | None = typer.Option(None, help="S3 region. Default: AWS_REGION / AWS_DEFAULT_REGION."),
+    node_rank: int | None = typer.Option(
+        None,
+        "--node-rank",
+        envvar=ENV_NODE_RANK,
+        min=0,
+        help=f"This pod's node rank: other than 0, spec entries with {PULL_WEIGHTS}: {PULL_WEIGHTS_RANK0} leave "
+        "out their weight files. Unset: pull everything.",
+    ),
     log_level: str | None = LogLevelOpt,
 ) -> None:
     """Copy models and datasets from S3: parallel, resumable, verified, safe to run concurrently.
@@ -284,7 +297,7 @@ def pull(
     setup_logging(log_level)
     from wmtp.pull import main
 
-    options = {"workers": workers, "part_size_mb": part_size, "verify": verify}
+    options = {"workers": workers, "part_size_mb": part_size, "verify": verify, "node_rank": node_rank}
     with reported(log_level):
         code = main(sources or [], dest, spec, **options, endpoint_url=endpoint_url, region=region)
     raise typer.Exit(code)
@@ -314,6 +327,11 @@ def evaluate(
     program_timeout: float = typer.Option(EVAL.program_timeout, help=_eval_help("program_timeout")),
     speed_prompts: int = typer.Option(EVAL.speed_prompts, help=_eval_help("speed_prompts")),
     seed: int = typer.Option(EVAL.seed, help=_eval_help("seed")),
+    batch_size: int = typer.Option(EVAL.batch_size, help=_eval_help("batch_size")),
+    chat_template: str = typer.Option(
+        str(EVAL.chat_template).lower(), help=f"true|false. {_eval_help('chat_template')}"
+    ),
+    extract_code: str = typer.Option(str(EVAL.extract_code).lower(), help=f"true|false. {_eval_help('extract_code')}"),
     output: Path | None = typer.Option(None, help="Write the whole report (every problem) as JSON here."),
     mlflow_run_id: str | None = typer.Option(
         None,
@@ -329,7 +347,7 @@ def evaluate(
     termination message as the trainer does (the scores, or the one-line error).
     """
     setup_logging(log_level)
-    from wmtp.eval.command import datasets, headline, ints, last_words, options, show
+    from wmtp.eval.command import boolean, datasets, headline, ints, last_words, options, progress, show
     from wmtp.eval.runner import evaluate as run_eval
     from wmtp.eval.runner import log_to_mlflow, summary, training_run
     from wmtp.storage import Storage
@@ -339,12 +357,12 @@ def evaluate(
         settings = options(
             model=model, tasks=[t.strip() for t in tasks.split(",") if t.strip()], k=ints(k, "--k"), samples=samples,
             temperature=temperature, max_new_tokens=max_new_tokens, limit=limit, datasets=datasets(dataset),
-            program_timeout=program_timeout, speed_prompts=speed_prompts, seed=seed,
+            program_timeout=program_timeout, speed_prompts=speed_prompts, seed=seed, batch_size=batch_size,
+            chat_template=boolean(chat_template, "--chat-template"),
+            extract_code=boolean(extract_code, "--extract-code"),
         )  # fmt: skip
-        columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
-            task = bar.add_task("eval", total=None)
-            report = run_eval(settings, storage, progress=lambda: bar.advance(task))
+        with progress(console) as advance:
+            report = run_eval(settings, storage, progress=advance)
         if output is not None:
             output.write_text(json.dumps(report, indent=1))
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI")

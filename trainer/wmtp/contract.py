@@ -99,6 +99,9 @@ ENV_TERMINATION_LOG = "WMTP_TERMINATION_LOG"  # where to write the termination m
 # Where a pod finds its API credentials (token, ca.crt, namespace): rank 0 reports with them. The operator mounts
 # them (a projected token) into the trainer container alone.
 SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# A ServiceAccount a WMTPRun may name for its pods (spec.serviceAccountName) opts in with this label, valued "true",
+# set by whoever controls it: naming one hands its identity (a cloud role, say) to every trainer pod of the run.
+TRAINER_ACCOUNT_LABEL = f"{GROUP}/trainer"
 
 # Where the operator mounts things in a trainer pod.
 CONFIG_DIR = "/etc/wmtp"  # config.yaml, recipe.yaml and pull.yaml, rendered by the operator
@@ -168,6 +171,22 @@ PULL_SPEC_FLAG = "--spec"
 CONFIG_FLAG, RECIPE_FLAG, RESUME_FLAG = "--config", "--recipe", "--resume"
 EVAL_COMMAND: tuple[str, ...] = ("wmtp", "eval")
 EVAL_MODEL_FLAG, EVAL_EXPERIMENT_FLAG, EVAL_DATASET_FLAG = "--model", "--experiment", "--dataset"
+
+
+# Files that hold a model's weights, by how their names end; everything else in a model folder (config.json,
+# tokenizer files, Meta's params.json, mtp.json, the safetensors index) is what every rank reads. Distributed,
+# global rank 0 alone reads weights: the other ranks build each model on the meta device from those small files
+# and receive their shards from rank 0 (`wmtp.distributed.load_weights`). So a pull-spec entry may carry
+# PULL_WEIGHTS: PULL_WEIGHTS_RANK0, and `wmtp pull` then leaves these files out on any node rank (ENV_NODE_RANK)
+# but 0, whose pod holds global rank 0; without a node rank it pulls everything.
+WEIGHT_SUFFIXES: tuple[str, ...] = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
+PULL_WEIGHTS = "weights"  # the pull-spec key
+PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0 = "all", "rank0"  # its values; PULL_WEIGHTS_ALL is the default
+
+
+def is_weight_file(name: str) -> bool:
+    """Whether the file `name` (a path or a key) holds weights that only rank 0 reads."""
+    return name.endswith(WEIGHT_SUFFIXES)
 
 
 def pull_command(spec_file: str) -> list[str]:

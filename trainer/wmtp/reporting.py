@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wmtp.config import clip
+from wmtp.config import TERMINATION, clip, parse_json
 from wmtp.contract import (
     ENV_ATTEMPT,
     ENV_RUN_NAME,
@@ -176,7 +176,7 @@ class Termination:
     def from_json(cls, data: bytes) -> Termination | None:
         """A message written by a trainer process, or None if `data` is not one."""
         try:
-            raw: dict[str, Any] = json.loads(data)
+            raw: dict[str, Any] = parse_json(data, TERMINATION)
             return cls(
                 reason=str(raw["reason"]),
                 exit_code=int(raw.get("exitCode", 1)),

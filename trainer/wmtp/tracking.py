@@ -6,9 +6,13 @@ MLflow never stops training: a server that is down at the start, a failed metric
 is a warning (logged, and kept in `warnings` for the termination message), and training goes on. A resumed
 attempt continues the MLflow run its checkpoint names when the store still has it; when the store lost it (the
 default sqlite store lived in a pod that is gone) a new run starts, tagged with the one it continues, and metrics
-keep their step numbers. The final model is registered once per MLflow run, however many times it is resumed.
-Credentials come from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) alone, and the
-tracking URI reaches logs only through `redact_uri`.
+keep their step numbers. The final model is registered once per MLflow run, however many times it is resumed, as
+`mlflow.registered_model` (the operator names it after the run's namespace) or `wmtp-<algorithm>`.
+
+The model MLflow holds is the final model's folder as the store holds it (safetensors and JSON, logged as the
+run's model artifacts and registered from there): nothing pickled, so loading it runs no code. Credentials come
+from MLflow's own environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN) alone; a URI reaches params,
+logs, warnings and the summary only through `redact_uri`, and MLflow's own "View run at" line is switched off.
 """
 
 from __future__ import annotations
@@ -26,13 +30,20 @@ from wmtp.config import MLflowSettings, clip, redact_uri
 log = logging.getLogger(__name__)
 
 CONTINUES_TAG = "wmtp.continues_run"  # on a run started because the store lost the one a checkpoint named
-# A server that is down must cost seconds, not MLflow's default of 7 retries with exponential backoff per call.
-_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+MODEL_TYPE = "wmtp-mtp"  # the logged model's type: an MTPModel folder (MTPModel.from_pretrained loads it)
+_CLIENT_DEFAULTS = {
+    # A server that is down must cost seconds, not MLflow's default of 7 retries with exponential backoff per call.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    # MLflow prints "View run <name> at: <tracking URI>/..." on stdout, credentials and all when the URI has them.
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+}
 
 
 def bounded_retries() -> None:
-    """A server that is down costs seconds, not minutes (unless the environment asks for more retries)."""
-    for name, value in _HTTP_DEFAULTS.items():
+    """A server that is down costs seconds, not minutes, and MLflow prints no URI of its own (unless the
+    environment says otherwise)."""
+    for name, value in _CLIENT_DEFAULTS.items():
         os.environ.setdefault(name, value)
 
 
@@ -68,6 +79,14 @@ class Tracker:
     def active(self) -> bool:
         return self.enabled and self.run_id is not None
 
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI as logs and summaries may show it."""
+        return redact_uri(self.tracking_uri)
+
+    def model_name(self, algorithm: str) -> str:
+        return self.settings.registered_model or f"wmtp-{algorithm}"
+
     def _trouble(self, what: str, err: Exception) -> None:
         """One warning per kind of trouble; logging pauses for `backoff_s` so that a dead server costs little."""
         self._quiet_until = time.monotonic() + self.backoff_s
@@ -96,8 +115,6 @@ class Tracker:
 
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
-        # It warns that pickled models run code when loaded; ours load only with the wmtp package, by design.
-        logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.settings.registry_uri or self.tracking_uri)
@@ -111,13 +128,14 @@ class Tracker:
                 tags = {**tags, CONTINUES_TAG: run_id}
             else:
                 self.run_id = mlflow.start_run(run_id=run_id, log_system_metrics=False).info.run_id
-                log.info("mlflow run=%s continued tracking_uri=%s", self.run_id, redact_uri(self.tracking_uri))
+                log.info("mlflow run=%s continued tracking_uri=%s", self.run_id, self.shown_uri)
                 return
         experiment = self._experiment_id()
+        tags = {key: redact_uri(value) for key, value in tags.items()}
         run = mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags, log_system_metrics=False)
         self.run_id = run.info.run_id
-        mlflow.log_params(params)
-        log.info("mlflow run=%s tracking_uri=%s", self.run_id, redact_uri(self.tracking_uri))
+        mlflow.log_params({key: redact_uri(str(value)) for key, value in params.items()})  # mlflow.tracking_uri too
+        log.info("mlflow run=%s tracking_uri=%s", self.run_id, self.shown_uri)
 
     def _experiment_id(self) -> str:
         import mlflow
@@ -146,35 +164,33 @@ class Tracker:
         import mlflow
 
         try:
-            mlflow.log_param(key, value)
+            mlflow.log_param(key, redact_uri(str(value)))
         except Exception as err:
             self._trouble("logging a parameter", err)
 
-    def register_model(self, model: Any, algorithm: str, where: str | None = None) -> str | None:
-        """Log the final model and register it as `wmtp-<algorithm>`, unless this run has registered it already
-        (a finished run resumed again); returns the version. `where`: the final model in the store, for the
-        warning when registration fails."""
+    def register_model(self, folder: Path, algorithm: str, where: str | None = None) -> str | None:
+        """Log the final model's folder as this run's model (its files as they are: safetensors and JSON, never a
+        pickle) and register it as `model_name(algorithm)`, unless this run has registered it already (a finished
+        run resumed again); returns the version. `where`: the final model in the store, for the warning when
+        registration fails."""
         if not self.active:
             return None
         import mlflow
-        import torch
 
-        name = f"wmtp-{algorithm}"
+        name = self.model_name(algorithm)
         try:
-            registry = mlflow.MlflowClient(registry_uri=self.settings.registry_uri or self.tracking_uri)
-            for version in registry.search_model_versions(f"name='{name}' and run_id='{self.run_id}'"):
+            client = mlflow.MlflowClient(registry_uri=self.settings.registry_uri or self.tracking_uri)
+            for version in client.search_model_versions(f"name='{name}' and run_id='{self.run_id}'"):
                 log.info("the final model of mlflow run %s is registered already as %s v%s", self.run_id, name,
                          version.version)  # fmt: skip
                 return str(version.version)
-            info = mlflow.pytorch.log_model(
-                model,
-                name="model",
-                # HF models fail the default pt2 export; requirements are given to skip slow inference of them.
-                serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "transformers"],
-                registered_model_name=name,
+            experiment = client.get_run(self.run_id).info.experiment_id  # the run's, where its user may write
+            model = mlflow.initialize_logged_model(
+                name="model", source_run_id=self.run_id, model_type=MODEL_TYPE, experiment_id=experiment
             )
-            return str(info.registered_model_version)
+            client.log_model_artifacts(model.model_id, str(folder))
+            client.finalize_logged_model(model.model_id, "READY")
+            return str(mlflow.register_model(f"models:/{model.model_id}", name).version)
         except Exception as err:
             kept = f"; the model is kept at {where}" if where else ""
             self._trouble(f"registering the final model as {name}{kept}", err)

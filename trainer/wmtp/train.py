@@ -20,11 +20,10 @@ from wmtp.algorithms import compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
 from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointManager, plan_resume
 from wmtp.components import build_models, build_store, count_steps, pick_device
-from wmtp.config import Config, Recipe, check_compatible, clip, config_hash, flatten, redact_uri, resolve_checkpointing
+from wmtp.config import Config, Recipe, check_compatible, clip, config_hash, flatten, resolve_checkpointing
 from wmtp.conversion import Conversion
 from wmtp.data import Batch, build_data
 from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed
-from wmtp.models import MTPModel
 from wmtp.optim import build_optimizer, build_scheduler
 from wmtp.reporting import Reporter
 from wmtp.stopping import Preempted, StopRequest
@@ -77,7 +76,12 @@ class Trainer:
         # Before any weights load: a --resume that names nothing usable fails in seconds.
         auto = recipe.checkpointing.auto_resume_latest
         self.resume_plan = plan_resume(
-            store, resume, auto=auto, fallback=resume_fallback, allow_config_change=allow_config_change
+            store,
+            resume,
+            auto=auto,
+            fallback=resume_fallback,
+            allow_config_change=allow_config_change,
+            overwrite=recipe.checkpointing.overwrite,
         )
         if self.resume_plan.warning:
             self.warn(self.resume_plan.warning)
@@ -222,9 +226,10 @@ class Trainer:
 
     def publish_final(self, state_dict: dict[str, torch.Tensor]) -> tuple[Location | None, str | None]:
         """Write the HF directory from the full state dict (to the store if save_final), the algorithm's modules
-        beside it, and register a plain MTPModel loaded back from it: what MLflow holds is exactly what the store
-        holds, never a sharded module."""
+        beside it, and register that folder: what MLflow holds is exactly what the store holds (safetensors and
+        JSON, never a pickle or a sharded module)."""
         save_final = self.config.paths.checkpoints.save_final
+        final = self.checkpoints.store.final_location if save_final else None
         staging = (
             self.checkpoints.save_final(self.state.mlflow_run_id)
             if save_final
@@ -237,13 +242,12 @@ class Trainer:
             algorithm_sd = {k: v.contiguous() for k, v in state_dict.items() if not k.startswith("model.")}
             if algorithm_sd:
                 save_file(algorithm_sd, Path(directory) / FINAL_ALGORITHM)
-            state_dict.clear()  # the only reference to the gathered copy: free it before loading another
+            state_dict.clear()  # the only reference to the gathered copy
             model_sd.clear()
-            model = MTPModel.from_pretrained(directory)
-        final = self.checkpoints.store.final_location if save_final else None
-        if final is not None and self.storage.local_path(final) is None:  # a URI others can reach
-            self.tracker.log_param("final_checkpoint_uri", final.uri)
-        return final, self.tracker.register_model(model, self.recipe.train.algo, final.uri if final else None)
+            if final is not None and self.storage.local_path(final) is None:  # a URI others can reach
+                self.tracker.log_param("final_checkpoint_uri", final.uri)
+            version = self.tracker.register_model(Path(directory), self.recipe.train.algo, final.uri if final else None)
+        return final, version
 
     def log_final_metrics(self) -> None:
         state = self.state
@@ -306,14 +310,14 @@ class Trainer:
             "eval_loss_first": history["eval_loss"][0] if history["eval_loss"] else None,
             "eval_loss_last": history["eval_loss"][-1] if history["eval_loss"] else None,
             "mlflow_run_id": self.tracker.run_id,
-            "mlflow_tracking_uri": self.tracker.tracking_uri,
+            "mlflow_tracking_uri": self.tracker.shown_uri,
             "warnings": len(self.warnings),
-            "registered_model": f"wmtp-{self.recipe.train.algo} v{version}" if version else None,
+            "registered_model": f"{self.tracker.model_name(self.recipe.train.algo)} v{version}" if version else None,
         }
 
     def print_summary(self, summary: dict[str, Any]) -> None:
         table = Table(title=f"WMTP run {summary['run']}", show_header=False)
         for key, value in summary.items():
             text = f"{value:.4f}" if isinstance(value, float) else str(value)
-            table.add_row(key, redact_uri(text) if key == "mlflow_tracking_uri" else text)
+            table.add_row(key, text)
         self.console.print(table)

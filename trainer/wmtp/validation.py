@@ -140,6 +140,12 @@ def check_mlflow(tracking_uri: str | None, experiment: str, report: Report) -> N
         report.add("mlflow", tracking_uri or "sqlite in the run directory", "local store (nothing to reach)")
         return
     shown = redact_uri(tracking_uri)
+    if shown != tracking_uri:  # the server is not asked: the URI itself is the problem
+        problem = Problem(f"{shown}: credentials do not belong in the tracking URI (they would reach logs and "
+                          "MLflow's records); set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or "
+                          "MLFLOW_TRACKING_TOKEN) instead", ExitCode.BAD_INPUT)  # fmt: skip
+        report.add("mlflow", shown, "CREDENTIALS IN URI", problem)
+        return
     query = urllib.parse.urlencode({"experiment_name": experiment})
     request = urllib.request.Request(f"{tracking_uri.rstrip('/')}/api/2.0/mlflow/experiments/get-by-name?{query}")
     for header, value in _mlflow_auth().items():

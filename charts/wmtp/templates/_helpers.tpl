@@ -70,7 +70,14 @@ compares them). Shared by the ClusterRole and the Roles. */}}
 {{- end -}}
 {{- end -}}
 
-{{/* MLflow needs a volume for sqlite unless a database URI is given, and for artifacts unless they go to S3. */}}
+{{/* MLflow needs a volume for sqlite unless a database URI is given, for artifacts unless they go to S3, and for
+its users and permissions (sqlite) when authentication is on. */}}
 {{- define "wmtp.mlflowVolume" -}}
-{{- if or (not .Values.mlflow.databaseUriSecret.name) (not .Values.mlflow.artifacts.s3Uri) -}}true{{- end -}}
+{{- $m := .Values.mlflow -}}
+{{- if or (not $m.databaseUriSecret.name) (not $m.artifacts.s3Uri) $m.auth.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret with the MLflow admin's password and the server's Flask key: the values' own, else the chart's. */}}
+{{- define "wmtp.mlflowAuthSecret" -}}
+{{ .Values.mlflow.auth.secret | default (printf "%s-auth" (include "wmtp.mlflowName" .)) }}
 {{- end -}}

@@ -55,7 +55,7 @@ def refused(body: Obj, refusal: Refused, written: State | None, now: str) -> Pla
     children show does not matter here, so none are read."""
     view = view_of(body, Observed(), now)
     retry = launch.retry(view, refusal, written or view.recorded)
-    status = outcome.refusal_status(view, retry)
+    status = outcome.status_of(view, retry, None)
     return Plan(list(retry.actions), _changes(view.old, status), list(retry.events), retry.requeue)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Any
 
 from wmtp import contract
@@ -18,9 +19,13 @@ from wmtp_operator import render
 from wmtp_operator.plan import Decision, Event, chain, say, write
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State, changed, operational_of, seconds_since
-from wmtp_operator.status import Condition, Reported, in_checkpoint_root, read_report
+from wmtp_operator.status import Condition, Reported, parse_time, read_report
 
 Obj = Mapping[str, Any]
+# The kubelet's words for an image it cannot pull. No new attempt would pull it either, so none starts: the run waits
+# up to spec.imagePullDeadline, the reason in its status, then fails without using a restart. (An invalid image name
+# fails the run at once: `pods.FATAL_AT_ONCE`.)
+PULL_FAILURES = frozenset({"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,13 +72,16 @@ def recover(view: View) -> State:
     if highest <= state.attempt:
         return state
     spec = view.run.spec if view.run else None
+    resume = state.resume_from
+    if spec is not None:  # what _create chose and wrote to spec.resumeFrom before the Job; the first: spec.resume
+        resume = (spec.resume_from if state.attempt else None) or spec.resume
     return state.model_copy(
         update={
             "attempt": highest,
             "ending": None,
             "previous": state.ending,
             "refused": None,
-            "resume_from": render.resume_of(spec)[0] if spec else state.resume_from,
+            "resume_from": resume,
             "applied": operational_of(spec) if spec else state.applied,
             "start_time": state.start_time or view.now,
         }
@@ -90,19 +98,25 @@ def accept_report(view: View, state: State) -> Accepted:
 
 
 def offer(view: View, state: State, checkpoint: str) -> Decision:
-    """A checkpoint a trainer named: the next attempt resumes from it if it is one of this run's, else it is
+    """A checkpoint a trainer named, in its report or its last words. The resume point only moves forward: to this
+    one when it is one of this run's and newer (by step) than the one accepted, while an older one — a stale
+    report, or a report that lost the race with a later save — changes nothing; one outside the run's root is
     refused with a Warning (once)."""
     if checkpoint in (state.checkpoint, state.rejected):
         return Decision(state=state)
-    base = view.run.spec.checkpoints.base_path if view.run else None
-    if base and in_checkpoint_root(checkpoint, base, view.name):
-        return Decision(state=state.model_copy(update={"checkpoint": checkpoint}))
-    warning = say(
-        f"reported checkpoint {checkpoint} is not one of this run's (under {base}/{view.name}/"
-        f"{contract.CHECKPOINT_PREFIX}N); it will not be resumed from"
-    )
-    rejected = state.model_copy(update={"rejected": checkpoint})
-    return Decision(state=rejected, events=(Event("Warning", "CheckpointRejected", warning),))
+    step = view.checkpoint_step(checkpoint)
+    if step is None:
+        base = view.run.spec.checkpoints.base_path if view.run else None
+        warning = say(
+            f"reported checkpoint {checkpoint} is not one of this run's (under {base}/{view.name}/"
+            f"{contract.CHECKPOINT_PREFIX}N); it will not be resumed from"
+        )
+        rejected = state.model_copy(update={"rejected": checkpoint})
+        return Decision(state=rejected, events=(Event("Warning", "CheckpointRejected", warning),))
+    accepted = view.checkpoint_step(state.checkpoint)
+    if accepted is not None and step <= accepted:
+        return Decision(state=state)
+    return Decision(state=state.model_copy(update={"checkpoint": checkpoint}))
 
 
 def watch(view: View, state: State) -> Going | Ended | Finished:
@@ -143,13 +157,20 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
         )
     timeout = view.startup_timeout
     stop, waiting = podstat.startup_stop(job, pods, nodes, view.now, timeout, view.account_missing)
+    age = seconds_since(job["metadata"].get("creationTimestamp"), view.now)
+    deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
+    words = str(waiting) if waiting else None
+    pull = _pull_failure(view, job, pods)
+    if pull is not None and (stop is None or stop.reason == podstat.STARTUP_TIMEOUT):
+        # The pull deadline decides, not startupTimeout: a new attempt would not pull the image either.
+        waiting, left, words = pull
+        stop = None if left > 0 else podstat.Stop(waiting.reason, words, fatal=True)
+        deadlines = [left] if left > 0 else []
     if waiting is None:
         count = f"{sum(map(podstat.started, pods))}/{nodes} pods started"
         started = view.condition("Started", "False", "Starting", count)
     else:
-        started = view.condition("Started", "False", waiting.reason, say(str(waiting)))
-    age = seconds_since(job["metadata"].get("creationTimestamp"), view.now)
-    deadlines = [t - age for t in (min(podstat.MISSING_GRACE_SECONDS, timeout), timeout) if t > age]
+        started = view.condition("Started", "False", waiting.reason, say(words or ""))
     return Startup(
         state=state,
         conditions=(started,),
@@ -157,6 +178,26 @@ def _startup(view: View, state: State, job: Obj, pods: list[Obj], nodes: int) ->
         stop=stop,
         waiting=started.message if started.reason != "Starting" else None,
     )
+
+
+def _pull_failure(view: View, job: Obj, pods: list[Obj]) -> tuple[podstat.Waiting, float, str] | None:
+    """A pod whose image the kubelet cannot pull (PULL_FAILURES), the seconds left of spec.imagePullDeadline —
+    counted from when the pod was scheduled, where its pull began (else from the Job's creation) — and the
+    words for the status, which say when the run fails."""
+    failing = [(pod, w) for pod in pods if (w := podstat.waiting(pod)) and w.reason in PULL_FAILURES]
+    if not failing:
+        return None
+    pod, waiting = failing[0]
+    scheduled = podstat.condition(pod, "PodScheduled") or {}
+    since = parse_time(scheduled.get("lastTransitionTime")) or parse_time(job["metadata"].get("creationTimestamp"))
+    now, deadline = parse_time(view.now), view.image_pull_deadline
+    if since is None or now is None:
+        return waiting, float(deadline), f"{waiting}; imagePullDeadline {deadline}s"
+    left = deadline - (now - since).total_seconds()
+    if left <= 0:
+        return waiting, left, f"{waiting}; not pulled within imagePullDeadline ({deadline}s)"
+    at = (since + timedelta(seconds=deadline)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return waiting, left, f"{waiting}; the run fails at {at} unless the image can be pulled (imagePullDeadline)"
 
 
 def _stopped(view: View, state: State, stop: podstat.Stop, pods: list[Obj]) -> Ended | Finished:
@@ -169,12 +210,23 @@ def _stopped(view: View, state: State, stop: podstat.Stop, pods: list[Obj]) -> E
     if stop.fatal:  # its pods never started: nothing to keep
         failed = _finish(view, state, "Failed", f"attempt {n} cannot start: {stop.message}; no retry fixes this")
         return chain(offered, replace(failed, actions=(*failed.actions, *view.deletes(n))))
+    if not stop.preempted and _bad_input(pods):  # the next attempt would get the same input
+        why = f"attempt {n} failed: {stop.message}; the trainer says its input is wrong (exit code 2): no retry "
+        why += "fixes this"
+        return chain(offered, _finish(view, state, "Failed", why))
     if not stop.preempted and state.restarts >= limit:
         failed = _finish(view, state, "Failed", f"attempt {n} failed: {stop.message}; backoffLimit {limit} reached")
         return chain(offered, failed)
     cause = "preemption" if stop.preempted else "failure"
     ending = Ending(attempt=n, cause=cause, reason=stop.reason[:64], message=say(stop.message))
     return chain(offered, _end(view, state, ending))
+
+
+def _bad_input(pods: list[Obj]) -> bool:
+    """A trainer exited with ExitCode.BAD_INPUT: its config, recipe, data, model or --resume is wrong, or a fresh
+    start would overwrite committed checkpoints; the kubelet's record of its exit, not anything the pod wrote."""
+    ended = ((podstat.container(pod, podstat.TRAINER).get("state") or {}).get("terminated") or {} for pod in pods)
+    return any(state.get("exitCode") == contract.ExitCode.BAD_INPUT for state in ended)
 
 
 def _end(view: View, state: State, ending: Ending) -> Ended:

@@ -22,7 +22,7 @@ from wmtp import contract
 from wmtp_operator import pods as podstat
 from wmtp_operator import render
 from wmtp_operator.plan import Create, Decision, Event, say, write
-from wmtp_operator.reconcile.launch import backoff
+from wmtp_operator.reconcile.launch import ACCOUNT_RETRY_SECONDS, account_refused, backoff
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.spec import Run
 from wmtp_operator.state import State
@@ -54,6 +54,12 @@ def _start(view: View, run: Run, state: State) -> EvalDecision:
     waiting = backoff(view, state)
     if waiting is not None:
         return EvalDecision(state=state, requeue=waiting[0], message=waiting[1], pending=True)
+    refused = account_refused(view)  # the evaluation's pod runs as the trainer pods do
+    if refused is not None:
+        invalid = view.condition("Valid", "False", *refused)
+        return EvalDecision(
+            state=state, conditions=(invalid,), requeue=ACCOUNT_RETRY_SECONDS, message=refused[1], pending=True
+        )
     job = render.eval_job(run)
     name = job["metadata"]["name"]
     record = Evaluation(phase="Running", job=name, start_time=view.now)
@@ -61,7 +67,6 @@ def _start(view: View, run: Run, state: State) -> EvalDecision:
     return EvalDecision(
         state=started,
         actions=(Create(job), write(started)),
-        conditions=(view.condition("Applied", "True", "Created", f"Job {name} exists"),),
         message=say(f"evaluating {render.final_model(run)} in Job {name}"),
         pending=True,
     )

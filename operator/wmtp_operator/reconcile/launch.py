@@ -2,8 +2,11 @@
 
 Gates hold the attempt, in this order, and the first that holds says why: the fence (attempt N+1 starts only once
 no pod of attempt N runs any more: their SIGTERM saves done), spec.suspend, a spec that cannot be used, a
-namesake's objects still being deleted, the backoff after a refusal. Each is one function in GATES, so a new
-reason to wait is one more.
+ServiceAccount the run may not use, a namesake's objects still being deleted, the backoff after a refusal. Each is
+one function in GATES, so a new reason to wait is one more.
+
+The resume point of every attempt but the first is the operator's (`resume_point`): the newest checkpoint it
+validated, never behind one it accepted, and never spec.resume's `never` again.
 
 A refusal (of an attempt's objects, of the evaluation's Job) is recorded by `retry`, so that each try waits
 longer than the last until the spec changes; `backoff` is that wait, for whichever step creates.
@@ -11,10 +14,13 @@ longer than the last until the spec changes; `backoff` is that wait, for whichev
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from wmtp import contract
+from wmtp.config import run_root
 from wmtp_operator import pods as podstat
 from wmtp_operator import render
 from wmtp_operator.plan import Action, Create, Decision, Event, PatchRun, Refused, chain, say, write
@@ -24,6 +30,8 @@ from wmtp_operator.status import get_condition
 
 Obj = Mapping[str, Any]
 FOREIGN_RETRY_SECONDS = 5.0  # how soon to look again while a namesake's objects are being deleted
+# How soon to look again at a ServiceAccount a run may not use: labelling or creating one is no event of the run's.
+ACCOUNT_RETRY_SECONDS = 30.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +119,41 @@ def _unusable(view: View, state: State) -> Held | None:
     return Held(state=state, why=f"waiting for a valid spec: {'; '.join(view.problems)}")
 
 
+def _identity(view: View, state: State) -> Held | None:
+    """The ServiceAccount the spec names may not be used (`account_refused`): Valid=False, and no Job until it may."""
+    refused = account_refused(view)
+    if refused is None:
+        return None
+    reason, why = refused
+    invalid = view.condition("Valid", "False", reason, why)
+    return Held(state=state, why=why, conditions=(invalid,), requeue=ACCOUNT_RETRY_SECONDS)
+
+
+def account_refused(view: View) -> tuple[str, str] | None:
+    """Why the run's pods may not run as the ServiceAccount its spec names, as (reason, message); None when it names
+    none (its own, `<run>-trainer`) or one it may: labelled wmtp.io/trainer: "true" by whoever controls it, and
+    never the operator's own, labelled or not."""
+    name = view.run.spec.service_account_name if view.run else None
+    if view.run is None or not name:
+        return None
+    opted_in = f'labelled {contract.TRAINER_ACCOUNT_LABEL}: "true"'
+    if view.operator_account == f"{view.run.namespace}/{name}":
+        return "ServiceAccountNotAllowed", say(
+            f"spec.serviceAccountName {name} is the operator's own ServiceAccount; name one {opted_in}"
+        )
+    if view.account is None:
+        return "ServiceAccountNotFound", say(
+            f"spec.serviceAccountName {name}: no such ServiceAccount in namespace {view.run.namespace}; create it "
+            f"{opted_in}, or name another"
+        )
+    labels = (view.account.get("metadata") or {}).get("labels") or {}
+    if labels.get(contract.TRAINER_ACCOUNT_LABEL) != "true":
+        return "ServiceAccountNotAllowed", say(
+            f"spec.serviceAccountName {name} has not opted in: a run may name only a ServiceAccount {opted_in}"
+        )
+    return None
+
+
 def _namesake(view: View, state: State) -> Held | None:
     """An earlier WMTPRun of the same name whose objects are still being deleted: never touched, waited for."""
     if not view.foreign:
@@ -127,7 +170,9 @@ def _backing_off(view: View, state: State) -> Held | None:
     return None if waiting is None else Held(state=state, why=waiting[1], requeue=waiting[0])
 
 
-GATES: tuple[Callable[[View, State], Held | None], ...] = (_fence, _suspended, _unusable, _namesake, _backing_off)
+GATES: tuple[Callable[[View, State], Held | None], ...] = (
+    _fence, _suspended, _unusable, _identity, _namesake, _backing_off
+)  # fmt: skip
 
 
 def _backoff_seconds(count: int) -> float:
@@ -147,16 +192,41 @@ def backoff(view: View, state: State) -> tuple[float, str] | None:
     return wait, f"{refused.message}; retrying in {wait:.0f}s, or at once when the spec changes"
 
 
+def resume_point(view: View, state: State) -> str | None:
+    """Where the next attempt resumes, when the operator chooses it; None for the first attempt, which starts where
+    spec.resume says. spec.resume decides the first attempt alone: every later one (after a failure, a preemption
+    or a suspend) resumes from the newest, by step, of the checkpoints the operator validated as this run's — the
+    accepted one (from a report or a termination message) and the one the ended attempt started from; with none,
+    from a checkpoint the user named outside the run's root, else `auto`. The trainer falls back to the newest
+    intact checkpoint under the run's own prefix either way, and a retry never starts over."""
+    if state.attempt == 0 or view.run is None:
+        return None
+    started = _as_checkpoint(view, state.resume_from)
+    validated = [c for c in (state.checkpoint, started) if view.checkpoint_step(c) is not None]
+    if validated:
+        return max(validated, key=lambda c: view.checkpoint_step(c) or 0)
+    named = started is not None and started not in contract.RESUME_KEYWORDS
+    return started if named else contract.RESUME_AUTO
+
+
+def _as_checkpoint(view: View, resume: str | None) -> str | None:
+    """`step_N` as the URI of the run's checkpoint it names (the trainer's layout), anything else as it is."""
+    found = re.fullmatch(rf"{contract.RESUME_STEP_PREFIX}([0-9]{{1,15}})", resume or "")
+    if found is None or view.run is None:
+        return resume
+    return f"{run_root(view.run.spec.checkpoints.base_path, view.name)}/{contract.step_dir_name(int(found.group(1)))}"
+
+
 def _create(view: View, state: State) -> Created:
-    """The attempt's objects, from the latest accepted checkpoint (written to spec.resumeFrom first), then the
-    record of the attempt: an operator killed in between finds the Job and recovers the attempt from it."""
+    """The attempt's objects, resuming from `resume_point` (written to spec.resumeFrom first), then the record of
+    the attempt: an operator killed in between finds the Job and recovers the attempt from it."""
     assert view.run is not None  # `_unusable` holds a run without one
     run = view.run
     actions: list[Action] = []
-    checkpoint = state.checkpoint
-    if checkpoint and checkpoint != run.spec.resume_from:
-        actions.append(PatchRun({"spec": {"resumeFrom": checkpoint}}))
-        run = replace(run, spec=run.spec.model_copy(update={"resume_from": checkpoint}))
+    chosen = resume_point(view, state)
+    if chosen is not None and chosen != run.spec.resume_from:
+        actions.append(PatchRun({"spec": {"resumeFrom": chosen}}))
+    run = replace(run, spec=run.spec.model_copy(update={"resume_from": chosen}))
     n = state.attempt + 1
     objects = render.attempt_objects(run, view.files, n)
     if n > 1:  # what the run owns across attempts was created, and checked to be its own, with attempt 1
@@ -178,10 +248,7 @@ def _create(view: View, state: State) -> Created:
             "refused": None,
         }
     )
-    conditions = (
-        view.condition("Applied", "True", "Created", f"attempt {n}'s objects exist"),
-        view.condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {view.generation}"),
-    )
+    conditions = (view.condition("SpecApplied", "True", "Current", f"attempt {n} uses generation {view.generation}"),)
     return Created(state=created, actions=(*actions, write(created)), conditions=conditions, resume=resume)
 
 

@@ -1,14 +1,17 @@
 """A pass's decisions folded into the run's status and Events.
 
 The status is rewritten whole on every pass from the state record and the decisions, whatever a trainer wrote
-over it; `headline` is the one place the phase and the message are decided. Events say what changed: a new phase
-or attempt, what a step decided, and a Warning when a condition turns False for a new reason — once, not on
-every pass.
+over it; `headline` is the one place the phase and the message are decided, `conditions_of` the one place the
+conditions are: each of them from the record, what the pass observed and the phase, never from the status found
+(which lends only the lastTransitionTime of a condition whose status holds). A condition type the operator does not
+own is dropped, and Succeeded and Failed always say what the phase says. Events say what changed: a new phase or
+attempt, what a step decided, and a Warning when a condition turns False for a new reason — once, not on every
+pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from wmtp_operator.plan import Decision, Event, say
@@ -17,7 +20,7 @@ from wmtp_operator.reconcile.evaluation import EvalDecision
 from wmtp_operator.reconcile.launch import Created, Held, Retry
 from wmtp_operator.reconcile.view import View
 from wmtp_operator.state import Ending, State
-from wmtp_operator.status import TERMINAL, Condition, Reported, get_condition, set_condition
+from wmtp_operator.status import CONDITION_TYPES, Condition, Reported, get_condition, held_since
 
 PROGRESSING = ("Pending", "Pulling", "Running", "Restarting", "Evaluating")
 WARNING_PHASES = ("Restarting", "Failed")
@@ -29,8 +32,8 @@ def headline(decided: Decision, view: View) -> tuple[str, str]:
     """The run's phase and message, from the last step's decision and the record it leaves."""
     state, limit = decided.state, view.backoff_limit
     match decided:
-        case Retry():  # the refused pass wrote no status: the phase stays what it was
-            return view.old.get("phase") or "Pending", decided.said
+        case Retry():  # a child of the next attempt, or of the evaluation, was refused: it waits to be retried
+            return _refused_phase(state), decided.said
         case EvalDecision():
             return "Evaluating" if decided.pending else "Succeeded", f"{state.message or ''}; {decided.message}"
         case Going():
@@ -53,6 +56,14 @@ def headline(decided: Decision, view: View) -> tuple[str, str]:
             return "Restarting", f"{_ended(ending, state, limit)}; attempt {state.attempt} resumes from {resume}"
     assert state.final is not None  # a pass that decides none of the above finds the run over
     return state.final, state.message or ""
+
+
+def _refused_phase(state: State) -> str:
+    if state.final == "Succeeded":
+        return "Evaluating"
+    if state.ending is not None and state.ending.cause != "suspend":
+        return "Restarting"
+    return "Pending"
 
 
 def _ended(ending: Ending, state: State, limit: int) -> str:
@@ -94,21 +105,43 @@ def status_of(view: View, decided: Decision, report: Reported | None) -> dict[st
         "eval": state.evaluation.model_dump(by_alias=True, exclude_none=True) if state.evaluation else None,
     }
     new["progress"] = f"{new['step'] or 0}/{new['maxSteps']}" if new["maxSteps"] else None
-    valid = ("True", "Valid", "spec and recipe are valid") if not problem else ("False", "InvalidSpec", say(problem))
-    derived = [
-        view.condition("Valid", *valid),
-        view.condition("Progressing", "True" if phase in PROGRESSING else "False", phase, new["message"]),
-        *([view.condition(phase, "True", phase, new["message"])] if phase in TERMINAL else []),
+    new["conditions"] = [
+        held_since(old.get("conditions"), condition).model_dump(by_alias=True)
+        for condition in conditions_of(view, decided, phase, new["message"])
     ]
-    new["conditions"] = _merged(old, _latest([*decided.conditions, *derived]))
     return new
 
 
-def refusal_status(view: View, retry: Retry) -> dict[str, Any]:
-    """After a refusal, whose pass's status was never written: only the phase as it was, the API server's words
-    and the Applied condition."""
-    phase, message = headline(retry, view)
-    return {"phase": phase, "message": message, "conditions": _merged(view.old, retry.conditions)}
+def conditions_of(view: View, decided: Decision, phase: str, message: str) -> list[Condition]:
+    """Every condition of the run, one of each type in CONDITION_TYPES order: Valid and Applied from the spec and
+    the record unless a step decided them, what the steps decided (Started, SpecApplied, Evaluated), and the
+    verdicts from the phase — Progressing, Succeeded and Failed, never both True."""
+    state = decided.state
+    problem = say("; ".join(view.problems))
+    valid = ("True", "Valid", "spec and recipe are valid") if not problem else ("False", "InvalidSpec", problem)
+    verdicts = [
+        view.condition("Progressing", "True" if phase in PROGRESSING else "False", phase, message),
+        *(
+            view.condition(kind, "True", phase, message) if phase == kind else
+            view.condition(kind, "False", phase, f"the run is {phase}")
+            for kind in ("Succeeded", "Failed")
+        ),
+    ]  # fmt: skip
+    found = {c.type: c for c in [view.condition("Valid", *valid), *_applied(view, state), *decided.conditions]}
+    found.update((c.type, c) for c in verdicts)
+    return [found[type_] for type_ in CONDITION_TYPES if type_ in found]
+
+
+def _applied(view: View, state: State) -> list[Condition]:
+    """Whether the children exist, from the record: a refusal it holds, else the evaluation's Job or the current
+    attempt's objects (none before the first attempt)."""
+    if state.refused is not None:
+        return [view.condition("Applied", "False", "Refused", state.refused.message)]
+    if state.evaluation is not None:
+        return [view.condition("Applied", "True", "Created", f"Job {state.evaluation.job} exists")]
+    if state.attempt:
+        return [view.condition("Applied", "True", "Created", f"attempt {state.attempt}'s objects exist")]
+    return []
 
 
 def events_of(view: View, new: Mapping[str, Any], decided: Decision) -> list[Event]:
@@ -137,20 +170,3 @@ def events_of(view: View, new: Mapping[str, Any], decided: Decision) -> list[Eve
 def _latest(conditions: Iterable[Condition]) -> list[Condition]:
     """One condition of each type: the last one decided, where the first one of its type was."""
     return list({condition.type: condition for condition in conditions}.values())
-
-
-def _merged(old: Mapping[str, Any], conditions: Sequence[Condition]) -> list[dict[str, Any]]:
-    merged = conditions_of(old)
-    for condition in conditions:
-        merged = set_condition(merged, condition)
-    return merged
-
-
-def conditions_of(status: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The status's conditions, leaving out anything a trainer wrote that is not one."""
-    found = status.get("conditions")
-    return (
-        [c for c in found if isinstance(c, Mapping) and isinstance(c.get("type"), str)]
-        if isinstance(found, list)
-        else []
-    )

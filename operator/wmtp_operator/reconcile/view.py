@@ -18,8 +18,8 @@ from wmtp_operator import render
 from wmtp_operator.formats import duration_seconds
 from wmtp_operator.plan import Delete, Observed
 from wmtp_operator.spec import Defaults, Run, Spec
-from wmtp_operator.state import State, changed, definition_of
-from wmtp_operator.status import Condition
+from wmtp_operator.state import State, changed, definition_of, trusted_resume_from
+from wmtp_operator.status import Condition, checkpoint_step
 
 Obj = Mapping[str, Any]
 
@@ -42,8 +42,11 @@ class View:
     eval_pods: tuple[Obj, ...]
     foreign: tuple[Obj, ...]  # a namesake's Jobs and pods
     account_missing: str | None  # the ServiceAccount the spec names, when it does not exist
+    account: Obj | None  # the ServiceAccount the spec names, as read
+    operator_account: str | None  # namespace/name of the operator's own ServiceAccount
     backoff_limit: int  # the spec's, or its raw value when the spec cannot be parsed
     startup_timeout: int  # seconds
+    image_pull_deadline: int  # seconds
 
     def condition(self, type_: str, status: Literal["True", "False"], reason: str, message: str) -> Condition:
         """A condition as this pass sets it (an unchanged status keeps its older transition time)."""
@@ -55,6 +58,11 @@ class View:
             last_transition_time=self.now,
             observed_generation=self.generation,
         )
+
+    def checkpoint_step(self, uri: str | None) -> int | None:
+        """The step of `uri` when it is one of this run's checkpoints (<basePath>/<run>/checkpoint_step_N)."""
+        base = self.run.spec.checkpoints.base_path if self.run else None
+        return checkpoint_step(uri, base, self.name) if uri and base else None
 
     def deletes(self, up_to: int) -> tuple[Delete, ...]:
         """Deleting this run's attempt Jobs up to attempt `up_to`, but for those already being deleted."""
@@ -71,6 +79,7 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
     uid = meta.get("uid", "")
     recorded, unreadable = State.load(meta)
     run, files, problem = _spec(body, observed, defaults, recorded)
+    run, ignored = trusted_resume_from(run, recorded)
     jobs = [j for j in observed.jobs if render.controller_uid(j) == uid]
     pods = [p for p in observed.pods if (p["metadata"].get("labels") or {}).get(render.RUN_UID_LABEL) == uid]
     foreign = [j for j in observed.jobs if render.controller_uid(j) != uid]
@@ -83,15 +92,20 @@ def view_of(body: Obj, observed: Observed, now: str, defaults: Defaults = Defaul
         recorded=recorded,
         run=run,
         files=files,
-        problems=tuple(p for p in (unreadable, problem) if p),
+        problems=tuple(p for p in (unreadable, problem, ignored) if p),
         jobs=tuple(j for j in jobs if not render.is_evaluation(j)),
         pods=tuple(p for p in pods if not render.is_evaluation(p)),
         eval_jobs=tuple(filter(render.is_evaluation, jobs)),
         eval_pods=tuple(filter(render.is_evaluation, pods)),
         foreign=tuple(foreign),
         account_missing=observed.account_missing,
+        account=observed.account,
+        operator_account=defaults.operator_account,
         backoff_limit=run.spec.backoff_limit if run else _raw_int(body, "backoffLimit", _default("backoff_limit")),
         startup_timeout=run.spec.startup_timeout_seconds if run else duration_seconds(_default("startup_timeout")),
+        image_pull_deadline=(
+            run.spec.image_pull_deadline_seconds if run else duration_seconds(_default("image_pull_deadline"))
+        ),
     )
 
 

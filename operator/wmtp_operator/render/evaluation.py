@@ -14,6 +14,7 @@ from typing import Any
 from wmtp import contract
 from wmtp.config import EvalSettings, run_root
 from wmtp.contract import GROUP, WORK_DIR
+from wmtp_operator.render.files import mlflow_names
 from wmtp_operator.render.objects import labels, metadata
 from wmtp_operator.render.pod import batch_job, container, escape, pod_spec, resources_of, services_env, volumes
 from wmtp_operator.sections import Eval
@@ -41,7 +42,7 @@ def eval_args(run: Run, options: Eval) -> list[str]:
     """`wmtp eval` arguments: every `EvalSettings` field as its flag (lists comma-joined, one --dataset per task);
     values from the spec are escaped."""
     args = [contract.EVAL_MODEL_FLAG, escape(final_model(run))]
-    args += [contract.EVAL_EXPERIMENT_FLAG, escape(run.spec.mlflow.experiment)]
+    args += [contract.EVAL_EXPERIMENT_FLAG, escape(mlflow_names(run)["experiment"])]
     for name in EvalSettings.model_fields:
         value = getattr(options, name)
         if name == "datasets":

@@ -30,25 +30,31 @@ from wmtp.config import (
     parse_yaml,
 )
 from wmtp.contract import MODEL_DIR, WORK_DIR
+from wmtp_operator.formats import RECIPE
 from wmtp_operator.spec import Run, Spec
-
-# A recipe is a few KB; the YAML parser spends about 15 µs of CPU, shared by every run the operator serves, per byte
-# of a hostile document.
-MAX_RECIPE_BYTES = 32 * 1024
 
 
 @dataclass(frozen=True)
 class TrainerFiles:
     config: Config
     recipe: Recipe
-    pulls: list[dict[str, str]]  # {uri, dest} for `wmtp pull --spec`
+    pulls: list[dict[str, str]]  # {uri, dest[, weights]} for `wmtp pull --spec`
+
+
+def weights_on_rank0_only(spec: Spec) -> bool:
+    """Whether the pods of node ranks other than 0 leave the models' weight files out of their pulls. Distributed,
+    global rank 0 alone reads weights (the others build on the meta device and receive their shards), so a pod with
+    its own volume needs only the config and tokenizer files unless it is node rank 0's. On a shared PVC every pod
+    pulls everything: the first puller fills it for all pods and attempts, the others find it complete."""
+    return spec.nodes > 1 and spec.model_volume.type == "emptyDir"
 
 
 def pulls(spec: Spec) -> list[dict[str, str]]:
     """What `wmtp pull` fetches into the model volume: the s3:// models and datasets (other URIs are paths the pod
-    can already read)."""
+    can already read); models marked for their weights on node rank 0 alone where `weights_on_rank0_only`."""
+    weights = {contract.PULL_WEIGHTS: contract.PULL_WEIGHTS_RANK0} if weights_on_rank0_only(spec) else {}
     found = [
-        {"uri": uri, "dest": f"{MODEL_DIR}/{role}"}
+        {"uri": uri, "dest": f"{MODEL_DIR}/{role}", **weights}
         for role in ("base", *contract.MODEL_ROLES)
         if (uri := getattr(spec.models, role)) is not None and uri.startswith("s3://")
     ]
@@ -94,7 +100,7 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
             "checkpoints": _trainer_section(spec.checkpoints, CheckpointPaths),
             "output_dir": f"{WORK_DIR}/runs",
         },
-        "mlflow": _trainer_section(spec.mlflow, MLflowSettings),
+        "mlflow": {**_trainer_section(spec.mlflow, MLflowSettings), **mlflow_names(run)},
         "s3": _trainer_section(spec.s3, S3Settings),
         "devices": {
             "mixed_precision": spec.devices.mixed_precision or ("bf16" if has_gpus(spec) else "no"),
@@ -105,6 +111,16 @@ def trainer_files(run: Run, recipe_text: str | None = None) -> TrainerFiles:
     parsed = parse_config(config, source="WMTPRun spec")
     check_compatible(parsed, recipe, "WMTPRun spec", datasets="spec.datasets", models="spec.models")
     return TrainerFiles(parsed, recipe, pulls(spec))
+
+
+def mlflow_names(run: Run) -> dict[str, str]:
+    """The run's MLflow experiment and registered model, its namespace's own: `<namespace>/<experiment>` and
+    `wmtp-<namespace>-<algorithm>`. On a server with authentication (the chart's) whoever creates an experiment or a
+    registered model owns it and others may only read it, so each namespace's credentials write to their own."""
+    return {
+        "experiment": f"{run.namespace}/{run.spec.mlflow.experiment}",
+        "registered_model": f"wmtp-{run.namespace}-{run.spec.algorithm}",
+    }
 
 
 def _trainer_section(section: BaseModel, model: type[BaseModel]) -> dict[str, Any]:
@@ -137,24 +153,22 @@ def _recipe_data(run: Run, recipe_text: str | None) -> dict[str, Any]:
 
 
 def _parsed(text: str, source: str) -> dict[str, Any]:
-    """A recipe ConfigMap's YAML, parsed once per content: every pass of the run reads it again, and a hostile
-    one costs seconds of the CPU that all runs share."""
-    if len(text) > MAX_RECIPE_BYTES:
-        raise ConfigError(f"{source}: {len(text)} characters, more than the {MAX_RECIPE_BYTES} a recipe may have")
+    """A recipe ConfigMap's YAML within `formats.RECIPE`, parsed once per content: every pass of the run reads it
+    again."""
+    if len(text) > RECIPE.max_bytes:
+        raise ConfigError(f"{source}: {len(text)} characters, more than the {RECIPE.max_bytes} a recipe may have")
     ok, result = _parse_cached(text, source)
     if not ok:
         raise ConfigError(result)
     return copy.deepcopy(result)
 
 
-@functools.lru_cache(maxsize=64)  # at most 64 × MAX_RECIPE_BYTES of keys
+@functools.lru_cache(maxsize=64)  # at most 64 × RECIPE.max_bytes of keys
 def _parse_cached(text: str, source: str) -> tuple[bool, Any]:
     try:
-        data = parse_yaml(text, source, MAX_RECIPE_BYTES)
+        data = parse_yaml(text, RECIPE, source=source)
     except ConfigError as err:
         return False, str(err)
-    except RecursionError:  # nested thousands deep
-        return False, f"{source}: nested too deeply to read (a recipe has a few levels)"
     if not isinstance(data, dict):
         return False, f"{source}: expected a mapping at the top level"
     return True, data

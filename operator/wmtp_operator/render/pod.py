@@ -12,6 +12,7 @@ from typing import Any
 
 from wmtp import contract
 from wmtp.contract import CONFIG_DIR, CONFIG_FILE, MODEL_DIR, PULL_FILE, RECIPE_FILE, WORK_DIR
+from wmtp_operator.render.files import weights_on_rank0_only
 from wmtp_operator.render.objects import MASTER_PORT, claim_name, config_map_name, job_name, labels, metadata
 from wmtp_operator.render.objects import service_account as pod_service_account
 from wmtp_operator.sections import Resources
@@ -19,6 +20,7 @@ from wmtp_operator.spec import Run, Spec
 
 # The Job controller writes each pod's completion index here; it is the torchrun node rank.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+TORCH_RENDEZVOUS_TIMEOUT = 600  # seconds torchrun's static rendezvous waits for node 0 by default
 # The trainer image's user (Dockerfile.trainer); fsGroup gives it the model volume.
 TRAINER_UID = 1000
 MLFLOW_CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
@@ -67,6 +69,10 @@ def trainer_args(run: Run, attempt: int) -> list[str]:
         f"--master-addr={job_name(run.name, attempt)}-0.{run.name}",
         f"--master-port={MASTER_PORT}",
     ]
+    if weights_on_rank0_only(spec):
+        # The other nodes pull only small files and wait at the rendezvous while node 0 pulls the weights: as long
+        # as a pod may take to start, rather than torch's 600 s, which a slow pull of a 7B model would exceed.
+        torchrun.append(f"--rdzv-conf=timeout={max(TORCH_RENDEZVOUS_TIMEOUT, spec.startup_timeout_seconds)}")
     files = f"{CONFIG_DIR}/{CONFIG_FILE}", f"{CONFIG_DIR}/{RECIPE_FILE}"
     torchrun += contract.train_module_args(*files, escape(resume), chosen)
     return contract.launch_args(launcher_grace(spec.termination_grace_period_seconds), torchrun)
@@ -217,7 +223,9 @@ def job(run: Run, attempt: int, pull: bool) -> dict[str, Any]:
     pod = pod_spec(run, [trainer], volumes(run), subdomain=run.name)
     pod["terminationGracePeriodSeconds"] = spec.termination_grace_period_seconds
     if pull:
-        puller = container(spec, "pull", _env(run, attempt), [{"name": "workspace", "mountPath": WORK_DIR}])
+        # The node rank decides whether this pod pulls the weights (`weights_on_rank0_only`).
+        env = [*_env(run, attempt), dict(node_rank)]
+        puller = container(spec, "pull", env, [{"name": "workspace", "mountPath": WORK_DIR}])
         puller["command"] = contract.pull_command(f"{CONFIG_DIR}/{PULL_FILE}")
         pod["initContainers"] = [puller]
         if resources := resources_of(spec.resources, init=True):

@@ -37,7 +37,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmtp.checkpoint.shards import FileLog, ShardReader, ShardWriter, StoreFileSystem, check_digest
+from wmtp.checkpoint.shards import (
+    FileLog,
+    SafeLoadPlanner,
+    ShardReader,
+    ShardWriter,
+    StoreFileSystem,
+    check_digest,
+)
 from wmtp.checkpoint.store import STATE_FILE, CheckpointError, CheckpointStore, FileRecord
 from wmtp.config import clip
 from wmtp.storage import Location
@@ -333,7 +340,9 @@ class CheckpointManager:
 
         marker = self.store.verify(location)
         storage = self.store.storage
-        saved = json.loads(self._read_checked(location, STATE_FILE, marker.files))
+        saved = self._read_json(location, STATE_FILE, marker.files)
+        if not isinstance(saved, dict) or "fingerprint" not in saved:
+            raise CheckpointError(f"{(location / STATE_FILE).uri}: not a trainer state")
         if saved["fingerprint"] != self.fingerprint and not allow_fingerprint_change:
             raise CheckpointError(
                 f"{location.uri} was written with a different config or recipe (fingerprint {saved['fingerprint']}, "
@@ -348,12 +357,19 @@ class CheckpointManager:
         try:
             saved_keys = reader.read_metadata().state_dict_metadata
             target = {**_split(modules_sd), "optimizer": _with_saved_state(optim_sd, saved_keys)}
-            _dcp().load(target, storage_reader=reader, process_group=self.group, no_dist=self.group is None)
+            _dcp().load(
+                target, storage_reader=reader, planner=SafeLoadPlanner(), process_group=self.group,
+                no_dist=self.group is None,
+            )  # fmt: skip
         except (Exception, _dcp().api.CheckpointException) as err:
             raise CheckpointError(f"{location.uri}: cannot be loaded: {clip(_first_failure(err), 500)}") from err
         # A run resumed on more ranks than saved it: the new ranks reuse rank 0's generator state.
         rng_file = f"rng_rank{self.rank}.json" if f"rng_rank{self.rank}.json" in marker.files else "rng_rank0.json"
-        set_rng_state(json.loads(self._read_checked(location, rng_file, marker.files)))
+        rng = self._read_json(location, rng_file, marker.files)
+        try:
+            set_rng_state(rng)
+        except (TypeError, KeyError, ValueError, IndexError, RuntimeError) as err:
+            raise CheckpointError(f"{(location / rng_file).uri}: not an RNG state ({clip(str(err), 200)})") from None
         set_model_state_dict(self.modules, {**target["model"], **target["algorithm"]})
         # Not strict: a parameter the checkpoint holds no optimizer state for has none after loading.
         set_optimizer_state_dict(
@@ -366,11 +382,15 @@ class CheckpointManager:
         self._committed(location)
         return saved["step"]
 
-    def _read_checked(self, location: Location, name: str, files: dict[str, FileRecord]) -> bytes:
+    def _read_json(self, location: Location, name: str, files: dict[str, FileRecord]) -> Any:
+        """A JSON part of the checkpoint (trainer or RNG state), checked against the marker; never a pickle."""
         data = self.store.storage.read_bytes(location / name)
         check_digest(location / name, data, files.get(name))
         self.bytes_read += len(data)
-        return data
+        try:
+            return json.loads(data)
+        except (ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise CheckpointError(f"{(location / name).uri}: not JSON ({clip(str(err), 200)})") from None
 
     @contextlib.contextmanager
     def save_final(self, mlflow_run_id: str | None = None) -> Iterator[Path]:

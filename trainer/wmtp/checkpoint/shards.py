@@ -6,6 +6,13 @@ multipart upload, one part in memory at a time) and records every file it wrote 
 computed on the way: the commit marker is made from these records. `ShardReader` reads only the byte ranges of
 the tensors its rank needs (`read_range`: one ranged GET per tensor slice on S3), and checks `.metadata` against
 the marker before unpickling it. Both count their bytes.
+
+Nothing read from a store runs code. `.metadata` is a pickle, but `MetadataUnpickler` creates only the classes
+DCP's `Metadata` is made of (its dataclasses, `torch.Size`, dtypes and layouts: the globals of real `.metadata`
+files); anything else is refused before it exists. DCP's stock planner unpickles each non-tensor value (the
+optimizer's param groups) with `torch.load(weights_only=False)`: `SafeLoadPlanner` loads them with
+`weights_only=True`, as DCP already loads tensors. The marker sits in the same store as the files it vouches for,
+so its digests catch damage, not an attacker: these refusals are what keep a writable store from running code.
 """
 
 from __future__ import annotations
@@ -18,13 +25,70 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemBase, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from wmtp.checkpoint.store import CheckpointError, FileRecord
+from wmtp.config import clip
 from wmtp.storage import Location, Storage, Writer
 
 METADATA = ".metadata"
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+# The globals a DCP `.metadata` holds (listed from real ones with pickletools), besides torch's dtypes.
+_DCP_CLASSES = ("Metadata", "StorageMeta", "MetadataIndex", "TensorStorageMetadata", "BytesStorageMetadata",
+                "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING")  # fmt: skip
+METADATA_GLOBALS = frozenset(
+    {(_DCP_METADATA, name) for name in _DCP_CLASSES}
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),  # a layout from its name: torch.strided
+        ("collections", "OrderedDict"),
+    }
+)
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` and nothing else: a global outside `METADATA_GLOBALS` and torch's dtypes is
+    refused (pickle.UnpicklingError) before it is looked up, so a planted pickle can create no other object and
+    call no other function."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        dtype = module == "torch" and isinstance(vars(torch).get(name), torch.dtype)  # no lazy import
+        if (module, name) in METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        if (module, name) == ("builtins", "getattr"):  # DCP pickles enum members as getattr(EnumClass, "NAME")
+            return _member
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
+
+
+def _member(owner: Any, name: str) -> Any:
+    """getattr for a pickle, limited to a public attribute of a class the allow-list already admitted."""
+    allowed = any(owner is vars(__import__(m, fromlist=[n])).get(n) for m, n in METADATA_GLOBALS)
+    if not allowed or not isinstance(name, str) or name.startswith("_"):
+        raise pickle.UnpicklingError(f"getattr({owner!r}, {name!r}) is not part of checkpoint metadata")
+    return getattr(owner, name)
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, but the non-tensor values (the optimizer's param groups, saved with
+    `torch.save`) load with `weights_only=True`: plain values and tensors, never code."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            loaded = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as err:  # what torch raises for a global outside its weights-only set
+            reason = " ".join(str(err).split())
+            raise CheckpointError(f"{fqn}: refused: its saved value is not plain data ({clip(reason, 200)})") from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], loaded)
+        else:
+            self.state_dict[fqn] = loaded
 
 
 class FileLog:
@@ -146,12 +210,16 @@ class ShardReader(FileSystemReader):
         self.fs = StoreFileSystem(storage)
         self.path = location
         self.expected = expected
+        self._metadata: Metadata | None = None
 
     @property
     def bytes_read(self) -> int:
         return self.fs.bytes_read[0]
 
     def _slice_file(self, file: Any, sinfo: Any) -> io.BytesIO:
+        if sinfo.relative_path not in self.expected:  # the metadata names the shard files: only the marker's
+            raise CheckpointError(f"{self.path.uri}: refused: {METADATA} names {clip(repr(sinfo.relative_path), 200)}, "
+                                  "which the marker does not list")  # fmt: skip
         data = self.fs.storage.read_range(file, sinfo.offset, sinfo.length)
         self.fs.bytes_read[0] += len(data)
         if len(data) != sinfo.length:
@@ -159,11 +227,15 @@ class ShardReader(FileSystemReader):
         return io.BytesIO(data)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        location = self.path / METADATA
-        data = self.fs.storage.read_bytes(location)
-        self.fs.bytes_read[0] += len(data)
-        check_digest(location, data, self.expected.get(METADATA))
-        metadata = pickle.loads(data)
+        """`.metadata`, read, checked and unpickled once. Call it before `dcp.load`: a refusal is then one error
+        naming the file, where DCP would log it twice with tracebacks and raise an AssertionError quoting it."""
+        if self._metadata is None:
+            location = self.path / METADATA
+            data = self.fs.storage.read_bytes(location)
+            self.fs.bytes_read[0] += len(data)
+            check_digest(location, data, self.expected.get(METADATA))
+            self._metadata = unpickle_metadata(location, data)
+        metadata = self._metadata
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -176,3 +248,15 @@ def check_digest(location: Location, data: bytes, record: FileRecord | None) -> 
         raise CheckpointError(f"{location.uri}: not listed in the checkpoint's marker")
     if record.sha256 and hashlib.sha256(data).hexdigest() != record.sha256:
         raise CheckpointError(f"{location.uri}: damaged checkpoint: its content does not match the marker's SHA-256")
+
+
+def unpickle_metadata(location: Location, data: bytes) -> Metadata:
+    """The DCP `Metadata` in `data`, through `MetadataUnpickler`; CheckpointError naming `location` for anything
+    else (a pickle that wants another class or function, or one that is not DCP metadata at all)."""
+    try:
+        metadata = MetadataUnpickler(io.BytesIO(data)).load()
+    except Exception as err:  # a damaged pickle raises whatever its opcodes lead to
+        raise CheckpointError(f"{location.uri}: refused: {clip(f'{type(err).__name__}: {err}', 300)}") from None
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"{location.uri}: refused: a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 FINAL_ALGORITHM = "algorithm.safetensors"  # in final/: the algorithm's trainable modules, by their module keys
 MAX_MARKER_BYTES = 16 * 2**20  # a marker lists files; anything larger is not one
+MAX_MARKER_DEPTH = 8  # a marker nests three levels (marker → files → file); deeper is not one
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_TIME = 1e11  # seconds since the epoch: the year 5138
 _NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _RUN_ID = re.compile(MLFLOW_RUN_ID)
 
@@ -95,22 +100,55 @@ class CheckpointInfo:
         return self.committed and self.problem is None
 
 
-def parse_marker(raw: bytes, where: str) -> Marker:
-    """The marker's content, or CheckpointError naming `where` and what is wrong with it."""
+def _marker_json(raw: bytes) -> Any:
+    """`raw` parsed as JSON once it is small and shallow enough to be a marker: the size and nesting are checked
+    before parsing (C-speed passes over the bytes), so no marker can exhaust memory or recursion; ValueError else.
+    """
+    if len(raw) > MAX_MARKER_BYTES:
+        raise ValueError(f"{len(raw)} bytes, more than the {MAX_MARKER_BYTES} a marker may have")
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    for _ in range(MAX_MARKER_DEPTH):  # each pass removes the innermost level of every nest
+        brackets, before = brackets.replace(b"[]", b"").replace(b"{}", b""), brackets
+        if brackets == before:
+            break
+    if brackets:
+        raise ValueError(f"nested more than {MAX_MARKER_DEPTH} levels deep, or unbalanced")
     try:
-        data = json.loads(raw)
+        return json.loads(raw)
+    except RecursionError:  # the pre-scan should make this unreachable; it must never escape as RecursionError
+        raise ValueError("nested too deep") from None
+
+
+def parse_marker(raw: bytes, where: str) -> Marker:
+    """The marker's content, or CheckpointError naming `where` and what is wrong with it: whatever the bytes (too
+    large, too deep, not JSON, wrong types), a bad marker makes its own checkpoint damaged and nothing else."""
+    try:
+        data = _marker_json(raw)
         files = data["files"]
+        if not isinstance(files, dict | list):
+            raise TypeError(f"files is a {type(files).__name__}")
         # Markers of earlier versions list names only; their sizes cannot be checked.
         entries = files if isinstance(files, dict) else {name: {"size": -1} for name in files}
-        records = {str(n): FileRecord(int(e["size"]), e.get("sha256")) for n, e in entries.items()}
+        records = {str(n): FileRecord(int(e["size"]), _digest(e.get("sha256"))) for n, e in entries.items()}
         run_id = data.get("mlflow_run_id")
         run_id = run_id if isinstance(run_id, str) and _RUN_ID.fullmatch(run_id) else None
-        return Marker(records, float(data["time"]), data.get("step"), run_id)
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        step = data.get("step")
+        step = step if isinstance(step, int) and not isinstance(step, bool) else None
+        written = float(data["time"])
+        if not 0 <= written < MAX_TIME:  # NaN too: it would break every use of the time
+            raise ValueError(f"a time that is not a date: {written}")
+        return Marker(records, written, step, run_id)
+    except (ValueError, TypeError, KeyError, AttributeError, ArithmeticError) as err:
         detail = "empty" if not raw.strip() else f"{type(err).__name__}: {err}"
         raise CheckpointError(
             f"{where}: damaged checkpoint: its {COMMITTED} marker is unreadable ({clip(detail, 200)})"
         ) from None
+
+
+def _digest(value: Any) -> str | None:
+    if value is None or (isinstance(value, str) and _SHA256.fullmatch(value)):
+        return value
+    raise ValueError(f"a sha256 that is not 64 hex digits: {clip(repr(value), 80)}")
 
 
 class CheckpointStore:

@@ -1,4 +1,4 @@
-"""The two YAML documents a run is made of, as pydantic models, and how they are read.
+"""The two YAML documents a run is made of, as pydantic models, and how they are read (bounded: `bounded`).
 
 `Config` describes the environment (where models, data and checkpoints live, MLflow, devices); `Recipe`
 describes the experiment (algorithm, loss, data mix, optimiser). Both forbid unknown keys, and every error
@@ -6,14 +6,23 @@ names the file, the dotted field path and what is allowed. The operator imports 
 `wmtp.contract`) alone from the trainer: nothing here needs torch.
 """
 
+from wmtp.config.bounded import (
+    DOCUMENT,
+    MAX_MESSAGE,
+    TERMINATION,
+    ConfigError,
+    DocumentError,
+    Limits,
+    check_tree,
+    clip,
+    json_nested_over,
+    parse_json,
+    parse_yaml,
+)
 from wmtp.config.documents import (
     MAX_DOCUMENT_BYTES,
-    MAX_MESSAGE,
     MAX_NODES,
-    ConfigError,
-    clip,
     format_validation_error,
-    parse_yaml,
     read_document,
     redact_uri,
     substitute_env,
@@ -63,9 +72,11 @@ from wmtp.config.recipe import (
 
 __all__ = [
     "DEFAULT_LANGUAGES",
+    "DOCUMENT",
     "MAX_DOCUMENT_BYTES",
     "MAX_MESSAGE",
     "MAX_NODES",
+    "TERMINATION",
     "CheckpointPaths",
     "CheckpointingSection",
     "CodeLanguage",
@@ -77,9 +88,11 @@ __all__ = [
     "DatasetFormat",
     "Devices",
     "DistributedSettings",
+    "DocumentError",
     "EvalSettings",
     "EvalTask",
     "FSDPSettings",
+    "Limits",
     "LossSection",
     "MLflowSettings",
     "ModelPaths",
@@ -92,16 +105,19 @@ __all__ = [
     "S3Settings",
     "TrainSection",
     "check_compatible",
+    "check_tree",
     "checkpoint_root",
     "clip",
     "config_hash",
     "flatten",
     "format_validation_error",
+    "json_nested_over",
     "load",
     "load_config",
     "load_recipe",
     "override_checkpointing",
     "parse_config",
+    "parse_json",
     "parse_recipe",
     "parse_yaml",
     "read_document",

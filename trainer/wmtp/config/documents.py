@@ -1,8 +1,9 @@
-"""Reading the YAML documents a user or the operator wrote: bounded, strict about encoding, one clear error.
+"""Reading the YAML documents a user or the operator wrote, and reporting what is wrong with them in bounded lines.
 
-Every YAML that enters (config and recipe files, recipeRef ConfigMaps, pull specs) goes through `parse_yaml`:
-a size cap, a cap on the node count after alias expansion (a 549-byte alias bomb otherwise expands to gigabytes
-the moment anything walks it), UTF-8 only. `clip` bounds any text before it reaches a status, an Event or a log.
+Every YAML that enters (config and recipe files, recipeRef ConfigMaps, pull specs) is parsed by
+`wmtp.config.bounded.parse_yaml` (size, nesting, values after alias expansion, string and integer size bounded
+before the work; UTF-8 only). A user's own file has its `${VAR}`s expanded first; a file the operator rendered is
+data. `clip` bounds any text before it reaches a status, an Event or a log.
 """
 
 from __future__ import annotations
@@ -11,107 +12,17 @@ import os
 import re
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from wmtp.config.bounded import DOCUMENT, MAX_MESSAGE, ConfigError, clip, parse_yaml
+from wmtp.config.uris import redact_uri
 from wmtp.contract import RENDERED_MARKER
 
-MAX_DOCUMENT_BYTES = 1 << 20  # a recipe is a few KB; a ConfigMap holds at most 1 MiB
-MAX_NODES = 100_000  # after alias expansion: far above any real config, far below a bomb
-MAX_DEPTH = 100  # nesting levels: a config has about five; deeper costs the parser time and recursion
-MAX_MESSAGE = 400  # characters of an error text that may reach a status, an Event or a log line
+__all__ = ["MAX_DOCUMENT_BYTES", "MAX_MESSAGE", "MAX_NODES", "ConfigError", "clip", "format_validation_error",
+           "parse_yaml", "read_document", "redact_uri", "substitute_env"]  # fmt: skip
 
-
-class ConfigError(ValueError):
-    """A config or recipe that cannot be used; the message says where and how to fix it."""
-
-
-def clip(text: str, limit: int = MAX_MESSAGE) -> str:
-    """`text` cut to `limit` characters, saying so, so that no input can make an unbounded message."""
-    return text if len(text) <= limit else f"{text[: limit - 30]}… ({len(text) - limit + 30} more characters)"
-
-
-def redact_uri(uri: str) -> str:
-    """`uri` with any user:password@ (or token@) part replaced, for logs, statuses and Events."""
-    return re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
-
-
-def _expanded_size(root: yaml.Node) -> int:
-    """Nodes in the document once every alias is expanded, computed without expanding anything."""
-    sizes: dict[int, int] = {}
-    active: set[int] = set()
-
-    def size(node: yaml.Node) -> int:
-        key = id(node)
-        if key in sizes:
-            return sizes[key]
-        if key in active:
-            raise ConfigError("a YAML alias refers to itself (a recursive document)")
-        active.add(key)
-        if isinstance(node, yaml.SequenceNode):
-            children = node.value
-        elif isinstance(node, yaml.MappingNode):
-            children = [part for pair in node.value for part in pair]
-        else:
-            children = []
-        total = 1
-        for child in children:
-            total += size(child)
-            if total > MAX_NODES:
-                break
-        active.discard(key)
-        sizes[key] = total
-        return total
-
-    return size(root)
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """A SafeLoader that refuses nesting deeper than MAX_DEPTH while composing, before reading further: the
-    scanner is lazy, so a 1 MiB `[[[[…` costs microseconds instead of a quadratic scan and a RecursionError."""
-
-    _depth = 0
-
-    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                raise ConfigError(f"nested more than {MAX_DEPTH} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def parse_yaml(data: str | bytes, source: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> Any:
-    """One YAML document, bounded in size and in alias expansion; ConfigError naming `source` otherwise."""
-    if isinstance(data, bytes):
-        if len(data) > max_bytes:
-            raise ConfigError(f"{source}: {len(data)} bytes, more than the {max_bytes} a document may have")
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{source}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    if len(data) > max_bytes:
-        raise ConfigError(f"{source}: {len(data)} characters, more than the {max_bytes} a document may have")
-    try:
-        loader = _BoundedLoader(data)  # refuses control characters already
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        if _expanded_size(node) > MAX_NODES:
-            raise ConfigError(f"more than {MAX_NODES} values once its aliases are expanded (an alias bomb?)")
-        return loader.construct_document(node)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: not valid YAML: {clip(' '.join(str(err).split()))}") from None
-    except RecursionError:
-        raise ConfigError(f"{source}: nested more than {MAX_DEPTH} levels deep") from None
-    finally:
-        loader.dispose()
+MAX_DOCUMENT_BYTES = DOCUMENT.max_bytes
+MAX_NODES = DOCUMENT.max_nodes
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -151,7 +62,7 @@ def read_document(path: os.PathLike[str] | str, max_bytes: int = MAX_DOCUMENT_BY
             raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); save it as UTF-8") from None
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
-    data = parse_yaml(text_or_bytes, str(path), max_bytes)
+    data = parse_yaml(text_or_bytes, DOCUMENT.within(max_bytes=max_bytes), source=str(path))
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

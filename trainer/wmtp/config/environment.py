@@ -7,20 +7,24 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 
 from wmtp import contract
-from wmtp.config.base import Name, Strict, Uri, check_uri
-from wmtp.storage import parse_uri
+from wmtp.config.base import LocalPath, Name, Strict, check_uri, empty_is_unset
+from wmtp.config.uris import Location, Region, Root, TrackingUri, Url
 
 
 class ModelPaths(Strict):
-    base: Uri = Field(description="Base causal LM to train: an HF model directory (path, file:// or s3://).")
-    ref: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['ref']}, for the algorithms needing one.")
-    rm: Uri | None = Field(None, description=f"URI of {contract.MODEL_ROLES['rm']}, for the algorithms needing one.")
+    base: Location = Field(description="Base causal LM to train: an HF model directory (path, file:// or s3://).")
+    ref: Location | None = Field(
+        None, description=f"URI of {contract.MODEL_ROLES['ref']}, for the algorithms needing one."
+    )
+    rm: Location | None = Field(
+        None, description=f"URI of {contract.MODEL_ROLES['rm']}, for the algorithms needing one."
+    )
 
     _uris = field_validator("base", "ref", "rm")(check_uri)
 
 
 class CheckpointPaths(Strict):
-    base_path: Uri | None = Field(
+    base_path: Root | None = Field(
         None,
         description="Checkpoint store root: checkpoints go to <base_path>/<run name>/ (default ./checkpoints).",
     )
@@ -33,13 +37,13 @@ class CheckpointPaths(Strict):
 
 class Paths(Strict):
     models: ModelPaths
-    datasets: dict[Name, Uri] = Field(
+    datasets: dict[Name, Location] = Field(
         default_factory=dict,
         description="Dataset name → URI of a .jsonl, .jsonl.gz or .parquet file, or of a folder or prefix of them "
         "(path, file://, s3://).",
     )
     checkpoints: CheckpointPaths = Field(default_factory=CheckpointPaths)
-    output_dir: str = Field(
+    output_dir: LocalPath = Field(
         "./runs",
         description="Local run directory root: logs and the embedded MLflow store (<output_dir>/<run>).",
     )
@@ -48,27 +52,38 @@ class Paths(Strict):
     @classmethod
     def _dataset_uris(cls, value: dict[str, str]) -> dict[str, str]:
         for uri in value.values():
-            parse_uri(uri)
+            check_uri(uri)
         return value
 
 
 class MLflowSettings(Strict):
-    tracking_uri: str | None = Field(
+    tracking_uri: TrackingUri | None = Field(
         None,
-        description="MLflow tracking URI. Unset: the operator's default on Kubernetes, else a sqlite store in the "
-        "run directory (no server needed).",
+        description="MLflow tracking URI: an http(s) server (credentials in MLFLOW_TRACKING_USERNAME/PASSWORD or "
+        "MLFLOW_TRACKING_TOKEN, never in the URI), or sqlite:/// or file:/// here. Unset: the operator's default "
+        "on Kubernetes, else a sqlite store in the run directory (no server needed).",
     )
-    registry_uri: str | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
-    experiment: str = Field("wmtp", min_length=1, description="MLflow experiment name.")
+    registry_uri: TrackingUri | None = Field(None, description="MLflow model registry URI. Unset: the tracking URI.")
+    experiment: str = Field("wmtp", min_length=1, max_length=256, description="MLflow experiment name.")
+    registered_model: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$",
+        description="Name the final model is registered under. Unset: wmtp-<algorithm>; the operator sets "
+        "wmtp-<namespace>-<algorithm>, so that runs of different namespaces never share a registered model.",
+    )
+
+    _unset = field_validator("tracking_uri", "registry_uri", mode="before")(empty_is_unset)
 
 
 class S3Settings(Strict):
-    endpoint_url: str | None = Field(
-        None, description="S3 endpoint (MinIO, moto, ...). Unset: AWS or AWS_ENDPOINT_URL."
+    endpoint_url: Url | None = Field(
+        None, description="S3 endpoint (MinIO, moto, ...), http(s)://host[:port]. Unset: AWS or AWS_ENDPOINT_URL."
     )
-    region: str | None = Field(None, description="S3 region. Unset: AWS_REGION / AWS_DEFAULT_REGION.")
+    region: Region | None = Field(None, description="S3 region. Unset: AWS_REGION / AWS_DEFAULT_REGION.")
     access_key_id: SecretStr | None = Field(None, description="Access key; prefer the standard AWS environment.")
     secret_access_key: SecretStr | None = Field(None, description="Secret key; prefer the standard AWS environment.")
+
+    _unset = field_validator("endpoint_url", "region", mode="before")(empty_is_unset)
 
 
 class DistributedSettings(Strict):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from wmtp import contract
+from wmtp.config.uris import Location
 
 EvalTask = Literal[tuple(contract.EVAL_TASKS)]  # type: ignore[valid-type]
 _NEEDS_DATA = [task for task in contract.EVAL_TASKS if task not in contract.EVAL_BUNDLED]
@@ -35,7 +36,7 @@ class EvalSettings(BaseModel):
     limit: int | None = Field(None, ge=1, description="At most this many problems per task. Unset: all of them.")
     temperature: float = Field(0.8, ge=0.01, le=5.0, description="Sampling temperature when samples > 1.")
     max_new_tokens: int = Field(256, ge=1, le=8192, description="Longest completion, in tokens.")
-    datasets: dict[EvalTask, str] = Field(
+    datasets: dict[EvalTask, Location] = Field(
         default_factory=dict,
         description=f"Task → URI of its data (.jsonl/.jsonl.gz, a folder or a prefix); {', '.join(_NEEDS_DATA)} "
         "needs one.",
@@ -46,6 +47,13 @@ class EvalSettings(BaseModel):
         8, ge=0, le=1000, description="Prompts decoded greedily and self-speculatively for the speed-up; 0 skips."
     )
     seed: int = Field(0, ge=0, description="Seed of the sampling.")
+    batch_size: int = Field(
+        8, ge=1, le=256, description="Sequences decoded together: a problem's samples, or several problems."
+    )
+    chat_template: bool = Field(
+        False, description="Ask in the tokenizer's chat template (instruct models); the answer ends at its end of turn."
+    )
+    extract_code: bool = Field(False, description="Score the first code block of each answer, not the whole answer.")
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalSettings:

@@ -7,12 +7,16 @@ from typing import Annotated, Literal, get_args
 from pydantic import Field, field_validator, model_validator
 
 from wmtp import contract
-from wmtp.config.base import Name, Strict, Uri, check_uri
+from wmtp.config.base import Name, Strict, check_uri
+from wmtp.config.uris import Root
 
-Beta = Annotated[float, Field(ge=0, lt=1)]
+Beta = Annotated[float, Field(ge=0, lt=1, description="One AdamW beta, in [0, 1).")]
+MAX_SOURCES = 32  # datasets in one mix (a WMTPRun defines at most as many)
 
 
 class RunSection(Strict):
+    """The run's name and MLflow tags."""
+
     name: str = Field(
         description="Run name: names the run directory, checkpoint folder and MLflow run.",
         pattern=r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$",
@@ -25,7 +29,11 @@ class RunSection(Strict):
 
 
 class TrainSection(Strict):
-    algo: str = Field(description="The algorithm: baseline-mtp, critic-wmtp, rho1-wmtp or a registered plugin.")
+    """The algorithm and how long to train."""
+
+    algo: str = Field(
+        max_length=63, description="The algorithm: baseline-mtp, critic-wmtp, rho1-wmtp or a registered plugin."
+    )
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; unset: run num_epochs epochs.")
     num_epochs: int = Field(1, ge=1, description="Epochs when max_steps is unset.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
@@ -57,6 +65,8 @@ class TrainSection(Strict):
 
 
 class OptimSection(Strict):
+    """The optimizer and its learning-rate schedule."""
+
     name: Literal["adamw"] = Field("adamw", description="Optimizer.")
     lr: float = Field(3e-4, gt=0, le=1, description="Peak learning rate.")
     weight_decay: float = Field(0.01, ge=0, le=1, description="AdamW decoupled weight decay.")
@@ -79,12 +89,15 @@ DEFAULT_LANGUAGES: tuple[CodeLanguage, ...] = ("python3", "python2")
 
 
 class DataSource(Strict):
+    """One dataset of the mix: a name the config (or the WMTPRun's datasets) defines, and how to read it."""
+
     name: Name = Field(description="A key of the config's paths.datasets.")
     format: DatasetFormat | None = Field(None, description="Record layout; unset: the name if it is a known format.")
     max_samples: int | None = Field(None, ge=1, description="Use at most this many examples.")
-    languages: list[CodeLanguage] = Field(
+    languages: list[Annotated[CodeLanguage, Field(description="A solution language.")]] = Field(
         default_factory=lambda: list(DEFAULT_LANGUAGES),
         min_length=1,
+        max_length=len(get_args(CodeLanguage)),
         description="codecontests: accepted solution languages, most preferred first; a problem without a "
         "solution in one of them is skipped (and counted).",
     )
@@ -97,7 +110,9 @@ class DataSource(Strict):
 
 
 class DataSection(Strict):
-    sources: list[DataSource] = Field(min_length=1, description="Datasets to mix, by name.")
+    """The data mix and how examples become sequences."""
+
+    sources: list[DataSource] = Field(min_length=1, max_length=MAX_SOURCES, description="Datasets to mix, by name.")
     max_length: int = Field(512, ge=8, le=1 << 20, description="Tokens per training sequence.")
     batch_size: int = Field(8, ge=1, le=1 << 20, description="Sequences per micro-batch (global, across ranks).")
     pack: bool = Field(True, description="Concatenate examples into full sequences instead of padding each.")
@@ -105,12 +120,16 @@ class DataSection(Strict):
 
 
 class ModelSection(Strict):
+    """The shape of the extra output heads."""
+
     head_type: Literal["block", "linear"] = Field(
         "block", description="Extra heads: one transformer block each (Meta's layout) or a linear map."
     )
 
 
 class LossSection(Strict):
+    """The multi-token loss: heads, and how weights are bounded."""
+
     n_heads: int = Field(4, ge=1, le=16, description="Output heads; head k predicts token t+k+1.")
     # Below 1e-3 the scaled scores overflow float32 into NaN weights.
     temperature: float = Field(1.0, ge=1e-3, le=1e3, description="Softmax temperature for weights.")
@@ -123,11 +142,15 @@ class LossSection(Strict):
 
 
 class Rho1Section(Strict):
+    """rho1-wmtp: which targets count, by their excess loss over the reference model."""
+
     selection_mode: Literal["topk", "weighted"] = Field("topk", description="Hard top-k selection or soft weights.")
     k_percent: float = Field(0.6, gt=0, le=1, description="topk: fraction of valid targets kept, by excess loss.")
 
 
 class CriticSection(Strict):
+    """critic-wmtp: the value head, its pretraining and the TD weights."""
+
     gamma: float = Field(0.99, ge=0, le=1, description="GAE discount.")
     gae_lambda: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     discount_lambda: float = Field(0.9, ge=0, le=1, description="λ_d in the TD delta δ_t = V_t − λ_d·V_{t−1}.")
@@ -140,11 +163,17 @@ class CheckpointingSection(Strict):
     """Checkpoint settings of the experiment; each one set here overrides the config's paths.checkpoints (and a
     `wmtp train` flag overrides it in turn: `wmtp.config.resolve_checkpointing`)."""
 
-    checkpoint_path: Uri | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
+    checkpoint_path: Root | None = Field(None, description="Overrides the config's paths.checkpoints.base_path.")
     save_interval: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.save_interval.")
     keep_last: int | None = Field(None, ge=1, description="Overrides paths.checkpoints.keep_last.")
     save_final: bool | None = Field(None, description="Overrides paths.checkpoints.save_final.")
     auto_resume_latest: bool = Field(False, description="Resume from the latest checkpoint when --resume is unset.")
+    overwrite: bool = Field(
+        False,
+        description="Let a fresh start (--resume never, or nothing to resume) write into a run prefix that already "
+        "holds committed checkpoints, replacing them step by step. Unset: such a start fails (exit 2) naming the "
+        "prefix, so that a lost resume never overwrites a run's checkpoints.",
+    )
 
     _uris = field_validator("checkpoint_path")(check_uri)
 

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import logging
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from wmtp.config import ConfigError, clip
@@ -19,6 +22,11 @@ from wmtp.errors import describe
 from wmtp.eval.runner import EvalOptions
 from wmtp.reporting import Termination, write_termination
 
+log = logging.getLogger(__name__)
+# Off a terminal (a pod's log) progress is a plain line every this many problems, or this many seconds.
+PROGRESS_EVERY = 10
+PROGRESS_SECONDS = 60.0
+
 
 def ints(text: str, option: str) -> list[int]:
     """Comma-separated integers (their bounds are `EvalSettings`')."""
@@ -26,6 +34,15 @@ def ints(text: str, option: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise typer.BadParameter(f"{option}: comma-separated integers, e.g. 1,10") from None
+
+
+def boolean(text: str, option: str) -> bool:
+    """true/false (also yes/no, 1/0, any case): a value, not a bare flag, so that spec.eval's rendering
+    `--name value` works for every setting."""
+    try:
+        return bool(click.BOOL.convert(text, None, None))
+    except click.BadParameter:
+        raise typer.BadParameter(f"{option}: true or false, not {text!r}") from None
 
 
 def datasets(pairs: list[str]) -> dict[str, str]:
@@ -50,22 +67,61 @@ def options(**values: Any) -> EvalOptions:
         raise ConfigError(clip("; ".join(problems), 500)) from None
 
 
+@contextlib.contextmanager
+def progress(console: Console) -> Iterator[Callable[[int, int], None]]:
+    """`progress(done, total)` for the problems: a bar on a terminal, else a log line every `PROGRESS_EVERY`
+    problems or `PROGRESS_SECONDS` seconds, whichever comes first, and at the end."""
+    columns = (TextColumn("eval"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    started = last = time.monotonic()
+
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("eval", total=None)
+
+        def advance(done: int, total: int) -> None:
+            nonlocal last
+            bar.update(task, completed=done, total=total)
+            now = time.monotonic()
+            due = done % PROGRESS_EVERY == 0 or done == total or now - last >= PROGRESS_SECONDS
+            if console.is_terminal or not due:
+                return
+            last, elapsed = now, now - started
+            left = elapsed / done * (total - done)
+            log.info("progress: %d/%d problems, %.0f s elapsed, about %.0f s left", done, total, elapsed, left)
+
+        yield advance
+
+
 def show(report: dict[str, Any], ks: list[int], console: Console) -> None:
-    """The table and the speed line on stderr, the summary as one JSON line on stdout."""
+    """The table, the decoding and speed lines on stderr, the summary as one JSON line on stdout."""
     table = Table(title="pass@k")
     for column in ("task", "problems", *(f"pass@{n}" for n in ks)):
         table.add_column(column)
     for name, scores in report["tasks"].items():
         table.add_row(name, str(scores["problems"]), *(f"{scores[f'pass@{n}']:.3f}" for n in ks))
     console.print(table)
+    console.print(f"{report['samples']} samples per problem; programs ran in the sandbox: {report['sandbox']}")
+    decoding = report["decoding"]
+    console.print(
+        f"decoding: {decoding['tokens']} tokens in {decoding['seconds']:.1f} s, {decoding['tokens_per_s']:.1f} "
+        f"tokens/s (batches of {decoding['batch_size']})"
+    )
     if "speed" in report:
-        speed = report["speed"]
-        console.print(
-            f"self-speculative decoding: {speed['speedup']:.2f}× greedy tokens/s, {speed['mean_accepted']:.2f} "
-            f"tokens accepted per verifying pass, identical output: {speed['identical']}"
-        )
-    summary = {key: report[key] for key in ("model", "tasks", "speed", "mlflow_run_id") if key in report}
-    print(json.dumps(summary), flush=True)
+        console.print(speed_line(report["speed"]))
+    keys = ("model", "samples", "sandbox", "decoding", "tasks", "speed", "mlflow_run_id")
+    print(json.dumps({key: report[key] for key in keys if key in report}), flush=True)
+
+
+def speed_line(speed: dict[str, Any]) -> str:
+    low, high = speed["speedup_spread"]
+    line = (
+        f"self-speculative decoding: {speed['speedup']:.2f}× cached greedy tokens/s (median of {speed['rounds']} "
+        f"rounds, {low:.2f}–{high:.2f}×; {speed['greedy_tokens_per_s']:.1f} → {speed['speculative_tokens_per_s']:.1f}"
+        f" tokens/s); {speed['tokens_per_pass']:.2f} tokens per forward pass, {speed['mean_accepted']:.2f} per "
+        f"verifying pass, which costs {speed['pass_cost']:.2f} greedy passes; identical output: {speed['identical']}"
+    )
+    if speed["speedup_suspect"]:
+        line += "; SUSPECT: more than the passes saved can explain, the measurement is wrong"
+    return line
 
 
 def headline(report: dict[str, Any]) -> str:
@@ -76,7 +132,8 @@ def headline(report: dict[str, Any]) -> str:
     ]  # fmt: skip
     speed = report.get("speed")
     if speed:
-        scores.append(f"self-speculative decoding {speed['speedup']:.2f}× greedy")
+        suspect = " (SUSPECT: more than the passes saved explain)" if speed.get("speedup_suspect") else ""
+        scores.append(f"self-speculative decoding {speed['speedup']:.2f}× greedy{suspect}")
     return ", ".join(scores)
 
 

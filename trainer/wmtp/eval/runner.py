@@ -1,9 +1,12 @@
-"""`wmtp eval`: load a trained model, score it on code tasks, measure self-speculative decoding, report."""
+"""`wmtp eval`: load a trained model, score it on code tasks (batched decoding), measure self-speculative decoding,
+report."""
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -11,15 +14,18 @@ import torch
 from wmtp.checkpoint import CheckpointError, CheckpointStore
 from wmtp.config import EvalSettings, redact_uri
 from wmtp.contract import EVAL_SPEED_FIELDS, MAX_EVAL_SCORES
-from wmtp.eval.decoding import Decoder, Generation
+from wmtp.eval.decoding import Decoder
+from wmtp.eval.prompts import Prompting
 from wmtp.eval.sandbox import Limits
 from wmtp.eval.scoring import TaskResult, score
+from wmtp.eval.speed import measure_speed
 from wmtp.eval.tasks import Problem, load_task
 from wmtp.models import MTPModel, load_tokenizer
 from wmtp.storage import Storage, StorageError, parse_uri
 from wmtp.tracking import bounded_retries
 
 log = logging.getLogger(__name__)
+SPEED_ROUNDS = 3  # interleaved rounds of the speed-up measurement (its median and spread)
 
 
 class EvalOptions(EvalSettings):
@@ -34,72 +40,74 @@ def load_model(uri: str, storage: Storage) -> tuple[MTPModel, Any]:
         return MTPModel.from_pretrained(directory), load_tokenizer(directory)
 
 
-def _completer(decoder: Decoder, tokenizer: Any, options: EvalOptions) -> Callable[[Problem], list[str]]:
-    generator = torch.Generator().manual_seed(options.seed)
+class Completer:
+    """Each problem's samples, decoded `batch_size` rows at a time (one problem's samples, or several problems);
+    counts the tokens and the seconds spent decoding them."""
 
-    def complete(problem: Problem) -> list[str]:
-        decoder.stop = problem.stop
-        prompt = tokenizer(problem.prompt)["input_ids"]
-        if options.samples == 1:
-            return [decoder.text(decoder.greedy(prompt).tokens)]
-        runs = [decoder.sample(prompt, options.temperature, generator) for _ in range(options.samples)]
-        return [decoder.text(run.tokens) for run in runs]
+    def __init__(self, decoder: Decoder, prompting: Prompting, options: EvalSettings) -> None:
+        self.decoder, self.prompting, self.options = decoder, prompting, options
+        self.generator = torch.Generator().manual_seed(options.seed)
+        self.tokens, self.seconds = 0, 0.0
 
-    return complete
+    @property
+    def problems_per_call(self) -> int:
+        """How many problems fill a batch (at least one: a problem's samples may span several batches)."""
+        return max(1, self.options.batch_size // self.options.samples)
 
+    def __call__(self, problems: Sequence[Problem]) -> list[list[str]]:
+        samples, size = self.options.samples, self.options.batch_size
+        temperature = None if samples == 1 else self.options.temperature
+        rows = [problem for problem in problems for _ in range(samples)]
+        texts: list[str] = []
+        for start in range(0, len(rows), size):
+            batch = rows[start : start + size]
+            stops = [self.prompting.stop(p) for p in batch]
+            started = time.perf_counter()
+            runs = self.decoder.generate([self.prompting.ids(p) for p in batch], stops, temperature, self.generator)
+            seconds, tokens = time.perf_counter() - started, sum(len(run.tokens) for run in runs)
+            self.seconds, self.tokens = self.seconds + seconds, self.tokens + tokens
+            # A batch of a large model may take minutes: a line per batch shows that decoding goes on.
+            log.info("decoded %d sequences: %d tokens in %.1f s", len(batch), tokens, seconds)
+            for run, stop in zip(runs, stops, strict=True):
+                texts.append(self.prompting.completion(self.decoder.text(run.tokens, stop)))
+        return [texts[i * samples : (i + 1) * samples] for i in range(len(problems))]
 
-def measure_speed(decoder: Decoder, tokenizer: Any, problems: list[Problem], stops: bool = True) -> dict[str, Any]:
-    """Greedy and self-speculative decoding of the same prompts: tokens/s, passes, and whether they agree.
-    `stops` False decodes each prompt to the decoder's max_new_tokens (steady-state throughput)."""
-    greedy: list[Generation] = []
-    speculative: list[Generation] = []
-    for problem in problems:
-        decoder.stop = problem.stop if stops else ()
-        prompt = tokenizer(problem.prompt)["input_ids"]
-        greedy.append(decoder.greedy(prompt))
-        speculative.append(decoder.speculative(prompt))
-    tokens = sum(len(g.tokens) for g in greedy)
-
-    def rate(runs: list[Generation]) -> float:
-        return tokens / max(sum(r.seconds for r in runs), 1e-9)
-
-    return {
-        "prompts": len(problems),
-        "tokens": tokens,
-        "identical": all(g.tokens == s.tokens for g, s in zip(greedy, speculative, strict=True)),
-        "greedy_tokens_per_s": rate(greedy),
-        "speculative_tokens_per_s": rate(speculative),
-        "speedup": rate(speculative) / max(rate(greedy), 1e-9),
-        "tokens_per_pass": tokens / max(sum(s.passes for s in speculative), 1),
-        # Tokens kept per verifying pass (every pass but each prompt's first, which only drafts).
-        "mean_accepted": tokens / max(sum(s.passes - 1 for s in speculative), 1),
-        "heads": decoder.model.n_heads,
-    }
+    def stats(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "seconds": self.seconds, "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
+                "batch_size": self.options.batch_size}  # fmt: skip
 
 
-def evaluate(options: EvalOptions, storage: Storage, progress: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Everything `wmtp eval` reports, as one JSON-able dict."""
+def evaluate(
+    options: EvalOptions, storage: Storage, progress: Callable[[int, int], None] = lambda done, total: None
+) -> dict[str, Any]:
+    """Everything `wmtp eval` reports, as one JSON-able dict. `progress(done, total)` follows the problems."""
     problems = {name: load_task(name, options.datasets.get(name), storage)[: options.limit] for name in options.tasks}
     model, tokenizer = load_model(options.model, storage)
+    log.info("model=%s heads=%d head_type=%s", redact_uri(options.model), model.n_heads, model.head_type)
+    prompting = Prompting(tokenizer, options.chat_template, options.extract_code)
     decoder = Decoder(model, tokenizer, options.max_new_tokens)
+    complete = Completer(decoder, prompting, options)
     limits = Limits(timeout_s=options.program_timeout)
-    log.info("model=%s", redact_uri(options.model))
-    complete = _completer(decoder, tokenizer, options)
-    results: dict[str, TaskResult] = {
-        name: score(name, task, complete, options.k, limits, progress=progress) for name, task in problems.items()
-    }
+    total, done = sum(len(task) for task in problems.values()), itertools.count(1)
+    results: dict[str, TaskResult] = {}
+    for name, task in problems.items():
+        log.info("task=%s problems=%d samples=%d batch_size=%d", name, len(task), options.samples, options.batch_size)
+        results[name] = score(name, task, complete, options.k, limits, group=complete.problems_per_call,
+                              progress=lambda: progress(next(done), total))  # fmt: skip
     sandbox = ", ".join(sorted(set().union(*(r.sandboxes() for r in results.values()))))
     log.info("sandbox=%s", sandbox)
     report: dict[str, Any] = {
         "model": redact_uri(options.model),
         "samples": options.samples,
         "sandbox": sandbox,  # what held the programs, as each run reported it
+        "decoding": complete.stats(),
         "tasks": {name: {"problems": len(r.problems), **r.summary()} for name, r in results.items()},
         "problems": {name: [p.as_dict() for p in r.problems] for name, r in results.items()},
     }
     if options.speed_prompts:
-        prompts = [p for task in problems.values() for p in task][: options.speed_prompts]
-        report["speed"] = measure_speed(decoder, tokenizer, prompts)
+        chosen = [p for task in problems.values() for p in task][: options.speed_prompts]
+        log.info("speed: %d prompts, greedy and self-speculative, %d rounds", len(chosen), SPEED_ROUNDS)
+        report["speed"] = measure_speed(decoder, [(prompting.ids(p), prompting.stop(p)) for p in chosen], SPEED_ROUNDS)
     return report
 
 
@@ -114,6 +122,8 @@ def metrics(report: dict[str, Any]) -> dict[str, float]:
     for key in ("greedy_tokens_per_s", "speculative_tokens_per_s", "speedup", "mean_accepted", "tokens_per_pass"):
         if key in speed:
             out[f"eval/speculative/{key}"] = float(speed[key])
+    if "decoding" in report:
+        out["eval/decoding/tokens_per_s"] = report["decoding"]["tokens_per_s"]
     return {k: float(v) for k, v in out.items()}
 
 
@@ -137,11 +147,14 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
 
 def training_run(model: str, storage: Storage) -> str | None:
     """The MLflow run that trained `model`, as the final model's COMMITTED marker names it; None for a model
-    without one (a plain HF directory, or a final model saved before markers named it)."""
+    without one (a plain HF directory, or a final model saved before markers named it), and, with a warning, for
+    a marker that cannot be read."""
     location = parse_uri(model)
+    store = CheckpointStore(location, storage)
     try:
-        return CheckpointStore(location, storage).read_marker(location).mlflow_run_id
-    except (CheckpointError, StorageError):
+        return store.read_marker(location).mlflow_run_id if store.is_committed(location) else None
+    except (CheckpointError, StorageError) as err:
+        log.warning("%s; the evaluation goes to a new MLflow run", err)
         return None
 
 

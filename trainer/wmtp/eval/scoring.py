@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,21 +68,37 @@ class TaskResult:
 def score(
     task: str,
     problems: Sequence[Problem],
-    complete: Callable[[Problem], list[str]],
+    complete: Callable[[Sequence[Problem]], list[list[str]]],
     ks: Sequence[int],
     limits: Limits = Limits(),
     workers: int = 4,
+    group: int = 1,
     progress: Callable[[], None] = lambda: None,
 ) -> TaskResult:
-    """Complete every problem (`complete` returns its samples) and run each sample's program, `workers` at once."""
+    """Complete `group` problems at a time (`complete` returns each one's samples) and run each sample's program,
+    `workers` at once. A group's programs run while the next group decodes."""
     result = TaskResult(task, ks)
     with ThreadPoolExecutor(workers, thread_name_prefix="wmtp-sandbox") as pool:
-        for problem in problems:
-            completions = complete(problem)
-            if max(ks) > len(completions):
-                raise ValueError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, not {len(completions)}")
-            outcomes = list(pool.map(lambda c, p=problem: run_program(p.solution(c), p.test, limits), completions))
-            result.problems.append(ProblemResult(problem.task_id, outcomes, completions[0]))
-            progress()
+        running: list[tuple[Problem, list[str], list[Future[Outcome]]]] = []
+        for start in range(0, len(problems), group):
+            chunk = problems[start : start + group]
+            decoded = []
+            for problem, completions in zip(chunk, complete(chunk), strict=True):
+                if max(ks) > len(completions):
+                    got = len(completions)
+                    raise ValueError(f"pass@{max(ks)} needs at least {max(ks)} samples per problem, not {got}")
+                runs = [pool.submit(run_program, problem.solution(c), problem.test, limits) for c in completions]
+                decoded.append((problem, completions, runs))
+            _collect(running, result, progress)
+            running = decoded
+        _collect(running, result, progress)
     log.info("task=%s problems=%d %s", task, len(result.problems), result.summary())
     return result
+
+
+def _collect(
+    running: list[tuple[Problem, list[str], list[Future[Outcome]]]], result: TaskResult, progress: Callable[[], None]
+) -> None:
+    for problem, completions, runs in running:
+        result.problems.append(ProblemResult(problem.task_id, [run.result() for run in runs], completions[0]))
+        progress()

@@ -12,11 +12,12 @@ from wmtp.models.loading import (
     load_reward_model,
     load_tokenizer,
 )
-from wmtp.models.mtp import MTPModel, empty_weights, find_decoder_layers, find_final_norm
+from wmtp.models.mtp import MTPCache, MTPModel, empty_weights, find_decoder_layers, find_final_norm
 from wmtp.models.tiny import build_tiny_models, build_tiny_tokenizer
 
 __all__ = [
     "FROZEN_LOADERS",
+    "MTPCache",
     "MTPModel",
     "build_tiny_models",
     "build_tiny_tokenizer",

@@ -2,7 +2,9 @@
 
 Every loader takes `empty`: the model's structure alone, on the meta device, built from its config and tokenizer
 files (on S3 only those are downloaded). Distributed runs build every model so on every rank and let one rank
-read the weights, which `wmtp.distributed.load_weights` scatters into the shards.
+read the weights, which `wmtp.distributed.load_weights` scatters into the shards. An empty model needs no file
+that `wmtp.contract.is_weight_file` names, so a folder `wmtp pull` filled for a node rank other than 0 (weights
+left out) builds exactly the model a complete folder does.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from wmtp.contract import is_weight_file
 from wmtp.models import native
 from wmtp.models.mtp import LOAD_DTYPE, MTPModel, empty_weights
 from wmtp.storage import Storage, parse_uri
@@ -49,14 +52,6 @@ def _names_its_uri(load: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
-# Files that hold weights; everything else in a model directory is metadata (config, tokenizer, index).
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".h5", ".msgpack", ".gguf", ".npz")
-
-
-def is_weights(name: str) -> bool:
-    return name.endswith(WEIGHT_SUFFIXES)
-
-
 @contextlib.contextmanager
 def model_directory(uri: str, storage: Storage, weights: bool = True) -> Iterator[tuple[Path, list[str]]]:
     """A local directory for the model at `uri` and the names of every file it has. On this machine it is the
@@ -74,7 +69,7 @@ def model_directory(uri: str, storage: Storage, weights: bool = True) -> Iterato
     objects = storage.objects(location)
     with tempfile.TemporaryDirectory(prefix="wmtp-meta-") as tmp:
         for obj in objects:
-            if not is_weights(obj.rel):
+            if not is_weight_file(obj.rel):
                 storage.download(obj.loc, Path(tmp) / obj.rel)
         yield Path(tmp), sorted(obj.rel for obj in objects)
 
@@ -107,7 +102,8 @@ def _frozen(model: PreTrainedModel) -> PreTrainedModel:
 def _load(cls: type, uri: str, storage: Storage, empty: bool, **config: object) -> PreTrainedModel:
     with model_directory(uri, storage, weights=not empty) as (directory, _):
         if not empty:
-            return _frozen(cls.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE, **config))
+            weights = {"dtype": LOAD_DTYPE, "use_safetensors": True}  # never a pickled pytorch_model.bin
+            return _frozen(cls.from_pretrained(directory, local_files_only=True, **weights, **config))
         with empty_weights():
             settings = AutoConfig.from_pretrained(directory, local_files_only=True, **config)
             return _frozen(cls.from_config(settings, dtype=LOAD_DTYPE))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import inspect
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 HEAD_TYPES = ("block", "linear")
 MTP_META = "mtp.json"
@@ -110,15 +112,29 @@ class MTPModel(nn.Module):
     def vocab_size(self) -> int:
         return self.base.get_output_embeddings().weight.shape[0]
 
-    def forward(self, input_ids: torch.LongTensor) -> list[torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MTPCache | None = None,
+    ) -> list[torch.Tensor]:
         """Per-head final hidden states, each [B, T, D], already through the final norm, head 0 first.
 
         Logits are not computed here: the loss unembeds one head at a time so that [B, T, n, V] never exists.
+        With `cache` (decoding), `input_ids` are the positions after those it holds, the trunk and the block heads
+        read and extend it, and only its `n_heads` heads are computed. `attention_mask` and `position_ids` are the
+        HF model's (left-padded batches).
         """
         trunk = self.base.base_model
-        if self.head_type == "linear" or self.n_heads == 1:
-            hidden = trunk(input_ids=input_ids, use_cache=False).last_hidden_state
-            return [hidden, *(head(hidden) for head in self.extra_heads)]
+        n_heads = self.n_heads if cache is None else cache.n_heads
+        inputs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask,
+                                  "position_ids": position_ids, "use_cache": cache is not None}  # fmt: skip
+        if cache is not None:
+            inputs[_cache_keyword(type(trunk))] = cache.trunk
+        if self.head_type == "linear" or n_heads == 1:
+            hidden = trunk(**inputs).last_hidden_state
+            return [hidden, *(head(hidden) for head in self.extra_heads[: n_heads - 1])]
 
         captured: dict[str, Any] = {}
 
@@ -130,13 +146,20 @@ class MTPModel(nn.Module):
         last = find_decoder_layers(trunk)[-1]
         handle = last.register_forward_pre_hook(capture, with_kwargs=True)
         try:
-            hidden = trunk(input_ids=input_ids, use_cache=False).last_hidden_state
+            hidden = trunk(**inputs).last_hidden_state
         finally:
             handle.remove()
         norm = find_final_norm(trunk)
         outputs = [hidden]
-        for block in self.extra_heads:
-            out = block(*captured["args"], **captured["kwargs"])
+        for i, block in enumerate(self.extra_heads[: n_heads - 1]):
+            args, kwargs = captured["args"], captured["kwargs"]
+            if cache is not None:
+                # The last layer was handed the trunk's cache (by keyword or by position, as the architecture
+                # does); each head gets its own in the same place, with the same mask and positions.
+                own = cache.heads[i]
+                args = tuple(own if a is cache.trunk else a for a in args)
+                kwargs = {k: own if v is cache.trunk else v for k, v in kwargs.items()}
+            out = block(*args, **kwargs)
             outputs.append(norm(out[0] if isinstance(out, tuple) else out))
         return outputs
 
@@ -182,8 +205,51 @@ class MTPModel(nn.Module):
             with empty_weights():
                 config = AutoConfig.from_pretrained(directory, local_files_only=True)
                 return cls(AutoModelForCausalLM.from_config(config, dtype=LOAD_DTYPE), n_heads, head_type)
-        base = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=LOAD_DTYPE)
+        # safetensors only: a pickled pytorch_model.bin from a store is never unpickled, not even weights-only.
+        base = AutoModelForCausalLM.from_pretrained(
+            directory, local_files_only=True, dtype=LOAD_DTYPE, use_safetensors=True
+        )
         model = cls(base, n_heads, head_type)
         if meta_path.is_file() and n_heads > 1:
             model.extra_heads.load_state_dict(load_file(directory / MTP_HEADS))
         return model
+
+
+@functools.cache
+def _cache_keyword(trunk: type[nn.Module]) -> str:
+    # transformers 5 renamed `past_key_values` to `cache` (the old name warns, then goes in 5.40). Once per class:
+    # reading a signature costs a good part of a tiny model's decoding step.
+    return "cache" if "cache" in inspect.signature(trunk.forward).parameters else "past_key_values"
+
+
+class MTPCache:
+    """The key/value caches of one decoding: the trunk's and one per extra `block` head (each is a decoder layer
+    with keys and values of its own; `linear` heads keep none). All hold the same positions, so a rejected draft
+    is forgotten everywhere at once (`crop`) and a batch row everywhere at once (`select`)."""
+
+    def __init__(self, model: MTPModel, n_heads: int | None = None) -> None:
+        self.n_heads = model.n_heads if n_heads is None else n_heads
+        if not 1 <= self.n_heads <= model.n_heads:
+            raise ValueError(f"n_heads {self.n_heads}: the model has {model.n_heads} heads")
+        config = model.base.config
+        self.trunk = DynamicCache(config=config)
+        # A head is a copy of the last layer, layer index included: its cache keeps its keys at that index.
+        blocks = self.n_heads - 1 if model.head_type == "block" else 0
+        self.heads = [DynamicCache(config=config) for _ in range(blocks)]
+
+    @property
+    def length(self) -> int:
+        """Positions held (padding included)."""
+        return self.trunk.get_seq_length()
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on: a rejected draft's keys must not be attended to."""
+        excess = self.length - length
+        if excess > 0:
+            for cache in (self.trunk, *self.heads):
+                cache.crop(-excess)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep these batch rows, in this order; a row may repeat (one prompt's prefill shared by its samples)."""
+        for cache in (self.trunk, *self.heads):
+            cache.batch_select_indices(rows)

@@ -23,6 +23,7 @@ from wmtp.models.mtp import LOAD_DTYPE, MTPModel, empty_weights
 from wmtp.storage import Storage, parse_uri
 
 PARAMS = "params.json"
+HF_CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 _SHARD = re.compile(r"consolidated(?:\.(\d+))?\.pth")
 
@@ -150,8 +151,14 @@ def is_native_dir(directory: str | Path) -> bool:
 
 
 def is_native(names: list[str]) -> bool:
-    """Whether a directory holding these files is a native checkpoint (whether or not they are all here)."""
-    return any(_SHARD.fullmatch(name) for name in names)
+    """Whether a directory holding these files is a native checkpoint (whether or not they are all here).
+
+    Decided without the weights where possible: a rank that pulled only the small files (params.json and the
+    tokenizer, no consolidated*.pth) must read the folder as the same format as rank 0 does. An HF config.json
+    beside them (Mistral's releases ship both) makes it an HF directory on every rank."""
+    if HF_CONFIG in names:
+        return False
+    return PARAMS in names or any(_SHARD.fullmatch(name) for name in names)
 
 
 def _check_shard_count(

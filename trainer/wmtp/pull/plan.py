@@ -10,37 +10,76 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wmtp.config.documents import ConfigError, parse_yaml
-from wmtp.contract import ExitCode
+from wmtp.config import uris
+from wmtp.config.documents import ConfigError, clip, parse_yaml
+from wmtp.contract import PULL_WEIGHTS, PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0, ExitCode, is_weight_file
 from wmtp.pull.state import STATE_DIR, digest
 from wmtp.storage import Backend, LocalTree, Location, ObjectInfo, StorageError, UnsafePath, safe_relative
 
 log = logging.getLogger(__name__)
+MAX_NAME_BYTES = 255  # of one file name on every local file system the puller writes to
+_SOURCE = re.compile(uris.S3_ROOT)
+_DEST = re.compile(f"{uris.ABSOLUTE}|{uris.RELATIVE}")
 
 
 @dataclass(frozen=True)
 class Job:
-    """Copy what `uri` names (a prefix or one object) into the folder `dest`."""
+    """Copy what `uri` names (a prefix or one object) into the folder `dest`; with `weights` PULL_WEIGHTS_RANK0,
+    its weight files (`contract.is_weight_file`) only on node rank 0."""
 
     uri: str
     dest: str
+    weights: str = PULL_WEIGHTS_ALL
+
+    def leaves_out(self, rel: str, node_rank: int | None) -> bool:
+        """Whether the puller on `node_rank` (None: unknown) leaves the file `rel` to rank 0."""
+        return self.weights == PULL_WEIGHTS_RANK0 and node_rank not in (None, 0) and is_weight_file(rel)
+
+
+_REQUIRED, _OPTIONAL = {"uri", "dest"}, {PULL_WEIGHTS: (PULL_WEIGHTS_ALL, PULL_WEIGHTS_RANK0)}
 
 
 def load_spec(path: Path) -> list[Job]:
-    """The `--spec` file: a YAML or JSON list of {uri, dest} mappings."""
+    """The `--spec` file: a YAML or JSON list of {uri, dest} mappings, each with an optional `weights`."""
     try:
-        items = parse_yaml(path.read_bytes(), str(path))
+        items = parse_yaml(path.read_bytes(), source=str(path))
     except OSError as err:
         raise StorageError(f"cannot read the spec {path}: {err.strerror}", ExitCode.BAD_INPUT) from err
     except ConfigError as err:
         raise StorageError(str(err), ExitCode.BAD_INPUT) from err
     if not (isinstance(items, list) and items and all(_is_job(item) for item in items)):
-        raise StorageError(f"{path}: expected a non-empty list of {{uri, dest}} mappings", ExitCode.BAD_INPUT)
-    return [Job(item["uri"], item["dest"]) for item in items]
+        weights = f"{PULL_WEIGHTS}: {' | '.join(_OPTIONAL[PULL_WEIGHTS])}"
+        message = f"{path}: expected a non-empty list of {{uri, dest}} mappings (each may add {weights})"
+        raise StorageError(message, ExitCode.BAD_INPUT)
+    return [Job(**item) for item in items]
 
 
 def _is_job(item: object) -> bool:
-    return isinstance(item, dict) and set(item) == {"uri", "dest"} and all(isinstance(v, str) for v in item.values())
+    return (
+        isinstance(item, dict)
+        and _REQUIRED <= set(item) <= _REQUIRED | set(_OPTIONAL)
+        and all(isinstance(item[key], str) for key in _REQUIRED)
+        and all(item[key] in allowed for key, allowed in _OPTIONAL.items() if key in item)
+    )
+
+
+def check_job(job: Job) -> None:
+    """A job the puller can do: an s3:// source (a valid bucket, no `..` key segment) and a local folder (no `..`,
+    no `~user` of nobody, no name longer than a file system takes); StorageError (bad input) otherwise."""
+    if not _SOURCE.fullmatch(job.uri):
+        raise StorageError(
+            f"{clip(job.uri, 200)!r}: pull copies from s3://bucket[/prefix] (no `..`)", ExitCode.BAD_INPUT
+        )
+    if not _DEST.fullmatch(job.dest) or not _short_names(job.dest):
+        raise StorageError(f"{clip(job.dest, 200)!r}: not a local folder to pull into", ExitCode.BAD_INPUT)
+    try:
+        Path(job.dest).expanduser()
+    except RuntimeError as err:  # ~user of a user that does not exist
+        raise StorageError(f"{clip(job.dest, 200)!r}: {err}", ExitCode.BAD_INPUT) from None
+
+
+def _short_names(path: str) -> bool:
+    return all(len(part.encode()) <= MAX_NAME_BYTES for part in path.split("/"))
 
 
 def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
@@ -53,6 +92,8 @@ def list_sources(store: Backend, loc: Location) -> list[ObjectInfo]:
 
 def _relative(rel: str, loc: Location) -> str:
     safe_relative(rel, loc.uri)
+    if not _short_names(rel):
+        raise UnsafePath(f"{loc.uri}: key {clip(rel, 200)!r} has a name longer than {MAX_NAME_BYTES} bytes")
     if rel.split("/")[0] == STATE_DIR:
         raise UnsafePath(f"{loc.uri}: key {rel!r} would land in the puller's own state folder {STATE_DIR}/")
     return rel
