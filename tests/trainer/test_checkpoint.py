@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from wmtp.checkpoint import (
     CheckpointManager,
     CheckpointStore,
     FileRecord,
+    plan_resume,
     step_dir_name,
 )
 from wmtp.checkpoint.manager import rng_state, set_rng_state
@@ -173,6 +175,38 @@ def test_newest_intact_says_which_newer_ones_it_skipped(store: CheckpointStore) 
     assert len(skipped) == 1 and "__1_0.distcp is missing" in skipped[0]
 
 
+FRESH = "already holds committed checkpoints (newest steps: 10, 20)"
+
+
+@pytest.mark.parametrize(
+    ("spec", "auto", "fallback", "overwrite", "expected", "warning"),
+    [(None, False, False, True, None, None), ("never", True, False, True, None, None),
+     (None, False, False, False, CheckpointError, FRESH), ("never", False, False, False, CheckpointError, FRESH),
+     (None, True, False, False, 20, None), ("step_10", True, False, False, 10, None),
+     ("step_15", False, True, False, 20, "step_15"), ("step_10", False, True, False, 20, "is newer than"),
+     ("step_20", False, True, False, 20, None), ("auto", False, True, False, 20, None),
+     ("step_15", False, False, False, CheckpointError, "committed steps: step_10, step_20")],
+)  # fmt: skip
+def test_the_resume_plan_takes_the_flag_over_the_recipe_and_the_newest_when_the_operator_chose(
+    tmp_path: Path, spec: str | None, auto: bool, fallback: bool, overwrite: bool, expected: Any, warning: str | None
+) -> None:
+    """A user's resume is used as named; the operator's is a floor (a newer intact checkpoint wins, a missing one
+    falls back); a fresh start never writes over committed checkpoints unless told to overwrite."""
+    store = CheckpointStore(str(tmp_path / "run"), Storage())
+    for step in (10, 20):
+        fake_checkpoint(store, step)
+    settings = {"auto": auto, "fallback": fallback, "overwrite": overwrite}
+    if expected is CheckpointError:
+        with pytest.raises(CheckpointError, match=re.escape(warning)):
+            plan_resume(store, spec, **settings)
+        return
+    plan = plan_resume(store, spec, allow_config_change=True, **settings)
+    assert plan.location == (store.step_location(expected) if expected else None) and plan.allow_config_change
+    assert (plan.warning is None) == (warning is None)
+    if warning:
+        assert warning in plan.warning and plan.warning.endswith(f"resuming from {plan.location.uri} instead")
+
+
 def test_rng_state_round_trips_through_json() -> None:
     import random
 
@@ -197,13 +231,14 @@ class Counter:
         self.value = state["value"]
 
 
-def _manager(store: CheckpointStore, fingerprint: str = "abc") -> CheckpointManager:
+def _manager(store: CheckpointStore, fingerprint: str = "abc", **settings: Any) -> CheckpointManager:
     torch.manual_seed(0)
     modules = torch.nn.ModuleDict({"model": torch.nn.Linear(4, 4), "value_head": torch.nn.Linear(4, 1)})
     optimizer = torch.optim.AdamW(modules.parameters(), lr=0.1)
+    settings = {"save_interval": 10, "keep_last": 100, **settings}
     return CheckpointManager(
-        store, modules=modules, optimizer=optimizer, states={"counter": Counter()}, save_interval=10,
-        keep_last=2, fingerprint=fingerprint,
+        store, modules=modules, optimizer=optimizer, states={"counter": Counter()}, fingerprint=fingerprint,
+        **settings,
     )  # fmt: skip
 
 
@@ -215,10 +250,36 @@ def train_a_little(manager: CheckpointManager) -> None:
 
 
 def save(manager: CheckpointManager, step: int) -> Location:
-    manager.save(step)
-    location = manager.wait()
-    assert location is not None
-    return location
+    """Checkpoint `step` now, whatever the interval: as at the last step, the save has committed on return."""
+    manager.save(step, last=True)
+    assert manager.latest == manager.store.step_location(step)
+    return manager.latest
+
+
+@pytest.mark.parametrize(
+    ("interval", "last", "heard", "keep_last", "saved", "kept"),
+    [(10, 25, {10, 20, 25}, 2, [10, 20, 25], [20, 25]),
+     (10, 30, {10, 20, 30}, 1, [10, 20, 30], [30]),
+     (10, 30, {10}, 1, [10, 20, 30], [10, 30]),  # the status never heard of 20 or 30: 10 is what it resumes
+     (7, 14, set(), 1, [7, 14], [14]),
+     (100, 3, {3}, 1, [3], [3])],
+)  # fmt: skip
+def test_the_manager_saves_on_its_cadence_reports_each_commit_once_and_keeps_what_was_reported(
+    tmp_path: Path, interval: int, last: int, heard: set[int], keep_last: int, saved: list[int], kept: list[int]
+) -> None:
+    store = CheckpointStore(str(tmp_path / "run"), Storage())
+    told: list[int] = []
+
+    def report(location: Location) -> bool:
+        told.append(int(location.name.removeprefix("checkpoint_step_")))
+        return told[-1] in heard
+
+    manager = _manager(store, save_interval=interval, keep_last=keep_last, report=report)
+    for step in range(1, last + 1):
+        manager.save(step, last=step == last)
+    assert told == saved  # each once, in order, the last one before save returned
+    assert steps(store) == kept
+    assert manager.latest == store.step_location(last) and manager.wait() is None
 
 
 def test_manager_restores_every_named_part(store: CheckpointStore) -> None:

@@ -19,7 +19,8 @@ from wmtp.config import load, parse_config, parse_recipe
 from wmtp.conversion import Conversion
 from wmtp.data import head_labels
 from wmtp.models import MTPModel, build_tiny_tokenizer
-from wmtp.train import Trainer, build_optimizer
+from wmtp.optim import build_optimizer
+from wmtp.train import Trainer
 
 SEQ, BATCH = 32, 8
 STDLIB = sorted(Path(os.path.dirname(os.__file__)).glob("*.py"))

@@ -255,7 +255,7 @@ def test_an_operator_chosen_resume_falls_back_to_the_newest_intact_checkpoint(ru
     assert "not a committed checkpoint" in named.output
 
     chosen = Trainer(*load(config, recipe), resume=pruned.as_uri(), resume_fallback=True)
-    assert chosen.resume_from.path == str(root / step_dir_name(20))
+    assert chosen.resume_plan.location.path == str(root / step_dir_name(20))
     assert len(chosen.warnings) == 1
     assert "not a committed checkpoint" in chosen.warnings[0]
     assert chosen.warnings[0].endswith(f"resuming from {(root / step_dir_name(20)).as_uri()} instead")

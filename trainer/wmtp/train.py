@@ -1,42 +1,29 @@
-"""The training loop: build the parts once, then step, log, evaluate, finish."""
+"""The training loop: build the parts once, then step, log, evaluate, checkpoint, finish."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from safetensors.torch import save_file
 
-from wmtp import contract
-from wmtp.algorithms import Algorithm, build_algorithm, compute_loss
+from wmtp.algorithms import compute_loss
 from wmtp.algorithms.loss import head_cross_entropy
-from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointError, CheckpointManager, CheckpointStore
-from wmtp.config import (
-    Config,
-    Recipe,
-    check_compatible,
-    checkpoint_root,
-    clip,
-    config_hash,
-    flatten,
-    resolve_checkpointing,
-)
+from wmtp.checkpoint import FINAL_ALGORITHM, CheckpointManager, plan_resume
+from wmtp.components import build_models, build_store, count_steps, pick_device
+from wmtp.config import Config, Recipe, check_compatible, clip, config_hash, flatten, resolve_checkpointing
 from wmtp.conversion import Conversion
 from wmtp.data import Batch, build_data
-from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed, load_weights, parallelize
-from wmtp.models import FROZEN_LOADERS, check_vocabularies, load_mtp_model
+from wmtp.distributed import full_tensor, gather_full_state_dict, init_distributed
 from wmtp.optim import build_optimizer, build_scheduler
 from wmtp.reporting import Reporter
 from wmtp.stopping import Preempted, StopRequest
@@ -44,20 +31,6 @@ from wmtp.storage import Location, Storage
 from wmtp.tracking import Tracker
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(backend: str) -> torch.device:
-    if backend == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if backend == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("devices.compute_backend=cuda but no CUDA device is visible; use cpu or auto")
-    return torch.device(backend)
 
 
 @dataclass
@@ -80,7 +53,7 @@ class TrainState:
 
 
 class Trainer:
-    """Owns the model, data, algorithm, optimizer and tracker of one run."""
+    """Owns the model, data, algorithm, optimizer, checkpoints and tracker of one run."""
 
     def __init__(
         self,
@@ -94,83 +67,94 @@ class Trainer:
     ) -> None:
         check_compatible(config, recipe)
         config = resolve_checkpointing(config, recipe)  # recipe checkpoint settings over the config's
-        self.stop = stop or StopRequest()
-        self.config, self.recipe = config, recipe
-        # CLI --resume beats the recipe's auto_resume_latest, which beats starting fresh.
-        self.resume = resume or (contract.RESUME_AUTO if recipe.checkpointing.auto_resume_latest else None)
-        self.allow_config_change, self.resume_fallback = allow_config_change, resume_fallback
+        self.config, self.recipe, self.stop = config, recipe, stop or StopRequest()
         self.warnings: list[str] = []  # what went wrong without stopping training: for the termination message
         self.storage = storage or Storage(s3=config.s3)
         self.dist = init_distributed(config.devices.distributed, pick_device(config.devices.compute_backend))
         self.device = self.dist.device
-        self.store = CheckpointStore(checkpoint_root(config, recipe), self.storage)
-        if self.dist.is_main:  # a store that cannot be written fails now, not at the first save
-            self.storage.probe(self.store.root)
-        self.resume_from = self.resume_point()  # before loading anything: a bad --resume fails at once
-        trainable = self.build_models()
-        # One module tree for the optimizer and the checkpoint: the model and the algorithm's trainable parts.
-        self.modules = torch.nn.ModuleDict({"model": self.model, **trainable})
-        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
-        self.total_steps = recipe.train.max_steps or recipe.train.num_epochs * max(
-            1, len(self.data.train) // recipe.train.grad_accum
+        store = build_store(config, recipe, self.storage, self.dist)
+        # Before any weights load: a --resume that names nothing usable fails in seconds.
+        auto = recipe.checkpointing.auto_resume_latest
+        self.resume_plan = plan_resume(
+            store,
+            resume,
+            auto=auto,
+            fallback=resume_fallback,
+            allow_config_change=allow_config_change,
+            overwrite=recipe.checkpointing.overwrite,
         )
+        if self.resume_plan.warning:
+            self.warn(self.resume_plan.warning)
+        models = build_models(config, recipe, self.storage, self.dist)
+        self.model, self.tokenizer, self.algorithm = models.model, models.tokenizer, models.algorithm
+        self.modules = models.modules()  # one module tree for the optimizer and the checkpoint
+        self.data = build_data(config, recipe, self.storage, self.tokenizer, self.dist.rank, self.dist.world_size)
+        self.total_steps = count_steps(recipe, self.data)
         self.conversion = Conversion.build(self.model, recipe)  # new heads first, pretrained parameters slower
         self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim, self.conversion)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
+        self.state = TrainState()
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
         self.tracker = Tracker(config.mlflow, self.run_dir, enabled=self.dist.is_main, warnings=self.warnings)
-        self.state = TrainState()
+        # Set only inside a pod the operator created: progress and checkpoints go to the WMTPRun's status.
+        self.reporter = Reporter.from_env() if self.dist.is_main else None
         self.checkpoints = CheckpointManager(
-            self.store,
+            store,
             modules=self.modules,
             optimizer=self.optimizer,
             states={"lr_scheduler": self.scheduler, "dataloader": self.data.train, "train_state": self.state},
             save_interval=config.paths.checkpoints.save_interval,
             keep_last=config.paths.checkpoints.keep_last,
             fingerprint=config_hash(config, recipe),
+            report=self.report_checkpoint,
             rank=self.dist.rank,
             group=self.dist.new_group(),
         )
         self.console = Console(stderr=True)
-        # Set only inside a pod the operator created: progress goes to the WMTPRun's status.
-        self.reporter = Reporter.from_env() if self.dist.is_main else None
-
-    def build_models(self) -> dict[str, torch.nn.Module]:
-        """The model, the frozen models the algorithm asks for and the algorithm, on the device and parallelized;
-        returns the algorithm's trainable modules. Distributed, every rank builds each model empty (on the meta
-        device) and rank 0 alone reads its weights, which `load_weights` scatters into the shards: no rank but 0
-        ever holds a whole model, and rank 0 one at a time."""
-        config, recipe, storage, empty = self.config, self.recipe, self.storage, self.dist.enabled
-        models, heads = config.paths.models, (recipe.loss.n_heads, recipe.model.head_type)
-        check_vocabularies(models, contract.algorithm(recipe.train.algo).frozen, storage)
-        seed_everything(config.seed)
-        self.model, self.tokenizer = load_mtp_model(models.base, storage, *heads, empty=empty)
-        readers = {self.model: lambda: load_mtp_model(models.base, storage, *heads)[0].state_dict()}
-        frozen = {}
-        for role in contract.algorithm(recipe.train.algo).frozen:
-            load = functools.partial(FROZEN_LOADERS[role], getattr(models, role), storage)
-            frozen[role] = load(empty=empty)
-            readers[frozen[role]] = lambda load=load: load().state_dict()
-        # The algorithm's own modules start from the same numbers on every rank, however the models were built.
-        seed_everything(config.seed)
-        self.algorithm: Algorithm = build_algorithm(recipe, frozen, self.model.hidden_size)
-        trainable = self.algorithm.trainable_modules()
-        for module in [*trainable.values(), *([] if empty else readers)]:
-            module.to(self.device)
-        # Before the optimizer is built: sharding turns the parameters into DTensors.
-        parallelize(self.model, list(trainable.values()), list(frozen.values()), config.devices, self.dist)
-        for module, read in readers.items() if empty else ():
-            load_weights(module, read, self.dist)
-        return trainable
 
     def autocast(self) -> contextlib.AbstractContextManager[Any]:
         bf16 = self.config.devices.mixed_precision == "bf16" and self.device.type == "cuda"
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train(self) -> dict[str, Any]:
-        recipe, state = self.recipe, self.state
-        resumed = self.maybe_resume()
+        """Resume or start fresh; step to the end, logging, evaluating and handing each step to the checkpoint
+        manager (it saves when due, and at the last step or a stop); finish. Returns the run's summary."""
+        state, total = self.state, self.total_steps
+        self.start()
+        started, first_tokens = time.perf_counter(), state.tokens
+        with self.progress() as progress, self.tracker.closing(stopped=(Preempted,)):
+            task = progress.add_task("train", total=total, completed=state.step, loss=float("nan"), tps=0.0)
+            while state.step < total:
+                metrics = self.train_step()
+                state.step += 1
+                if self.reporter:
+                    self.reporter.step_done(state.step, metrics["loss"])
+                last = state.step == total
+                metrics["tokens_per_s"] = (state.tokens - first_tokens) / (time.perf_counter() - started)
+                progress.update(task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
+                if state.step % self.config.log_interval == 0 or last:
+                    self.log_metrics(metrics)
+                if state.step % self.recipe.train.eval_interval == 0 or last:
+                    self.evaluate()
+                # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
+                stop = self.dist.any(self.stop.requested)
+                self.checkpoints.save(state.step, last=last or stop)
+                if stop and not last:
+                    checkpoint = self.checkpoints.latest.uri
+                    raise Preempted(f"stopped at step {state.step} on SIGTERM; checkpoint {checkpoint}")
+        summary = self.finish(time.perf_counter() - started)
+        if self.dist.is_main:
+            self.print_summary(summary)
+        return summary
+
+    def start(self) -> None:
+        """Continue from the resume plan's checkpoint, or start fresh (the data's counts, the algorithm's own
+        pretraining, a first evaluation); either way open the MLflow run, the checkpoint's when it names one."""
+        recipe, state, location = self.recipe, self.state, self.resume_plan.location
+        if location is not None:
+            self.checkpoints.load(location, allow_fingerprint_change=self.resume_plan.allow_config_change)
+            log.info("resumed step=%d from=%s", state.step, location.uri)
         if self.reporter:  # start-up ends here: the operator times restarts from these reports
             self.reporter.loaded()
         params = flatten(self.config.model_dump(mode="json", exclude={"s3": True}) | recipe.model_dump(mode="json"))
@@ -178,7 +162,7 @@ class Trainer:
         self.tracker.start(recipe.run.name, params, tags, run_id=state.mlflow_run_id)
         # Without MLflow this attempt, the next one may still continue the run the checkpoint names.
         state.mlflow_run_id = self.tracker.run_id or state.mlflow_run_id
-        if not resumed:
+        if location is None:
             self.tracker.log_metrics(self.data.metrics(), 0)  # per source: read, kept, skipped, tokens
             self.algorithm.pretrain(
                 self.model,
@@ -186,25 +170,6 @@ class Trainer:
                 lambda step, m: self.tracker.log_metrics({f"pretrain/{k}": v for k, v in m.items()}, step),
             )
             self.evaluate()
-        started, first_tokens = time.perf_counter(), state.tokens
-        with self.progress() as progress, self.tracker.closing(stopped=(Preempted,)):
-            task = progress.add_task("train", total=self.total_steps, completed=state.step, loss=float("nan"), tps=0.0)
-            while state.step < self.total_steps:
-                metrics = self.train_step()
-                state.step += 1
-                if self.reporter:
-                    self.reporter.step_done(state.step, metrics["loss"])
-                metrics["tokens_per_s"] = (state.tokens - first_tokens) / (time.perf_counter() - started)
-                progress.update(task, advance=1, loss=metrics["loss"], tps=metrics["tokens_per_s"])
-                if state.step % self.config.log_interval == 0 or state.step == self.total_steps:
-                    self.log_metrics(metrics)
-                if state.step % recipe.train.eval_interval == 0 or state.step == self.total_steps:
-                    self.evaluate()
-                self.maybe_save(last=state.step == self.total_steps)
-        summary = self.finish(time.perf_counter() - started)
-        if self.dist.is_main:
-            self.print_summary(summary)
-        return summary
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step over `grad_accum` micro-batches."""
@@ -241,68 +206,13 @@ class Trainer:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
         return float(norm)
 
-    def maybe_resume(self) -> bool:
-        """Restore every stateful part from the checkpoint `self.resume` resolves to, if any."""
-        location = self.resume_from
-        if location is None:
-            return False
-        self.checkpoints.load(location, allow_fingerprint_change=self.allow_config_change)
-        log.info("resumed step=%d from=%s", self.state.step, location.uri)
-        self.after_commit(location)
-        return True
-
-    def resume_point(self) -> Location | None:
-        """Where `self.resume` points. A resume the operator chose (`resume_fallback`) falls back to the newest
-        intact checkpoint when that one is gone or damaged, and says so; any other must be usable as named. With
-        nothing to resume, the start is fresh: `check_fresh_start`."""
-        try:
-            location = self.store.resolve(self.resume)
-        except CheckpointError as err:
-            if not self.resume_fallback:
-                raise
-            location = self.store.newest_intact()
-            self.warn(f"{err}; " + (f"resuming from {location.uri} instead" if location else "starting fresh"))
-        if location is None:
-            self.check_fresh_start()
-        return location
-
-    def check_fresh_start(self) -> None:
-        """A fresh start saves from step 0 into the run's prefix: never over committed checkpoints (an earlier run's
-        of the same name, or this run's after a lost resume) unless the recipe says checkpointing.overwrite."""
-        committed = [] if self.recipe.checkpointing.overwrite else self.store.list()
-        if committed:
-            steps = ", ".join(str(info.step) for info in committed[-3:])
-            raise CheckpointError(
-                f"{self.store.root.uri} already holds committed checkpoints (newest steps: {steps}); a fresh start "
-                "would overwrite them: resume (--resume auto), use another run name or checkpoint path, or set "
-                "checkpointing.overwrite: true in the recipe"
-            )
-
-    def maybe_save(self, last: bool) -> None:
-        """Checkpoint every save_interval steps, at the last step, and when asked to stop; report and prune each
-        checkpoint once it has committed."""
-        step = self.state.step
-        # A signal may reach one rank a step before another: agreeing every step makes them all save this one.
-        stop = self.dist.any(self.stop.requested)
-        due = last or stop or self.checkpoints.due(step)
-        self.after_commit(self.checkpoints.wait() if due else self.checkpoints.poll())
-        if due:
-            self.checkpoints.save(step)
-        if last or stop:
-            self.after_commit(self.checkpoints.wait())
-        if stop and not last:
-            raise Preempted(f"stopped at step {step} on SIGTERM; checkpoint {self.checkpoints.latest.uri}")
-
-    def after_commit(self, location: Location | None) -> None:
-        """Report a committed checkpoint (the operator resumes from what was reported), then prune: retention
-        never deletes the newest reported checkpoint."""
-        if location is None:
-            return
+    def report_checkpoint(self, location: Location) -> bool:
+        """Tell the run's status about a committed checkpoint (the operator resumes from what it was told); False
+        when that failed. With no status to tell, nobody needs telling."""
+        if self.reporter is None:
+            return True
         losses = self.state.history["loss"]
-        loss = losses[-1] if losses else None
-        if self.reporter is None or self.reporter.report(self.state.step, loss, latest_checkpoint=location.uri):
-            self.checkpoints.reported = location
-        self.checkpoints.prune()
+        return self.reporter.report(self.state.step, losses[-1] if losses else None, latest_checkpoint=location.uri)
 
     def warn(self, message: str) -> None:
         log.warning("%s", message)
@@ -311,7 +221,7 @@ class Trainer:
     def finish(self, seconds: float) -> dict[str, Any]:
         """The final model and the algorithm's trained modules, gathered to rank 0, to the store; the model to
         the MLflow registry, once; the final metrics to MLflow."""
-        self.after_commit(self.checkpoints.wait())
+        self.checkpoints.wait()
         state_dict = gather_full_state_dict(self.modules)  # a collective: every rank takes part
         final, version = self.publish_final(state_dict) if self.dist.is_main else (None, None)
         self.log_final_metrics()
@@ -323,7 +233,7 @@ class Trainer:
         beside it, and register that folder: what MLflow holds is exactly what the store holds (safetensors and
         JSON, never a pickle or a sharded module)."""
         save_final = self.config.paths.checkpoints.save_final
-        final = self.store.final_location if save_final else None
+        final = self.checkpoints.store.final_location if save_final else None
         staging = (
             self.checkpoints.save_final(self.state.mlflow_run_id)
             if save_final

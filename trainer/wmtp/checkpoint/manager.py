@@ -5,12 +5,17 @@ torch.distributed.checkpoint, so the same files hold sharded FSDP state and load
 `lr_scheduler`, `dataloader` and `train_state` are JSON in `trainer_state.json` (no pickle: loading the trainer
 state never runs code), beside each rank's RNG state.
 
-Saves are asynchronous: `save` copies this rank's state into host memory (the only time training waits) and a
+The training loop calls `save(step, last)` after every step, and the manager decides the rest: it saves every
+`save_interval` steps and at the last one (the end of training, or a stop), waits where it must, reports each
+checkpoint once it has committed (to the run's status: the operator resumes from what was reported), then
+applies retention, which never deletes the newest reported checkpoint or the one the run resumed from.
+
+Saves are asynchronous: a save copies this rank's state into host memory (the only time training waits) and a
 background thread writes it straight to the store, every rank its own shards; rank 0 writes COMMITTED once every
 rank's files are written, listing them all with their sizes and digests. At most one save is in flight: the next
-`save` waits for the previous one, and `wait` (at a stop or at the end of training) waits for the last. A process
-that dies mid-save leaves no COMMITTED, so that checkpoint is never resumed. The background thread talks to the
-other ranks over its own process group, never the one training uses.
+save waits for the previous one, and the last save (or `wait`) waits for itself. A process that dies mid-save
+leaves no COMMITTED, so that checkpoint is never resumed. The background thread talks to the other ranks over
+its own process group, never the one training uses.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import random
 import threading
 import time
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,12 +142,13 @@ class _Live:
 
 
 class CheckpointManager:
-    """Saves every `save_interval` steps (and when told to), restores every part, prunes what is no longer needed.
+    """A run's checkpoints: when to save, saving and restoring every part, reporting, and retention.
 
     `modules` holds the model under `MODEL` and the algorithm's trainable modules under their own keys: one
     module tree for the optimizer and the checkpoint. `fingerprint` identifies what determines training; a
-    checkpoint with another one is refused unless the caller allows the change. `group` is the process group
-    for the checkpoint's own collectives (None: one process).
+    checkpoint with another one is refused unless the caller allows the change. `report` is told of each
+    committed checkpoint once, and of the one resumed from, and says whether it was heard (None: nobody to tell).
+    `group` is the process group for the checkpoint's own collectives (None: one process).
     """
 
     def __init__(
@@ -155,13 +161,14 @@ class CheckpointManager:
         save_interval: int,
         keep_last: int,
         fingerprint: str,
+        report: Callable[[Location], bool] | None = None,
         rank: int = 0,
         group: Any = None,
     ) -> None:
         self.store = store
         self.modules, self.optimizer, self.states = modules, optimizer, states
         self.save_interval, self.keep_last, self.fingerprint = save_interval, keep_last, fingerprint
-        self.rank, self.group = rank, group
+        self.report, self.rank, self.group = report, rank, group
         self.resumed_from: Location | None = None
         self.reported: Location | None = None  # the newest checkpoint the run's status has been told about
         self.latest: Location | None = None  # the newest committed checkpoint of this process (or resumed from)
@@ -170,12 +177,20 @@ class CheckpointManager:
         self._host_copy: tuple[Any, dict[str, Any]] | None = None  # (layout, this rank's state in host memory)
         self._live: _Live | None = None  # see _live_state
 
-    def due(self, step: int) -> bool:
-        return step % self.save_interval == 0
-
-    def save(self, step: int) -> None:
-        """Stage checkpoint `step` in host memory and write it in the background (after the previous save)."""
+    def save(self, step: int, last: bool = False) -> None:
+        """After optimizer step `step`: save checkpoint `step` if it is due (every `save_interval` steps, and at the
+        `last` step, the end of training or a stop), after the previous save has committed; at the `last` step,
+        wait for it too. A save committed since the previous call is reported and retention applied."""
+        if not (last or step % self.save_interval == 0):
+            self.poll()
+            return
         self.wait()
+        self._start(step)
+        if last:
+            self.wait()
+
+    def _start(self, step: int) -> None:
+        """Stage checkpoint `step` in host memory and write it in the background."""
         started = time.perf_counter()
         staged = self._stage(self._live_state())
         trainer_state = {"step": step, "fingerprint": self.fingerprint}
@@ -276,14 +291,15 @@ class CheckpointManager:
         return everyone
 
     def poll(self) -> Location | None:
-        """The checkpoint the save in flight committed, once it has finished (then only once); its error if it
-        failed; None while it runs or when none is in flight."""
+        """The checkpoint the save in flight committed, once it has finished (then only once, reported); its error
+        if it failed; None while it runs or when none is in flight."""
         if self._in_flight is None or not self._in_flight.done():
             return None
         return self.wait()
 
     def wait(self) -> Location | None:
-        """Block until the save in flight (if any) has committed; returns its location, raises its error."""
+        """Block until the save in flight (if any) has committed, report it and apply retention; returns its
+        location, raises its error."""
         future, self._in_flight = self._in_flight, None
         if future is None:
             return None
@@ -294,7 +310,14 @@ class CheckpointManager:
         except BaseException as err:
             raise CheckpointError(f"saving a checkpoint failed: {clip(_first_failure(err), 500)}") from err
         self.latest = location
+        self._committed(location)
         return location
+
+    def _committed(self, location: Location) -> None:
+        """Report a committed checkpoint, then prune: retention runs only once the newer one has been heard of."""
+        if self.report is None or self.report(location):
+            self.reported = location
+        self.prune()
 
     def prune(self) -> list[Location]:
         """Rank 0: apply `keep_last`, never deleting the newest reported checkpoint or the one resumed from."""
@@ -306,7 +329,8 @@ class CheckpointManager:
         return pruned
 
     def load(self, location: Location, allow_fingerprint_change: bool = False) -> int:
-        """Restore every part and this rank's RNG from an intact checkpoint; returns its step."""
+        """Restore every part and this rank's RNG from an intact checkpoint, report it (the run goes on from
+        there) and apply retention; returns its step."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_state_dict,
@@ -355,6 +379,7 @@ class CheckpointManager:
             part.load_state_dict(saved[name])
         self.bytes_read = reader.bytes_read
         self.resumed_from = self.latest = location
+        self._committed(location)
         return saved["step"]
 
     def _read_json(self, location: Location, name: str, files: dict[str, FileRecord]) -> Any:
