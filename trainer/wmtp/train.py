@@ -116,6 +116,7 @@ class Trainer:
         )
         self.conversion = Conversion.build(self.model, recipe)  # new heads first, pretrained parameters slower
         self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim, self.conversion)
+        self.conversion.maybe_freeze()  # after the optimizer is built: frozen parameters stay in it
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name
         # Rank 0 alone talks to MLflow and the WMTPRun status; every rank writes its own checkpoint shards.
