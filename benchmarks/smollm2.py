@@ -8,7 +8,7 @@ install them into the environment that runs this script.
     .venv/bin/python benchmarks/smollm2.py DEST      # DEST/hf: the HF model; DEST/mtp: 4 block heads, untrained
 
 The heads of DEST/mtp are copies of the last layer (how `MTPModel` builds new ones), so they draft head 0's own
-next token again: a model to measure cost with, not acceptance. Training its heads is not done here.
+next token again: a model to measure cost with, not acceptance. `benchmarks/smollm2_heads.py DEST` trains them.
 """
 
 from __future__ import annotations

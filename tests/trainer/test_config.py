@@ -97,6 +97,12 @@ def test_every_example_config_and_recipe_loads(recipe: Path, monkeypatch: pytest
             id="warmup-and-heads-only",
         ),
         pytest.param(
+            GOOD_CONFIG,
+            with_change(with_change(GOOD_RECIPE, "train.train_only_extra_heads", True), "loss.n_heads", 1),
+            ["train_only_extra_heads needs loss.n_heads of 2 or more"],
+            id="heads-only-without-extra-heads",
+        ),
+        pytest.param(
             with_change(GOOD_CONFIG, "paths.models.ref", None),
             GOOD_RECIPE,
             ["paths.models.ref", "rho1-wmtp"],

@@ -23,6 +23,7 @@ from wmtp.optim import build_optimizer
 from wmtp.train import Trainer
 
 SEQ, BATCH = 32, 8
+OPTIMIZER_STATE = "/optimizer/state/model"  # checkpoint keys of the optimizer state: f"{OPTIMIZER_STATE}.<param>/<key>"
 STDLIB = sorted(Path(os.path.dirname(os.__file__)).glob("*.py"))
 TRAIN_FILES, HELD_OUT_FILES = STDLIB[40:70], STDLIB[70:76]
 
@@ -128,6 +129,18 @@ def test_the_warmup_drops_only_pretrained_gradients_and_only_during_its_steps() 
     assert lrs == {id(pretrained): pytest.approx(0.025), id(new): pytest.approx(0.1)}
 
 
+@pytest.mark.parametrize(("settings", "frozen"), [({"whole_run": True}, True), ({"warmup_steps": 5}, False)])
+def test_a_heads_only_run_freezes_the_pretrained_parameters_once_the_optimizer_holds_them(settings, frozen) -> None:
+    pretrained, new = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    conversion = Conversion([pretrained], **settings)
+    recipe = {"run": {"name": "r"}, "train": {"algo": "baseline-mtp"}, "data": {"sources": [{"name": "d"}]}}
+    optimizer = build_optimizer([pretrained, new], parse_recipe(recipe).optim, conversion)
+    conversion.maybe_freeze()
+    # Backward then stops at the new parameters; the optimizer still holds the pretrained ones.
+    assert pretrained.requires_grad is not frozen and new.requires_grad
+    assert any(p is pretrained for group in optimizer.param_groups for p in group["params"])
+
+
 def base_and_heads(model: MTPModel) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(the base's parameters: embeddings, trunk, head 0, unembedding; the extra heads'), copied."""
     params = {name: param.detach().clone() for name, param in model.named_parameters()}
@@ -148,6 +161,25 @@ def test_training_only_the_extra_heads_leaves_every_base_parameter_bit_identical
     assert base.keys() == trained_base.keys() == published_base.keys() and len(base) > 10
     assert all(torch.equal(base[k], trained_base[k]) and torch.equal(base[k], published_base[k]) for k in base)
     assert all(not torch.equal(heads[k], trained_heads[k]) for k in heads)
+    # No gradient was computed for the base: it requires none (and still sits in the optimizer).
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(not p.requires_grad and id(p) in held for p in trainer.model.base.parameters())
+
+
+@pytest.mark.slow
+def test_a_heads_only_checkpoint_resumes_heads_only_with_the_base_still_bit_identical(run_files) -> None:
+    heads_only = {"paths.checkpoints.save_interval": 2, "train.train_only_extra_heads": True}
+    Trainer(*load(*run_files("baseline-mtp", steps=2, **heads_only))).train()
+    config, recipe = load(*run_files("baseline-mtp", steps=4, **heads_only))
+    resumed = Trainer(config, recipe, resume="latest", allow_config_change=True)
+    base, _ = base_and_heads(resumed.model)
+    resumed.train()
+
+    trained, _ = base_and_heads(resumed.model)
+    assert resumed.state.step == 4 and all(torch.equal(base[k], trained[k]) for k in base)
+    at_4 = checkpoint_tensors(Path(config.paths.checkpoints.base_path) / recipe.run.name / step_dir_name(4))
+    assert at_4[f"{OPTIMIZER_STATE}.extra_heads.0.mlp.down_proj.weight/step"] == 4  # resumed, not fresh
+    assert not any(key.startswith(f"{OPTIMIZER_STATE}.base.") for key in at_4)  # the base has no state
 
 
 @pytest.mark.slow
@@ -163,8 +195,8 @@ def test_a_heads_only_checkpoint_resumes_into_full_training_with_fresh_trunk_sta
     trained, _ = base_and_heads(full.model)
     assert full.state.step == 4 and all(not torch.equal(base[k], trained[k]) for k in base)
     root = Path(config.paths.checkpoints.base_path) / recipe.run.name
-    embed = "/optimizer/state/model.base.model.embed_tokens.weight/step"
-    head = "/optimizer/state/model.extra_heads.0.mlp.down_proj.weight/step"
+    embed = f"{OPTIMIZER_STATE}.base.model.embed_tokens.weight/step"
+    head = f"{OPTIMIZER_STATE}.extra_heads.0.mlp.down_proj.weight/step"
     at_2, at_4 = (checkpoint_tensors(root / step_dir_name(step)) for step in (2, 4))
     assert embed not in at_2 and at_2[head] == 2
     assert at_4[embed] == 2 and at_4[head] == 4  # the trunk's first two updates, from fresh state

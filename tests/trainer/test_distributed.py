@@ -172,6 +172,20 @@ def test_two_ranks_write_their_shards_and_rank_0_gathers_the_final_model(work: P
     assert len(versions) == 1
 
 
+def test_two_ranks_train_only_the_extra_heads_and_leave_the_base_bit_identical(
+    work: Path, tiny_models: dict[str, Path]
+) -> None:
+    # The base requires no gradient in such a run: FSDP reduces only the heads' and never touches the rest.
+    heads_only = {"train.train_only_extra_heads": True, "train.max_steps": SAVE_INTERVAL}
+    config, recipe, root = scenario_files(work, tiny_models, "baseline-mtp", "heads-only-2", 2, **heads_only)
+    run_to_end(train_cli(config, recipe, nproc=2))
+
+    start, final = MTPModel.from_pretrained(tiny_models["base"], 4, "block"), MTPModel.from_pretrained(root / "final")
+    before, after = start.state_dict(), final.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) == k.startswith("base.") for k in before)
+
+
 def test_checkpoint_of_two_ranks_resumes_on_one_with_the_same_samples(
     work: Path, tiny_models: dict[str, Path], trained
 ) -> None:

@@ -92,6 +92,7 @@ class Trainer:
         self.total_steps = count_steps(recipe, self.data)
         self.conversion = Conversion.build(self.model, recipe)  # new heads first, pretrained parameters slower
         self.optimizer = build_optimizer(list(self.modules.parameters()), recipe.optim, self.conversion)
+        self.conversion.maybe_freeze()  # after the optimizer is built: frozen parameters stay in it
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, self.total_steps)
         self.state = TrainState()
         self.run_dir = Path(config.paths.output_dir) / recipe.run.name

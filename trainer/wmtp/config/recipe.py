@@ -190,3 +190,11 @@ class Recipe(Strict):
     rho1: Rho1Section = Field(default_factory=Rho1Section)
     critic: CriticSection = Field(default_factory=CriticSection)
     checkpointing: CheckpointingSection = Field(default_factory=CheckpointingSection)
+
+    @model_validator(mode="after")
+    def _extra_heads_to_train(self) -> Recipe:
+        if self.train.train_only_extra_heads and self.loss.n_heads < 2:
+            raise ValueError(
+                "train.train_only_extra_heads needs loss.n_heads of 2 or more: one head has no extra heads"
+            )
+        return self
