@@ -67,10 +67,12 @@ def test_the_spec_loader_and_renderer_raise_only_the_projects_errors(
     edits: list[tuple[str, Any]], recipe_text: str | None
 ) -> None:
     body = {**TINY_RUN, "spec": _edited(TINY_RUN["spec"], edits)}
-    try:
+    def rendered() -> list[dict[str, Any]]:
         run = Run.from_body(body)
-        files = render.trainer_files(run, recipe_text)
-        objects = render.attempt_objects(run, files, 3)
+        return render.attempt_objects(run, render.trainer_files(run, recipe_text), 3)
+
+    try:
+        objects = hostile.bounded(rendered)
     except ConfigError as err:
         assert str(err)
         return
@@ -88,7 +90,7 @@ def test_a_reconcile_pass_raises_nothing_and_says_little_whatever_it_reads(
     body = {**TINY_RUN, "spec": _edited(TINY_RUN["spec"], edits), "status": status}
     if state is not None:
         body["metadata"] = {**body["metadata"], "annotations": {STATE_ANNOTATION: json.dumps(state)}}
-    plan = reconcile(body, Observed(), "2026-01-02T03:04:05Z")
+    plan = hostile.bounded(lambda: reconcile(body, Observed(), "2026-01-02T03:04:05Z"))
     assert len(plan.status.get("message") or "") <= MAX_MESSAGE
     assert all(len(event.message) <= MAX_MESSAGE for event in plan.events)
 
@@ -132,7 +134,7 @@ def test_no_report_makes_the_operator_write_a_negative_or_endless_restart_or_eta
     body = {**TINY_RUN, "metadata": meta, "status": {"attempt": 2, "report": {**report, "attempt": 2}}}
     started = {"name": "trainer", "state": {"running": {"startedAt": "2026-01-02T03:03:23Z"}}}
     pods = [_child("Pod", "tiny-rho1-a2-0-x", phase="Running", containerStatuses=[started])]
-    plan = reconcile(body, Observed([_child("Job", "tiny-rho1-a2")], pods), NOW)
+    plan = hostile.bounded(lambda: reconcile(body, Observed([_child("Job", "tiny-rho1-a2")], pods), NOW))
     timed = plan.status.get("lastRestart") or {}
     assert all(0 <= value <= 66 for key, value in timed.items() if key.endswith("econds")), timed
     eta = plan.status.get("eta")
