@@ -44,7 +44,7 @@ NAMESPACE = "wmtp-e2e"
 MLFLOW_SECRET = "wmtp-mlflow"  # the chart's defaults.mlflowCredentialsSecret
 MLFLOW_LOGIN = {"MLFLOW_TRACKING_USERNAME": NAMESPACE, "MLFLOW_TRACKING_PASSWORD": "e2e-namespace-password"}
 # Without a cluster, Kueue as the emulator plays it holds each attempt's Job suspended this long, then admits it.
-QUEUE, ADMIT_AFTER_S = "wmtp-e2e-queue", 5.0
+QUEUE, ADMIT_AFTER_S = "wmtp-e2e-queue", 3.0
 
 
 @dataclass
@@ -270,15 +270,13 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
     assert [(t["attempt"], t["cause"]) for t in timed] == [(2, "preemption"), (3, "failure")], timed
     assert done["lastRestart"] == timed[-1] and timed[-1]["seconds"] > 0, done.get("lastRestart")
     # Each restart says twice why: the attempt that ended (and the fence while its pods stop), then the one resuming.
-    attempt = ["Pending", "Pulling", "Running"]
-    # Queued comes between Pending and Pulling where the operator saw the Job before Kueue admitted it.
-    queued = [reason for reason in events if reason == "Queued"]
-    assert [reason for reason in events if reason != "Queued"] == [
-        *attempt, "Restarting", "Restarting", *attempt, "Restarting", "Restarting", *attempt, "Evaluating",
-        "Succeeded", "Evaluated",
-    ]  # fmt: skip
-    if not KIND:  # waiting in the queue is no start-up failure: no restart counted for it
-        assert queued and "Queued" in phases_of(history.seen), (events, phases_of(history.seen))
+    # Without a cluster each attempt's Job waits in the emulator's Kueue first: Queued, no restart counted for it
+    # (the pass that creates attempt 1's Job says Pending before that).
+    attempt = [*([] if KIND else ["Queued"]), "Pending", "Pulling", "Running"]
+    created = [] if KIND else ["Pending"]
+    assert events == [*created, *attempt, "Restarting", "Restarting", *attempt, "Restarting", "Restarting", *attempt,
+                      "Evaluating", "Succeeded", "Evaluated"], events  # fmt: skip
+    queued = events.count("Queued")
 
     # What passed, in the CI log: a green story leaves its evidence, not only a dot.
     (version,) = client.search_model_versions(f"name='{model}'")
@@ -286,7 +284,7 @@ def test_wmtprun_is_preempted_killed_resumed_and_succeeds_in_containers(
         print(
             f"\nstory: phases {' → '.join(phases_of(history.seen))}; attempts {done['attempt']}, restarts "
             f"{done['restarts']}, preemptions {done['preemptions']}; preempted at step {preempted.step}, resumed from "
-            f"{step_of(reported)} after the kill; queued {len(queued)} times; restart to training "
+            f"{step_of(reported)} after the kill; queued {queued} times; restart to training "
             f"{'; '.join(map(restart_words, timed))}; "
             f"events {', '.join(events)}; registered {version.name} version {version.version} (MLflow with a login"
             f"{'' if KIND else f': {NAMESPACE} from Secret {MLFLOW_SECRET}'}); eval {evaluated['tasks']['humaneval']}"

@@ -31,7 +31,8 @@ def mlflow_server(root: Path, auth_ini: str | None = None, env: dict[str, str] |
     log = root / "mlflow-server.log"
     args = ["server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db", "--artifacts-destination",
             str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    environment = {**os.environ, **(env or {})}
+    # No job runner: its four huey consumers, each a Python importing MLflow, serve GenAI jobs no test asks for.
+    environment = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
     if auth_ini is not None:
         (root / "basic_auth.ini").write_text(auth_ini)
         environment["MLFLOW_AUTH_CONFIG_PATH"] = str(root / "basic_auth.ini")
