@@ -58,7 +58,8 @@ def plan_resume(
 
 def _step(store: CheckpointStore, location: Location) -> int:
     """The step of one of the run's checkpoints; -1 for one outside its prefix (where the run came from)."""
-    return next((info.step for info in store.list() if info.location.uri == location.uri), -1)
+    step = store.step_of(location)
+    return -1 if step is None else step
 
 
 def _check_fresh_start(store: CheckpointStore) -> None:

@@ -159,6 +159,11 @@ class CheckpointStore:
     def step_location(self, step: int) -> Location:
         return self.root / step_dir_name(step)
 
+    def step_of(self, location: Location) -> int | None:
+        """The step of `location` when it is one of this store's step checkpoints (by its name, nothing read)."""
+        match = _NAME.match(location.name)
+        return int(match.group(1)) if match and (self.root / location.name).uri == location.uri else None
+
     @property
     def final_location(self) -> Location:
         return self.root / FINAL_DIR
