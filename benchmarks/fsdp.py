@@ -68,7 +68,7 @@ def worker(args: argparse.Namespace) -> None:
     from wmtp.algorithms import BaselineMTP, compute_loss
     from wmtp.config import Devices, DistributedSettings, FSDPSettings, OptimSection
     from wmtp.data import Batch, head_labels
-    from wmtp.distributed import full_tensor, init_distributed, parallelize
+    from wmtp.distributed import close_process_group, full_tensor, init_distributed, parallelize
     from wmtp.models import MTPModel
     from wmtp.optim import build_optimizer
 
@@ -140,7 +140,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     if dist.is_main:
         print("RESULT " + json.dumps(result), flush=True)
-    dist.close()
+    close_process_group()
 
 
 def _rss_mib() -> float:

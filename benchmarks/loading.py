@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from wmtp.config import Devices, DistributedSettings, FSDPSettings
-    from wmtp.distributed import init_distributed, load_weights, parallelize
+    from wmtp.distributed import close_process_group, init_distributed, load_weights, parallelize
     from wmtp.models import load_mtp_model
     from wmtp.storage import Storage
 
@@ -74,7 +74,7 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     peak = (rss_kib("VmHWM") - base) * 1024
     print("RESULT " + json.dumps({"rank": dist.rank, "peak": peak}), flush=True)
-    dist.close()
+    close_process_group()
 
 
 def run(args: argparse.Namespace, ranks: int, mode: str, model: Path) -> list[int]:

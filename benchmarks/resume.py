@@ -27,7 +27,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from wmtp.checkpoint import CheckpointManager, CheckpointStore
     from wmtp.config import Devices, DistributedSettings, FSDPSettings, S3Settings
-    from wmtp.distributed import init_distributed, parallelize
+    from wmtp.distributed import close_process_group, init_distributed, parallelize
     from wmtp.storage import Storage
 
     dist = init_distributed(DistributedSettings(enabled=True), torch.device("cpu"))
@@ -59,7 +59,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.distributed.all_reduce(totals, op=torch.distributed.ReduceOp.MAX)
     result = {"rank": dist.rank, "bytes": loader.bytes_read, "size": totals[0].item(), "metadata": totals[1].item()}
     print("RESULT " + json.dumps(result), flush=True)
-    dist.close()
+    close_process_group()
 
 
 def run(args: argparse.Namespace, ranks: int, endpoint: str) -> list[dict[str, float]]:

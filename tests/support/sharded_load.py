@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from wmtp.config import Devices, DistributedSettings, FSDPSettings
-from wmtp.distributed import init_distributed, load_weights, parallelize
+from wmtp.distributed import close_process_group, init_distributed, load_weights, parallelize
 from wmtp.models import FROZEN_LOADERS, load_mtp_model
 from wmtp.storage import Storage
 
@@ -57,7 +57,7 @@ def main(out: str, models: dict[str, str]) -> None:
     results = {role: outputs(role, module, ids) for role, module in {"base": base, **frozen}.items()}
     if dist.is_main:
         torch.save(results, out)
-    dist.close()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -337,3 +340,20 @@ def test_a_deliberate_exit_inside_a_reported_block_keeps_its_code() -> None:
     with pytest.raises(typer.Exit) as stop, reported(None):
         raise typer.Exit(ExitCode.PREEMPTED)
     assert stop.value.exit_code == ExitCode.PREEMPTED
+
+
+@pytest.mark.slow  # two interpreters that import torch
+def test_a_torchrun_worker_ends_without_the_interpreters_finalization() -> None:
+    """Where torch's caches would tear gloo's threads down after the group closed (a SIGABRT); a process outside
+    torchrun returns and finalizes as usual."""
+    code = (
+        "import atexit; from wmtp.cli import end_worker; atexit.register(print, 'finalized'); "
+        "print('ending', flush=True); end_worker(3); print('returned')"
+    )
+    alone = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    python = [sys.executable, "-c", code]
+    worker = subprocess.run(python, env={**alone, "WORLD_SIZE": "2"}, capture_output=True, text=True)
+    assert (worker.returncode, worker.stdout) == (3, "ending\n"), worker.stderr
+    single = subprocess.run(python, env=alone, capture_output=True, text=True)
+    assert (single.returncode, single.stdout) == (0, "ending\nreturned\nfinalized\n"), single.stderr
+

@@ -17,6 +17,7 @@ from wmtp.checkpoint import CheckpointError
 from wmtp.config import clip, load, override_checkpointing
 from wmtp.contract import STOP_FAILED, STOP_PREEMPTED, STOP_SUCCEEDED, ExitCode
 from wmtp.data import DataError
+from wmtp.distributed import close_process_group
 from wmtp.errors import describe
 from wmtp.models.loading import ModelError
 from wmtp.reporting import Termination, write_termination
@@ -49,7 +50,6 @@ def run(
             resume_fallback=resume_fallback, stop=stop,
         )  # fmt: skip
         summary = trainer.train()
-        trainer.dist.close()
         termination = Termination(STOP_SUCCEEDED, ExitCode.OK, f"finished at step {summary['steps']}")
     except Preempted as stopped:
         termination = Termination(STOP_PREEMPTED, ExitCode.PREEMPTED, str(stopped))
@@ -67,4 +67,5 @@ def run(
             termination.warnings = trainer.warnings
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             write_termination(termination)
+        close_process_group()
     return termination

@@ -77,10 +77,31 @@ def one_line(text: str) -> str:
     return clip(lines[0] if lines else text, MAX_ERROR_LINE)
 
 
-def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
-    """One error line (never wrapped, never read as markup), then exit with `code`."""
+def error(message: str) -> None:
+    """One error line, never wrapped, never read as markup."""
     console.print(Text.assemble(("error: ", "red"), one_line(message)), soft_wrap=True, highlight=False)
+
+
+def fail(message: str, code: int = ExitCode.BAD_INPUT) -> None:
+    """One error line, then exit with `code`."""
+    error(message)
     raise typer.Exit(code)
+
+
+def end_worker(code: int) -> None:
+    """In a torchrun worker, end the process now with `code`, without the interpreter's finalization; elsewhere
+    return. torch's caches keep the process group alive past `destroy_process_group` (DTensor's sharding cache
+    holds the device mesh, the mesh its gloo group), and gloo's threads torn down during finalization abort the
+    process (SIGABRT; about one two-rank test run in ten on the 2-core development machine): a rank that
+    finished would count as a failed one and restart the run."""
+    from wmtp.distributed import TORCHRUN_ENV
+
+    if TORCHRUN_ENV[1] not in os.environ:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @contextlib.contextmanager
@@ -134,10 +155,11 @@ def train(
     with StopRequest().installed() as stop:
         ended = run(config, recipe, resume, allow_config_change, resume_fallback, checkpointing, stop)
     if ended.reason == STOP_FAILED:
-        fail(ended.message, ended.exit_code)
-    if ended.reason == STOP_PREEMPTED:
+        error(ended.message)
+    elif ended.reason == STOP_PREEMPTED:
         console.print(f"[yellow]{ended.message}[/yellow]")
-        raise typer.Exit(ended.exit_code)
+    end_worker(ended.exit_code)
+    raise typer.Exit(ended.exit_code)
 
 
 @app.command(context_settings={"allow_interspersed_args": False})

@@ -74,9 +74,13 @@ class Dist:
         """A gloo group of every rank, for collectives off the training thread (checkpoint saves), or None."""
         return dist.new_group(backend="gloo") if self.enabled else None
 
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+
+def close_process_group() -> None:
+    """Leave the group, if this process joined one: on every way out, while the interpreter is whole, since gloo's
+    worker threads still holding work at its finalization abort the process (SIGABRT) and a clean exit code
+    becomes a crash."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def init_distributed(settings: DistributedSettings, device: torch.device) -> Dist:
