@@ -15,9 +15,9 @@ from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from wmtp import contract
+from wmtp import config, contract
 from wmtp.config import EvalSettings, Recipe
-from wmtp.config.uris import PodLocation
+from wmtp.config.uris import PodLocation, PodRoot, Url
 from wmtp_operator.formats import (
     DURATION,
     LABEL_VALUE,
@@ -294,3 +294,101 @@ class Eval(Camel, EvalSettings):
     @classmethod
     def _bounded(cls, value: str) -> str:
         return check_duration(value, "eval.timeout", MIN_EVAL_TIMEOUT)
+
+
+# The sections the trainer's config also has, derived from its own models. A location's CEL rule: the shape of
+# `wmtp.config.uris.PodRoot`.
+URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
+
+Checkpoints = derived(
+    config.CheckpointPaths,
+    "Checkpoints",
+    "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
+    extra={  # required, and where every pod sees the same place: never a relative path
+        "base_path": (
+            PodRoot,
+            Field(
+                description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
+                json_schema_extra=cel(
+                    (URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
+                    immutable("checkpoints.basePath", "the run's checkpoints live there"),
+                ),
+            ),
+        )
+    },
+)
+
+S3 = derived(
+    config.S3Settings,
+    "S3",
+    "S3 endpoint and credentials for pulls, datasets and checkpoints.",
+    # Keys never go into a spec: the pods read them from the Secret named here.
+    exclude=("access_key_id", "secret_access_key"),
+    extra={
+        "credentials_secret": (
+            str | None,
+            secret(
+                "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, "
+                "node role)."
+            ),
+        )
+    },
+)
+
+
+def _server(field: str) -> tuple[Any, Any]:
+    """An MLflow URI of the spec: a server the pods reach, http(s) only (the trainer also takes local stores)."""
+    return Url | None, Field(None, description=config.MLflowSettings.model_fields[field].description)
+
+
+MLflow = derived(
+    config.MLflowSettings,
+    "MLflow",
+    "MLflow tracking for metrics and the final model.",
+    exclude=("registered_model",),  # the operator names it after the run's namespace (render.files)
+    extra={
+        "tracking_uri": _server("tracking_uri"),
+        "registry_uri": _server("registry_uri"),
+        "credentials_secret": (
+            str | None,
+            secret(
+                "Secret in the run's namespace with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
+                "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
+                "Credentials never belong in trackingUri."
+            ),
+        ),
+    },
+)
+
+Distributed = derived(
+    config.DistributedSettings,
+    "Distributed",
+    "The process group of the run's trainer processes (the operator enables it when there is more than one).",
+    exclude=("enabled",),
+)
+FSDP = derived(
+    config.FSDPSettings,
+    "FSDP",
+    "Sharding of model and optimizer (the operator enables it when there is more than one trainer process).",
+    exclude=("enabled",),
+)
+Devices = derived(
+    config.Devices,
+    "Devices",
+    "What the trainer does with its accelerators: precision, sharding and memory trade-offs, timeouts.",
+    exclude=("compute_backend", "mixed_precision", "distributed", "fsdp"),
+    extra={
+        "mixed_precision": (
+            config.Devices.model_fields["mixed_precision"].annotation | None,
+            Field(None, description="bf16 or no. Unset: bf16 when the pods request GPUs, else no."),
+        ),
+        "distributed": (
+            Distributed,
+            Field(
+                default_factory=Distributed, description="Process group settings.", json_schema_extra={"default": {}}
+            ),
+        ),
+        "fsdp": (FSDP, Field(default_factory=FSDP, description="FSDP settings.", json_schema_extra={"default": {}})),
+    },
+)

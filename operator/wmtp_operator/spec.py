@@ -4,8 +4,8 @@ Field descriptions become `kubectl explain` text; `x-kubernetes-validations` hol
 enforces, and `pattern`s the shapes it checks. The operator parses every body it reads through these models too,
 so the two cannot drift apart (`crd.py` renders them; a test checks that `crds/wmtpruns.yaml` is up to date).
 The sections the trainer's config also has (checkpoints, MLflow, S3, devices) are derived from the trainer's own
-models, and the algorithms and the models each one needs come from `wmtp.contract`: names, defaults, bounds and
-descriptions exist once.
+models (in `sections.py`), and the algorithms and the models each one needs come from `wmtp.contract`: names,
+defaults, bounds and descriptions exist once.
 
 CEL rules stay cheap: the API server refuses a CRD whose rules it estimates too costly, so they only touch
 bounded strings and collections (`maxLength`, `maxProperties`); map keys, which it cannot bound, are checked here
@@ -25,9 +25,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field, WithJsonSchema, field_validator
 
-from wmtp import config, contract
+from wmtp import contract
 from wmtp.config import check_tree
-from wmtp.config.uris import POD_ROOT, PodRoot, Url, shaped
+from wmtp.config.uris import POD_ROOT, shaped
 from wmtp_operator.formats import (
     CONFIG_KEY,
     DATASET,
@@ -44,27 +44,29 @@ from wmtp_operator.formats import (
 )
 from wmtp_operator.kueue import PRIORITY_LABEL, QUEUE_LABEL
 from wmtp_operator.sections import (
+    S3,
+    URI_RULE,
     Camel,
+    Checkpoints,
+    Devices,
     Eval,
     LabelValue,
+    MLflow,
     ModelVolume,
     Resources,
     Toleration,
     Uri,
     cel,
-    derived,
     immutable,
     inline_recipe_schema,
-    secret,
 )
 
 # Checkpoint references: the keywords the trainer's --resume understands, step_N, or a checkpoint URI.
 _RESUME_RULE = (
     f"self in {list(contract.RESUME_KEYWORDS)} || self.matches('^{contract.RESUME_STEP_PREFIX}[0-9]+$')"
-    " || self.matches('^(s3|file)://.+') || self.startsWith('/')"
+    f" || {URI_RULE}"
 )
 _RESUME_WORDS = f"{', '.join(contract.RESUME_KEYWORDS)}, {contract.RESUME_STEP_PREFIX}N"
-_URI_RULE = "self.matches('^(s3|file)://.+') || self.startsWith('/')"
 _KEYWORDS = "|".join(map(re.escape, contract.RESUME_KEYWORDS))
 _RESUME_SHAPE = f"^(?:{_KEYWORDS})$|^{contract.RESUME_STEP_PREFIX}[0-9]{{1,18}}$|{POD_ROOT}"
 Resume = shaped(_RESUME_SHAPE, f"{_RESUME_WORDS} or a checkpoint URI (s3://, file:///, /path)")
@@ -114,100 +116,6 @@ def _model_rules() -> list[tuple[str, str]]:
         for name in contract.BUILTIN_ALGORITHMS
         for role in contract.algorithm(name).frozen
     ]
-
-
-Checkpoints = derived(
-    config.CheckpointPaths,
-    "Checkpoints",
-    "Where and how often the trainer saves checkpoints; they must outlive pods, so use s3:// or a shared mount.",
-    extra={  # required, and where every pod sees the same place: never a relative path
-        "base_path": (
-            PodRoot,
-            Field(
-                description="Checkpoint store root: this run's checkpoints go to <basePath>/<run name>/.",
-                json_schema_extra=cel(
-                    (_URI_RULE, "checkpoints.basePath must be s3://…, file://… or an absolute path"),
-                    immutable("checkpoints.basePath", "the run's checkpoints live there"),
-                ),
-            ),
-        )
-    },
-)
-
-S3 = derived(
-    config.S3Settings,
-    "S3",
-    "S3 endpoint and credentials for pulls, datasets and checkpoints.",
-    # Keys never go into a spec: the pods read them from the Secret named here.
-    exclude=("access_key_id", "secret_access_key"),
-    extra={
-        "credentials_secret": (
-            str | None,
-            secret(
-                "Secret in the run's namespace with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                "(AWS_SESSION_TOKEN optional). Unset: the operator's default, else the pod's own identity (IRSA, "
-                "node role)."
-            ),
-        )
-    },
-)
-
-
-def _server(field: str) -> tuple[Any, Any]:
-    """An MLflow URI of the spec: a server the pods reach, http(s) only (the trainer also takes local stores)."""
-    return Url | None, Field(None, description=config.MLflowSettings.model_fields[field].description)
-
-
-MLflow = derived(
-    config.MLflowSettings,
-    "MLflow",
-    "MLflow tracking for metrics and the final model.",
-    exclude=("registered_model",),  # the operator names it after the run's namespace (render.files)
-    extra={
-        "tracking_uri": _server("tracking_uri"),
-        "registry_uri": _server("registry_uri"),
-        "credentials_secret": (
-            str | None,
-            secret(
-                "Secret in the run's namespace with MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or "
-                "MLFLOW_TRACKING_TOKEN (each optional): how the trainer authenticates to the tracking server. "
-                "Credentials never belong in trackingUri."
-            ),
-        ),
-    },
-)
-
-Distributed = derived(
-    config.DistributedSettings,
-    "Distributed",
-    "The process group of the run's trainer processes (the operator enables it when there is more than one).",
-    exclude=("enabled",),
-)
-FSDP = derived(
-    config.FSDPSettings,
-    "FSDP",
-    "Sharding of model and optimizer (the operator enables it when there is more than one trainer process).",
-    exclude=("enabled",),
-)
-Devices = derived(
-    config.Devices,
-    "Devices",
-    "What the trainer does with its accelerators: precision, sharding and memory trade-offs, timeouts.",
-    exclude=("compute_backend", "mixed_precision", "distributed", "fsdp"),
-    extra={
-        "mixed_precision": (
-            config.Devices.model_fields["mixed_precision"].annotation | None,
-            Field(None, description="bf16 or no. Unset: bf16 when the pods request GPUs, else no."),
-        ),
-        "distributed": (
-            Distributed,
-            Field(
-                default_factory=Distributed, description="Process group settings.", json_schema_extra={"default": {}}
-            ),
-        ),
-        "fsdp": (FSDP, Field(default_factory=FSDP, description="FSDP settings.", json_schema_extra={"default": {}})),
-    },
-)
 
 
 class Spec(Camel):
