@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,167 +10,58 @@ from typing import Any
 
 import pytest
 
+from support.reconcile_rows import (
+    A2_CREATED,
+    A2_RUNNING,
+    AT_1200,
+    AUTO,
+    BEFORE,
+    CKPT,
+    CREATE_A1,
+    CREATE_A2,
+    DEFAULTS,
+    EVAL,
+    EVAL_FAILED_WORDS,
+    EVAL_JOB,
+    EVAL_WORDS,
+    FIRST_STEP,
+    JUST_NOW,
+    LATER_CKPT,
+    NOW,
+    OPERATOR_ACCOUNT,
+    OPTED_IN,
+    PREEMPTED_WORDS,
+    PULLED,
+    PULLING,
+    QUEUE,
+    RESTARTED,
+    RESUME,
+    RUNNING,
+    UNSCHEDULABLE,
+    account,
+    apply_plan,
+    disrupted,
+    ended,
+    ending,
+    eval_job,
+    eval_pod,
+    evaluated,
+    forged,
+    job,
+    pod,
+    queued_job,
+    report,
+    state,
+    state_of,
+    summary,
+    waiting,
+)
 from wmtp import contract
-from wmtp.checkpoint import step_dir_name
-from wmtp_operator import kueue, render
-from wmtp_operator.plan import Create, Delete, Observed, PatchRun, Plan, Refused
-from wmtp_operator.reconcile import reconcile, refused
+from wmtp_operator.plan import Delete, Observed
+from wmtp_operator.reconcile import reconcile
 from wmtp_operator.reconcile.attempt import PULL_FAILURES
-from wmtp_operator.spec import Defaults
-from wmtp_operator.state import STATE_ANNOTATION, State
+from wmtp_operator.state import STATE_ANNOTATION
 from wmtp_operator.status import CONDITION_TYPES
-
-NOW = "2026-01-02T03:04:05Z"
-BEFORE = "2026-01-01T00:00:00Z"
-JUST_NOW = "2026-01-02T03:04:00Z"  # 5 s before NOW
-UID = "0d2c1b7e-run-uid"
-CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1000)}"
-LATER_CKPT = f"s3://wmtp/checkpoints/tiny-rho1/{step_dir_name(1200)}"
-
-
-def _meta(name: str, attempt: int, uid: str = UID, **extra: Any) -> dict[str, Any]:
-    labels = {render.ATTEMPT_LABEL: str(attempt), render.RUN_UID_LABEL: uid}
-    return {"name": name, "uid": f"uid-{name}", "labels": labels, "creationTimestamp": BEFORE, **extra}
-
-
-def job(
-    attempt: int, condition: str | None = None, deleting: bool = False, uid: str = UID, created: str = JUST_NOW
-) -> dict:
-    meta = _meta(f"tiny-rho1-a{attempt}", attempt, uid, creationTimestamp=created)
-    meta["ownerReferences"] = [{"kind": "WMTPRun", "uid": uid, "controller": True}]
-    if deleting:
-        meta["deletionTimestamp"] = BEFORE
-    conditions = [{"type": condition, "status": "True", "reason": "BackoffLimitExceeded"}] if condition else []
-    return {"metadata": meta, "spec": {"completions": 2}, "status": {"conditions": conditions}}
-
-
-QUEUE = "team-a-gpus"
-
-
-def queued_job(attempt: int = 1, admitted: str | None = None, created: str = JUST_NOW, synced: bool = True) -> dict:
-    """An attempt's Job that Kueue manages: suspended by its webhook until admitted (`admitted`: when), then
-    resumed, with the Job controller's Suspended=False and startTime once it has `synced`."""
-    found = job(attempt, created=created)
-    found["metadata"]["labels"][kueue.QUEUE_LABEL] = QUEUE
-    found["spec"].update(suspend=admitted is None, parallelism=2)
-    resumed = admitted is not None and synced
-    found["status"]["conditions"] = [
-        {"type": "Suspended", "status": "False" if resumed else "True", "reason": "JobResumed" if resumed else
-         "JobSuspended", "message": "Job resumed" if resumed else "Job suspended", "lastTransitionTime": admitted
-         if resumed else created}
-    ]  # fmt: skip
-    if resumed:
-        found["status"]["startTime"] = admitted
-    return found
-
-
-def pod(
-    attempt: int, index: int, phase: str = "Running", deleting: bool = False, uid: str = UID, **status: Any
-) -> dict:
-    meta = _meta(f"tiny-rho1-a{attempt}-{index}-x", attempt, uid)
-    if deleting:
-        meta["deletionTimestamp"] = BEFORE
-    return {"metadata": meta, "status": {"phase": phase, **status}}
-
-
-PULLING = {"initContainerStatuses": [{"name": "pull", "state": {"running": {}}}]}
-PULLED = {"initContainerStatuses": [{"name": "pull", "state": {"terminated": {"exitCode": 0}}}]}
-
-
-def ended(code: int, reason: str = "Error", message: dict[str, Any] | None = None) -> dict[str, Any]:
-    terminated: dict[str, Any] = {"exitCode": code, "reason": reason}
-    if message is not None:
-        terminated["message"] = json.dumps(message)
-    return {"containerStatuses": [{"name": "trainer", "state": {"terminated": terminated}}]}
-
-
-def waiting(reason: str, message: str = "", container: str = "trainer") -> dict[str, Any]:
-    return {"containerStatuses": [{"name": container, "state": {"waiting": {"reason": reason, "message": message}}}]}
-
-
-EVAL = {"tasks": ["humaneval"], "k": [1]}
-EVAL_JOB = "tiny-rho1-eval"
-RESULTS = {"tasks": {"humaneval": {"problems": 4, "pass@1": 0.25}},
-           "speed": {"speedup": 1.8, "mean_accepted": 2.5, "identical": True}, "mlflow_run_id": "0123abcd"}  # fmt: skip
-EVAL_WORDS = {"reason": "Succeeded", "exitCode": 0, "message": "humaneval pass@1 0.250", "eval": RESULTS}
-EVAL_FAILED_WORDS = {"reason": "Failed", "exitCode": 2, "message": "--dataset mbpp=URI is needed"}
-
-
-def eval_job(condition: str | None = None, reason: str = "DeadlineExceeded") -> dict:
-    meta = {"name": EVAL_JOB, "uid": "uid-eval", "labels": {render.RUN_UID_LABEL: UID, "wmtp.io/component": "eval"},
-            "ownerReferences": [{"kind": "WMTPRun", "uid": UID, "controller": True}],
-            "creationTimestamp": BEFORE}  # fmt: skip
-    conditions = [{"type": condition, "status": "True", "reason": reason, "message": "too long"}] if condition else []
-    return {"metadata": meta, "spec": {"completions": 1}, "status": {"conditions": conditions}}
-
-
-def eval_pod(phase: str = "Running", words: dict[str, Any] | None = None, code: int = 0, **status: Any) -> dict:
-    meta = {"name": f"{EVAL_JOB}-x", "uid": "uid-eval-pod", "creationTimestamp": BEFORE,
-            "labels": {render.RUN_UID_LABEL: UID, "wmtp.io/component": "eval"}}  # fmt: skip
-    if phase in ("Succeeded", "Failed"):
-        terminated = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
-        if words is not None:
-            terminated["message"] = json.dumps(words)
-        status = {"containerStatuses": [{"name": "eval", "state": {"terminated": terminated}}], **status}
-    return {"metadata": meta, "status": {"phase": phase, **status}}
-
-
-def evaluated(phase: str = "Running", **extra: Any) -> dict[str, Any]:
-    """The state of a run whose training succeeded and whose evaluation is recorded as `phase`."""
-    record = {"phase": phase, "job": EVAL_JOB, "startTime": BEFORE, **extra}
-    return state(final="Succeeded", message="attempt 1 succeeded", completionTime=BEFORE, evaluation=record)
-
-
-def disrupted(reason: str = "PreemptionByScheduler") -> dict[str, Any]:
-    return {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": reason, "message": "by x"}]}
-
-
-UNSCHEDULABLE = {
-    "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes: Insufficient gpu"}
-    ]
-}
-PREEMPTED_WORDS = {"reason": contract.STOP_PREEMPTED, "step": 1300, "checkpoint": LATER_CKPT}
-
-
-def forged(type_: str, status: str = "True") -> dict[str, Any]:
-    """A condition a trainer wrote into its run's status."""
-    return {"type": type_, "status": status, "reason": "Forged", "message": "a trainer's", "lastTransitionTime": BEFORE}
-
-
-def account(name: str, **labels: str) -> dict[str, Any]:
-    return {"metadata": {"name": name, "namespace": "team-a", "labels": labels}}
-
-
-OPTED_IN = {"wmtp.io/trainer": "true"}
-OPERATOR_ACCOUNT = "wmtp-operator"
-DEFAULTS = Defaults(operator_account=f"team-a/{OPERATOR_ACCOUNT}")  # the chart's WMTP_OPERATOR_SERVICE_ACCOUNT
-
-
-def state(attempt: int = 1, **extra: Any) -> dict[str, Any]:
-    return {"attempt": attempt, "startTime": BEFORE, **extra}
-
-
-def ending(attempt: int = 1, cause: str = "failure", reason: str = "Error") -> dict[str, Any]:
-    return {"attempt": attempt, "cause": cause, "reason": reason, "message": f"pod tiny-rho1-a{attempt}-1-x {reason}"}
-
-
-def report(attempt: int = 1, step: int = 1200, checkpoint: str | None = CKPT, **extra: Any) -> dict[str, Any]:
-    return {"attempt": attempt, "step": step, "loss": 2.25, "latestCheckpoint": checkpoint, **extra}
-
-
-# A restart as the record and the cluster show it: attempt 1 ended at ENDED, attempt 2's Job was created 3 s later,
-# its trainers started 17 and 20 s after that, and rank 0 finished its first step 18.5 s later still.
-ENDED, A2_CREATED, A2_STARTED = "2026-01-02T03:03:00Z", "2026-01-02T03:03:03Z", "2026-01-02T03:03:23Z"
-FIRST_STEP = {"firstStepAt": "2026-01-02T03:03:41.5Z", "loadSeconds": 15.0, "firstStepSeconds": 2.5}
-
-
-def trainer_started(at: str) -> dict[str, Any]:
-    return {"containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": at}}}]}
-
-
-RESTARTED = state(2, restarts=1, previous={**ending(), "at": ENDED})
-A2_RUNNING = [pod(2, 0, **trainer_started("2026-01-02T03:03:20Z")), pod(2, 1, **trainer_started(A2_STARTED))]
 
 
 @dataclass
@@ -195,15 +85,6 @@ class Case:
     account: dict[str, Any] | None = None  # the ServiceAccount spec.serviceAccountName names, as read
     recipe_text: str | None = None
 
-
-CHILDREN = ["create Service tiny-rho1", "create NetworkPolicy tiny-rho1", "create ServiceAccount tiny-rho1-trainer",
-            "create Role tiny-rho1-trainer", "create RoleBinding tiny-rho1-trainer"]  # fmt: skip
-CREATE_A1 = ["create ConfigMap tiny-rho1-config", *CHILDREN, "create Job tiny-rho1-a1", "patch state"]
-CREATE_A2 = ["create ConfigMap tiny-rho1-config", "create Job tiny-rho1-a2", "patch state"]
-RESUME = f"patch resumeFrom={CKPT}"
-AUTO = f"patch resumeFrom={contract.RESUME_AUTO}"  # a retry with no accepted checkpoint: never spec.resume's `never`
-AT_1200 = {"checkpoint": CKPT}
-RUNNING = [pod(1, 0), pod(1, 1)]
 
 CASES = [
     # -------------------------------------------------------------- the happy path
@@ -545,17 +426,6 @@ CASES = [
 ]  # fmt: skip
 
 
-def _summary(action: Any) -> str:
-    if isinstance(action, Create):
-        return f"create {action.obj['kind']} {action.obj['metadata']['name']}"
-    if isinstance(action, Delete):
-        return f"delete {action.kind} {action.name}"
-    assert isinstance(action, PatchRun)
-    if action.state is not None:
-        return "patch state"
-    return f"patch resumeFrom={action.patch['spec']['resumeFrom']}"
-
-
 def _body(make_run: Callable[..., dict[str, Any]], case: Case) -> dict[str, Any]:
     body = make_run(**{f"spec.{key}": value for key, value in case.spec.items()})
     if case.state is not None:
@@ -578,7 +448,7 @@ def test_transition(case: Case, make_run: Callable[..., dict[str, Any]]) -> None
     body = _body(make_run, case)
     plan = reconcile(body, _observed(case), case.now, DEFAULTS)
     new = {**body["status"], **plan.status}
-    assert [_summary(a) for a in plan.actions] == case.actions
+    assert [summary(a) for a in plan.actions] == case.actions
     assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
     assert new.get("phase") == case.phase
     for key in ("attempt", "restarts", "preemptions"):
@@ -610,262 +480,7 @@ def test_conditions_a_trainer_wrote_change_no_condition_and_no_action(
     body["status"]["conditions"] = [forged(type_, status) for type_ in (*CONDITION_TYPES, "Ready", "Complete")]
     tampered = reconcile(copy.deepcopy(body), _observed(case), case.now, DEFAULTS)
     assert _conditions({**body["status"], **tampered.status}) == expected
-    assert [_summary(a) for a in tampered.actions] == [_summary(a) for a in clean.actions]
-
-
-def _job_of(plan: Plan) -> dict[str, Any]:
-    return next(a.obj for a in plan.actions if isinstance(a, Create) and a.obj["kind"] == "Job")
-
-
-def _state_of(plan: Plan) -> State:
-    written = [a.state for a in plan.actions if isinstance(a, PatchRun) and a.state is not None]
-    return written[-1]
-
-
-def test_the_next_attempt_resumes_from_the_accepted_checkpoint_with_fallback(make_run: Callable[..., Any]) -> None:
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state(ending=ending(), **AT_1200))}})
-    plan = reconcile(body, Observed(), NOW)
-    args = _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-3:] == ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]
-    assert plan.status["resumeFrom"] == CKPT and _state_of(plan).resume_from == CKPT
-    env = {e["name"]: e.get("value") for e in _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["env"]}
-    assert env[contract.ENV_ATTEMPT] == "2"
-
-
-def ckpt(step: int, run: str = "tiny-rho1") -> str:
-    return f"s3://wmtp/checkpoints/{run}/{step_dir_name(step)}"
-
-
-def last_words(step: int | None, checkpoint: str | None) -> dict[str, Any]:
-    """A trainer pod that crashed: its termination message naming `checkpoint`, or none (SIGKILL) when None."""
-    if checkpoint is None:
-        return ended(137, "Error")
-    return ended(1, "Error", {"reason": contract.STOP_FAILED, "step": step, "checkpoint": checkpoint})
-
-
-@dataclass
-class ResumeCase:
-    """Attempt 1 fails; the sources that name a checkpoint, each possibly lost, stale or foreign; where attempt 2
-    resumes (its --resume, always with the fallback)."""
-
-    name: str
-    reported: str | None  # status.report.latestCheckpoint of attempt 1 (None: no report, lost)
-    said: str | None  # the crashed pod's termination message (None: SIGKILL, no last words)
-    resume: str  # expected
-    record: dict[str, Any] = field(default_factory=dict)  # the record before: its accepted checkpoint, resume
-    spec: dict[str, Any] = field(default_factory=dict)
-    events: list[str] = field(default_factory=list)
-
-
-RESUME_CASES = [
-    ResumeCase("report and last words agree", ckpt(1000), ckpt(1000), ckpt(1000)),
-    ResumeCase("report lost: the last words'", None, ckpt(1300), ckpt(1300)),
-    ResumeCase("last words lost (SIGKILL): the report's", ckpt(1000), None, ckpt(1000)),
-    ResumeCase("a stale report never moves the resume point back behind the last words", ckpt(1000), ckpt(1300),
-               ckpt(1300)),
-    ResumeCase("last words older than the report: the report's", ckpt(1300), ckpt(1000), ckpt(1300)),
-    ResumeCase("an accepted checkpoint newer than both stays", ckpt(1000), ckpt(1000), ckpt(1500),
-               record={"checkpoint": ckpt(1500)}),
-    ResumeCase("the checkpoint the attempt started from, newer than both, stays", ckpt(1000), None, ckpt(1500),
-               record={"resumeFrom": ckpt(1500)}),
-    ResumeCase("spec.resume step_N the attempt started from counts as that checkpoint", None, None, ckpt(900),
-               record={"resumeFrom": "step_900"}, spec={"resume": "step_900"}),
-    ResumeCase("a foreign report is refused: the last words'", ckpt(9000, "other"), ckpt(1000), ckpt(1000),
-               events=["Warning CheckpointRejected"]),
-    ResumeCase("foreign last words are refused: the report's", ckpt(1000), "s3://evil/tiny-rho1/checkpoint_step_9",
-               ckpt(1000), events=["Warning CheckpointRejected"]),
-    ResumeCase("all lost after spec.resume never: auto with the fallback, never `never`", None, None, "auto",
-               record={"resumeFrom": "never"}, spec={"resume": "never"}),
-    ResumeCase("all lost after resuming another run's checkpoint: that one again", None, None, ckpt(500, "other"),
-               record={"resumeFrom": ckpt(500, "other")}, spec={"resume": ckpt(500, "other")}),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", RESUME_CASES, ids=[c.name for c in RESUME_CASES])
-def test_the_resume_point_only_moves_forward(case: ResumeCase, make_run: Callable[..., Any]) -> None:
-    body = make_run(**{f"spec.{key}": value for key, value in case.spec.items()})
-    body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(state(**case.record))}
-    body["status"] = {"attempt": 1, "phase": "Running"}
-    if case.reported is not None:
-        body["status"]["report"] = report(checkpoint=case.reported)
-    crashed = pod(1, 1, "Failed", **last_words(1300, case.said))
-    # Pass 1: the attempt ends; its other pod still saves (the fence), and the stale report is still there.
-    first = reconcile(body, Observed([job(1)], [pod(1, 0), crashed]), NOW)
-    assert [f"{e.type} {e.reason}" for e in first.events] == ["Warning Restarting", *case.events]
-    body, observed = _apply(body, Observed([job(1)], [pod(1, 0), crashed]), first)
-    # Pass 2, once that pod is gone: attempt 2, from the newest checkpoint any validated source named.
-    second = reconcile(body, Observed(observed.jobs, [crashed]), "2026-01-02T03:04:06Z")
-    args = _job_of(second)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-3:] == ["--resume", case.resume, contract.RESUME_FALLBACK_FLAG]
-    assert {**body["status"], **second.status}["resumeFrom"] == case.resume == _state_of(second).resume_from
-
-
-def test_the_operators_own_resume_from_patch_is_not_a_user_edit(make_run: Callable[..., Any]) -> None:
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state(ending=ending(), **AT_1200))}})
-    first = reconcile(body, Observed(), NOW)
-    body, observed = _apply(body, Observed(), first)
-    body["metadata"]["generation"] += 1  # the API server bumps it for the resumeFrom patch
-    again = reconcile(body, Observed(observed.jobs, [pod(2, 0), pod(2, 1)]), NOW)
-    conditions = {c["type"]: c for c in again.status["conditions"]}
-    assert conditions["SpecApplied"]["status"] == "True"
-    assert again.status["observedGeneration"] == body["metadata"]["generation"]
-
-
-FOREIGN_CKPT = f"s3://wmtp/checkpoints/someone-else/{step_dir_name(5000)}"
-
-
-@pytest.mark.parametrize(
-    ("recorded", "resume"),
-    [
-        (None, ["--resume", "auto"]),
-        (state(ending=ending(), **AT_1200), ["--resume", CKPT, contract.RESUME_FALLBACK_FLAG]),
-    ],
-    ids=["first attempt", "after an accepted checkpoint"],
-)
-def test_a_resume_from_the_operator_did_not_write_is_ignored_with_a_warning(
-    recorded: dict[str, Any] | None, resume: list[str], make_run: Callable[..., Any]
-) -> None:
-    body = make_run(**{"spec.resumeFrom": FOREIGN_CKPT})  # no admission policy stopped it
-    if recorded is not None:
-        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(recorded)}
-    plan = reconcile(body, Observed(), NOW)
-    args = _job_of(plan)["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[-len(resume) :] == resume and FOREIGN_CKPT not in args
-    valid = next(c for c in plan.status["conditions"] if c["type"] == "Valid")
-    assert valid["status"] == "False" and "was not written by the operator and is ignored" in valid["message"]
-    assert ("Warning", "InvalidSpec") in [(e.type, e.reason) for e in plan.events]
-
-
-def test_a_report_is_copied_and_its_checkpoint_kept_where_trainers_cannot_write(make_run: Callable[..., Any]) -> None:
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
-    body["status"] = {"phase": "Running", "report": report()}
-    plan = reconcile(body, Observed([job(1)], RUNNING), NOW)
-    assert {key: plan.status[key] for key in ("step", "loss", "latestCheckpoint", "progress")} == {
-        "step": 1200, "loss": 2.25, "latestCheckpoint": CKPT, "progress": "100% (1200/60)"
-    }  # fmt: skip
-    assert _state_of(plan).checkpoint == CKPT
-    # A trainer rewriting latestCheckpoint (or anything else) changes nothing the operator decides on.
-    body["metadata"]["annotations"] = {STATE_ANNOTATION: _state_of(plan).dump()}
-    body["status"] = {**body["status"], **plan.status, "latestCheckpoint": "s3://evil/x", "restarts": 99}
-    again = reconcile(body, Observed([job(1)], RUNNING), NOW)
-    assert again.status["latestCheckpoint"] == CKPT and again.status["restarts"] == 0
-
-
-@dataclass
-class RestartCase:
-    """Attempt 2 runs after attempt 1 ended at ENDED; rank 0 reports its first step (`first`, over FIRST_STEP) and
-    what status.lastRestart then says (None: nothing timed)."""
-
-    name: str
-    first: dict[str, Any] = field(default_factory=dict)
-    expected: dict[str, Any] | None = None  # lastRestart's fields that are checked
-    record: dict[str, Any] = field(default_factory=dict)  # over RESTARTED
-    pods: list[dict[str, Any]] = field(default_factory=lambda: A2_RUNNING)
-
-
-TIMED = {"attempt": 2, "cause": "failure", "endedAt": ENDED, "trainingAt": "2026-01-02T03:03:41.500Z",
-         "seconds": 41.5, "stoppingSeconds": 3.0, "schedulingSeconds": 20.0, "resumingSeconds": 18.5,
-         "loadSeconds": 15.0, "firstStepSeconds": 2.5}  # fmt: skip
-PREVIOUS = {"attempt": 1, "cause": "preemption", "endedAt": BEFORE, "trainingAt": BEFORE, "seconds": 9.0}
-RESTART_CASES = [
-    RestartCase("a failure: the whole restart and its parts", expected=TIMED),
-    RestartCase("a preemption", record={"previous": {**ending(cause="preemption"), "at": ENDED}},
-                expected={**TIMED, "cause": "preemption"}),
-    RestartCase("one trainer has not started: the total alone (and rank 0's split within it)",
-                pods=[A2_RUNNING[0], pod(2, 1, "Pending")],
-                expected={"seconds": 41.5, "stoppingSeconds": 3.0, "loadSeconds": 15.0, "schedulingSeconds": None}),
-    RestartCase("no first step yet", first={"firstStepAt": None}),
-    RestartCase("after a suspend: no restart", record={"previous": {**ending(cause="suspend"), "at": ENDED}}),
-    RestartCase("an ending recorded without its time (an older operator): not timed", record={"previous": ending()}),
-    RestartCase("timed already: kept, never timed again", record={"lastRestart": {**TIMED, "seconds": 40.0}},
-                expected={**TIMED, "seconds": 40.0}),
-    RestartCase("the previous restart's timing is replaced", record={"lastRestart": PREVIOUS}, expected=TIMED),
-    # ------------------------------------------------------------ what rank 0 may not make the operator write
-    RestartCase("a first step in the future: no later than now (a pass's time is cut to the second)",
-                first={"firstStepAt": "9999-12-31T23:59:59Z"},
-                expected={"trainingAt": "2026-01-02T03:04:06Z", "seconds": 66.0, "resumingSeconds": 43.0}),
-    RestartCase("a first step before the failure: no earlier than the trainers started",
-                first={"firstStepAt": "1970-01-01T00:00:00Z"},
-                expected={"trainingAt": A2_STARTED, "seconds": 23.0, "resumingSeconds": 0.0, "loadSeconds": 0.0,
-                          "firstStepSeconds": 0.0}),
-    RestartCase("a time without a zone is no time", first={"firstStepAt": "2026-01-02T03:03:41"}),
-    RestartCase("a first step that is not a time", first={"firstStepAt": 1767322961}),
-    RestartCase("a first step past the length bound", first={"firstStepAt": "2026-01-02T03:03:41Z" + " " * 64}),
-    RestartCase("rank 0's split longer than the part it saw is cut to it",
-                first={"loadSeconds": 5000.0, "firstStepSeconds": 5000.0},
-                expected={"resumingSeconds": 18.5, "loadSeconds": 18.5, "firstStepSeconds": 0.0}),
-    *(RestartCase(f"rank 0's split as {value!r}: dropped", first={"loadSeconds": value, "firstStepSeconds": value},
-                  expected={"seconds": 41.5, "loadSeconds": None, "firstStepSeconds": None})
-      for value in (-3.0, float("nan"), float("inf"), 1e308, 10**400, "15", True, [15])),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", RESTART_CASES, ids=[c.name for c in RESTART_CASES])
-def test_a_restart_is_timed_from_the_ending_to_the_first_step_within_what_the_operator_saw(
-    case: RestartCase, make_run: Callable[..., Any]
-) -> None:
-    record = {**RESTARTED, **case.record}
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(record)}})
-    first_step = report(2, 1001, None, **{**FIRST_STEP, **case.first})
-    body["status"] = {"attempt": 2, "phase": "Running", "report": first_step}
-    plan = reconcile(body, Observed([job(2, created=A2_CREATED)], case.pods), NOW)
-    timed = plan.status.get("lastRestart", body["status"].get("lastRestart"))
-    if case.expected is None:
-        assert timed is None and not any(isinstance(a, PatchRun) for a in plan.actions)
-        return
-    assert timed is not None and {key: timed.get(key) for key in case.expected} == case.expected
-    assert all(value >= 0 for key, value in timed.items() if key.endswith("econds")), timed
-    recorded = State.load(body["metadata"])[0] if not plan.actions else _state_of(plan)
-    assert recorded.last_restart is not None and recorded.last_restart.seconds == timed["seconds"]
-
-
-def test_an_ending_records_when_the_operator_saw_it(make_run: Callable[..., Any]) -> None:
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
-    plan = reconcile(body, Observed([job(1)], [pod(1, 0), pod(1, 1, "Failed", **ended(1))]), NOW)
-    ending = _state_of(plan).ending
-    assert ending is not None and ending.at == NOW
-
-
-@dataclass
-class ProgressCase:
-    name: str
-    step: Any
-    rate: Any
-    progress: str | None
-    percent: int | None
-    eta: str | None
-    phase: str = "Running"
-    max_steps: int = 60
-
-
-PROGRESS_CASES = [
-    ProgressCase("half way at 0.5 steps/s", 30, 0.5, "50% (30/60)", 50, "1m0s"),
-    ProgressCase("hours left", 1, 1 / 300, "1% (1/60)", 1, "4h55m"),
-    ProgressCase("rounded down: 100% only once done", 59, 2.0, "98% (59/60)", 98, "1s"),
-    ProgressCase("done", 60, 2.0, "100% (60/60)", 100, "0s"),
-    ProgressCase("no rate reported yet: no ETA", 30, None, "50% (30/60)", 50, None),
-    ProgressCase("no step reported yet", None, None, "0% (0/60)", 0, None),
-    ProgressCase("a step past maxSteps is 100%", 1200, 1.0, "100% (1200/60)", 100, "0s"),
-    ProgressCase("no ETA while Restarting: the rate is the ended attempt's", 30, 0.5, "50% (30/60)", 50, None,
-                 phase="Restarting"),
-    # ------------------------------------------------------------ hostile rates: no ETA, never an error
-    *(ProgressCase(f"a rate of {rate!r}", 30, rate, "50% (30/60)", 50, None)
-      for rate in (0, -1.0, float("inf"), float("nan"), 1e7, 10**400, "fast", True)),
-    ProgressCase("an estimate past a year is none", 0, 1e-9, "0% (0/60)", 0, None),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", PROGRESS_CASES, ids=[c.name for c in PROGRESS_CASES])
-def test_progress_shows_a_percentage_and_an_eta_from_rank_0s_step_rate(
-    case: ProgressCase, make_run: Callable[..., Any]
-) -> None:
-    body = make_run(**{"metadata.annotations": {STATE_ANNOTATION: json.dumps(state())}})
-    body["status"] = {"attempt": 1, "phase": "Running", "report": report(step=case.step, stepsPerSecond=case.rate)}
-    pods = RUNNING if case.phase == "Running" else [pod(1, 0), pod(1, 1, "Failed", **ended(1))]
-    plan = reconcile(body, Observed([job(1)], pods), NOW)
-    status = {**body["status"], **plan.status}
-    assert status["phase"] == case.phase
-    assert (status["progress"], status["progressPercent"], status.get("eta")) == (case.progress, case.percent, case.eta)
+    assert [summary(a) for a in tampered.actions] == [summary(a) for a in clean.actions]
 
 
 def test_a_tampered_status_never_breaks_a_pass(make_run: Callable[..., Any]) -> None:
@@ -881,108 +496,6 @@ def test_a_tampered_status_never_breaks_a_pass(make_run: Callable[..., Any]) -> 
     assert plan.status["phase"] == "Running" and plan.status["step"] is None and plan.status["loss"] is None
 
 
-def test_a_refusal_records_a_growing_backoff_and_says_what_the_api_server_said(make_run: Callable[..., Any]) -> None:
-    body = make_run()
-    refusal = Refused("Job", "tiny-rho1-a1", 422, "Invalid", 'Job.batch "tiny-rho1-a1" is invalid: ' + "x" * 5000)
-    plan = refused(body, refusal, State(), NOW)
-    assert plan.requeue_after == 30 and [e.reason for e in plan.events] == ["Refused"]
-    assert plan.status["message"].startswith("the API server refused Job tiny-rho1-a1 (422 Invalid): Job.batch")
-    assert len(plan.status["message"]) <= 400
-    condition = next(c for c in plan.status["conditions"] if c["type"] == "Applied")
-    assert (condition["status"], condition["reason"]) == ("False", "Refused")
-    recorded = _state_of(plan)
-    again = refused({**body, "status": plan.status}, refusal, recorded, NOW)
-    assert again.requeue_after == 60 and again.events == []  # the same refusal is one Event, not one per retry
-
-
-INVALID_JOB = Refused("Job", "tiny-rho1-a1", 422, "Invalid", "spec.template: Required value")
-REFUSED_WORDS = "the API server refused Job tiny-rho1-a1 (422 Invalid): spec.template: Required value"
-
-
-def refusal(generation: int = 1, count: int = 1, at: str = JUST_NOW) -> dict[str, Any]:
-    return {"generation": generation, "count": count, "at": at, "reason": "Invalid", "message": REFUSED_WORDS}
-
-
-def applied(reason: str, message: str = REFUSED_WORDS) -> dict[str, Any]:
-    return {"type": "Applied", "status": "False", "reason": reason, "message": message, "lastTransitionTime": BEFORE}
-
-
-@dataclass
-class RefusalCase:
-    """The plan after the API server refused one of a pass's actions part-way (`written`: the last record that
-    plan wrote before the refusal, if any)."""
-
-    name: str
-    refusal: Refused
-    state: dict[str, Any] | None = None
-    written: dict[str, Any] | None = None
-    status: dict[str, Any] = field(default_factory=dict)
-    phase: str = "Pending"  # expected
-    requeue: float = 30
-    count: int | None = 1  # the refusal recorded, None: nothing recorded
-    restarts: int = 0  # of the record written
-    events: list[str] = field(default_factory=lambda: ["Warning Refused"])
-    applied: str = "False Refused"
-    message: str = REFUSED_WORDS
-
-
-REFUSALS = [
-    RefusalCase("a refused Job: recorded, the API server's words in the status, a Warning, retried in 30s",
-                INVALID_JOB),
-    RefusalCase("refused again at the same generation: the wait doubles, and the same words are not a new Event",
-                INVALID_JOB, state(0, refused=refusal(count=1)), status={"conditions": [applied("Refused")]},
-                requeue=60, count=2, events=[]),
-    RefusalCase("refused again with other words: a new Event", INVALID_JOB, state(0, refused=refusal(count=2)),
-                status={"conditions": [applied("Refused", "the API server refused Job tiny-rho1-a1: other")]},
-                requeue=120, count=3),
-    RefusalCase("refused after the spec changed: the wait starts again", INVALID_JOB,
-                state(0, refused=refusal(generation=0, count=5))),
-    RefusalCase("the wait is at most 15 minutes", INVALID_JOB, state(0, refused=refusal(count=9)), requeue=900,
-                count=10),
-    RefusalCase("a namesake holds the name (409): nothing recorded, looked at again in 5s",
-                Refused("Job", "tiny-rho1-a1", 409, "Conflict", "controlled by another uid"), requeue=5, count=None,
-                events=["Warning Conflict"], applied="False Conflict", message="(409 Conflict)"),
-    RefusalCase("the record the refused plan wrote is built on, not the one the pass read", INVALID_JOB,
-                state(), written=state(ending=ending(), restarts=1, refused=refusal(count=3)), phase="Restarting",
-                requeue=240, count=4, restarts=1),
-    RefusalCase("the phase is the record's, whatever a trainer wrote", INVALID_JOB, state(ending=ending(), restarts=1),
-                status={"phase": "Succeeded"}, phase="Restarting", restarts=1),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("case", REFUSALS, ids=[c.name for c in REFUSALS])
-def test_refusal(case: RefusalCase, make_run: Callable[..., dict[str, Any]]) -> None:
-    body = make_run()
-    if case.state is not None:
-        body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(case.state)}
-    body["status"] = copy.deepcopy(case.status)
-    written = State.model_validate(case.written) if case.written is not None else None
-    plan = refused(body, case.refusal, written, NOW)
-    new = {**body["status"], **plan.status}
-    assert plan.requeue_after == case.requeue
-    assert [f"{e.type} {e.reason}" for e in plan.events] == case.events
-    assert new["phase"] == case.phase and case.message in new["message"], new["message"]
-    conditions = {c["type"]: f"{c['status']} {c['reason']}" for c in new["conditions"]}
-    assert conditions["Applied"] == case.applied
-    recorded = [a.state for a in plan.actions if isinstance(a, PatchRun) and a.state is not None]
-    assert [(r.refused.count if r.refused else None, r.restarts) for r in recorded] == (
-        [(case.count, case.restarts)] if case.count else []
-    )
-
-
-@pytest.mark.parametrize("case", [c for c in REFUSALS if c.count], ids=[c.name for c in REFUSALS if c.count])
-def test_after_a_refusal_the_next_pass_waits_out_its_backoff(
-    case: RefusalCase, make_run: Callable[..., dict[str, Any]]
-) -> None:
-    body = make_run()
-    body["metadata"]["annotations"] = {STATE_ANNOTATION: json.dumps(case.state or state(0))}
-    written = State.model_validate(case.written) if case.written is not None else None
-    body, _ = _apply(body, Observed(), refused(body, case.refusal, written, NOW))
-    again = reconcile(body, Observed(), "2026-01-02T03:04:06Z")
-    assert again.actions == []
-    assert again.requeue_after == case.requeue - 1 and "retrying in" in again.status["message"]
-
-
 def test_credentials_in_a_uri_never_reach_the_status(make_run: Callable[..., Any]) -> None:
     body = make_run(
         **{"spec.mlflow": {"trackingUri": "https://user:hunter2@mlflow.example"}, "spec.recipe.optim": {"lr": -1}}
@@ -992,31 +505,12 @@ def test_credentials_in_a_uri_never_reach_the_status(make_run: Callable[..., Any
     assert "hunter2" not in json.dumps(plan.status) + json.dumps([e.message for e in plan.events])
 
 
-def _apply(body: dict[str, Any], observed: Observed, plan: Plan) -> tuple[dict[str, Any], Observed]:
-    """What the cluster looks like after the plan is applied (created Jobs exist, deleted ones are gone)."""
-    body = copy.deepcopy(body)
-    body["status"] = {**(body.get("status") or {}), **plan.status}
-    jobs = {j["metadata"]["name"]: j for j in observed.jobs}
-    for action in plan.actions:
-        if isinstance(action, PatchRun) and action.state is not None:
-            body["metadata"]["annotations"] = {STATE_ANNOTATION: action.state.dump()}
-        elif isinstance(action, PatchRun):
-            body["spec"] = {**body["spec"], **action.patch["spec"]}
-        elif isinstance(action, Delete):
-            jobs.pop(action.name, None)
-        elif action.obj["kind"] == "Job":
-            created = copy.deepcopy(action.obj)
-            created["metadata"]["creationTimestamp"] = NOW
-            jobs[created["metadata"]["name"]] = created
-    return body, dataclasses.replace(observed, jobs=list(jobs.values()))
-
-
 @pytest.mark.parametrize("case", [c for c in CASES if c.actions], ids=[c.name for c in CASES if c.actions])
 def test_reconciling_again_after_applying_changes_nothing(case: Case, make_run: Callable[..., Any]) -> None:
     body, observed = _body(make_run, case), _observed(case)
-    body, observed = _apply(body, observed, reconcile(body, observed, case.now, DEFAULTS))
+    body, observed = apply_plan(body, observed, reconcile(body, observed, case.now, DEFAULTS))
     again = reconcile(body, observed, "2026-01-02T03:04:06Z", DEFAULTS)
-    assert ([_summary(a) for a in again.actions], again.events) == ([], [])
+    assert ([summary(a) for a in again.actions], again.events) == ([], [])
     assert set(again.status) <= {"message", "conditions"}  # progress wording only; no new transition
 
 
@@ -1104,6 +598,6 @@ def test_a_deletion_that_kueues_suspension_may_explain_is_looked_at_again_soon(m
     deleting = [pod(1, 0, deleting=True), pod(1, 1, deleting=True)]
     plan = reconcile(body, Observed([queued_job(admitted=JUST_NOW)], deleting), NOW)
     assert plan.requeue_after == RECHECK_SECONDS and not any(isinstance(a, Delete) for a in plan.actions)
-    body, _ = _apply(body, Observed([queued_job(admitted=JUST_NOW)], deleting), plan)
+    body, _ = apply_plan(body, Observed([queued_job(admitted=JUST_NOW)], deleting), plan)
     suspended = reconcile(body, Observed([queued_job()], deleting), NOW)
-    assert _state_of(suspended).preemptions == 1 and _state_of(suspended).restarts == 0
+    assert state_of(suspended).preemptions == 1 and state_of(suspended).restarts == 0
