@@ -26,7 +26,7 @@ from wmtp.storage import Storage
 from wmtp.train import Trainer
 
 pytestmark = pytest.mark.slow
-STEPS, SAVE_INTERVAL = 60, 10
+STEPS, SAVE_INTERVAL = 30, 10
 
 
 def assert_identical(a: Path, b: Path) -> None:
@@ -263,7 +263,7 @@ def test_an_operator_chosen_resume_falls_back_to_the_newest_intact_checkpoint(ru
 
 
 def test_an_async_save_killed_before_its_commit_is_never_resumed(run_files, tmp_path: Path) -> None:
-    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "in-flight", **{"train.max_steps": 40})
+    config, recipe, root = files_for(run_files, tmp_path, "baseline-mtp", "in-flight", **{"train.max_steps": 30})
     proc = train_cli(config, recipe, env=slow_commit_env(120, 20))  # the save of step 20 stays in flight
     wait_for_file(root / step_dir_name(20) / STATE_FILE, proc)  # every file written, COMMITTED not yet
     time.sleep(0.5)
