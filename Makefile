@@ -31,7 +31,7 @@ CHECKOV_VERSION := 3.3.30
 # Tests run in parallel (pytest-xdist), the slow ones first (tests/conftest.py), on one worker more than there are
 # cores: several tests mostly wait (a 35 s commit delay, a 20 s collective timeout, servers starting) and the extra
 # worker computes meanwhile (docs/development.md has the timings).
-PYTEST := $(BIN)/pytest -q -n $$(( $$(nproc) + 1 )) --dist worksteal
+PYTEST = $(BIN)/pytest -q -n $(shell $(PYTHON) -c 'import os; print(os.cpu_count() + 1)') --dist worksteal
 
 setup: $(STAMP) $(BIN)/helm
 
