@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,31 @@ def write_run_files(
     config_path, recipe_path = directory / f"config-{algo}.yaml", directory / f"recipe-{algo}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     recipe_path.write_text(yaml.safe_dump(recipe))
+    run_dir = Path(config["paths"]["output_dir"]) / recipe["run"]["name"]
+    if "tracking_uri" not in config.get("mlflow", {}) and run_dir.is_relative_to(tempfile.gettempdir()):
+        _seed_mlflow_store(run_dir)
     return config_path, recipe_path
+
+
+@functools.cache
+def _empty_mlflow_store() -> bytes:
+    """An MLflow sqlite store with its tables made, once per test process: creating one runs MLflow's migrations
+    (about 1.5 s of CPU), which most tests that train would pay for nothing."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "mlflow.db"
+        SqlAlchemyStore(f"sqlite:///{path}", Path(scratch).as_uri()).engine.dispose()
+        return path.read_bytes()
+
+
+def _seed_mlflow_store(run_dir: Path) -> None:
+    """The run's embedded store as a second run on a laptop finds it: made, empty, no experiment of the trainer's.
+    Tests whose runs land elsewhere, or that delete the run directory, still have the trainer make its own."""
+    store = run_dir / "mlflow.db"
+    if not store.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        store.write_bytes(_empty_mlflow_store())
 
 
 HOOKS = Path(__file__).parent / "hooks"  # a sitecustomize.py: see its docstring

@@ -92,7 +92,7 @@ def end_worker(code: int) -> None:
     """In a torchrun worker, end the process now with `code`, without the interpreter's finalization; elsewhere
     return. torch's caches keep the process group alive past `destroy_process_group` (DTensor's sharding cache
     holds the device mesh, the mesh its gloo group), and gloo's threads torn down during finalization abort the
-    process (SIGABRT; about one two-rank test run in ten on the 2-core development machine): a rank that
+    process (SIGABRT; 3 of about 50 two-rank test runs on the 2-core development machine): a rank that
     finished would count as a failed one and restart the run."""
     from wmtp.distributed import TORCHRUN_ENV
 
