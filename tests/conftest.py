@@ -16,15 +16,15 @@ from wmtp.storage import Storage
 
 def pytest_configure(config: pytest.Config) -> None:
     """One torch thread per process, before any test imports torch, and inherited by every trainer the tests
-    start: the suite runs a process per core and most tests start more (torchrun, two ranks), so threads beyond
-    one only take turns on the same two cores (the tiny models gain nothing from them), as torchrun itself
-    assumes for its workers."""
+    start: the suite already runs more processes than cores and many tests start more (torchrun, two ranks), so
+    threads beyond one only take turns on the same cores (the tiny models gain nothing from them), as torchrun
+    itself assumes for its workers."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests marked slow first, in their files' order: handed out in this order (`--dist load`), the long ones
-    start while the short ones are left to fill the end, so the workers finish together."""
+    """The tests marked slow first, in their files' order: the long ones start early and the short ones are left
+    to fill the end (the other workers steal them from it, `--dist worksteal`), so the workers finish together."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 

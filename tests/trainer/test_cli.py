@@ -22,6 +22,7 @@ from support.denying import denying_endpoint
 from support.runs import HUMANEVAL, write_run_files
 from wmtp.cli import app, one_line
 from wmtp.contract import ExitCode
+from wmtp.distributed import TORCHRUN_ENV
 from wmtp.storage import Storage
 
 runner = CliRunner(env={"COLUMNS": "200"})  # wide enough that table cells do not wrap
@@ -350,10 +351,10 @@ def test_a_torchrun_worker_ends_without_the_interpreters_finalization() -> None:
         "import atexit; from wmtp.cli import end_worker; atexit.register(print, 'finalized'); "
         "print('ending', flush=True); end_worker(3); print('returned')"
     )
-    alone = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"}
+    alone = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
+    rank_1 = dict(zip(TORCHRUN_ENV, ("1", "2", "1", "127.0.0.1", "29500"), strict=True))
     python = [sys.executable, "-c", code]
-    worker = subprocess.run(python, env={**alone, "WORLD_SIZE": "2"}, capture_output=True, text=True)
+    worker = subprocess.run(python, env={**alone, **rank_1}, capture_output=True, text=True)
     assert (worker.returncode, worker.stdout) == (3, "ending\n"), worker.stderr
     single = subprocess.run(python, env=alone, capture_output=True, text=True)
     assert (single.returncode, single.stdout) == (0, "ending\nreturned\nfinalized\n"), single.stderr
-

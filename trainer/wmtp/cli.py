@@ -94,9 +94,9 @@ def end_worker(code: int) -> None:
     holds the device mesh, the mesh its gloo group), and gloo's threads torn down during finalization abort the
     process (SIGABRT; 3 of about 50 two-rank test runs on the 2-core development machine): a rank that
     finished would count as a failed one and restart the run."""
-    from wmtp.distributed import TORCHRUN_ENV
+    from wmtp.distributed import under_torchrun
 
-    if TORCHRUN_ENV[1] not in os.environ:
+    if not under_torchrun():
         return
     logging.shutdown()
     sys.stdout.flush()

@@ -75,10 +75,15 @@ class Dist:
         return dist.new_group(backend="gloo") if self.enabled else None
 
 
+def under_torchrun() -> bool:
+    """Whether torchrun started this process: it sets every one of TORCHRUN_ENV for its workers."""
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
 def close_process_group() -> None:
-    """Leave the group, if this process joined one: on every way out, while the interpreter is whole, since gloo's
-    worker threads still holding work at its finalization abort the process (SIGABRT) and a clean exit code
-    becomes a crash."""
+    """Leave the group, if this process joined one, on every way out of a run, failures included. It does not free
+    gloo's threads (torch's caches still hold the group): a worker then ends without finalization
+    (`wmtp.cli.end_worker`)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
